@@ -1,0 +1,5 @@
+import sys
+
+from discovery_mdc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""Checksums (``blake3:<64 lowercase hex>``) and file hashing."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from typing import Final
+
+import blake3
+import msgspec
+
+from discovery_mdc.errors import CardError
+
+__all__ = ["Checksum", "hash_bytes", "hash_file"]
+
+ALGORITHM: Final = "blake3"
+_HEX_RE: Final = re.compile(r"[0-9a-f]{64}")
+# Below this, one read() is cheaper than setting up a mapping; above it, mmap lets
+# blake3 hash with several threads and without the GIL.
+MMAP_THRESHOLD: Final = 1 << 20
+
+
+class Checksum(msgspec.Struct, frozen=True):
+    """A content hash. Only blake3 over the whole file exists; the hex is validated
+    because it becomes a file name in the cache."""
+
+    hex: str
+    algorithm: str = ALGORITHM
+
+    @classmethod
+    def parse(cls, text: str) -> Checksum:
+        """Parse ``blake3:<hex>``, rejecting anything that is not exactly that."""
+        if not isinstance(text, str):
+            raise CardError(f"checksum must be a string, got {text!r}")
+        algorithm, sep, hexdigest = text.partition(":")
+        if not sep:
+            raise CardError(f"checksum {text!r} has no '<algorithm>:' prefix")
+        if algorithm != ALGORITHM:
+            raise CardError(f"checksum {text!r}: unknown algorithm {algorithm!r} (only blake3)")
+        if not _HEX_RE.fullmatch(hexdigest):
+            raise CardError(
+                f"checksum {text!r}: hash must be exactly 64 lowercase hex characters"
+            )
+        return cls(hexdigest)
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+
+def hash_bytes(data: bytes | memoryview) -> Checksum:
+    """blake3 of an in-memory buffer."""
+    return Checksum(blake3.blake3(data).hexdigest())
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[Checksum, int, bytes | None]:
+    """Hash a file in one pass: returns ``(checksum, size, data)``.
+
+    ``data`` is the content for files under the mmap threshold (so callers that also parse
+    the file need no second read) and ``None`` for large files, which are memory-mapped and
+    hashed by several threads with the GIL released.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        if size < MMAP_THRESHOLD:
+            chunks = []
+            while chunk := os.read(fd, max(size, 1 << 16) + 1):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+            return hash_bytes(data), len(data), data
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            hasher.update(mapped)
+            return Checksum(hasher.hexdigest()), len(mapped), None
+    finally:
+        os.close(fd)

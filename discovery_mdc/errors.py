@@ -1,0 +1,119 @@
+"""The discovery-mdc exception tree.
+
+Every error the package raises on purpose derives from :class:`DiscoveryError` and also from
+the standard-library type a caller would naturally catch::
+
+    DiscoveryError (Exception)
+    ├── CardError (ValueError)                 bad card / envelope / checksum / slug
+    │   └── CardDecodeError                    wire bytes that do not decode
+    ├── ModelDirError (FileNotFoundError)      model dir missing or lacks config.json
+    ├── ChecksumMismatchError (ValueError)     fetched bytes differ from the card
+    ├── SizeLimitError (ValueError)            declared or received size over the cap
+    ├── FetchError (OSError)                   a metadata URI could not be fetched
+    │   └── UnsupportedSchemeError (ValueError)
+    ├── CacheError (OSError)                   the local cache cannot be written or locked
+    │   └── LockTimeoutError (TimeoutError)
+    ├── EtcdError                              etcd answered with an error
+    │   ├── EtcdConnectionError (ConnectionError)  no endpoint reachable
+    │   ├── EtcdAuthError (PermissionError)        bad credentials / permission denied
+    │   ├── EtcdCompactedError                     watch start revision was compacted
+    │   └── LeaseLostError                         the lease expired or was revoked
+    └── RegistryError (ValueError)             status-server registry conflicts
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheError",
+    "CardDecodeError",
+    "CardError",
+    "ChecksumMismatchError",
+    "DiscoveryError",
+    "EtcdAuthError",
+    "EtcdCompactedError",
+    "EtcdConnectionError",
+    "EtcdError",
+    "FetchError",
+    "LeaseLostError",
+    "LockTimeoutError",
+    "ModelDirError",
+    "RegistryError",
+    "SizeLimitError",
+    "UnsupportedSchemeError",
+]
+
+
+class DiscoveryError(Exception):
+    """Root of every error discovery-mdc raises on purpose."""
+
+
+class CardError(DiscoveryError, ValueError):
+    """A card, envelope, checksum or slug is invalid."""
+
+
+class CardDecodeError(CardError):
+    """Bytes from the wire do not decode into a card or envelope."""
+
+
+class ModelDirError(DiscoveryError, FileNotFoundError):
+    """A model directory is missing or lacks a required file."""
+
+
+class ChecksumMismatchError(DiscoveryError, ValueError):
+    """Fetched bytes do not match the checksum or size the card declares."""
+
+    def __init__(self, uri: str, expected: str, actual: str) -> None:
+        super().__init__(f"checksum mismatch for {uri}: expected {expected}, got {actual}")
+        self.uri = uri
+        self.expected = expected
+        self.actual = actual
+
+
+class SizeLimitError(DiscoveryError, ValueError):
+    """A declared or received size exceeds the allowed cap."""
+
+
+class FetchError(DiscoveryError, OSError):
+    """A metadata URI could not be fetched."""
+
+
+class UnsupportedSchemeError(FetchError, ValueError):
+    """A URI uses a scheme the fetcher will not follow."""
+
+
+class CacheError(DiscoveryError, OSError):
+    """The local cache could not be written, read or locked."""
+
+
+class LockTimeoutError(CacheError, TimeoutError):
+    """A per-blob lock was not acquired before its timeout."""
+
+
+class EtcdError(DiscoveryError):
+    """etcd answered with an error."""
+
+
+class EtcdConnectionError(EtcdError, ConnectionError):
+    """No etcd endpoint could be reached."""
+
+
+class EtcdAuthError(EtcdError, PermissionError):
+    """etcd rejected the credentials or the operation."""
+
+
+class EtcdCompactedError(EtcdError):
+    """A watch asked for history that etcd has compacted away."""
+
+    def __init__(self, compact_revision: int, message: str | None = None) -> None:
+        super().__init__(
+            message or f"watch start revision was compacted (compact_revision={compact_revision})"
+        )
+        self.compact_revision = compact_revision
+
+
+class LeaseLostError(EtcdError):
+    """The lease expired or was revoked."""
+
+
+class RegistryError(DiscoveryError, ValueError):
+    """A status-server registration conflicts with an existing one."""
