@@ -1,0 +1,430 @@
+"""The frontend's bookkeeping as plain code: namespace filter, watch state and the registry.
+
+Nothing here touches sockets or disks. etcd events go in; actions and model events come out.
+The asyncio driver (``_watcher.py``) feeds it and runs the pipelines it asks for.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from discovery_mdc.card import (
+    MDC_PREFIX,
+    CardKey,
+    ModelDeploymentCard,
+    ModelEnvelope,
+    decode_envelope,
+    format_model_type,
+    mdcsum,
+    parse_card_key,
+)
+from discovery_mdc.errors import CardDecodeError
+
+__all__ = [
+    "EventKind",
+    "Instance",
+    "ModelEvent",
+    "ModelInfo",
+    "NamespaceFilter",
+    "Registry",
+    "WatchState",
+    "WorkerSetInfo",
+    "model_id",
+    "worker_set_key",
+]
+
+log = logging.getLogger("discovery_mdc.frontend")
+
+GLOBAL_NAMESPACES: Final = frozenset({"", "dynamo"})
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceFilter:
+    """Global (no filter), exact namespace, or namespace prefix.
+
+    Exact matching compares the whole key segment, so ``ns1`` never admits ``ns10``. Prefix
+    matching is a string prefix of the namespace segment (``team-`` admits ``team-a``).
+    """
+
+    namespace: str | None = None
+    prefix: str | None = None
+
+    @classmethod
+    def create(cls, namespace: str | None = None, prefix: str | None = None) -> NamespaceFilter:
+        if namespace is not None and prefix is not None:
+            raise ValueError("give either a namespace or a namespace prefix, not both")
+        if namespace in GLOBAL_NAMESPACES:
+            namespace = None
+        if prefix == "":
+            prefix = None
+        return cls(namespace, prefix)
+
+    @property
+    def is_global(self) -> bool:
+        return self.namespace is None and self.prefix is None
+
+    def etcd_prefix(self) -> str:
+        """The narrowest etcd prefix that still holds every admitted key."""
+        if self.namespace is not None:
+            return f"{MDC_PREFIX}{self.namespace}/"
+        if self.prefix is not None:
+            return f"{MDC_PREFIX}{self.prefix}"
+        return MDC_PREFIX
+
+    def admits(self, namespace: str) -> bool:
+        if self.namespace is not None:
+            return namespace == self.namespace
+        if self.prefix is not None:
+            return namespace.startswith(self.prefix)
+        return True
+
+
+def model_id(card: ModelDeploymentCard) -> str:
+    """The name a model is served under: the LoRA name for an adapter, else display_name."""
+    return card.lora.name if card.lora is not None else card.display_name
+
+
+def worker_set_key(env: ModelEnvelope) -> str:
+    worker_type = env.card.worker_type.value if env.card.worker_type else "none"
+    return f"{env.namespace}:{format_model_type(env.card.model_type)}:{worker_type}"
+
+
+# --------------------------------------------------------------------------- watch state
+
+
+class ChangeKind(enum.Enum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One key change to apply, in revision order per key."""
+
+    kind: ChangeKind
+    key: str
+    value: bytes = b""
+    mod_revision: int = 0
+
+
+@dataclass(slots=True)
+class WatchState:
+    """Known keys (key -> mod_revision) and the highest revision seen."""
+
+    revision: int = 0
+    known: dict[str, int] = field(default_factory=dict)
+
+    def observe_revision(self, revision: int) -> None:
+        self.revision = max(self.revision, revision)
+
+    def on_put(self, key: str, value: bytes, mod_revision: int) -> Change | None:
+        if self.known.get(key, -1) >= mod_revision:
+            return None  # replay of something already applied
+        self.known[key] = mod_revision
+        self.observe_revision(mod_revision)
+        return Change(ChangeKind.PUT, key, value, mod_revision)
+
+    def on_delete(self, key: str, revision: int) -> Change | None:
+        self.observe_revision(revision)
+        if self.known.pop(key, None) is None:
+            return None
+        return Change(ChangeKind.DELETE, key, mod_revision=revision)
+
+    def diff(self, snapshot: Mapping[str, tuple[bytes, int]], revision: int) -> list[Change]:
+        """Changes that take the known state to ``snapshot`` (key -> (value, mod_revision)).
+
+        Deletes for vanished keys come first, then upserts for new or changed keys.
+        """
+        changes = [
+            Change(ChangeKind.DELETE, key, mod_revision=revision)
+            for key in sorted(self.known.keys() - snapshot.keys())
+        ]
+        for change in changes:
+            del self.known[change.key]
+        for key in sorted(snapshot):
+            value, mod_revision = snapshot[key]
+            if self.known.get(key) != mod_revision:
+                self.known[key] = mod_revision
+                changes.append(Change(ChangeKind.PUT, key, value, mod_revision))
+        self.revision = max(self.revision, revision)
+        return changes
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class EventKind(enum.Enum):
+    ADDED = "added"
+    UPDATED = "updated"
+    REMOVED = "removed"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEvent:
+    kind: EventKind
+    model: str
+    key: str | None = None
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Instance:
+    key: str
+    card_key: CardKey
+    envelope: ModelEnvelope
+    mdcsum: str
+    ready: bool = False
+
+
+@dataclass(slots=True)
+class _WorkerSet:
+    key: str
+    mdcsum: str
+    instances: dict[str, Instance] = field(default_factory=dict)
+    card: ModelDeploymentCard | None = None  # the resolved card, once ready
+    local_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSetInfo:
+    key: str
+    mdcsum: str
+    ready: bool
+    local_dir: Path | None
+    instances: tuple[str, ...]
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A snapshot of one ready model."""
+
+    name: str
+    created: int
+    worker_sets: tuple[WorkerSetInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineRequest:
+    """Run verify-and-cache (and prepare) for this card; identity is (model, mdcsum)."""
+
+    model: str
+    mdcsum: str
+    envelope: ModelEnvelope
+
+
+@dataclass(slots=True)
+class _Model:
+    name: str
+    worker_sets: dict[str, _WorkerSet] = field(default_factory=dict)
+    visible: bool = False
+    created: int = 0
+
+
+@dataclass(slots=True)
+class Outcome:
+    events: list[ModelEvent] = field(default_factory=list)
+    pipelines: list[PipelineRequest] = field(default_factory=list)
+    cancelled: list[tuple[str, str]] = field(default_factory=list)
+    malformed: bool = False
+
+
+class Registry:
+    """Worker sets by mdcsum, instances by key, and which models are visible."""
+
+    def __init__(self, namespace_filter: NamespaceFilter | None = None) -> None:
+        self.filter = namespace_filter or NamespaceFilter()
+        self._models: dict[str, _Model] = {}
+        self._by_key: dict[str, tuple[str, str]] = {}  # key -> (model, worker set key)
+
+    # -- queries
+
+    def instance_keys(self) -> set[str]:
+        return set(self._by_key)
+
+    def ready_models(self) -> list[ModelInfo]:
+        return [
+            self._info(m) for m in sorted(self._models.values(), key=lambda m: m.name) if m.visible
+        ]
+
+    def model(self, name: str) -> ModelInfo | None:
+        m = self._models.get(name)
+        return self._info(m) if m is not None and m.visible else None
+
+    def _info(self, m: _Model) -> ModelInfo:
+        sets = []
+        for ws in m.worker_sets.values():
+            files = tuple(f.path for _, f in ws.card.files()) if ws.card else ()
+            sets.append(
+                WorkerSetInfo(
+                    ws.key,
+                    ws.mdcsum,
+                    ws.card is not None,
+                    ws.local_dir,
+                    tuple(sorted(ws.instances)),
+                    files,
+                )
+            )
+        return ModelInfo(m.name, m.created, tuple(sets))
+
+    # -- changes
+
+    def apply(self, change: Change, now: int = 0) -> Outcome:
+        """Apply one etcd change; returns model events and the pipelines to start."""
+        out = Outcome()
+        if change.kind is ChangeKind.DELETE:
+            self._remove(change.key, out)
+            return out
+        card_key = parse_card_key(change.key)
+        if card_key is None:
+            log.warning(
+                "ignoring key %s: not a card key (instance id must be lowercase hex)", change.key
+            )
+            self._remove(change.key, out)
+            out.malformed = True
+            return out
+        if not self.filter.admits(card_key.namespace):
+            return out
+        try:
+            env = decode_envelope(change.value)
+        except CardDecodeError as exc:
+            log.warning("skipping malformed card at %s: %s", change.key, exc)
+            self._remove(change.key, out)
+            out.malformed = True
+            return out
+        self._add(change.key, card_key, env, out, now)
+        return out
+
+    def _add(self, key: str, card_key: CardKey, env: ModelEnvelope, out: Outcome, now: int) -> None:
+        name = model_id(env.card)
+        sum_ = mdcsum(env.card)
+        ws_key = worker_set_key(env)
+        previous = self._by_key.get(key)
+        if previous is not None:
+            old = self._models[previous[0]].worker_sets[previous[1]].instances[key]
+            if old.envelope == env:
+                return
+            # A new incarnation of the same key: remove, then add.
+            self._remove(key, out)
+        model = self._models.get(name)
+        if model is None:
+            model = self._models[name] = _Model(name)
+        ws = model.worker_sets.get(ws_key)
+        if ws is not None and ws.mdcsum != sum_:
+            log.error(
+                "rejected instance %s of model %r: worker set %s has mdcsum %s but this card "
+                "has mdcsum %s",
+                key,
+                name,
+                ws_key,
+                ws.mdcsum,
+                sum_,
+            )
+            out.events.append(
+                ModelEvent(
+                    EventKind.REJECTED,
+                    name,
+                    key,
+                    f"worker set {ws_key} has mdcsum {ws.mdcsum}, card has {sum_}",
+                )
+            )
+            if not model.worker_sets:
+                del self._models[name]
+            return
+        if ws is None:
+            ws = model.worker_sets[ws_key] = _WorkerSet(ws_key, sum_)
+        inst = Instance(key, card_key, env, sum_, ready=ws.card is not None)
+        ws.instances[key] = inst
+        self._by_key[key] = (name, ws_key)
+        if ws.card is None:
+            out.pipelines.append(PipelineRequest(name, sum_, env))
+        elif model.visible:
+            out.events.append(ModelEvent(EventKind.UPDATED, name, key, "instance added"))
+        else:
+            self._make_visible(model, now, out, key)
+
+    def _make_visible(self, model: _Model, now: int, out: Outcome, key: str | None) -> None:
+        model.visible = True
+        model.created = model.created or now
+        log.info(
+            "model %r added (worker sets: %s)",
+            model.name,
+            ", ".join(f"{k}={ws.mdcsum[:12]}" for k, ws in model.worker_sets.items()),
+        )
+        out.events.append(ModelEvent(EventKind.ADDED, model.name, key))
+
+    def _remove(self, key: str, out: Outcome) -> None:
+        where = self._by_key.pop(key, None)
+        if where is None:
+            return
+        name, ws_key = where
+        model = self._models[name]
+        ws = model.worker_sets[ws_key]
+        del ws.instances[key]
+        if not ws.instances:
+            del model.worker_sets[ws_key]
+            if ws.card is None:
+                out.cancelled.append((name, ws.mdcsum))
+        if not any(w.card is not None for w in model.worker_sets.values()):
+            if model.visible:
+                model.visible = False
+                log.info("model %r removed (no ready instances left)", name)
+                out.events.append(ModelEvent(EventKind.REMOVED, name, key))
+        elif model.visible:
+            out.events.append(ModelEvent(EventKind.UPDATED, name, key, "instance removed"))
+        if not model.worker_sets:
+            del self._models[name]
+
+    def pipeline_done(
+        self,
+        model_name: str,
+        sum_: str,
+        card: ModelDeploymentCard,
+        local_dir: Path,
+        now: int = 0,
+    ) -> Outcome:
+        """Mark every pending instance of (model, mdcsum) ready with the resolved card."""
+        out = Outcome()
+        model = self._models.get(model_name)
+        if model is None:
+            return out
+        became_ready = False
+        for ws in model.worker_sets.values():
+            if ws.mdcsum == sum_ and ws.card is None:
+                ws.card, ws.local_dir = card, local_dir
+                for inst in ws.instances.values():
+                    inst.ready = True
+                became_ready = True
+        if became_ready:
+            if model.visible:
+                out.events.append(
+                    ModelEvent(EventKind.UPDATED, model_name, None, "worker set ready")
+                )
+            else:
+                self._make_visible(model, now, out, None)
+        return out
+
+    def pending(self, model_name: str, sum_: str) -> bool:
+        """True while some instance still waits for the (model, mdcsum) pipeline."""
+        model = self._models.get(model_name)
+        return model is not None and any(
+            ws.mdcsum == sum_ and ws.card is None and ws.instances
+            for ws in model.worker_sets.values()
+        )
+
+    def instances_for(self, model_name: str, sum_: str) -> Iterable[Instance]:
+        model = self._models.get(model_name)
+        if model is None:
+            return ()
+        return [
+            i
+            for ws in model.worker_sets.values()
+            if ws.mdcsum == sum_
+            for i in ws.instances.values()
+        ]

@@ -1,0 +1,186 @@
+"""The frontend's pure bookkeeping: watch state diffs, admission by mdcsum, filtering."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from discovery_mdc.card import (
+    CheckedFile,
+    Checksum,
+    ModelDeploymentCard,
+    ModelEnvelope,
+    Slot,
+    SlotVariant,
+    WorkerType,
+    card_key,
+    encode_envelope,
+    mdcsum,
+)
+from discovery_mdc.frontend._state import (
+    Change,
+    ChangeKind,
+    EventKind,
+    NamespaceFilter,
+    Registry,
+    WatchState,
+)
+
+
+def _card(name: str = "org/m", tok: str = "2") -> ModelDeploymentCard:
+    return ModelDeploymentCard.new(
+        name,
+        model_info=Slot(
+            SlotVariant.HF_CONFIG_JSON, CheckedFile("/m/config.json", Checksum("1" * 64), 3)
+        ),
+        tokenizer=Slot(
+            SlotVariant.HF_TOKENIZER_JSON, CheckedFile("/m/tokenizer.json", Checksum(tok * 64), 4)
+        ),
+        worker_type=WorkerType.AGGREGATED,
+    )
+
+
+def _put(
+    instance: int, card: ModelDeploymentCard | None = None, ns: str = "dynamo", rev: int = 1
+) -> Change:
+    env = ModelEnvelope(
+        namespace=ns,
+        component="backend",
+        endpoint="generate",
+        instance_id=instance,
+        card=card or _card(),
+    )
+    return Change(
+        ChangeKind.PUT, card_key(ns, "backend", "generate", instance), encode_envelope(env), rev
+    )
+
+
+def _delete(instance: int, ns: str = "dynamo") -> Change:
+    return Change(ChangeKind.DELETE, card_key(ns, "backend", "generate", instance), mod_revision=9)
+
+
+def test_first_instance_requests_a_pipeline_and_is_invisible_until_done() -> None:
+    reg = Registry()
+    out = reg.apply(_put(1))
+    assert [p.model for p in out.pipelines] == ["org/m"]
+    assert out.events == [] and reg.ready_models() == []
+    done = reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/cache/x"), now=5)
+    assert [e.kind for e in done.events] == [EventKind.ADDED]
+    (info,) = reg.ready_models()
+    assert info.name == "org/m" and info.created == 5
+    assert info.worker_sets[0].instances == (card_key("dynamo", "backend", "generate", 1),)
+
+
+def test_replica_with_same_mdcsum_joins_without_a_new_pipeline_once_ready() -> None:
+    reg = Registry()
+    reg.apply(_put(1))
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    out = reg.apply(_put(2))
+    assert out.pipelines == []
+    assert [e.kind for e in out.events] == [EventKind.UPDATED]
+    (info,) = reg.ready_models()
+    assert len(info.worker_sets) == 1 and len(info.worker_sets[0].instances) == 2
+
+
+def test_replica_with_different_mdcsum_is_rejected_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    reg = Registry()
+    reg.apply(_put(1))
+    with caplog.at_level(logging.ERROR):
+        out = reg.apply(_put(3, _card(tok="9")))
+    assert [e.kind for e in out.events] == [EventKind.REJECTED]
+    assert out.pipelines == []
+    assert card_key("dynamo", "backend", "generate", 3) not in reg.instance_keys()
+    assert mdcsum(_card()) in caplog.text and mdcsum(_card(tok="9")) in caplog.text
+    assert "v1/mdc/dynamo/backend/generate/3" in caplog.text
+
+
+def test_deleting_every_instance_removes_the_model() -> None:
+    reg = Registry()
+    reg.apply(_put(1))
+    reg.apply(_put(2))
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    assert [e.kind for e in reg.apply(_delete(1)).events] == [EventKind.UPDATED]
+    assert [e.kind for e in reg.apply(_delete(2)).events] == [EventKind.REMOVED]
+    assert reg.ready_models() == [] and reg.instance_keys() == set()
+
+
+def test_deleting_a_pending_worker_set_cancels_its_pipeline() -> None:
+    reg = Registry()
+    reg.apply(_put(1))
+    out = reg.apply(_delete(1))
+    assert out.cancelled == [("org/m", mdcsum(_card()))]
+    assert out.events == []
+    assert reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c")).events == []
+    assert reg.ready_models() == []
+
+
+def test_new_incarnation_of_a_key_is_remove_then_add() -> None:
+    reg = Registry()
+    reg.apply(_put(1))
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    assert reg.apply(_put(1)).events == []  # same card again: nothing
+    out = reg.apply(_put(1, _card(tok="7")))
+    assert [e.kind for e in out.events] == [EventKind.REMOVED]
+    assert [p.mdcsum for p in out.pipelines] == [mdcsum(_card(tok="7"))]
+
+
+def test_malformed_and_non_hex_keys_are_skipped_and_flagged() -> None:
+    reg = Registry()
+    bad = reg.apply(Change(ChangeKind.PUT, "v1/mdc/dynamo/backend/generate/1", b"{not json", 1))
+    assert bad.malformed and bad.pipelines == []
+    nonhex = reg.apply(
+        Change(ChangeKind.PUT, "v1/mdc/dynamo/backend/generate/XYZ", _put(1).value, 2)
+    )
+    assert nonhex.malformed and reg.instance_keys() == set()
+    assert reg.apply(_put(5)).pipelines
+
+
+@pytest.mark.parametrize(
+    ("flt", "admitted"),
+    [
+        (NamespaceFilter.create(), {"ns1", "ns10", "dynamo"}),
+        (NamespaceFilter.create("dynamo"), {"ns1", "ns10", "dynamo"}),
+        (NamespaceFilter.create(""), {"ns1", "ns10", "dynamo"}),
+        (NamespaceFilter.create("ns1"), {"ns1"}),
+        (NamespaceFilter.create(prefix="ns1"), {"ns1", "ns10"}),
+        (NamespaceFilter.create(prefix="dyn"), {"dynamo"}),
+    ],
+)
+def test_namespace_filter(flt: NamespaceFilter, admitted: set[str]) -> None:
+    reg = Registry(flt)
+    got = set()
+    for i, ns in enumerate(["ns1", "ns10", "dynamo"]):
+        if reg.apply(_put(i + 1, ns=ns)).pipelines:
+            got.add(ns)
+    assert got == admitted
+
+
+def test_exact_filter_narrows_the_etcd_prefix_on_a_slash_boundary() -> None:
+    assert NamespaceFilter.create("ns1").etcd_prefix() == "v1/mdc/ns1/"
+    assert NamespaceFilter.create().etcd_prefix() == "v1/mdc/"
+
+
+def test_watch_state_ignores_replays_and_tracks_revision() -> None:
+    st = WatchState()
+    assert st.on_put("a", b"1", 5) is not None
+    assert st.on_put("a", b"1", 5) is None
+    assert st.on_put("a", b"2", 4) is None
+    assert st.revision == 5
+    assert st.on_delete("missing", 7) is None and st.revision == 7
+    assert st.on_delete("a", 8) is not None and st.known == {}
+
+
+def test_relist_diff_emits_deletes_for_vanished_keys_and_upserts_for_changes() -> None:
+    st = WatchState()
+    for key, rev in (("gone", 1), ("same", 2), ("changed", 3)):
+        st.on_put(key, b"v", rev)
+    changes = st.diff({"same": (b"v", 2), "changed": (b"w", 10), "new": (b"n", 11)}, revision=12)
+    assert [(c.kind, c.key) for c in changes] == [
+        (ChangeKind.DELETE, "gone"),
+        (ChangeKind.PUT, "changed"),
+        (ChangeKind.PUT, "new"),
+    ]
+    assert st.known == {"same": 2, "changed": 10, "new": 11} and st.revision == 12
+    assert st.diff({"same": (b"v", 2), "changed": (b"w", 10), "new": (b"n", 11)}, 12) == []
