@@ -69,3 +69,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--mdcsum", action="store_true", help="print only the 64-hex mdcsum of the card"
     )
     inspect.set_defaults(func=_inspect)
+
+    from discovery_mdc.cli._cache import add_fetch_parser
+
+    add_fetch_parser(card_sub)

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Final
 
+from discovery_mdc.etcd import EtcdClient
+
 __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
@@ -17,6 +19,7 @@ __all__ = [
     "add_etcd_args",
     "configure_logging",
     "env_default",
+    "etcd_client",
 ]
 
 EXIT_OK: Final = 0
@@ -44,9 +47,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -69,3 +70,8 @@ def add_etcd_args(parser: argparse.ArgumentParser) -> None:
         "Auth and TLS come from ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD and "
         "ETCD_AUTH_CA/ETCD_AUTH_CLIENT_CERT/ETCD_AUTH_CLIENT_KEY.",
     )
+
+
+def etcd_client(args: argparse.Namespace) -> EtcdClient:
+    """A client for ``--etcd``, with auth and TLS from the ``ETCD_AUTH_*`` variables."""
+    return EtcdClient.from_env({**os.environ, "ETCD_ENDPOINTS": args.etcd})

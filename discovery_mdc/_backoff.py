@@ -1,0 +1,29 @@
+"""Jittered exponential backoff with injectable randomness (tests drive it exactly)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["Backoff"]
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Full-jitter exponential backoff: attempt n waits uniform(0, min(cap, initial * 2**n)),
+    never less than ``initial / 2`` so retries do not spin."""
+
+    initial: float = 0.5
+    cap: float = 30.0
+    rng: Callable[[], float] = field(default=random.random)
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.initial * (2**self.attempt))
+        self.attempt += 1
+        jittered: float = ceiling * self.rng()
+        return max(self.initial / 2, jittered)
+
+    def reset(self) -> None:
+        self.attempt = 0

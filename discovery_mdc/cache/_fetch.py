@@ -1,0 +1,320 @@
+"""Fetchers, one per URI scheme. Each streams bytes into a :class:`Sink` under a byte cap.
+
+Fetchers never verify: the sink hashes while it writes, and the caller compares the digest.
+They only enforce the cap, so an oversized or endless body stops as soon as it passes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol
+from urllib.parse import quote, unquote, urljoin, urlsplit
+
+import aiohttp
+
+from discovery_mdc.errors import FetchError, SizeLimitError, UnsupportedSchemeError
+
+__all__ = [
+    "FetchConfig",
+    "HfOfflineError",
+    "HfRef",
+    "Sink",
+    "fetch_uri",
+    "hf_hub_cache",
+    "hf_local_file",
+    "parse_hf_uri",
+]
+
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+_TRUTHY: Final = frozenset({"1", "true", "yes", "on"})
+_HF_SEGMENT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_COMMIT: Final = re.compile(r"[0-9a-f]{40}")
+COPY_CHUNK: Final = 1 << 20
+
+
+class HfOfflineError(FetchError, ConnectionError):
+    """``HF_HUB_OFFLINE`` is set and the file is not in the local HF cache."""
+
+
+class Sink(Protocol):
+    """Where fetched bytes go (the staging file): it hashes and counts them."""
+
+    @property
+    def received(self) -> int: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FetchConfig:
+    """Network limits. ``read_timeout`` bounds a stall between two reads of one body."""
+
+    connect_timeout: float = 10.0
+    total_timeout: float = 300.0
+    read_timeout: float | None = 60.0
+    max_redirects: int = 10
+    chunk_size: int = 1 << 20
+
+
+def _over_cap(uri: str, cap: int, got: int | None = None) -> SizeLimitError:
+    detail = f" (Content-Length {got})" if got is not None else ""
+    return SizeLimitError(f"{uri}: body exceeds the cap of {cap} bytes{detail}")
+
+
+def _put(sink: Sink, data: bytes, cap: int, uri: str) -> None:
+    if sink.received + len(data) > cap:
+        raise _over_cap(uri, cap)
+    sink.write(data)
+
+
+async def fetch_uri(
+    uri: str,
+    sink: Sink,
+    cap: int,
+    *,
+    session: aiohttp.ClientSession | None,
+    config: FetchConfig,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Stream ``uri`` into ``sink``, never more than ``cap`` bytes.
+
+    ``session`` is needed only for http(s) and remote ``hf://``. Raises :class:`FetchError`,
+    :class:`UnsupportedSchemeError` or :class:`SizeLimitError`.
+    """
+    scheme = urlsplit(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        await _fetch_http(uri, sink, cap, _need(session, uri), config, {}, label=uri)
+    elif scheme == "file":
+        await _copy_in_thread(_file_path(uri), sink, cap, uri)
+    elif scheme == "hf":
+        await _fetch_hf(uri, sink, cap, session, config, os.environ if env is None else env)
+    else:
+        raise UnsupportedSchemeError(f"cannot fetch {uri}: unsupported scheme {scheme!r}")
+
+
+def _need(session: aiohttp.ClientSession | None, uri: str) -> aiohttp.ClientSession:
+    if session is None:
+        raise FetchError(f"cannot fetch {uri}: no HTTP session")
+    return session
+
+
+# --------------------------------------------------------------------------- http(s)
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+async def _fetch_http(
+    url: str,
+    sink: Sink,
+    cap: int,
+    session: aiohttp.ClientSession,
+    config: FetchConfig,
+    headers: Mapping[str, str],
+    *,
+    label: str,
+) -> None:
+    per_request = aiohttp.ClientTimeout(
+        total=None, connect=config.connect_timeout, sock_read=config.read_timeout
+    )
+    hdrs = {"Accept-Encoding": "identity", **headers}
+    current = url
+    try:
+        # One deadline for the whole redirect chain and body.
+        async with asyncio.timeout(config.total_timeout):
+            for _ in range(config.max_redirects + 1):
+                async with session.get(
+                    current, headers=hdrs, allow_redirects=False, timeout=per_request
+                ) as resp:
+                    if resp.status in _REDIRECTS:
+                        target = resp.headers.get("Location")
+                        if not target:
+                            raise FetchError(f"GET {current} redirected without a Location")
+                        nxt = urljoin(current, target)
+                        if urlsplit(nxt).scheme.lower() not in ("http", "https"):
+                            raise UnsupportedSchemeError(
+                                f"GET {current} redirected to {nxt}: only http(s) redirects "
+                                "are followed"
+                            )
+                        if _origin(nxt) != _origin(current):
+                            # Never hand a token to another host (HF redirects to a CDN).
+                            hdrs.pop("Authorization", None)
+                        current = nxt
+                        continue
+                    if not 200 <= resp.status < 300:
+                        reason = f" {resp.reason}" if resp.reason else ""
+                        via = f" (for {label})" if current != label else ""
+                        raise FetchError(f"GET {current} returned HTTP {resp.status}{reason}{via}")
+                    length = resp.content_length
+                    if length is not None and length > cap:
+                        raise _over_cap(label, cap, length)
+                    async for chunk in resp.content.iter_chunked(config.chunk_size):
+                        _put(sink, chunk, cap, label)
+                    return
+            raise FetchError(f"GET {label}: more than {config.max_redirects} redirects")
+    except TimeoutError:
+        raise FetchError(f"timed out fetching {label} (at {current})") from None
+    except aiohttp.ClientError as exc:
+        raise FetchError(f"fetching {label} failed: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (aiohttp messages can quote whole bodies)."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        text = f"HTTP {exc.status} {exc.message}"
+    else:
+        text = str(exc)
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
+# --------------------------------------------------------------------------- file
+
+
+def _file_path(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise UnsupportedSchemeError(f"cannot fetch {uri}: file URIs must name a local path")
+    return unquote(parts.path)
+
+
+async def _copy_in_thread(path: str, sink: Sink, cap: int, label: str) -> None:
+    """:func:`copy_file` in a thread. On cancellation the thread is stopped and awaited
+    before returning, so the caller never closes the sink under a running writer."""
+    stop = threading.Event()
+    task = asyncio.ensure_future(asyncio.to_thread(copy_file, path, sink, cap, label, stop))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller sees
+        raise
+
+
+def copy_file(
+    path: str, sink: Sink, cap: int, label: str, stop: threading.Event | None = None
+) -> None:
+    """Copy a local regular file into ``sink``, refusing more than ``cap`` bytes."""
+    try:
+        # O_NONBLOCK: opening a FIFO named by a hostile card must not hang.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise FetchError(f"cannot read {label}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FetchError(f"cannot read {label}: not a regular file")
+        if st.st_size > cap:
+            raise SizeLimitError(f"{label}: file has {st.st_size} bytes, above the cap of {cap}")
+        while True:
+            try:
+                chunk = os.read(fd, min(COPY_CHUNK, cap - sink.received + 1))
+            except OSError as exc:
+                raise FetchError(f"cannot read {label}: {exc.strerror}") from None
+            if not chunk or (stop is not None and stop.is_set()):
+                return
+            _put(sink, chunk, cap, label)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- hf
+
+
+@dataclass(frozen=True, slots=True)
+class HfRef:
+    """A parsed ``hf://<repo>[@<revision>]/<filename>``."""
+
+    repo: str
+    revision: str
+    filename: str
+
+
+def parse_hf_uri(uri: str) -> HfRef:
+    """Parse ``hf://org/name[@rev]/file`` (or ``hf://name[@rev]/file``); the last segment is
+    the file name, and a revision may itself hold ``/`` (``refs/pr/1``)."""
+    if not uri.lower().startswith("hf://"):
+        raise UnsupportedSchemeError(f"not an hf:// URI: {uri}")
+    body = uri[len("hf://") :]
+    head, _, filename = body.rpartition("/")
+    filename = unquote(filename)
+    repo, at, revision = head.partition("@")
+    revision = unquote(revision) if at else "main"
+    segments = repo.split("/")
+    if (
+        not filename
+        or filename in (".", "..")
+        or "/" in filename
+        or not 1 <= len(segments) <= 2
+        or not all(_HF_SEGMENT.fullmatch(s) and ".." not in s for s in segments)
+        or not revision
+        or ".." in revision.split("/")
+    ):
+        raise FetchError(f"invalid hf:// URI {uri!r}: expected hf://<org>/<name>[@<rev>]/<file>")
+    return HfRef(repo, revision, filename)
+
+
+def hf_hub_cache(env: Mapping[str, str]) -> Path:
+    """``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"])
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]) / "hub"
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return home / ".cache" / "huggingface" / "hub"
+
+
+def hf_local_file(ref: HfRef, env: Mapping[str, str]) -> Path | None:
+    """The file in the local HF cache (``models--org--name/snapshots/<commit>/<file>``)."""
+    repo_dir = hf_hub_cache(env) / ("models--" + ref.repo.replace("/", "--"))
+    commit = ref.revision
+    if not _COMMIT.fullmatch(commit):
+        try:
+            commit = (repo_dir / "refs" / ref.revision).read_text().strip()
+        except OSError:
+            return None
+        if not _COMMIT.fullmatch(commit):
+            return None
+    candidate = repo_dir / "snapshots" / commit / ref.filename
+    return candidate if candidate.is_file() else None
+
+
+async def _fetch_hf(
+    uri: str,
+    sink: Sink,
+    cap: int,
+    session: aiohttp.ClientSession | None,
+    config: FetchConfig,
+    env: Mapping[str, str],
+) -> None:
+    ref = parse_hf_uri(uri)
+    local = hf_local_file(ref, env)
+    if local is not None:
+        await _copy_in_thread(os.fspath(local), sink, cap, uri)
+        return
+    if env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY:
+        raise HfOfflineError(
+            f"cannot fetch {uri}: not in the local HF cache ({hf_hub_cache(env)}) and "
+            "HF_HUB_OFFLINE is set"
+        )
+    endpoint = (env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    url = (
+        f"{endpoint}/{ref.repo}/resolve/{quote(ref.revision, safe='')}/"
+        f"{quote(ref.filename, safe='')}"
+    )
+    headers = {}
+    if env.get("HF_TOKEN"):
+        headers["Authorization"] = f"Bearer {env['HF_TOKEN']}"
+    await _fetch_http(url, sink, cap, _need(session, uri), config, headers, label=uri)

@@ -1,0 +1,241 @@
+"""The cache plan (pure: no I/O): cache layout, what to fetch for a card, where to link it.
+
+Everything a card contributes to a file-system path is validated here: the slug becomes one
+directory name, the mdcsum another (we compute it, so it is always 64 hex), the checksum hex
+names the blob (validated on decode) and the file name becomes the link name. Nothing derived
+from a card can therefore name a path outside ``by-slug/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+from urllib.parse import unquote, urlsplit
+
+from discovery_mdc.card import (
+    CheckedFile,
+    Checksum,
+    ModelDeploymentCard,
+    is_url,
+    mdcsum,
+    uri_basename,
+)
+from discovery_mdc.errors import CardError, SizeLimitError
+
+__all__ = [
+    "EMPTY_SLUG_DIR",
+    "MAX_BLOB_SIZE",
+    "CacheLayout",
+    "CardPlan",
+    "FilePlan",
+    "default_cache_root",
+    "hf_fallback_uri",
+    "link_name",
+    "local_path_of",
+    "plan_card",
+    "resolve_cache_root",
+    "size_cap",
+    "slug_dir_name",
+    "source_uri",
+    "validate_link_name",
+]
+
+#: The absolute ceiling on one metadata file, whatever the card declares.
+MAX_BLOB_SIZE: Final = 1 << 30
+#: The directory used for a card whose slug is empty (``日本語`` slugifies to ``""``).
+#: ``slugify`` strips leading ``_``, so no derived slug is ever exactly ``_``.
+EMPTY_SLUG_DIR: Final = "_"
+#: Prefix of temporary names inside the cache; card file names may not use it.
+TEMP_PREFIX: Final = ".tmp-"
+_SLUG_DIR: Final = re.compile(r"[a-z0-9_-]+")
+_NAME_MAX: Final = 255
+
+
+def default_cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """``DYN_MDC_CACHE_DIR``, else ``$HOME/.cache/dynamo/mdc``."""
+    env = os.environ if env is None else env
+    explicit = env.get("DYN_MDC_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    home = env.get("HOME")
+    return (Path(home) if home else Path.home()) / ".cache" / "dynamo" / "mdc"
+
+
+def resolve_cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """The absolute cache root: ``cache_dir`` if given, else :func:`default_cache_root`."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    return Path(os.path.abspath(root))
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLayout:
+    """Where everything lives under one cache root."""
+
+    root: Path
+
+    @property
+    def blobs(self) -> Path:
+        return self.root / "blobs"
+
+    @property
+    def by_slug(self) -> Path:
+        return self.root / "by-slug"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / ".locks"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def blob(self, hexdigest: str) -> Path:
+        return self.blobs / hexdigest
+
+    def lock(self, hexdigest: str) -> Path:
+        return self.locks / f"{hexdigest}.lock"
+
+    def link_dir(self, slug: str, card_sum: str) -> Path:
+        return self.by_slug / slug_dir_name(slug) / card_sum
+
+
+def slug_dir_name(slug: str) -> str:
+    """The directory name for a slug; :data:`EMPTY_SLUG_DIR` for the empty slug."""
+    if slug == "":
+        return EMPTY_SLUG_DIR
+    if not _SLUG_DIR.fullmatch(slug):
+        raise CardError(f"invalid slug {slug!r}: only [a-z0-9_-] is allowed")
+    return slug
+
+
+def validate_link_name(name: str) -> str:
+    """Return ``name`` if it is a plain file name safe to create inside the cache."""
+    if (
+        name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or name.startswith(TEMP_PREFIX)
+        or len(name.encode("utf-8", "surrogateescape")) > _NAME_MAX
+    ):
+        raise CardError(f"unsafe metadata file name {name!r}: must be a plain base name")
+    return name
+
+
+def link_name(path: str) -> str:
+    """The validated link name for a slot path. URL names are percent-decoded first, so an
+    encoded ``%2F`` or ``..`` is caught as well."""
+    base = uri_basename(path)
+    if is_url(path):
+        base = unquote(base)
+    return validate_link_name(base)
+
+
+def local_path_of(path: str) -> str | None:
+    """The local file system path a slot names (a bare path or ``file://``), else ``None``."""
+    if not is_url(path):
+        return path
+    parts = urlsplit(path)
+    if parts.scheme.lower() == "file" and parts.netloc in ("", "localhost"):
+        return unquote(parts.path)
+    return None
+
+
+def source_uri(path: str) -> str:
+    """A slot path as a URI: URLs unchanged, a local path as ``file://<absolute path>``."""
+    if is_url(path):
+        return path
+    return Path(os.path.abspath(path)).as_uri()
+
+
+def hf_fallback_uri(card: ModelDeploymentCard, file: CheckedFile) -> str:
+    """``hf://<source_path>/<filename>``, the legacy fallback for a file."""
+    if not card.source_path:
+        raise CardError(
+            f"legacy card {card.display_name!r} has missing metadata files and no source_path "
+            "to fall back to"
+        )
+    return f"hf://{card.source_path.strip('/')}/{link_name(file.path)}"
+
+
+def size_cap(declared: int | None, where: str) -> int:
+    """The byte cap for a file: its declared size, never above :data:`MAX_BLOB_SIZE`."""
+    if declared is None:
+        return MAX_BLOB_SIZE
+    if declared > MAX_BLOB_SIZE:
+        raise SizeLimitError(
+            f"{where} declares {declared} bytes, above the {MAX_BLOB_SIZE}-byte ceiling"
+        )
+    return declared
+
+
+@dataclass(frozen=True, slots=True)
+class FilePlan:
+    """One metadata file: which blob, how big at most, where from, where to link it."""
+
+    slot: str
+    filename: str
+    checksum: Checksum
+    size: int | None
+    cap: int
+    uris: tuple[str, ...]
+    blob_path: Path
+    link_path: Path
+
+    @property
+    def hex(self) -> str:
+        return self.checksum.hex
+
+
+@dataclass(frozen=True, slots=True)
+class CardPlan:
+    """Everything to fetch and link for one card."""
+
+    layout: CacheLayout
+    mdcsum: str
+    link_dir: Path
+    files: tuple[FilePlan, ...]
+
+
+def plan_card(
+    card: ModelDeploymentCard,
+    layout: CacheLayout,
+    *,
+    alternates: Mapping[str, Sequence[str]] | None = None,
+    hf_fallback: bool = False,
+) -> CardPlan:
+    """Plan the cache work for ``card``.
+
+    Each file's URIs are its own (or, with ``hf_fallback``, the legacy ``hf://`` one) followed
+    by ``alternates[hex]``, without duplicates. Raises :class:`CardError` for an unsafe slug or
+    file name, or two different files under one name, and :class:`SizeLimitError` for a
+    declared size above the ceiling.
+    """
+    card_sum = mdcsum(card)
+    link_dir = layout.link_dir(card.slug, card_sum)
+    by_name: dict[str, str] = {}
+    files = []
+    for slot, f in card.files():
+        name = link_name(f.path)
+        if by_name.setdefault(name, f.checksum.hex) != f.checksum.hex:
+            raise CardError(f"card {card.display_name!r} has two different files named {name!r}")
+        first = hf_fallback_uri(card, f) if hf_fallback else source_uri(f.path)
+        extra = alternates.get(f.checksum.hex, ()) if alternates else ()
+        uris = tuple(dict.fromkeys([first, *extra]))
+        files.append(
+            FilePlan(
+                slot=slot,
+                filename=name,
+                checksum=f.checksum,
+                size=f.size,
+                cap=size_cap(f.size, f"{slot} ({f.path})"),
+                uris=uris,
+                blob_path=layout.blob(f.checksum.hex),
+                link_path=link_dir / name,
+            )
+        )
+    return CardPlan(layout=layout, mdcsum=card_sum, link_dir=link_dir, files=tuple(files))

@@ -1,0 +1,376 @@
+"""The verify-and-cache pipeline: point every slot of a card at a verified local file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from discovery_mdc.cache._fetch import FetchConfig, fetch_uri
+from discovery_mdc.cache._plan import (
+    CacheLayout,
+    CardPlan,
+    FilePlan,
+    local_path_of,
+    plan_card,
+    resolve_cache_root,
+)
+from discovery_mdc.cache._store import BlobStore, blob_lock, verify_file
+from discovery_mdc.card import ModelDeploymentCard, is_new_format, mdcsum
+from discovery_mdc.errors import (
+    ChecksumMismatchError,
+    FetchError,
+    SizeLimitError,
+)
+
+__all__ = [
+    "AllSourcesFailedError",
+    "CacheStats",
+    "ProgressCallback",
+    "ResolvedCard",
+    "cache_stats",
+    "resolve_metadata_files",
+]
+
+log = logging.getLogger("discovery_mdc.cache")
+
+#: ``progress(filename, bytes_received, declared_size_or_None)``
+ProgressCallback = Callable[[str, int, int | None], None]
+# Errors that say "this source is bad": try the next alternate. Anything else (a full disk,
+# a lock timeout, cancellation) stops at once.
+_SOURCE_ERRORS = (FetchError, ChecksumMismatchError, SizeLimitError)
+
+
+class AllSourcesFailedError(FetchError):
+    """Every URI for a blob failed; ``errors`` holds ``(uri, exception)`` for each."""
+
+    def __init__(self, hexdigest: str, errors: Sequence[tuple[str, Exception]]) -> None:
+        detail = "; ".join(f"{uri}: {exc}" for uri, exc in errors)
+        super().__init__(f"all {len(errors)} sources failed for blob {hexdigest}: {detail}")
+        self.hex = hexdigest
+        self.errors = tuple(errors)
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters for metrics; read the attributes (or :meth:`snapshot`) at any time."""
+
+    bytes_fetched: int = 0
+    fetches: int = 0
+    hits: int = 0
+    failures: int = 0
+    repairs: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return asdict(self)
+
+
+_STATS = CacheStats()
+
+
+def cache_stats() -> CacheStats:
+    """The process-wide counters that :func:`resolve_metadata_files` updates by default."""
+    return _STATS
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedCard:
+    """A card whose slots point at local files.
+
+    ``local_dir`` is ``by-slug/<slug>/<mdcsum>`` for cached cards; for a legacy card used in
+    place it is the files' common directory (``None`` when they do not share one).
+    """
+
+    card: ModelDeploymentCard
+    local_dir: Path | None
+    mdcsum: str
+    in_place: bool = False
+    files: tuple[Path, ...] = field(default=())
+
+
+# --------------------------------------------------------------------------- single-flight
+
+_Key = tuple[str, str, int | None, str]
+
+
+class _Flight:
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self.task = task
+        self.waiters = 0
+
+
+_flights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, _Flight]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    # Mark the exception as retrieved: if every waiter was cancelled nobody else will.
+    if not task.cancelled():
+        task.exception()
+
+
+async def _single_flight(key: _Key, make: Callable[[], Awaitable[None]]) -> None:
+    """Run ``make()`` once per key at a time in this event loop; concurrent callers join it."""
+    loop = asyncio.get_running_loop()
+    table = _flights.setdefault(loop, {})
+    flight = table.get(key)
+    if flight is None:
+
+        async def run() -> None:
+            await make()
+
+        flight = _Flight(loop.create_task(run()))
+        table[key] = flight
+
+        def done(task: asyncio.Task[None], flight: _Flight = flight) -> None:
+            if table.get(key) is flight:
+                del table[key]
+            _retrieve(task)
+
+        flight.task.add_done_callback(done)
+    flight.waiters += 1
+    try:
+        await asyncio.shield(flight.task)
+    except asyncio.CancelledError:
+        if flight.waiters == 1 and not flight.task.done():
+            # The last waiter is gone: stop the work, and let it clean up (temp file, lock)
+            # before reporting the cancellation.
+            flight.task.cancel()
+            await asyncio.wait({flight.task})
+        raise
+    finally:
+        flight.waiters -= 1
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class _Sessions:
+    """Creates the HTTP session on first use, so cache hits never build one."""
+
+    def __init__(self, session: aiohttp.ClientSession | None) -> None:
+        self._given = session
+        self._own: aiohttp.ClientSession | None = None
+
+    def get(self) -> aiohttp.ClientSession:
+        if self._given is not None:
+            return self._given
+        if self._own is None:
+            self._own = aiohttp.ClientSession(read_bufsize=1 << 20)
+        return self._own
+
+    async def close(self) -> None:
+        if self._own is not None:
+            await self._own.close()
+
+
+@dataclass(slots=True)
+class _Run:
+    store: BlobStore
+    config: FetchConfig
+    lock_timeout: float
+    sessions: _Sessions
+    stats: CacheStats
+    progress: ProgressCallback | None
+
+    async def ensure_file(self, fp: FilePlan) -> None:
+        """Make ``fp.link_path`` point at a verified blob; concurrent callers share one run."""
+        key = (os.fspath(self.store.layout.root), fp.hex, fp.size, os.fspath(fp.link_path))
+        await _single_flight(key, lambda: self._ensure_file(fp))
+
+    async def _ensure_file(self, fp: FilePlan) -> None:
+        # Warm path, no lock: the link is already right and the blob verifies.
+        if self.store.links_to(fp.hex, fp.link_path):
+            state = await self.store.check(fp.hex)
+            if state.size is not None:
+                self._check_size(fp, state.size)
+                self.stats.hits += 1
+                return
+        # Links are only created under the blob lock, so prune (which deletes an unreferenced
+        # blob only while holding its lock) can never leave a link without its blob.
+        async with blob_lock(self.store.layout.lock(fp.hex), self.lock_timeout):
+            state = await self.store.check(fp.hex)
+            if state.size is not None:
+                self.stats.hits += 1
+                size = state.size
+            else:
+                if state.corrupt:
+                    log.warning("replacing corrupt blob %s", fp.blob_path)
+                    self.store.remove(fp.hex)
+                    self.stats.repairs += 1
+                size = await self.fetch(fp)
+            self._check_size(fp, size)
+            self.store.link(fp.hex, fp.link_path)
+
+    @staticmethod
+    def _check_size(fp: FilePlan, size: int) -> None:
+        if fp.size is not None and size != fp.size:
+            # The blob is right for its hash; this card's declared size is not.
+            raise ChecksumMismatchError(
+                fp.uris[0], _describe(fp.hex, fp.size), _describe(fp.hex, size)
+            )
+
+    async def fetch(self, fp: FilePlan) -> int:
+        errors: list[tuple[str, Exception]] = []
+        progress = self.progress
+        on_progress = (
+            (lambda n: progress(fp.filename, n, fp.size)) if progress is not None else None
+        )
+        for uri in fp.uris:
+            staging = self.store.stage(fp.hex, on_progress)
+            try:
+                await fetch_uri(
+                    uri,
+                    staging,
+                    fp.cap,
+                    session=self.sessions.get() if _needs_session(uri) else None,
+                    config=self.config,
+                )
+                actual = staging.hexdigest()
+                if actual != fp.hex or (fp.size is not None and staging.received != fp.size):
+                    raise ChecksumMismatchError(
+                        uri,
+                        _describe(fp.hex, fp.size),
+                        _describe(actual, staging.received),
+                    )
+                self.store.publish(staging)
+            except _SOURCE_ERRORS as exc:
+                log.error("rejected %s for %s (%s): %s", uri, fp.filename, fp.slot, exc)
+                errors.append((uri, exc))
+                continue
+            finally:
+                staging.discard()
+            self.stats.fetches += 1
+            self.stats.bytes_fetched += staging.received
+            log.info("cached %s (%d bytes) from %s", fp.blob_path, staging.received, uri)
+            return staging.received
+        if len(errors) == 1:
+            raise errors[0][1]
+        raise AllSourcesFailedError(fp.hex, errors)
+
+
+def _needs_session(uri: str) -> bool:
+    return uri.split(":", 1)[0].lower() in ("http", "https", "hf")
+
+
+def _describe(hexdigest: str, size: int | None) -> str:
+    return f"blake3:{hexdigest}" + (f" ({size} bytes)" if size is not None else "")
+
+
+async def _run_plan(plan: CardPlan, run: _Run) -> None:
+    results = await asyncio.gather(
+        *(run.ensure_file(fp) for fp in plan.files), return_exceptions=True
+    )
+    for fp, result in zip(plan.files, results, strict=True):
+        if isinstance(result, BaseException):
+            run.stats.failures += 1
+            if not isinstance(result, Exception):
+                raise result
+            log.error("cannot cache %s of card slot %s: %s", fp.filename, fp.slot, result)
+            raise result
+    # The directory's mtime records the last use, for `cache ls`.
+    with contextlib.suppress(OSError):
+        os.utime(plan.link_dir)
+
+
+def _existing_local_files(card: ModelDeploymentCard) -> dict[str, str] | None:
+    """Each slot's absolute local path, or ``None`` unless every slot is an existing file."""
+    paths = {name: local_path_of(f.path) for name, f in card.files()}
+    local = {name: os.path.abspath(p) for name, p in paths.items() if p is not None}
+    if len(local) != len(paths) or not all(os.path.isfile(p) for p in local.values()):
+        return None
+    return local
+
+
+async def _in_place(card: ModelDeploymentCard, stats: CacheStats) -> ResolvedCard | None:
+    """A legacy card whose files all exist locally, verified against its checksums."""
+    local = _existing_local_files(card)
+    if local is None:
+        return None
+    for name, f in card.files():
+        state = await verify_file(Path(local[name]), f.checksum.hex)
+        if state.size is None or (f.size is not None and state.size != f.size):
+            stats.failures += 1
+            raise ChecksumMismatchError(
+                f.path,
+                _describe(f.checksum.hex, f.size),
+                _describe(state.actual or "?", state.size),
+            )
+    files = tuple(Path(p) for p in local.values())
+    parents = {f.parent for f in files}
+    stats.hits += len(files)
+    return ResolvedCard(
+        card=card.with_paths(lambda name, _: local[name]),
+        local_dir=parents.pop() if len(parents) == 1 else None,
+        mdcsum=mdcsum(card),
+        in_place=True,
+        files=files,
+    )
+
+
+async def resolve_metadata_files(
+    card: ModelDeploymentCard,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    alternates: Mapping[str, Sequence[str]] | None = None,
+    lock_timeout: float = 600.0,
+    connect_timeout: float = 10.0,
+    total_timeout: float = 300.0,
+    read_timeout: float | None = 60.0,
+    session: aiohttp.ClientSession | None = None,
+    stats: CacheStats | None = None,
+    progress: ProgressCallback | None = None,
+) -> ResolvedCard:
+    """Return ``card`` with every slot pointing at a verified local file.
+
+    New-format cards go through the cache: each file is fetched from its URI (then each of
+    ``alternates[hex]``), verified against blake3 and size, published to ``blobs/<hex>`` and
+    linked at ``by-slug/<slug>/<mdcsum>/<filename>``. A legacy card whose files all exist
+    locally is used in place; otherwise each file is fetched from ``hf://<source_path>/<file>``
+    and verified against its checksum.
+
+    Raises :class:`CardError` (unsafe names), :class:`SizeLimitError`,
+    :class:`ChecksumMismatchError`, :class:`FetchError` (:class:`AllSourcesFailedError` when
+    several URIs were tried) or :class:`CacheError` (:class:`LockTimeoutError`, disk full).
+    """
+    stats = _STATS if stats is None else stats
+    hf_fallback = False
+    if not is_new_format(card):
+        in_place = await _in_place(card, stats)
+        if in_place is not None:
+            return in_place
+        hf_fallback = True
+        log.info(
+            "legacy card %r: metadata files are not all local; fetching from hf://%s",
+            card.display_name,
+            card.source_path,
+        )
+    layout = CacheLayout(resolve_cache_root(cache_dir))
+    plan = plan_card(card, layout, alternates=alternates, hf_fallback=hf_fallback)
+    store = BlobStore(layout)
+    store.ensure_dirs()
+    config = FetchConfig(
+        connect_timeout=connect_timeout, total_timeout=total_timeout, read_timeout=read_timeout
+    )
+    sessions = _Sessions(session)
+    try:
+        await _run_plan(plan, _Run(store, config, lock_timeout, sessions, stats, progress))
+    finally:
+        await sessions.close()
+    links = {fp.slot: fp.link_path for fp in plan.files}
+    return ResolvedCard(
+        card=card.with_paths(lambda name, _: os.fspath(links[name])),
+        local_dir=plan.link_dir,
+        mdcsum=plan.mdcsum,
+        files=tuple(links.values()),
+    )

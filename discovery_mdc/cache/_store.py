@@ -1,0 +1,309 @@
+"""The blob store: staging files, publishing, verification, per-blob locks and links.
+
+Correctness never depends on the lock: a blob only ever appears by an atomic rename of a
+fully written, verified, fsynced temp file with a name unique to this process and call. The
+lock (``flock``, released by the kernel when its holder dies) only avoids duplicate fetches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import stat
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import blake3
+import filelock
+
+from discovery_mdc.cache._plan import TEMP_PREFIX, CacheLayout
+from discovery_mdc.card import hash_file
+from discovery_mdc.errors import CacheError, LockTimeoutError
+
+__all__ = [
+    "BlobState",
+    "BlobStore",
+    "Staging",
+    "blob_lock",
+    "forget_verified",
+    "verify_file",
+]
+
+log = logging.getLogger("discovery_mdc.cache")
+
+#: Suffix of staging files in ``tmp/``: ``<hex>.<pid>.<uuid>.part``.
+PART_SUFFIX: Final = ".part"
+#: Prefix of temporary symlinks next to their final name.
+LINK_TEMP_PREFIX: Final = TEMP_PREFIX + "link."
+_DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+# Hash small blobs on the event loop; hand bigger ones to a thread.
+_INLINE_HASH_MAX: Final = 1 << 20
+# A blob whose mtime/ctime is this recent is never memoized ("racily clean", as git calls
+# it): file timestamps come from a coarse clock, so a rewrite within the same tick could keep
+# the same (size, mtime, ctime) and the memo would hide it.
+_RACY_NS: Final = 2_000_000_000
+_MEMO_MAX: Final = 1 << 16
+# (dev, inode, size, mtime_ns, ctime_ns) -> blake3 hex the file was seen to have.
+_verified: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def forget_verified() -> None:
+    """Drop the in-process verification memo (tests, or after out-of-band edits)."""
+    _verified.clear()
+
+
+def _memo_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}.{os.getpid()}.{uuid.uuid4().hex}"
+
+
+def _cache_error(action: str, path: Path, exc: OSError) -> CacheError:
+    if exc.errno in _DISK_FULL:
+        return CacheError(
+            f"cannot {action} {path}: disk full or file size limit reached "
+            f"({errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror})"
+        )
+    return CacheError(f"cannot {action} {path}: {exc.strerror or exc}")
+
+
+class Staging:
+    """A unique temp file that hashes and counts every byte written to it."""
+
+    def __init__(
+        self, path: Path, hexdigest: str, on_progress: Callable[[int], None] | None = None
+    ) -> None:
+        self.path = path
+        self.hex = hexdigest
+        self.received = 0
+        self._hasher = blake3.blake3()
+        self._on_progress = on_progress
+        try:
+            self._fd: int | None = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            raise _cache_error("create staging file", path, exc) from None
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise CacheError(f"staging file {self.path} is closed")
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise _cache_error(f"write blob {self.hex} to", self.path, exc) from None
+        self._hasher.update(data)
+        self.received += len(data)
+        if self._on_progress is not None:
+            self._on_progress(self.received)
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
+
+    def finish(self) -> None:
+        """Flush to disk and close."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise _cache_error(f"flush blob {self.hex} to", self.path, exc) from None
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close and delete the temp file (a no-op once published)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+@dataclass(frozen=True, slots=True)
+class BlobState:
+    """What :meth:`BlobStore.check` found: the verified size, or why there is none."""
+
+    size: int | None
+    corrupt: bool = False
+    actual: str | None = None
+
+
+async def verify_file(path: Path, hexdigest: str) -> BlobState:
+    """Hash ``path`` and compare it with ``hexdigest``; ``BlobState(None)`` if it is missing.
+
+    A match is memoized per (dev, inode, size, mtime, ctime) unless the file changed within
+    the last few seconds, so warm checks cost one ``stat``.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return BlobState(None)
+    except OSError as exc:
+        raise _cache_error("stat", path, exc) from None
+    key = _memo_key(st)
+    if _verified.get(key) == hexdigest:
+        return BlobState(st.st_size)
+    if not stat.S_ISREG(st.st_mode):
+        return BlobState(None, corrupt=True)
+    try:
+        if st.st_size <= _INLINE_HASH_MAX:
+            checksum, size, _ = hash_file(path)
+        else:
+            checksum, size, _ = await asyncio.to_thread(hash_file, path)
+    except FileNotFoundError:
+        return BlobState(None)
+    except OSError as exc:
+        raise _cache_error("read", path, exc) from None
+    if checksum.hex != hexdigest:
+        log.warning("%s is corrupt: expected blake3 %s, content hashes to %s", path, hexdigest,
+                    checksum.hex)  # fmt: skip
+        return BlobState(None, corrupt=True, actual=checksum.hex)
+    if max(st.st_mtime_ns, st.st_ctime_ns) < time.time_ns() - _RACY_NS:
+        if len(_verified) >= _MEMO_MAX:
+            _verified.clear()
+        _verified[key] = hexdigest
+    return BlobState(size)
+
+
+class BlobStore:
+    """The blobs, staging area, locks and links under one cache root."""
+
+    def __init__(self, layout: CacheLayout) -> None:
+        self.layout = layout
+
+    def ensure_dirs(self) -> None:
+        for d in (self.layout.blobs, self.layout.by_slug, self.layout.locks, self.layout.tmp):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _cache_error("create cache directory", d, exc) from None
+
+    def stage(self, hexdigest: str, on_progress: Callable[[int], None] | None = None) -> Staging:
+        return Staging(self.layout.tmp / (_unique(hexdigest) + PART_SUFFIX), hexdigest, on_progress)
+
+    def publish(self, staging: Staging) -> Path:
+        """fsync the staging file and atomically rename it onto ``blobs/<hex>``."""
+        staging.finish()
+        blob = self.layout.blob(staging.hex)
+        try:
+            os.replace(staging.path, blob)
+        except OSError as exc:
+            raise _cache_error("publish blob", blob, exc) from None
+        _fsync_dir(self.layout.blobs)
+        return blob
+
+    async def check(self, hexdigest: str) -> BlobState:
+        """Verify ``blobs/<hex>`` by hashing it (memoized per inode, size and timestamps)."""
+        return await verify_file(self.layout.blob(hexdigest), hexdigest)
+
+    def remove(self, hexdigest: str) -> None:
+        path = self.layout.blob(hexdigest)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _cache_error("remove corrupt blob", path, exc) from None
+
+    def link_target(self, hexdigest: str, link_path: Path) -> str:
+        """The relative symlink target from ``link_path`` to the blob."""
+        return os.path.relpath(self.layout.blob(hexdigest), link_path.parent)
+
+    def links_to(self, hexdigest: str, link_path: Path) -> bool:
+        try:
+            return os.readlink(link_path) == self.link_target(hexdigest, link_path)
+        except OSError:
+            return False
+
+    def link(self, hexdigest: str, link_path: Path) -> None:
+        """Point ``link_path`` at the blob with a relative symlink, atomically."""
+        if self.links_to(hexdigest, link_path):
+            return
+        target = self.link_target(hexdigest, link_path)
+        tmp = link_path.parent / _unique(LINK_TEMP_PREFIX.rstrip("."))
+        try:
+            link_path.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, tmp)
+            os.replace(tmp, link_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _cache_error("create link", link_path, exc) from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_warned_no_flock = False
+
+
+@contextlib.asynccontextmanager
+async def blob_lock(
+    path: Path,
+    max_wait: float,
+    *,
+    log_every: float = 10.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[None]:
+    """Hold the ``flock`` at ``path``; poll without blocking the event loop.
+
+    Logs every ``log_every`` seconds while waiting and raises :class:`LockTimeoutError`
+    naming the lock after ``max_wait`` seconds. Where the file system has no ``flock``, the
+    lock is skipped (with one warning): the atomic rename keeps the cache correct anyway.
+    """
+    global _warned_no_flock
+    lock = filelock.FileLock(path, fallback_to_soft=False)
+    start = clock()
+    next_log = start + log_every
+    delay = 0.005
+    first = True
+    while True:
+        try:
+            lock.acquire(blocking=False)
+            break
+        except filelock.Timeout:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise _cache_error("take lock", path, exc) from None
+            if not _warned_no_flock:
+                _warned_no_flock = True
+                log.warning("no flock on %s; fetching without a cross-process lock", path)
+            yield
+            return
+        now = clock()
+        if first:
+            first = False
+            log.debug("lock %s is held by another process; waiting", path)
+        if now - start >= max_wait:
+            raise LockTimeoutError(f"timed out after {max_wait:g}s waiting for lock {path}")
+        if now >= next_log:
+            next_log = now + log_every
+            log.info("still waiting for lock %s after %.0fs", path, now - start)
+        await asyncio.sleep(min(delay, max(start + max_wait - now, 0.0)))
+        delay = min(delay * 2, 0.1)
+    try:
+        yield
+    finally:
+        lock.release()

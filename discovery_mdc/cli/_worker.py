@@ -1,0 +1,155 @@
+"""``discovery-mdc worker``: publish a model until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type
+from discovery_mdc.cli._common import EXIT_OK, add_etcd_args, env_default, etcd_client
+from discovery_mdc.errors import CardError
+from discovery_mdc.etcd import lease_ttl_from_env
+from discovery_mdc.worker import Worker, parse_instance_transport
+
+__all__ = ["register"]
+
+log = logging.getLogger("discovery_mdc.cli")
+
+
+async def _run_worker(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with (
+        etcd_client(args) as client,
+        Worker(
+            client,
+            lease_ttl=args.lease_ttl,
+            system_port=args.system_port,
+            system_host=args.system_host,
+            self_host_metadata=False if args.no_self_host else None,
+        ) as worker,
+    ):
+        await worker.register_model(
+            args.model_path,
+            model_name=args.model_name,
+            namespace=args.namespace,
+            component=args.component,
+            endpoint=args.endpoint,
+            custom_template=args.custom_template,
+            model_type=args.model_type,
+            lora_name=args.lora_name,
+            instance_transport=args.instance_transport,
+        )
+        await stop.wait()
+        log.info("worker stopping: revoking lease %x", worker.session.lease_id)
+    return EXIT_OK
+
+
+def _worker(args: argparse.Namespace) -> int:
+    return asyncio.run(_run_worker(args))
+
+
+def _model_type(text: str) -> tuple[str, ...]:
+    try:
+        return parse_model_type(text)
+    except CardError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _transport(text: str) -> str:
+    try:
+        parse_instance_transport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _ttl(text: str) -> int:
+    try:
+        return lease_ttl_from_env({"ETCD_LEASE_TTL": text})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            str(exc).replace("ETCD_LEASE_TTL", "--lease-ttl")
+        ) from None
+
+
+def _optional_port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535")
+    return value
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    w = sub.add_parser(
+        "worker",
+        help="publish a model's deployment card until stopped",
+        description="Build the card for a model directory (or a cached HF repo id), serve its "
+        "metadata files on the status server (self-hosting, the default when a status port is "
+        "set), and publish it in etcd under a lease kept alive until SIGTERM/SIGINT, when the "
+        "lease is revoked and the worker exits 0.",
+    )
+    add_etcd_args(w)
+    w.add_argument(
+        "--model-path",
+        required=True,
+        help="a local HF-style model directory, or an HF repo id in the local HF cache",
+    )
+    w.add_argument(
+        "--model-name",
+        default=None,
+        help="served name (default: the directory's base name, or the repo id)",
+    )
+    w.add_argument("--namespace", default="dynamo", help="namespace (default %(default)s)")
+    w.add_argument("--component", default="backend", help="component (default %(default)s)")
+    w.add_argument("--endpoint", default="generate", help="endpoint (default %(default)s)")
+    w.add_argument(
+        "--model-type",
+        type=_model_type,
+        default=("Chat", "Completions"),
+        help=f"flags joined by '|' from {', '.join(MODEL_TYPE_FLAGS)} (default 'Chat|Completions')",
+    )
+    w.add_argument(
+        "--custom-template",
+        default=None,
+        help="a chat template file to publish instead of the model's own",
+    )
+    w.add_argument("--lora-name", default=None, help="publish the card as this LoRA adapter")
+    w.add_argument(
+        "--lease-ttl",
+        type=_ttl,
+        default=lease_ttl_from_env(),
+        help="lease TTL in seconds (env ETCD_LEASE_TTL; default 10)",
+    )
+    w.add_argument(
+        "--system-port",
+        type=_optional_port,
+        default=None,
+        help="status server port; 0 picks a free one (env DYN_SYSTEM_PORT; "
+        "unset: no status server, so no self-hosting)",
+    )
+    w.add_argument(
+        "--system-host",
+        default=env_default("DYN_SYSTEM_HOST"),
+        help="status server bind address (env DYN_SYSTEM_HOST; default 0.0.0.0; a "
+        "wildcard is advertised as this host's routable IP)",
+    )
+    w.add_argument(
+        "--no-self-host",
+        action="store_true",
+        help="publish local paths instead of serving the files (env "
+        "DYN_SELF_HOST_METADATA=0|false|no|off)",
+    )
+    w.add_argument(
+        "--instance-transport",
+        type=_transport,
+        default=None,
+        help="also publish a Dynamo endpoint record v1/instances/... with this "
+        "transport, e.g. tcp://127.0.0.1:9000/generate, so a Dynamo frontend "
+        "routes to this worker",
+    )
+    w.set_defaults(func=_worker)

@@ -1,0 +1,57 @@
+"""The etcd layer: a v3 JSON-gateway client, a lease session, and a small store protocol.
+
+Layers, bottom up:
+
+- ``_codec``: pure encoding/decoding of gateway JSON into typed structs (no sockets);
+- ``EtcdClient``: asyncio transport with endpoint failover, auth and TLS; ``watch()`` streams
+  and never resumes by itself (see its module docs for the resume pattern);
+- ``Store``: the operations publisher and watcher need; ``EtcdClient`` and the in-memory
+  ``MemoryStore`` (for unit tests) implement it;
+- ``LeaseSession``: one lease, kept alive, whose keys are re-created if it is lost;
+- ``EtcdServer`` / ``EtcdCluster``: real etcd processes for tests and the demo.
+"""
+
+from discovery_mdc.etcd._client import DEFAULT_ENDPOINT, EtcdClient, endpoints_from_env
+from discovery_mdc.etcd._codec import (
+    KeyValue,
+    Lease,
+    LeaseInfo,
+    RangeResult,
+    WatchEvent,
+    WatchResponse,
+)
+from discovery_mdc.etcd._lease import (
+    DEFAULT_LEASE_TTL,
+    KeyExistsError,
+    KeyHandle,
+    LeaseSession,
+    Registration,
+    SessionState,
+    lease_ttl_from_env,
+)
+from discovery_mdc.etcd._server import EtcdCluster, EtcdServer, find_etcd_binary
+from discovery_mdc.etcd._store import MemoryStore, Store
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "DEFAULT_LEASE_TTL",
+    "EtcdClient",
+    "EtcdCluster",
+    "EtcdServer",
+    "KeyExistsError",
+    "KeyHandle",
+    "KeyValue",
+    "Lease",
+    "LeaseInfo",
+    "LeaseSession",
+    "MemoryStore",
+    "RangeResult",
+    "Registration",
+    "SessionState",
+    "Store",
+    "WatchEvent",
+    "WatchResponse",
+    "endpoints_from_env",
+    "find_etcd_binary",
+    "lease_ttl_from_env",
+]

@@ -1,0 +1,623 @@
+"""EtcdClient: an asyncio client for etcd's v3 JSON gateway (``POST /v3/...``) on aiohttp.
+
+Failover: every request starts at the endpoint that last worked. On a connection error, a
+timeout, a 502/503/504 from a proxy, or gRPC ``UNAVAILABLE`` (no leader, leader changed) it
+tries the next endpoint, round-robin; after ``connect_retries`` rounds over all endpoints, with
+a short jittered pause between rounds, it raises :class:`EtcdConnectionError` naming every
+endpoint and the last error.
+
+Retried writes: a request that failed after it was sent may have been applied. ``put`` and
+``delete`` are idempotent in effect. ``create`` notices when a retried attempt finds the key
+already holding exactly its value and lease, and then reports success. ``lease_grant`` may
+leave an orphan lease behind, which expires after its TTL.
+
+Watches are never resumed here: ``watch()`` raises on a disconnect or a compaction, and the
+caller resumes from the highest ``WatchResponse.header_revision`` it has seen, plus one::
+
+    rev = listed.revision
+    while True:
+        try:
+            async for resp in client.watch(prefix, start_revision=rev + 1):
+                handle(resp.events)
+                rev = max(rev, resp.header_revision)
+        except EtcdConnectionError:
+            await asyncio.sleep(backoff.next_delay())
+        except EtcdCompactedError:
+            rev = relist_and_diff()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+
+from discovery_mdc.errors import (
+    EtcdAuthError,
+    EtcdCompactedError,
+    EtcdConnectionError,
+    EtcdError,
+)
+from discovery_mdc.etcd._codec import (
+    GRPC_NOT_FOUND,
+    GRPC_OUT_OF_RANGE,
+    GRPC_PERMISSION_DENIED,
+    GRPC_UNAUTHENTICATED,
+    GRPC_UNAVAILABLE,
+    GatewayError,
+    KeyValue,
+    Lease,
+    LeaseInfo,
+    LineSplitter,
+    RangeResult,
+    WatchMessage,
+    WatchResponse,
+    create_txn_request,
+    decode_delete,
+    decode_error,
+    decode_lease_grant,
+    decode_lease_keepalive,
+    decode_lease_time_to_live,
+    decode_put,
+    decode_range,
+    decode_status,
+    decode_txn,
+    decode_watch_message,
+    delete_request,
+    key_bytes,
+    key_str,
+    parse_json_line,
+    prefix_range_end,
+    put_request,
+    range_request,
+    watch_create_request,
+)
+
+__all__ = ["DEFAULT_ENDPOINT", "EtcdClient", "endpoints_from_env"]
+
+log = logging.getLogger("discovery_mdc.etcd")
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
+_RETRYABLE_HTTP = frozenset({502, 503, 504})
+_T = TypeVar("_T")
+
+
+class _Retryable(Exception):
+    """This endpoint failed in a way another endpoint may not: try the next one."""
+
+
+class _InvalidToken(Exception):
+    """The auth token expired or is unknown: authenticate again."""
+
+
+class _StatusError(EtcdError):
+    """etcd answered with a gRPC error; ``code`` is the gRPC status code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    body: Mapping[str, Any]
+    endpoint: str
+    # True if an earlier attempt may have reached etcd (so a write may already be applied).
+    retried_after_send: bool
+
+
+def endpoints_from_env(env: Mapping[str, str] | None = None) -> list[str]:
+    """``ETCD_ENDPOINTS`` split on commas; bare ``host:port`` gets ``http://`` (``https://``
+    when ``ETCD_AUTH_CA`` or ``ETCD_AUTH_CLIENT_CERT`` is set)."""
+    env = os.environ if env is None else env
+    tls = bool(env.get("ETCD_AUTH_CA") or env.get("ETCD_AUTH_CLIENT_CERT"))
+    raw = env.get("ETCD_ENDPOINTS") or DEFAULT_ENDPOINT
+    return [_normalize_endpoint(e, tls) for e in raw.split(",") if e.strip()]
+
+
+def _normalize_endpoint(endpoint: str, tls: bool) -> str:
+    endpoint = endpoint.strip().rstrip("/")
+    if "://" not in endpoint:
+        endpoint = ("https://" if tls else "http://") + endpoint
+    return endpoint
+
+
+class EtcdClient:
+    """Async etcd v3 client over the JSON gateway, with endpoint failover and auth.
+
+    Use as ``async with EtcdClient([...]) as client:`` or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        request_timeout: float = 5.0,
+        connect_retries: int = 5,
+        retry_backoff: float = 0.1,
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = endpoints.split(",")
+        tls = bool(ca_file or cert_file)
+        self._endpoints = tuple(_normalize_endpoint(e, tls) for e in endpoints if e.strip())
+        if not self._endpoints:
+            raise ValueError("EtcdClient needs at least one endpoint")
+        if (username is None) != (password is None):
+            raise ValueError("etcd username and password must be given together")
+        self._username = username
+        self._password = password
+        self._ca_file = ca_file
+        self._cert_file = cert_file
+        self._key_file = key_file
+        self._request_timeout = request_timeout
+        self._connect_retries = max(1, connect_retries)
+        self._retry_backoff = retry_backoff
+        self._current = 0
+        self._token: str | None = None
+        self._auth_lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> EtcdClient:
+        """A client configured from ``ETCD_ENDPOINTS``, ``ETCD_AUTH_USERNAME``/``_PASSWORD``
+        and ``ETCD_AUTH_CA``/``_CLIENT_CERT``/``_CLIENT_KEY``; ``kwargs`` override."""
+        env = os.environ if env is None else env
+        opts: dict[str, Any] = {
+            "username": env.get("ETCD_AUTH_USERNAME") or None,
+            "password": env.get("ETCD_AUTH_PASSWORD") or None,
+            "ca_file": env.get("ETCD_AUTH_CA") or None,
+            "cert_file": env.get("ETCD_AUTH_CLIENT_CERT") or None,
+            "key_file": env.get("ETCD_AUTH_CLIENT_KEY") or None,
+        }
+        if opts["username"] is not None and opts["password"] is None:
+            opts["password"] = ""
+        opts.update(kwargs)
+        return cls(endpoints_from_env(env), **opts)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every endpoint, in configuration order."""
+        return self._endpoints
+
+    @property
+    def current_endpoint(self) -> str:
+        """The endpoint the next request tries first (the one that last worked)."""
+        return self._endpoints[self._current]
+
+    async def __aenter__(self) -> EtcdClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session. Open watches end with EtcdConnectionError."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not (self._ca_file or self._cert_file):
+            return None
+        ctx = ssl.create_default_context(cafile=self._ca_file)
+        if self._cert_file:
+            ctx.load_cert_chain(self._cert_file, self._key_file)
+        return ctx
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            ctx = self._ssl_context()
+            connector = aiohttp.TCPConnector(ssl=ctx if ctx is not None else True)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    # ------------------------------------------------------------------ transport
+
+    def _classify(self, endpoint: str, path: str, err: GatewayError) -> Exception:
+        where = f"etcd {endpoint}{path}"
+        msg = err.message
+        lower = msg.lower()
+        if err.code == GRPC_UNAVAILABLE:
+            return _Retryable(f"{where}: {msg}")
+        if err.code == GRPC_UNAUTHENTICATED or "invalid auth token" in lower:
+            return _InvalidToken(f"{where}: {msg}")
+        if err.code == GRPC_PERMISSION_DENIED or "permission denied" in lower:
+            who = f" for user {self._username!r}" if self._username else ""
+            return EtcdAuthError(f"{where}: permission denied{who}: {msg}")
+        if "user name is empty" in lower:
+            return EtcdAuthError(f"{where}: etcd requires authentication ({msg}); "
+                                 "set ETCD_AUTH_USERNAME and ETCD_AUTH_PASSWORD")  # fmt: skip
+        if "authentication failed" in lower:
+            return EtcdAuthError(f"{where}: etcd rejected the credentials for user "
+                                 f"{self._username!r}: {msg}")  # fmt: skip
+        if err.code == GRPC_OUT_OF_RANGE and "compacted" in lower:
+            return EtcdCompactedError(0, f"{where}: {msg}")
+        return _StatusError(f"{where}: {msg} (gRPC code {err.code})", err.code)
+
+    async def _post_once(
+        self, endpoint: str, path: str, payload: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> Mapping[str, Any]:
+        url = endpoint + path
+        timeout = aiohttp.ClientTimeout(total=self._request_timeout)
+        try:
+            async with self._http().post(
+                url, data=json.dumps(payload), headers=headers, timeout=timeout
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            raise _Retryable(f"{url}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+        try:
+            body = json.loads(raw.splitlines()[0] if raw.strip() else b"{}")
+        except ValueError:
+            if status in _RETRYABLE_HTTP:
+                raise _Retryable(f"{url}: HTTP {status}") from None
+            raise EtcdError(
+                f"etcd {url}: HTTP {status} with a non-JSON body {raw[:200]!r}"
+            ) from None
+        err = decode_error(body)
+        if err is not None:
+            raise self._classify(endpoint, path, err)
+        if status != 200:
+            if status in _RETRYABLE_HTTP:
+                raise _Retryable(f"{url}: HTTP {status}")
+            raise EtcdError(f"etcd {url}: HTTP {status}: {raw[:200]!r}")
+        if not isinstance(body, Mapping):
+            raise EtcdError(f"etcd {url}: unexpected response {raw[:200]!r}")
+        return body
+
+    async def _failover(
+        self, path: str, attempt: Callable[[str], Awaitable[_T]]
+    ) -> tuple[_T, str, bool]:
+        """Run ``attempt(endpoint)`` round-robin from the current endpoint until one works.
+
+        Returns (result, endpoint, whether an earlier attempt may have reached etcd).
+        """
+        n = len(self._endpoints)
+        last: BaseException | None = None
+        maybe_sent = False
+        for round_no in range(self._connect_retries):
+            if round_no:
+                base = self._retry_backoff * 2 ** (round_no - 1)
+                await asyncio.sleep(min(1.0, base) * (0.5 + random.random()))
+            start = self._current
+            for i in range(n):
+                idx = (start + i) % n
+                endpoint = self._endpoints[idx]
+                try:
+                    result = await attempt(endpoint)
+                except _Retryable as exc:
+                    last = exc
+                    # Only a refused or failed connect proves the request never left.
+                    if not isinstance(exc.__cause__, aiohttp.ClientConnectorError):
+                        maybe_sent = True
+                    log.debug("etcd %s%s failed (%s); trying the next endpoint", endpoint,
+                              path, exc)  # fmt: skip
+                    continue
+                if self._current != idx:
+                    log.info("etcd: now using endpoint %s", endpoint)
+                self._current = idx
+                return result, endpoint, maybe_sent
+        raise EtcdConnectionError(
+            f"no etcd endpoint reachable for {path} (tried {', '.join(self._endpoints)}, "
+            f"{self._connect_retries} round(s)); last error: {last}"
+        )
+
+    async def _auth_headers(self, *, refresh: bool = False) -> dict[str, str]:
+        if self._username is None:
+            return {}
+        async with self._auth_lock:
+            if refresh or self._token is None:
+                self._token = await self._authenticate()
+            return {"Authorization": self._token} if self._token else {}
+
+    async def _authenticate(self) -> str:
+        payload = {"name": self._username, "password": self._password}
+
+        async def attempt(endpoint: str) -> Mapping[str, Any]:
+            return await self._post_once(endpoint, "/v3/auth/authenticate", payload, {})
+
+        try:
+            body, endpoint, _ = await self._failover("/v3/auth/authenticate", attempt)
+        except _StatusError as exc:
+            if "authentication is not enabled" in str(exc):
+                return ""  # credentials configured but auth off: send no token
+            raise EtcdAuthError(f"authenticating user {self._username!r}: {exc}") from exc
+        except _InvalidToken as exc:
+            raise EtcdAuthError(f"authenticating user {self._username!r}: {exc}") from exc
+        token = str(body.get("token", ""))
+        if not token:
+            raise EtcdAuthError(f"etcd {endpoint} returned no token for user {self._username!r}")
+        return token
+
+    async def _request(self, path: str, payload: Mapping[str, Any]) -> _Reply:
+        refresh = False
+        while True:
+            headers = await self._auth_headers(refresh=refresh)
+
+            async def attempt(endpoint: str) -> Mapping[str, Any]:
+                return await self._post_once(endpoint, path, payload, headers)  # noqa: B023
+
+            try:
+                body, endpoint, retried = await self._failover(path, attempt)
+            except _InvalidToken as exc:
+                if refresh or self._username is None:
+                    raise EtcdAuthError(f"{exc} (user {self._username!r})") from exc
+                refresh = True
+                log.info("etcd auth token for user %r rejected; authenticating again",
+                         self._username)  # fmt: skip
+                continue
+            return _Reply(body, endpoint, retried)
+
+    # ------------------------------------------------------------------ KV
+
+    async def range(
+        self,
+        key: str,
+        *,
+        prefix: bool = False,
+        revision: int | None = None,
+        limit: int | None = None,
+    ) -> RangeResult:
+        """Read one key, or every key under ``key`` if ``prefix``, at ``revision`` (default
+        latest), at most ``limit`` keys (``more`` tells if there were others)."""
+        body = range_request(key, prefix=prefix, revision=revision, limit=limit)
+        return decode_range((await self._request("/v3/kv/range", body)).body)
+
+    async def get(self, key: str) -> KeyValue | None:
+        """The key's current value, or None."""
+        result = await self.range(key)
+        return result.kvs[0] if result.kvs else None
+
+    async def range_prefix_all(self, prefix: str, *, page_size: int = 500) -> RangeResult:
+        """Every key under ``prefix`` as one consistent snapshot, read in pages.
+
+        Later pages are pinned to the first page's revision. If that revision is compacted
+        mid-listing, the listing starts over.
+        """
+        end = prefix_range_end(key_bytes(prefix))
+        for _ in range(5):
+            first = await self.range(prefix, prefix=True, limit=page_size)
+            kvs = list(first.kvs)
+            more = first.more
+            try:
+                while more and kvs:
+                    after = key_str(key_bytes(kvs[-1].key) + b"\x00")
+                    body = range_request(after, range_end=end, revision=first.revision,
+                                         limit=page_size)  # fmt: skip
+                    page = decode_range((await self._request("/v3/kv/range", body)).body)
+                    kvs.extend(page.kvs)
+                    more = page.more
+            except EtcdCompactedError:
+                log.info("listing %s: revision %d compacted mid-listing; starting over",
+                         prefix, first.revision)  # fmt: skip
+                continue
+            return RangeResult(tuple(kvs), first.revision, False, len(kvs))
+        raise EtcdError(f"listing {prefix!r}: compacted mid-listing five times in a row")
+
+    async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
+        """Write ``key`` (bound to ``lease`` if given); returns the revision of the write."""
+        return decode_put(
+            (await self._request("/v3/kv/put", put_request(key, value, lease=lease))).body
+        )
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        """Delete ``key`` (or every key under it); returns how many were deleted."""
+        reply = await self._request("/v3/kv/deleterange", delete_request(key, prefix=prefix))
+        return decode_delete(reply.body)
+
+    async def create(self, key: str, value: bytes, *, lease: int | None = None) -> bool:
+        """Put ``key`` only if it does not exist (txn ``version == 0``). False if it existed."""
+        reply = await self._request("/v3/kv/txn", create_txn_request(key, value, lease=lease))
+        succeeded, _ = decode_txn(reply.body)
+        if not succeeded and reply.retried_after_send:
+            # An earlier attempt may have created it; if the key is exactly ours, it was us.
+            kv = await self.get(key)
+            if kv is not None and kv.value == value and kv.lease == (lease or 0):
+                return True
+        return succeeded
+
+    async def compact(self, revision: int, *, physical: bool = True) -> None:
+        """Discard history before ``revision``."""
+        body = {"revision": str(revision), "physical": physical}
+        await self._request("/v3/kv/compaction", body)
+
+    # ------------------------------------------------------------------ leases
+
+    async def lease_grant(self, ttl: int) -> Lease:
+        """Grant a lease of ``ttl`` seconds (etcd may raise a too-small TTL)."""
+        return decode_lease_grant((await self._request("/v3/lease/grant", {"TTL": ttl})).body)
+
+    async def lease_keepalive(self, lease_id: int) -> int:
+        """Refresh a lease once; returns its new TTL, or 0 if it has expired or is unknown."""
+        reply = await self._request("/v3/lease/keepalive", {"ID": str(lease_id)})
+        return decode_lease_keepalive(reply.body)
+
+    async def lease_time_to_live(self, lease_id: int, *, keys: bool = True) -> LeaseInfo:
+        """(remaining TTL, granted TTL, attached keys); TTL is -1 for an unknown lease."""
+        body = {"ID": str(lease_id), "keys": keys}
+        return decode_lease_time_to_live((await self._request("/v3/lease/timetolive", body)).body)
+
+    async def lease_revoke(self, lease_id: int) -> bool:
+        """Revoke a lease, deleting its keys at once. False if etcd did not know the lease."""
+        try:
+            await self._request("/v3/lease/revoke", {"ID": str(lease_id)})
+        except _StatusError as exc:
+            if exc.code == GRPC_NOT_FOUND:
+                return False
+            raise
+        return True
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def status(self, endpoint: str | None = None) -> dict[str, int | str]:
+        """Maintenance status (member_id, leader, revision, raft_term, version) of
+        ``endpoint``, or of whichever endpoint answers first."""
+        if endpoint is None:
+            return decode_status((await self._request("/v3/maintenance/status", {})).body)
+        headers = await self._auth_headers()
+        try:
+            body = await self._post_once(endpoint, "/v3/maintenance/status", {}, headers)
+        except _Retryable as exc:
+            raise EtcdConnectionError(f"etcd {endpoint} unreachable: {exc}") from exc
+        return decode_status(body)
+
+    # ------------------------------------------------------------------ watch
+
+    async def watch(
+        self,
+        key: str,
+        *,
+        prefix: bool = True,
+        start_revision: int | None = None,
+        prev_kv: bool = True,
+        progress_notify: bool = True,
+    ) -> AsyncIterator[WatchResponse]:
+        """Stream changes to ``key`` (or every key under it) from ``start_revision``.
+
+        Yields a ``created`` response first, then one response per event batch or progress
+        notification. Raises :class:`EtcdCompactedError` if ``start_revision`` was compacted,
+        :class:`EtcdConnectionError` when the stream drops. Never resumes by itself.
+        """
+        request = watch_create_request(
+            key,
+            prefix=prefix,
+            start_revision=start_revision,
+            prev_kv=prev_kv,
+            progress_notify=progress_notify,
+        )
+        refresh = False
+        while True:
+            headers = await self._auth_headers(refresh=refresh)
+            resp, endpoint = await self._open_watch(request, headers)
+            where = f"watch on {key!r} at {endpoint}"
+            try:
+                async with contextlib.aclosing(self._watch_messages(resp, where)) as messages:
+                    async for msg in messages:
+                        if msg.canceled or msg.compact_revision:
+                            self._raise_cancel(msg, where, start_revision)
+                        yield _watch_response(msg, start_revision)
+            except EtcdAuthError:
+                # An expired token shows up as a permission-denied cancel of a new watch.
+                if refresh or self._username is None:
+                    raise
+                refresh = True
+                continue
+            finally:
+                resp.close()
+            self._rotate_from(endpoint)
+            raise EtcdConnectionError(f"{where}: stream closed by the server")
+
+    def _raise_cancel(self, msg: WatchMessage, where: str, start_revision: int | None) -> None:
+        if msg.compact_revision:
+            raise EtcdCompactedError(
+                msg.compact_revision,
+                f"{where} from revision {start_revision} was cancelled: history is compacted "
+                f"up to revision {msg.compact_revision}",
+            )
+        reason = msg.cancel_reason or "no reason given"
+        if "permission" in reason.lower() or "auth" in reason.lower():
+            raise EtcdAuthError(f"{where} denied: {reason}")
+        raise EtcdError(f"{where} cancelled: {reason}")
+
+    async def _open_watch(
+        self, request: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> tuple[aiohttp.ClientResponse, str]:
+        # No total or read timeout: a quiet watch is healthy. Only connecting is bounded.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._request_timeout,
+                                        sock_read=None)  # fmt: skip
+        data = json.dumps(request)
+
+        async def attempt(endpoint: str) -> aiohttp.ClientResponse:
+            try:
+                async with asyncio.timeout(self._request_timeout):
+                    resp = await self._http().post(endpoint + "/v3/watch", data=data,
+                                                   headers=headers, timeout=timeout)  # fmt: skip
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise _Retryable(f"{endpoint}/v3/watch: {type(exc).__name__}: {exc}") from exc
+            if resp.status != 200:
+                raw = await resp.read()
+                resp.close()
+                try:
+                    err = decode_error(json.loads(raw))
+                except ValueError:
+                    err = None
+                if err is not None:
+                    raise self._classify(endpoint, "/v3/watch", err)
+                if resp.status in _RETRYABLE_HTTP:
+                    raise _Retryable(f"{endpoint}/v3/watch: HTTP {resp.status}")
+                raise EtcdError(f"etcd {endpoint}/v3/watch: HTTP {resp.status}: {raw[:200]!r}")
+            return resp
+
+        try:
+            resp, endpoint, _ = await self._failover("/v3/watch", attempt)
+        except _InvalidToken as exc:
+            raise EtcdAuthError(str(exc)) from exc
+        return resp, endpoint
+
+    async def _watch_messages(
+        self, resp: aiohttp.ClientResponse, where: str
+    ) -> AsyncGenerator[WatchMessage, None]:
+        endpoint = str(resp.url.origin())
+        splitter = LineSplitter()
+        try:
+            # iter_any() has no line-length cap, unlike readline(); events may carry MiBs.
+            async for chunk in resp.content.iter_any():
+                for line in splitter.feed(chunk):
+                    try:
+                        body = parse_json_line(line)
+                    except ValueError as exc:
+                        raise EtcdError(f"{where}: bad JSON line {line[:200]!r}") from exc
+                    err = decode_error(body)
+                    if err is None:
+                        yield decode_watch_message(body)
+                        continue
+                    classified = self._classify(endpoint, "/v3/watch", err)
+                    if isinstance(classified, EtcdError):
+                        raise classified
+                    if isinstance(classified, _InvalidToken):
+                        raise EtcdAuthError(f"{where}: {err.message}")
+                    self._rotate_from(endpoint)
+                    raise EtcdConnectionError(f"{where}: {err.message}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._rotate_from(endpoint)
+            raise EtcdConnectionError(f"{where} disconnected: {type(exc).__name__}: {exc}") from exc
+
+    def _rotate_from(self, endpoint: str) -> None:
+        """After a watch drops, start the next request at the endpoint after ``endpoint``."""
+        if self._endpoints[self._current] == endpoint:
+            self._current = (self._current + 1) % len(self._endpoints)
+
+
+def _watch_response(msg: WatchMessage, start_revision: int | None) -> WatchResponse:
+    """Turn a stream message into what ``watch()`` yields, with a safe ``header_revision``."""
+    if msg.created:
+        rev = msg.header_revision
+        if start_revision is not None:
+            rev = min(rev, start_revision - 1)
+        return WatchResponse(rev, (), progress=False, created=True)
+    if msg.events:
+        return WatchResponse(max(e.revision for e in msg.events), msg.events)
+    return WatchResponse(msg.header_revision, (), progress=True)

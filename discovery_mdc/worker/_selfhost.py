@@ -1,0 +1,250 @@
+"""Steps 3 and 4 of the worker state machine: self-host the card's files, or point at HF.
+
+Self-hosting registers every populated file of the card with the status server's registry
+and rewrites its path to ``http://<advertise-host>:<port>/v1/metadata/<slug>/<filename>``.
+Files are never copied; the registry maps the URL to the file's canonical path. The URL's
+file name is the one *as given* (``CheckedFile.basename``), because an HF cache snapshot
+links ``tokenizer.json`` to ``blobs/<sha>`` and the file must keep its real name.
+
+Decisions the spec leaves open:
+
+* Two files of one card with the same base name but different content (say, a custom chat
+  template called ``tokenizer_config.json``) cannot share one URL: :class:`RegistryError`,
+  and nothing of that card is registered. The same file under two slots is fine.
+* Extra files whose names are not plain URL-safe names are dropped from the card with a
+  warning (they are optional); a typed slot with such a name is a :class:`RegistryError`.
+  So is an empty slug or LoRA slug (a display name with no ``[a-z0-9]`` characters).
+* Slots that are already URLs are left as they are.
+* As in the reference (NVIDIA Dynamo), ``extra_files`` are published only with
+  self-hosting; :func:`prepare_card` drops them otherwise, and :func:`will_self_host` tells a
+  caller up front whether to hash them at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+from discovery_mdc.card import CheckedFile, LoraInfo, ModelDeploymentCard, from_dir
+from discovery_mdc.errors import RegistryError
+from discovery_mdc.worker._registry import (
+    BASE_SUFFIX,
+    MetadataRegistry,
+    ModelRef,
+    Registration,
+    is_safe_name,
+)
+from discovery_mdc.worker._server import METADATA_PREFIX, StatusServer
+from discovery_mdc.worker._source import resolve_model_source
+
+__all__ = [
+    "build_worker_card",
+    "model_ref",
+    "move_to_self_host",
+    "prepare_card",
+    "self_host_enabled",
+    "will_self_host",
+]
+
+log = logging.getLogger("discovery_mdc.worker")
+
+_FALSY: Final = frozenset({"0", "false", "no", "off", ""})
+
+
+def self_host_enabled(explicit: bool | None, *, env: Mapping[str, str] | None = None) -> bool:
+    """Whether self-hosting is wanted: ``explicit`` if given, else ``DYN_SELF_HOST_METADATA``.
+
+    ``0``, ``false``, ``no``, ``off`` or empty (case-insensitive) turn it off; unset or any
+    other value leaves it on.
+    """
+    if explicit is not None:
+        return explicit
+    value = (os.environ if env is None else env).get("DYN_SELF_HOST_METADATA")
+    return value is None or value.strip().lower() not in _FALSY
+
+
+def will_self_host(
+    server: StatusServer | None, self_host: bool | None, *, env: Mapping[str, str] | None = None
+) -> bool:
+    """True when :func:`prepare_card` will self-host: enabled and a server is running."""
+    return self_host_enabled(self_host, env=env) and server is not None and server.is_running
+
+
+def model_ref(
+    card: ModelDeploymentCard, *, namespace: str, component: str, endpoint: str
+) -> ModelRef:
+    """The registry owner of ``card`` published on an endpoint (for ``unregister_model``)."""
+    suffix = card.lora_slug
+    return ModelRef(
+        namespace, component, endpoint, card.slug, BASE_SUFFIX if suffix is None else suffix
+    )
+
+
+def move_to_self_host(
+    card: ModelDeploymentCard,
+    registry: MetadataRegistry,
+    base_url: str,
+    *,
+    namespace: str,
+    component: str,
+    endpoint: str,
+) -> ModelDeploymentCard:
+    """Register every populated local file of ``card`` and return the card with URLs.
+
+    Each file is registered under ``<slug>/<filename>`` (the advertised route) and
+    ``<namespace>/<component>/<endpoint>/<slug>/<suffix>/<filename>``. All or nothing: on
+    :class:`RegistryError` nothing is registered. ``base_url`` is ``http://host:port``.
+    """
+    owner = model_ref(card, namespace=namespace, component=component, endpoint=endpoint)
+    for what, value in (("slug", owner.slug), ("LoRA suffix", owner.suffix)):
+        if not is_safe_name(value):
+            raise RegistryError(
+                f"cannot self-host {card.display_name!r}: its {what} {value!r} is not a usable "
+                "URL path segment; choose a display name with ASCII letters or digits"
+            )
+
+    kept_extras = []
+    for extra in card.extra_files:
+        if extra.is_url or is_safe_name(extra.basename):
+            kept_extras.append(extra)
+        else:
+            log.warning(
+                "not self-hosting extra file %s of %s: its name is not URL-safe; "
+                "dropping it from the card",
+                extra.path,
+                card.display_name,
+            )
+    if len(kept_extras) != len(card.extra_files):
+        card = card.replace(extra_files=tuple(kept_extras))
+
+    prefix = base_url.rstrip("/") + METADATA_PREFIX
+    entries: list[Registration] = []
+
+    def rewrite(slot: str, file: CheckedFile) -> CheckedFile:
+        if file.is_url:
+            return file
+        name = file.basename
+        if not is_safe_name(name):
+            raise RegistryError(
+                f"cannot self-host {slot} of {card.display_name!r}: file name {name!r} is "
+                "not a plain URL-safe name ([A-Za-z0-9._~-], no leading '.')"
+            )
+        for key in (f"{owner.slug}/{name}", f"{owner.prefix}/{name}"):
+            entries.append(Registration(key, file.path, file.checksum, file.size))
+        return file.with_path(f"{prefix}{owner.slug}/{name}")
+
+    rewritten = card.map_files(rewrite)
+    registry.register_many(entries, owner=owner)
+    log.info(
+        "self-hosting %d metadata file(s) of %s at %s%s/",
+        len(entries) // 2,
+        card.display_name,
+        prefix,
+        owner.slug,
+    )
+    return rewritten
+
+
+def _hf_paths(card: ModelDeploymentCard, repo: str) -> ModelDeploymentCard:
+    custom = card.chat_template_file is not None and card.chat_template_file.is_custom
+
+    def path(slot: str, file: CheckedFile) -> str:
+        if file.is_url:
+            return file.path
+        if custom and slot == "chat_template_file":
+            # A custom template is not part of the repo; hf:// would name a file that does
+            # not exist there. Only self-hosting can make it reachable.
+            log.warning(
+                "custom chat template %s of %s keeps its local path; frontends on other "
+                "hosts cannot fetch it unless metadata is self-hosted",
+                file.path,
+                card.display_name,
+            )
+            return file.path
+        return f"hf://{repo}/{file.basename}"
+
+    return card.with_paths(path)
+
+
+def prepare_card(
+    card: ModelDeploymentCard,
+    *,
+    server: StatusServer | None,
+    self_host: bool | None,
+    hf_repo: str | None,
+    namespace: str,
+    component: str,
+    endpoint: str,
+) -> ModelDeploymentCard:
+    """The card to publish: design steps 3 (self-host) and 4 (``hf://`` for HF repo ids).
+
+    Self-hosting happens when :func:`self_host_enabled` (``self_host`` beats the env) and
+    ``server`` is running. Enabled without a server logs one info line and keeps local paths.
+    Without self-hosting ``extra_files`` are dropped (as the reference does), and for an HF
+    repo id every slot still holding a local path becomes ``hf://<repo>/<filename>``.
+    """
+    enabled = self_host_enabled(self_host)
+    if enabled and server is not None and server.is_running:
+        card = move_to_self_host(
+            card,
+            server.registry,
+            server.base_url,
+            namespace=namespace,
+            component=component,
+            endpoint=endpoint,
+        )
+    else:
+        if enabled:
+            log.info(
+                "metadata self-hosting for %s skipped: no status server is running "
+                "(set DYN_SYSTEM_PORT to start one); publishing local paths",
+                card.display_name,
+            )
+        if card.extra_files:
+            card = card.replace(extra_files=())
+    if hf_repo is not None:
+        card = _hf_paths(card, hf_repo)
+    return card
+
+
+def build_worker_card(
+    model: str,
+    *,
+    server: StatusServer | None,
+    self_host: bool | None,
+    namespace: str,
+    component: str,
+    endpoint: str,
+    display_name: str | None = None,
+    custom_template: str | os.PathLike[str] | None = None,
+    lora_name: str | None = None,
+    **card_fields: Any,
+) -> ModelDeploymentCard:
+    """Design steps 2-4 in one call: resolve ``model``, build its card, prepare it.
+
+    ``card_fields`` go to :func:`discovery_mdc.card.from_dir` (``model_type``,
+    ``worker_type``...). Extra files are hashed only when the card will be self-hosted.
+    This hashes files and blocks; from async code run it in a thread.
+    """
+    source = resolve_model_source(model)
+    card = from_dir(
+        source.local_dir,
+        display_name=display_name if display_name is not None else source.display_name_default,
+        source_path=source.source_path,
+        custom_template=custom_template,
+        include_extra_files=will_self_host(server, self_host),
+        **card_fields,
+    )
+    if lora_name is not None:
+        card = card.replace(lora=LoraInfo(lora_name))
+    return prepare_card(
+        card,
+        server=server,
+        self_host=self_host,
+        hf_repo=source.hf_repo,
+        namespace=namespace,
+        component=component,
+        endpoint=endpoint,
+    )

@@ -1,0 +1,385 @@
+"""The worker's status server: self-hosted metadata, health and metrics on aiohttp.
+
+Routes::
+
+    GET|HEAD /v1/metadata/<slug>/<filename>
+    GET|HEAD /v1/metadata/<namespace>/<component>/<endpoint>/<slug>/<suffix>/<filename>
+    GET      /health, /live     {"status": "ready"} 200, or {"status": "notready"} 503
+    GET      /metrics           Prometheus text (a per-server CollectorRegistry)
+
+A metadata request is answered only when its *raw* request path (exactly as received, before
+any percent-decoding or dot-segment normalisation) names a key in the
+:class:`MetadataRegistry`. Registered names are plain URL-safe names, so traversal, encoded
+slashes, absolute names and anything else simply never match: 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import mimetypes
+import os
+import socket
+import stat
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import IO, Any, Final
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from discovery_mdc.worker._advertise import advertise_host, format_host_for_url
+from discovery_mdc.worker._registry import MetadataRegistry, RegisteredFile
+
+__all__ = [
+    "DEFAULT_SYSTEM_HOST",
+    "METADATA_PREFIX",
+    "StatusServer",
+    "system_server_config",
+]
+
+log = logging.getLogger("discovery_mdc.worker")
+
+METADATA_PREFIX: Final = "/v1/metadata/"
+DEFAULT_SYSTEM_HOST: Final = "0.0.0.0"
+# Longer than any valid key (6 segments of at most 255 characters), so a cheap first cut.
+_MAX_RAW_PATH: Final = len(METADATA_PREFIX) + 6 * 256
+_FALLBACK_CHUNK: Final = 1 << 18
+
+HealthCheck = Callable[[], bool]
+
+
+def system_server_config(
+    port_flag: int | None,
+    host_flag: str | None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> tuple[str, int] | None:
+    """``(host, port)`` for the status server, or ``None`` when it should not run.
+
+    Flag beats environment beats default: the port comes from ``--system-port`` else
+    ``DYN_SYSTEM_PORT`` (unset or empty: no server; ``0``: a random port); the host from
+    ``--system-host`` else ``DYN_SYSTEM_HOST`` else ``0.0.0.0``. Raises ``ValueError`` for a
+    port that is not an integer in 0..65535.
+    """
+    environ = os.environ if env is None else env
+    port: int | None = port_flag
+    if port is None:
+        raw = environ.get("DYN_SYSTEM_PORT", "").strip()
+        if raw:
+            try:
+                port = int(raw)
+            except ValueError:
+                raise ValueError(f"DYN_SYSTEM_PORT={raw!r} is not a port number") from None
+    if port is None:
+        return None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"status server port {port} is outside 0..65535")
+    host = host_flag or environ.get("DYN_SYSTEM_HOST", "").strip() or DEFAULT_SYSTEM_HOST
+    return host, port
+
+
+def _metadata_key(raw_path: str) -> str | None:
+    """The registry key a raw request path asks for, or None if it cannot be one."""
+    path = raw_path.split("?", 1)[0]
+    if len(path) > _MAX_RAW_PATH or not path.startswith(METADATA_PREFIX):
+        return None
+    return path[len(METADATA_PREFIX) :]
+
+
+def _open_checked(registered: RegisteredFile) -> IO[bytes]:
+    """Open a registered file and check it is still the regular file of the registered size.
+
+    Runs in a thread. Raises ``OSError`` with a message naming the file on any problem.
+    """
+    fobj = open(registered.path, "rb")  # noqa: SIM115 - closed by the caller
+    try:
+        st = os.fstat(fobj.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{registered.path} is no longer a regular file")
+        if st.st_size != registered.size:
+            raise OSError(
+                f"{registered.path} changed since registration: size {st.st_size}, "
+                f"registered {registered.size}"
+            )
+    except BaseException:
+        fobj.close()
+        raise
+    return fobj
+
+
+class StatusServer:
+    """The worker's status server. ``await start()`` binds it; ``await stop()`` shuts it down.
+
+    ``health`` decides /health and /live (``None`` means always ready); it may be replaced
+    at any time, e.g. once the publisher exists. ``advertise`` overrides the host put in
+    :attr:`base_url` (default: :func:`advertise_host` of the bind host). Usable as
+    ``async with``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        registry: MetadataRegistry,
+        health: HealthCheck | None = None,
+        advertise: str | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.registry = registry
+        self.health = health
+        self._requested_port = port
+        self._advertise = advertise
+        self._shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._base_url: str | None = None
+
+        self.metrics = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "discovery_mdc_metadata_requests",
+            "Requests to /v1/metadata/, by response status code.",
+            ["status"],
+            registry=self.metrics,
+        )
+        self._bytes = Counter(
+            "discovery_mdc_metadata_sent_bytes",
+            "Metadata file bytes sent, by response status code.",
+            ["status"],
+            registry=self.metrics,
+        )
+        registered = Gauge(
+            "discovery_mdc_metadata_registered_files",
+            "Metadata keys currently registered.",
+            registry=self.metrics,
+        )
+        registered.set_function(lambda: float(len(self.registry)))
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        registry: MetadataRegistry,
+        health: HealthCheck | None = None,
+        port: int | None = None,
+        host: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> StatusServer | None:
+        """A (not yet started) server per :func:`system_server_config`, or ``None``.
+
+        ``port``/``host`` are the CLI flags; they beat ``DYN_SYSTEM_PORT``/``DYN_SYSTEM_HOST``.
+        """
+        config = system_server_config(port, host, env=env)
+        if config is None:
+            return None
+        return cls(config[0], config[1], registry=registry, health=health)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def is_running(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def port(self) -> int:
+        """The bound port (after :meth:`start`)."""
+        if self._port is None:
+            raise RuntimeError("status server is not running")
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """``http://<advertise-host>:<port>``, the prefix of every self-hosted URL."""
+        if self._base_url is None:
+            raise RuntimeError("status server is not running")
+        return self._base_url
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port."""
+        if self._runner is not None:
+            return self.port
+        app = web.Application(middlewares=[self._count_metadata])
+        app.router.add_get(METADATA_PREFIX + "{tail:.*}", self._metadata)  # also HEAD
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/live", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self._shutdown_timeout)
+        await runner.setup()
+        try:
+            site = self._site(runner)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        host = self._advertise or advertise_host(self.host)
+        self._base_url = f"http://{format_host_for_url(host)}:{self._port}"
+        log.info(
+            "status server listening on %s:%d; metadata advertised at %s%s",
+            self.host,
+            self._port,
+            self._base_url,
+            METADATA_PREFIX,
+        )
+        return self._port
+
+    def _site(self, runner: web.AppRunner) -> web.BaseSite:
+        bind = self.host.strip("[]") or DEFAULT_SYSTEM_HOST
+        if bind in ("::", "::0"):
+            # asyncio makes IPv6 listeners v6-only; "every interface" should include IPv4,
+            # which is also what advertise_host() prefers for a wildcard.
+            try:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind(("::", self._requested_port))
+            except OSError as exc:
+                log.warning("cannot bind dual-stack [::]: %s; binding 0.0.0.0 instead", exc)
+            else:
+                return web.SockSite(runner, sock, backlog=1024)
+            bind = DEFAULT_SYSTEM_HOST
+        return web.TCPSite(runner, bind, self._requested_port, backlog=1024)
+
+    async def stop(self) -> None:
+        """Stop serving and close every connection. Idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+            log.info("status server on port %s stopped", self._port)
+
+    async def __aenter__(self) -> StatusServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ handlers
+
+    @web.middleware
+    async def _count_metadata(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Any],
+    ) -> web.StreamResponse:
+        if not request.raw_path.startswith(METADATA_PREFIX):
+            response: web.StreamResponse = await handler(request)
+            return response
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            self._requests.labels(str(exc.status)).inc()
+            raise
+        except Exception:
+            self._requests.labels("500").inc()  # aiohttp answers 500 and logs it
+            raise
+        self._requests.labels(str(response.status)).inc()
+        return response
+
+    async def _metadata(self, request: web.Request) -> web.StreamResponse:
+        key = _metadata_key(request.raw_path)
+        registered = self.registry.lookup(key) if key is not None else None
+        if registered is None:
+            return web.Response(status=404, text="404: Not Found")
+        assert key is not None
+
+        etag = registered.etag
+        if (inm := request.if_none_match) is not None and any(e.value in ("*", etag) for e in inm):
+            not_modified = web.Response(status=304)
+            not_modified.etag = etag
+            return not_modified
+
+        loop = asyncio.get_running_loop()
+        try:
+            fobj = await loop.run_in_executor(None, _open_checked, registered)
+        except OSError as exc:
+            log.error("cannot serve metadata %s from %s: %s", key, registered.path, exc)
+            return web.Response(status=500, text="500: Internal Server Error")
+        try:
+            return await self._send(request, fobj, key, registered)
+        finally:
+            fobj.close()
+
+    async def _send(
+        self, request: web.Request, fobj: IO[bytes], key: str, registered: RegisteredFile
+    ) -> web.StreamResponse:
+        """Headers, then the body with ``loop.sendfile`` (zero-copy), as ``web.FileResponse``.
+
+        ``web.FileResponse`` itself is not used because it would put its own mtime-based
+        ETag (and conditional-request logic) in place of the blake3, substitute a ``.gz`` or
+        ``.br`` sibling of the file when the client accepts that encoding (serving bytes that
+        were never registered), and answer a vanished file with 404 instead of 500. The file
+        is opened and checked before the headers go out, so the body comes from that very
+        file descriptor.
+        """
+        filename = key.rsplit("/", 1)[-1]
+        response = web.StreamResponse(status=200)
+        response.content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        response.content_length = registered.size
+        response.etag = registered.etag
+        writer = await response.prepare(request)
+        if request.method == "HEAD" or registered.size == 0:
+            return response
+        transport = request.transport
+        try:
+            if transport is None:
+                raise ConnectionResetError("connection lost before the body")
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sendfile(transport, fobj, 0, registered.size)
+            except NotImplementedError:
+                await self._send_fallback(writer, fobj, registered.size)
+            await response.write_eof()
+        except ConnectionError as exc:
+            log.debug("client went away while sending metadata %s: %s", key, exc)
+            return response
+        except OSError as exc:
+            # Headers are out, so a 500 is impossible; close so the client sees a short body.
+            log.error("sending metadata %s from %s failed: %s", key, registered.path, exc)
+            if transport is not None:
+                transport.close()
+            return response
+        self._bytes.labels("200").inc(registered.size)
+        return response
+
+    @staticmethod
+    async def _send_fallback(writer: Any, fobj: IO[bytes], count: int) -> None:
+        loop = asyncio.get_running_loop()
+        while count > 0:
+            chunk = await loop.run_in_executor(None, fobj.read, min(_FALLBACK_CHUNK, count))
+            if not chunk:
+                raise OSError("file shrank while sending")
+            await writer.write(chunk)
+            count -= len(chunk)
+
+    def _ready(self) -> bool:
+        if self.health is None:
+            return True
+        try:
+            return bool(self.health())
+        except Exception:
+            log.exception("health check raised; reporting not ready")
+            return False
+
+    async def _health(self, request: web.Request) -> web.Response:
+        ready = self._ready()
+        return web.Response(
+            status=200 if ready else 503,
+            text=json.dumps({"status": "ready" if ready else "notready"}),
+            content_type="application/json",
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(self.metrics))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response

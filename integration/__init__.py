@@ -1,0 +1,1 @@
+"""Integration tests: real etcd processes, real sockets."""

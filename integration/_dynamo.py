@@ -1,0 +1,607 @@
+"""Helpers for running the real NVIDIA Dynamo runtime as a peer (tests and benchmarks).
+
+The peer lives in its own venv (it is not a project dependency). Everything here talks to it
+through subprocesses, so this module imports nothing from Dynamo and works on any interpreter.
+
+Peer recipe (see docs/interop.md)::
+
+    python -m venv ~/.cache/discovery-mdc/dynamo-1.6.1
+    pip install ai-dynamo-runtime==1.6.1 packaging PyYAML msgspec
+    pip install --no-deps ai-dynamo==1.6.1
+
+A plain ``pip install ai-dynamo`` fails on this kind of machine: one of its dependencies
+downloads from an unreachable host, and neither the worker API nor the frontend needs it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Final
+
+__all__ = [
+    "DYNAMO_VERSION",
+    "FRONTEND_MODULE",
+    "WORKER_SCRIPT",
+    "default_venv_dir",
+    "dynamo_env",
+    "ensure_dynamo_venv",
+    "etcd_delete_prefix",
+    "etcd_get_prefix",
+    "free_port",
+    "free_port_below_32768",
+    "list_models",
+    "make_tokenizer_loadable",
+    "oracle_local_dir",
+    "oracle_local_dirs",
+    "start_dynamo_frontend",
+    "start_dynamo_worker",
+    "stop",
+    "wait_for",
+    "wait_for_keys",
+    "wait_for_models",
+    "write_dynamo_sample_model",
+    "write_worker_script",
+]
+
+DYNAMO_VERSION: Final = "1.6.1"
+FRONTEND_MODULE: Final = "dynamo.frontend"
+_PIP_STEPS: Final = (
+    ["install", f"ai-dynamo-runtime=={DYNAMO_VERSION}", "packaging", "PyYAML", "msgspec"],
+    ["install", "--no-deps", f"ai-dynamo=={DYNAMO_VERSION}"],
+)
+# A whole install is ~75 MB; allow slow mirrors, but never hang forever on a stale lock.
+_INSTALL_TIMEOUT: Final = 1200.0
+_LOCK_TIMEOUT: Final = _INSTALL_TIMEOUT + 60.0
+
+
+# --------------------------------------------------------------------------- the peer venv
+
+
+def default_venv_dir() -> Path:
+    """``$DMDC_DYNAMO_VENV`` or ``~/.cache/discovery-mdc/dynamo-<version>``."""
+    env = os.environ.get("DMDC_DYNAMO_VENV")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "discovery-mdc" / f"dynamo-{DYNAMO_VERSION}"
+
+
+def _venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def _venv_works(python: Path) -> bool:
+    if not python.exists():
+        return False
+    try:
+        subprocess.run(
+            [str(python), "-c", "import dynamo.llm, dynamo.runtime, dynamo._core"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float) -> Iterator[None]:
+    """An exclusive ``flock`` with a deadline (a lock with no timeout hangs after a crash;
+    the kernel drops an flock when its holder dies, so a killed installer frees it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {path}")
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_dynamo_venv(venv: Path | None = None) -> Path:
+    """Return the peer venv's python, creating the venv first if it is missing or broken.
+
+    Idempotent, and safe when several test processes call it at once (a lock file beside the
+    venv serialises installs; latecomers find the finished venv and reuse it).
+    """
+    venv = venv if venv is not None else default_venv_dir()
+    python = _venv_python(venv)
+    if _venv_works(python):
+        return python
+    with _file_lock(venv.parent / f".{venv.name}.lock", _LOCK_TIMEOUT):
+        if _venv_works(python):  # another process installed it while we waited
+            return python
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        for step in _PIP_STEPS:
+            subprocess.run(
+                [str(python), "-m", "pip", "--disable-pip-version-check", "-q", *step],
+                check=True,
+                timeout=_INSTALL_TIMEOUT,
+            )
+        if not _venv_works(python):
+            raise RuntimeError(f"installed the Dynamo peer into {venv} but `import dynamo.llm` fails")
+    return python
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def free_port_below_32768(host: str = "127.0.0.1") -> int:
+    """A free port ≤ 32767: Dynamo parses ``DYN_SYSTEM_PORT`` as a signed 16-bit number."""
+    for _ in range(200):
+        port = free_port(host)
+        if port <= 32767:
+            return port
+    # The ephemeral range is above 32767 on this host; probe the low range directly.
+    for port in range(20000 + os.getpid() % 10000, 32768):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port at or below 32767")
+
+
+def dynamo_env(
+    etcd_url: str,
+    home: str | os.PathLike[str],
+    *,
+    system_port: int | None = None,
+    self_host: bool | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment for a Dynamo worker or frontend on loopback, with a cold cache.
+
+    ``system_port`` sets ``DYN_SYSTEM_PORT`` (needed for self-hosting; ≤ 32767);
+    ``self_host`` sets ``DYN_SELF_HOST_METADATA`` to ``1``/``0`` (unset: Dynamo's default, on).
+    """
+    if system_port is not None and not 0 <= system_port <= 32767:
+        raise ValueError(f"DYN_SYSTEM_PORT must be in 0..32767 (parsed as i16), got {system_port}")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # Never inherit Dynamo/etcd knobs from the caller's shell: tests must be hermetic.
+        if not k.startswith(("DYN_", "ETCD_", "NATS_", "VIRTUAL_ENV"))
+    }
+    env.update(
+        ETCD_ENDPOINTS=etcd_url,
+        DYN_DISCOVERY_BACKEND="etcd",
+        DYN_REQUEST_PLANE="tcp",
+        DYN_TCP_RPC_HOST="127.0.0.1",
+        DYN_TCP_RESPONSE_STREAM_HOST="127.0.0.1",
+        DYN_EVENT_PLANE_HOST="127.0.0.1",
+        DYN_SYSTEM_HOST="127.0.0.1",
+        HOME=os.fspath(home),
+        PYTHONUNBUFFERED="1",
+    )
+    if system_port is not None:
+        env["DYN_SYSTEM_PORT"] = str(system_port)
+    if self_host is not None:
+        env["DYN_SELF_HOST_METADATA"] = "1" if self_host else "0"
+    if extra:
+        env.update(extra)
+    return env
+
+
+# --------------------------------------------------------------------------- model dirs
+
+
+def make_tokenizer_loadable(model_dir: str | os.PathLike[str]) -> Path:
+    """Rewrite ``model_dir/tokenizer.json`` into a form the HF ``tokenizers`` crate loads.
+
+    ``discovery_mdc._sample`` writes a compact tokenizer.json that is fine for hashing but
+    that Dynamo's frontend rejects (``missing field `single_word``` in ``added_tokens``), so
+    the model is never listed. This keeps the vocab and adds every field the crate requires.
+    """
+    path = Path(model_dir) / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    added = [
+        {
+            "id": t["id"], "content": t["content"], "single_word": False, "lstrip": False,
+            "rstrip": False, "normalized": False, "special": bool(t.get("special", True)),
+        }  # fmt: skip
+        for t in tok.get("added_tokens", [])
+    ]
+    model = tok.get("model", {})
+    full = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": "<unk>",
+            "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+            "byte_fallback": False, "ignore_merges": False,
+            "vocab": model.get("vocab", {}), "merges": model.get("merges", []),
+        },  # fmt: skip
+    }
+    path.write_text(json.dumps(full))
+    return path
+
+
+def write_dynamo_sample_model(directory: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """``discovery_mdc._sample.write_sample_model`` plus a tokenizer Dynamo can load.
+
+    Keyword arguments go to ``write_sample_model`` (``vocab_size``, ``chat_template``, ...).
+    A Chat model needs ``chat_template=True`` (the default): Dynamo's frontend refuses a Chat
+    model whose tokenizer_config.json has no chat_template.
+    """
+    from discovery_mdc._sample import write_sample_model
+
+    path = write_sample_model(directory, **kwargs)
+    make_tokenizer_loadable(path)
+    return path
+
+
+# --------------------------------------------------------------------------- worker, frontend
+
+# Checked against the 1.6.1 API (dynamo/_core.pyi): `DistributedRuntime(loop, discovery_backend,
+# request_plane)`, `rt.endpoint("ns.comp.ep")`, `dynamo.llm.register_model(model_input,
+# model_type, endpoint, model_path, model_name, *, worker_type=..., lora_name=...,
+# base_model_path=..., custom_template_path=..., self_host_metadata=...)` and
+# `ep.serve_endpoint(handler)`. Configuration comes in as JSON in argv[1].
+WORKER_SCRIPT: Final = r'''
+import asyncio, json, signal, sys
+
+from dynamo.llm import (
+    ModelInput, ModelRuntimeConfig, ModelType, RouterConfig, RouterMode, WorkerType,
+    register_model,
+)
+from dynamo.runtime import DistributedRuntime
+
+CFG = json.loads(sys.argv[1])
+
+
+async def handler(request, context=None):
+    yield {"token_ids": [2], "finish_reason": "stop"}
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    rt = DistributedRuntime(loop, "etcd", "tcp")
+    # Without this the worker's keys outlive it until the lease (30 s) expires.
+    loop.add_signal_handler(signal.SIGTERM, rt.shutdown)
+    loop.add_signal_handler(signal.SIGINT, rt.shutdown)
+    ep = rt.endpoint(CFG["endpoint"])
+    model_type = ModelType.Empty
+    for flag in CFG["model_type"]:
+        model_type = model_type | getattr(ModelType, flag)
+    kw = dict(CFG.get("register_kwargs") or {})
+    if CFG.get("needs") is not None:
+        kw["needs"] = [[getattr(WorkerType, w) for w in alt] for alt in CFG["needs"]]
+    if CFG.get("router_mode"):
+        kw["router_config"] = RouterConfig(getattr(RouterMode, CFG["router_mode"]))
+    if CFG.get("runtime_config"):
+        rc = ModelRuntimeConfig()
+        for key, value in CFG["runtime_config"].items():
+            setattr(rc, key, value)
+        kw["runtime_config"] = rc
+    worker_type = getattr(WorkerType, CFG["worker_type"])
+    model_input = getattr(ModelInput, CFG["model_input"])
+    await register_model(
+        model_input, model_type, ep, CFG["model_dir"], CFG["name"], worker_type=worker_type, **kw
+    )
+    for lora in CFG.get("loras", []):
+        await register_model(
+            model_input, model_type, ep, lora["path"], lora["name"], worker_type=worker_type,
+            lora_name=lora["name"], base_model_path=CFG["model_dir"], **kw)
+    print("DYNAMO_WORKER_REGISTERED", flush=True)
+    await ep.serve_endpoint(handler)
+
+
+asyncio.run(main())
+'''
+
+
+def write_worker_script(directory: str | os.PathLike[str]) -> Path:
+    """Write :data:`WORKER_SCRIPT` to ``directory/dynamo_worker.py`` and return its path."""
+    path = Path(directory) / "dynamo_worker.py"
+    path.write_text(WORKER_SCRIPT)
+    return path
+
+
+def _log_handle(log: str | os.PathLike[str] | None) -> IO[bytes] | int:
+    if log is None:
+        return subprocess.DEVNULL
+    return open(log, "ab")  # noqa: SIM115 - handed to Popen; closed by stop()
+
+
+def start_dynamo_worker(
+    python: str | os.PathLike[str],
+    env: Mapping[str, str],
+    model_dir: str | os.PathLike[str],
+    name: str | None = None,
+    *,
+    endpoint: str = "dynamo.backend.generate",
+    model_type: Sequence[str] = ("Chat", "Completions"),
+    model_input: str = "Tokens",
+    worker_type: str = "Aggregated",
+    needs: Sequence[Sequence[str]] | None = None,
+    router_mode: str | None = None,
+    runtime_config: Mapping[str, Any] | None = None,
+    loras: Sequence[tuple[str, str | os.PathLike[str]]] = (),
+    register_kwargs: Mapping[str, Any] | None = None,
+    log: str | os.PathLike[str] | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a Dynamo worker serving ``model_dir`` as ``name`` on ``endpoint`` (``ns.comp.ep``).
+
+    Names are the Python enum members (``"Chat"``, ``"Tokens"``, ``"Aggregated"``,
+    ``"Prefill"``, ``"KV"``). ``needs`` is DNF (``[["Decode"]]``); ``runtime_config`` sets
+    ``ModelRuntimeConfig`` attributes (e.g. ``{"context_length": 1024}``); ``loras`` is
+    ``[(lora_name, lora_dir), ...]`` registered on the same endpoint; ``register_kwargs``
+    go to ``register_model`` as is (JSON values only: ``kv_cache_block_size``,
+    ``custom_template_path``, ``self_host_metadata``, ``user_data``, ``model_aliases``, ...).
+    Output goes to ``log``; the worker prints ``DYNAMO_WORKER_REGISTERED`` once registered.
+    Stop it with :func:`stop`.
+    """
+    cfg: dict[str, Any] = {
+        "endpoint": endpoint,
+        "model_dir": os.fspath(model_dir),
+        "name": name,
+        "model_type": list(model_type),
+        "model_input": model_input,
+        "worker_type": worker_type,
+        "needs": [list(alt) for alt in needs] if needs is not None else None,
+        "router_mode": router_mode,
+        "runtime_config": dict(runtime_config) if runtime_config else None,
+        "loras": [{"name": n, "path": os.fspath(p)} for n, p in loras],
+        "register_kwargs": dict(register_kwargs or {}),
+    }
+    script_dir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="dyn-w-"))
+    script = write_worker_script(script_dir)
+    out = _log_handle(log)
+    return subprocess.Popen(
+        [os.fspath(python), str(script), json.dumps(cfg)],
+        env=dict(env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def start_dynamo_frontend(
+    python: str | os.PathLike[str],
+    env: Mapping[str, str],
+    http_port: int,
+    *,
+    extra_args: Sequence[str] = (),
+    log: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m dynamo.frontend --http-host 127.0.0.1 --http-port P``."""
+    out = _log_handle(log)
+    return subprocess.Popen(
+        [
+            os.fspath(python), "-m", FRONTEND_MODULE,
+            "--http-host", "127.0.0.1", "--http-port", str(http_port), *extra_args,
+        ],  # fmt: skip
+        env=dict(env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM ``proc`` (one we started), SIGKILL it after ``timeout``; return its exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    return proc.returncode
+
+
+# --------------------------------------------------------------------------- mdcsum oracle
+
+_ORACLE: Final = r'''
+import json, sys
+from dynamo._core import ModelDeploymentCard
+out = []
+for text in json.load(sys.stdin):
+    try:
+        out.append({"local_dir": ModelDeploymentCard.from_json_str(text).local_dir()})
+    except Exception as exc:  # report per card; one bad card must not hide the others
+        out.append({"error": f"{type(exc).__name__}: {exc}"})
+json.dump(out, sys.stdout)
+'''
+
+
+def oracle_local_dirs(
+    cards_json: Sequence[str], python: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """``ModelDeploymentCard.from_json_str(c).local_dir()`` for each card, in one subprocess.
+
+    The result is ``.../by-slug/<slug>/<mdcsum>`` as computed by Dynamo's Rust code (no disk
+    access). Raises ``ValueError`` naming the card index if the peer rejects a card.
+    """
+    py = os.fspath(python) if python is not None else os.fspath(ensure_dynamo_venv())
+    proc = subprocess.run(
+        [py, "-c", _ORACLE],
+        input=json.dumps(list(cards_json)).encode(),
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    results = json.loads(proc.stdout)
+    out = []
+    for i, item in enumerate(results):
+        if "error" in item:
+            raise ValueError(f"Dynamo rejected card #{i}: {item['error']}")
+        out.append(str(item["local_dir"]))
+    return out
+
+
+def oracle_local_dir(card_json: str, python: str | os.PathLike[str] | None = None) -> str:
+    """Dynamo's ``local_dir()`` for one card JSON string: ``.../by-slug/<slug>/<mdcsum>``."""
+    return oracle_local_dirs([card_json], python)[0]
+
+
+# --------------------------------------------------------------------------- etcd (gateway)
+
+
+def _post(etcd_url: str, path: str, body: Mapping[str, Any], timeout: float = 10.0) -> Any:
+    req = urllib.request.Request(
+        etcd_url.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    end = bytearray(prefix)
+    while end and end[-1] == 0xFF:
+        end.pop()
+    if not end:
+        return b"\x00"
+    end[-1] += 1
+    return bytes(end)
+
+
+def etcd_get_prefix(etcd_url: str, prefix: str) -> dict[str, bytes]:
+    """Every key under ``prefix`` with its raw value bytes, via etcd's v3 JSON gateway."""
+    p = prefix.encode()
+    body = _post(etcd_url, "/v3/kv/range", {"key": _b64(p), "range_end": _b64(_prefix_end(p))})
+    return {
+        base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
+        for kv in body.get("kvs", [])
+    }
+
+
+def etcd_delete_prefix(etcd_url: str, prefix: str) -> int:
+    """Delete every key under ``prefix``; return how many were deleted."""
+    p = prefix.encode()
+    body = _post(
+        etcd_url, "/v3/kv/deleterange", {"key": _b64(p), "range_end": _b64(_prefix_end(p))}
+    )
+    return int(body.get("deleted", 0))
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def wait_for(
+    predicate: Any,
+    *,
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    what: str = "condition",
+    proc: subprocess.Popen[bytes] | None = None,
+) -> Any:
+    """Poll ``predicate()`` until it returns something truthy and return that.
+
+    Fails fast if ``proc`` exits first (its log usually says why).
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (OSError, ValueError) as exc:
+            value, last_exc = None, exc
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited ({proc.returncode}) before {what}")
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})")
+
+
+def wait_for_keys(
+    etcd_url: str,
+    prefix: str,
+    count: int = 1,
+    *,
+    timeout: float = 60.0,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> dict[str, bytes]:
+    """Wait until at least ``count`` keys exist under ``prefix``; return them."""
+
+    def check() -> dict[str, bytes] | None:
+        kvs = etcd_get_prefix(etcd_url, prefix)
+        return kvs if len(kvs) >= count else None
+
+    result: dict[str, bytes] = wait_for(
+        check, timeout=timeout, what=f"{count} key(s) under {prefix!r}", proc=proc
+    )
+    return result
+
+
+def list_models(http_port: int, host: str = "127.0.0.1") -> list[str]:
+    """Model ids from an OpenAI-compatible ``GET /v1/models``."""
+    url = f"http://{host}:{http_port}/v1/models"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = json.loads(resp.read())
+    return [str(m["id"]) for m in body.get("data", [])]
+
+
+def wait_for_models(
+    http_port: int,
+    expected: Sequence[str],
+    *,
+    present: bool = True,
+    timeout: float = 60.0,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> list[str]:
+    """Wait until every model in ``expected`` is listed (or, with ``present=False``, none is)."""
+
+    def check() -> list[str] | None:
+        models = list_models(http_port)
+        if present:
+            ok = all(m in models for m in expected)
+        else:
+            ok = not any(m in models for m in expected)
+        return (models or ["<none>"]) if ok else None
+
+    result: list[str] = wait_for(
+        check, timeout=timeout, what=f"models {list(expected)} present={present}", proc=proc
+    )
+    return result

@@ -1,0 +1,55 @@
+"""Fixtures for real etcd: a fresh server or 3-member cluster per test, and a client.
+
+Other integration modules get these by name. ``etcd_server_factory`` starts servers with
+custom flags (``etcd_server_factory(extra_args=["--max-request-bytes=4194304"])``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from discovery_mdc.etcd import EtcdClient, EtcdCluster, EtcdServer
+
+
+@pytest.fixture
+def etcd_server_factory() -> Iterator[Callable[..., EtcdServer]]:
+    """Start EtcdServer(**kwargs) instances; all are stopped and removed after the test."""
+    servers: list[EtcdServer] = []
+
+    def make(**kwargs: Any) -> EtcdServer:
+        server = EtcdServer(**kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def etcd_server(etcd_server_factory: Callable[..., EtcdServer]) -> EtcdServer:
+    """A fresh single-node etcd on loopback (random ports, temp data dir)."""
+    return etcd_server_factory()
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A fresh 3-member etcd cluster on loopback."""
+    with EtcdCluster(3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def etcd_client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
+    """An EtcdClient connected to ``etcd_server``."""
+    async with EtcdClient([etcd_server.client_url]) as client:
+        yield client
+
+
+async def to_thread(fn: Callable[[], Any]) -> Any:
+    """Run a blocking server operation (restart, stop) without stalling the event loop."""
+    return await asyncio.to_thread(fn)

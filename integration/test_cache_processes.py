@@ -1,0 +1,329 @@
+"""The cache across real processes: kill -9 mid-download, two fetchers on one cache, a full
+disk, a lock left by a killed holder, and bounded memory for a 1 GiB file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import signal
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from discovery_mdc._sample import write_sample_model
+from discovery_mdc.cache import (
+    MAX_BLOB_SIZE,
+    CacheLayout,
+    plan_prune,
+    resolve_metadata_files,
+    scan_cache,
+    verify_cache,
+)
+from discovery_mdc.card import (
+    CheckedFile,
+    ModelDeploymentCard,
+    Slot,
+    SlotVariant,
+    encode_card,
+    from_dir,
+    hash_file,
+)
+
+# The CLI with only the card and cache subcommands, so these tests do not depend on others.
+CLI = (
+    "import sys, discovery_mdc.cli as c; c._SUBCOMMAND_MODULES = ('_card', '_cache'); "
+    "sys.exit(c.main(sys.argv[1:]))"
+)
+DEADLINE = 60.0
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class MetaServer:
+    """A real aiohttp server on 127.0.0.1 that serves files, counts GETs and can hold or
+    script responses for chosen paths."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes | Path] = {}
+        self.handlers: dict[str, Handler] = {}
+        self.gets: Counter[str] = Counter()
+        self.release = asyncio.Event()
+        self.port = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.gets[request.path] += 1
+        if request.path in self.handlers:
+            return await self.handlers[request.path](request)
+        body = self.files.get(request.path)
+        if isinstance(body, Path):
+            return web.FileResponse(body)
+        if body is not None:
+            return web.Response(body=body)
+        return web.Response(status=404)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def http_card(self, card: ModelDeploymentCard) -> ModelDeploymentCard:
+        def serve(f: CheckedFile) -> str:
+            path = f"/v1/metadata/{card.slug}/{f.basename}"
+            self.files[path] = Path(f.path).read_bytes()
+            return self.url(path)
+
+        return card.with_paths(lambda _, f: serve(f))
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[MetaServer]:
+    srv = MetaServer()
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", srv.handle)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    srv.port = runner.addresses[0][1]
+    yield srv
+    srv.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> CacheLayout:
+    return CacheLayout(tmp_path / "cache")
+
+
+def model_card(tmp_path: Path, name: str = "proc-model", **kwargs: object) -> ModelDeploymentCard:
+    return from_dir(write_sample_model(tmp_path / "models" / name, **kwargs))  # type: ignore[arg-type]
+
+
+def write_card(tmp_path: Path, card: ModelDeploymentCard) -> Path:
+    path = tmp_path / f"{card.slug}.json"
+    path.write_bytes(encode_card(card))
+    return path
+
+
+async def spawn(*args: str, **kwargs: object) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLI,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def wait_until(condition: Callable[[], bool], deadline: float = DEADLINE) -> None:
+    """Poll state owned by another process under a generous deadline."""
+    async with asyncio.timeout(deadline):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+def parts(cache: CacheLayout, hexdigest: str) -> list[Path]:
+    return sorted(cache.tmp.glob(f"{hexdigest}.*.part")) if cache.tmp.exists() else []
+
+
+def holding_handler(server: MetaServer, body: bytes, sent: asyncio.Event) -> Handler:
+    """Send half of ``body`` (with the full Content-Length), then hold until released."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        sent.set()
+        await server.release.wait()
+        return resp
+
+    return handler
+
+
+async def test_kill_9_mid_download_leaves_no_blob_and_the_next_run_completes(
+    server: MetaServer, cache: CacheLayout, tmp_path: Path
+) -> None:
+    card = server.http_card(model_card(tmp_path))
+    _, tok = list(card.files())[1]
+    tok_path = f"/v1/metadata/{card.slug}/tokenizer.json"
+    sent = asyncio.Event()
+    server.handlers[tok_path] = holding_handler(server, server.files[tok_path], sent)  # type: ignore[arg-type]
+    card_file = write_card(tmp_path, card)
+
+    proc = await spawn("card", "fetch", str(card_file), "--cache-dir", str(cache.root))
+    await asyncio.wait_for(sent.wait(), DEADLINE)
+    await wait_until(lambda: any(p.stat().st_size > 0 for p in parts(cache, tok.checksum.hex)))
+    proc.kill()
+    await proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+    assert not cache.blob(tok.checksum.hex).exists()
+    assert verify_cache(cache).ok  # whatever was published is whole and verified
+    leftover = parts(cache, tok.checksum.hex)
+    assert leftover
+    assert {i.path for i in plan_prune(scan_cache(cache)).temp_files} == set(leftover)
+
+    del server.handlers[tok_path]
+    proc = await spawn("card", "fetch", str(card_file), "--cache-dir", str(cache.root))
+    out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
+    assert proc.returncode == 0, err.decode()
+    local = Path(out.decode().strip())
+    assert hash_file(local / "tokenizer.json")[0] == tok.checksum
+    assert server.gets[tok_path] == 2
+    assert verify_cache(cache).ok
+
+
+async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
+    while line := await stream.readline():
+        lines.append(line.decode(errors="replace"))
+
+
+async def test_two_processes_on_one_cache_make_one_get_per_blob(
+    server: MetaServer, cache: CacheLayout, tmp_path: Path
+) -> None:
+    card = server.http_card(model_card(tmp_path))
+    gate = asyncio.Event()
+    paths = {f"/v1/metadata/{card.slug}/{f.basename}": f.checksum.hex for _, f in card.files()}
+
+    def gated(body: bytes) -> Handler:
+        async def handler(_: web.Request) -> web.StreamResponse:
+            await gate.wait()
+            return web.Response(body=body)
+
+        return handler
+
+    for path in paths:
+        server.handlers[path] = gated(server.files[path])  # type: ignore[arg-type]
+    card_file = write_card(tmp_path, card)
+    argv = ["--log-level", "debug", "card", "fetch", str(card_file), "--cache-dir", str(cache.root)]
+    procs = [await spawn(*argv), await spawn(*argv)]
+    logs: list[str] = []
+    readers = [asyncio.ensure_future(_collect(p.stderr, logs)) for p in procs if p.stderr]
+
+    def contended(path: str) -> bool:
+        # One process is fetching it (the server holds its GET) and another waits on its lock.
+        waiting = f"lock {cache.lock(paths[path])} is held by another process"
+        return server.gets[path] >= 1 and any(waiting in line for line in logs)
+
+    await wait_until(lambda: all(contended(p) for p in paths))
+    gate.set()
+    for proc in procs:
+        await asyncio.wait_for(proc.wait(), DEADLINE)
+        assert proc.returncode == 0, "".join(logs)
+    await asyncio.gather(*readers)
+    assert {p: server.gets[p] for p in paths} == dict.fromkeys(paths, 1)
+    assert verify_cache(cache).ok
+
+
+def _limit_file_size() -> None:
+    # Writes past the limit fail with EFBIG instead of killing the process with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+
+async def test_full_disk_is_a_clear_error_and_leaves_no_partial_blob(
+    server: MetaServer, cache: CacheLayout, tmp_path: Path
+) -> None:
+    card = server.http_card(model_card(tmp_path, vocab_size=5000))
+    _, tok = list(card.files())[1]
+    assert tok.size is not None and tok.size > 16 * 1024
+    proc = await spawn(
+        "card",
+        "fetch",
+        str(write_card(tmp_path, card)),
+        "--cache-dir",
+        str(cache.root),
+        preexec_fn=_limit_file_size,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
+    assert proc.returncode == 1
+    errors = [line for line in err.decode().splitlines() if "discovery-mdc: error" in line]
+    assert len(errors) == 1
+    assert "disk full or file size limit" in errors[0] and str(cache.tmp) in errors[0]
+    assert not cache.blob(tok.checksum.hex).exists()
+    assert list(cache.tmp.iterdir()) == []
+    assert verify_cache(cache).ok
+
+
+async def test_lock_left_by_a_killed_holder_does_not_block(
+    server: MetaServer, cache: CacheLayout, tmp_path: Path
+) -> None:
+    card = server.http_card(model_card(tmp_path))
+    _, config = next(card.files())
+    lock = cache.lock(config.checksum.hex)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sys, time, filelock; filelock.FileLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(3600)",
+        str(lock),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    assert await asyncio.wait_for(holder.stdout.readline(), DEADLINE) == b"locked\n"
+    holder.kill()
+    await holder.wait()
+    assert lock.exists()
+    resolved = await resolve_metadata_files(card, cache_dir=cache.root, lock_timeout=DEADLINE)
+    assert verify_cache(cache).checked == len(resolved.files)
+
+
+# VmHWM is the peak RSS of this address space; ru_maxrss would include the forked parent's.
+RSS_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from discovery_mdc.cache import resolve_metadata_files
+from discovery_mdc.cli._card import load_card_file
+
+def peak_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+card = load_card_file(Path(sys.argv[1]))
+before = peak_kib()
+asyncio.run(resolve_metadata_files(card, cache_dir=sys.argv[2]))
+print(before, peak_kib())
+"""
+
+
+async def test_a_1_gib_file_fetches_with_bounded_memory(
+    server: MetaServer, cache: CacheLayout, tmp_path: Path
+) -> None:
+    big = tmp_path / "config.json"
+    with big.open("wb") as f:
+        f.truncate(MAX_BLOB_SIZE - 4096)
+        f.seek(0, os.SEEK_END)
+        f.write(os.urandom(4096))
+    checksum, size, _ = hash_file(big)
+    server.files["/big/config.json"] = big
+    card = ModelDeploymentCard.new(
+        "Big",
+        model_info=Slot(
+            SlotVariant.HF_CONFIG_JSON,
+            CheckedFile(server.url("/big/config.json"), checksum, size),
+        ),
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        RSS_SCRIPT,
+        str(write_card(tmp_path, card)),
+        str(cache.root),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    assert proc.returncode == 0, err.decode()
+    before_kib, after_kib = map(int, out.split())
+    try:
+        assert cache.blob(checksum.hex).stat().st_size == size
+        print(f"peak RSS before {before_kib} KiB, after {after_kib} KiB")
+        assert after_kib - before_kib < 128 * 1024, (before_kib, after_kib)
+    finally:
+        cache.blob(checksum.hex).unlink(missing_ok=True)
+        big.unlink()

@@ -1,0 +1,824 @@
+"""resolve_metadata_files against real local servers: every scheme, hostile servers, locks,
+single-flight, repair and legacy cards."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from discovery_mdc.cache import (
+    AllSourcesFailedError,
+    CacheLayout,
+    CacheStats,
+    HfOfflineError,
+    ResolvedCard,
+    _store,
+    resolve_metadata_files,
+)
+from discovery_mdc.cache._store import forget_verified
+from discovery_mdc.card import (
+    CheckedFile,
+    Checksum,
+    ModelDeploymentCard,
+    Slot,
+    SlotVariant,
+    from_dir,
+    hash_bytes,
+)
+from discovery_mdc.errors import (
+    CacheError,
+    CardError,
+    ChecksumMismatchError,
+    FetchError,
+    LockTimeoutError,
+    SizeLimitError,
+    UnsupportedSchemeError,
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class MetaServer:
+    """A real aiohttp server on 127.0.0.1: serves registered bytes, counts GETs, and runs
+    scripted handlers for misbehaving paths."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.handlers: dict[str, Handler] = {}
+        self.gets: Counter[str] = Counter()
+        self.auth: dict[str, str | None] = {}
+        self.release = asyncio.Event()
+        self.port = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.gets[request.path] += 1
+        self.auth[request.path] = request.headers.get("Authorization")
+        if request.path in self.handlers:
+            return await self.handlers[request.path](request)
+        if request.path in self.files:
+            return web.Response(body=self.files[request.path])
+        return web.Response(status=404)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def serve(self, slug: str, f: CheckedFile) -> str:
+        path = f"/v1/metadata/{slug}/{f.basename}"
+        self.files[path] = Path(f.path).read_bytes()
+        return self.url(path)
+
+    def http_card(self, card: ModelDeploymentCard) -> ModelDeploymentCard:
+        """The card with every slot rewritten to a URL on this server (self-hosting)."""
+        return card.with_paths(lambda _, f: self.serve(card.slug, f))
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[MetaServer]:
+    srv = MetaServer()
+    app = web.Application()
+    app.router.add_route("GET", "/{tail:.*}", srv.handle)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    srv.port = runner.addresses[0][1]
+    yield srv
+    srv.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> CacheLayout:
+    return CacheLayout(tmp_path / "cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    forget_verified()
+    for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT", "HF_HOME", "DYN_MDC_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+
+
+def read(path: str | Path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def tree(path: Path) -> list[str]:
+    return sorted(str(p) for p in path.rglob("*"))
+
+
+async def wait_until(condition: Callable[[], bool], deadline: float = 30.0) -> None:
+    """Poll state owned by something else (logs, the file system) under a generous deadline."""
+    async with asyncio.timeout(deadline):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+def assert_nothing_published(cache: CacheLayout) -> None:
+    assert listing(cache.blobs) == []
+    assert listing(cache.tmp) == []
+    links = (
+        [p for p in cache.by_slug.rglob("*") if p.is_symlink()] if cache.by_slug.exists() else []
+    )
+    assert links == []
+
+
+def assert_cached(
+    resolved: ResolvedCard, original: ModelDeploymentCard, cache: CacheLayout
+) -> None:
+    """Every slot points into by-slug/<slug>/<mdcsum>/ at a link to a blob with the right bytes."""
+    assert resolved.local_dir == cache.by_slug / original.slug / resolved.mdcsum
+    pairs = list(zip(original.files(), resolved.card.files(), strict=True))
+    assert pairs
+    for (_, before), (_, after) in pairs:
+        link = Path(after.path)
+        assert link.parent == resolved.local_dir
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+        blob = cache.blob(before.checksum.hex)
+        assert link.resolve() == blob.resolve()
+        assert hash_bytes(blob.read_bytes()) == before.checksum
+        assert after.checksum == before.checksum and after.size == before.size
+    assert listing(cache.tmp) == []
+
+
+@pytest.fixture
+def card(make_model_dir: Callable[..., Path]) -> ModelDeploymentCard:
+    return from_dir(make_model_dir(), include_extra_files=True)
+
+
+# --------------------------------------------------------------------------- schemes
+
+
+async def test_http_card_is_cached_as_blobs_and_links(
+    server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
+) -> None:
+    http_card = server.http_card(card)
+    stats = CacheStats()
+    resolved = await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
+    assert_cached(resolved, http_card, cache)
+    assert stats.fetches == len(list(card.files())) and stats.hits == 0
+    assert stats.bytes_fetched == sum(f.size or 0 for _, f in card.files())
+    # Warm: no request at all.
+    before = sum(server.gets.values())
+    again = await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
+    assert again == resolved
+    assert sum(server.gets.values()) == before
+    assert stats.hits == len(list(card.files()))
+
+
+async def test_file_paths_are_copied_into_the_cache(
+    card: ModelDeploymentCard, cache: CacheLayout
+) -> None:
+    resolved = await resolve_metadata_files(card, cache_dir=cache.root)
+    assert_cached(resolved, card, cache)
+
+
+async def test_cache_root_comes_from_env(
+    card: ModelDeploymentCard, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DYN_MDC_CACHE_DIR", str(tmp_path / "envcache"))
+    resolved = await resolve_metadata_files(card)
+    assert_cached(resolved, card, CacheLayout(tmp_path / "envcache"))
+
+
+def make_hf_cache(hub: Path, repo: str, model_dir: Path, revision: str = "main") -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = hub / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / revision).write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir()
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        # Like the real HF cache: snapshot entries are symlinks into blobs/.
+        blob = repo_dir / "blobs" / hash_bytes(f.read_bytes()).hex
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+def hf_card(card: ModelDeploymentCard, repo: str) -> ModelDeploymentCard:
+    return card.with_paths(lambda _, f: f"hf://{repo}/{f.basename}")
+
+
+async def test_hf_resolves_from_local_hf_cache_offline(
+    card: ModelDeploymentCard,
+    cache: CacheLayout,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_hf_cache(tmp_path / "hf-hub", "org/tiny", Path(card.source_path or ""))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # never contacted
+    remote = hf_card(card, "org/tiny")
+    resolved = await resolve_metadata_files(remote, cache_dir=cache.root)
+    assert_cached(resolved, remote, cache)
+
+
+async def test_hf_revision_is_looked_up_in_refs(
+    card: ModelDeploymentCard,
+    cache: CacheLayout,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_hf_cache(tmp_path / "hf-hub", "org/tiny", Path(card.source_path or ""), "v1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = await resolve_metadata_files(hf_card(card, "org/tiny@v1"), cache_dir=cache.root)
+    assert resolved.local_dir is not None and resolved.local_dir.is_dir()
+
+
+async def test_hf_offline_and_not_cached_is_a_connection_error(
+    card: ModelDeploymentCard, cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HfOfflineError, match="HF_HUB_OFFLINE") as info:
+        await resolve_metadata_files(hf_card(card, "org/missing"), cache_dir=cache.root)
+    assert isinstance(info.value, ConnectionError) and isinstance(info.value, FetchError)
+    assert_nothing_published(cache)
+
+
+async def test_hf_downloads_from_endpoint_with_token(
+    server: MetaServer,
+    card: ModelDeploymentCard,
+    cache: CacheLayout,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for _, f in card.files():
+        server.files[f"/org/tiny/resolve/main/{f.basename}"] = read(f.path)
+    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    remote = hf_card(card, "org/tiny")
+    resolved = await resolve_metadata_files(remote, cache_dir=cache.root)
+    assert_cached(resolved, remote, cache)
+    assert set(server.auth.values()) == {"Bearer secret"}
+
+
+async def test_token_is_not_forwarded_to_another_host_on_redirect(
+    server: MetaServer,
+    card: ModelDeploymentCard,
+    cache: CacheLayout,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, config = next(card.files())
+    small = card.replace(tokenizer=None, prompt_formatter=None, gen_config=None, extra_files=())
+    server.files["/cdn/config.json"] = read(config.path)
+
+    async def to_cdn(_: web.Request) -> web.StreamResponse:
+        # localhost is another origin than 127.0.0.1.
+        raise web.HTTPFound(f"http://localhost:{server.port}/cdn/config.json")
+
+    server.handlers["/org/tiny/resolve/main/config.json"] = to_cdn
+    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    await resolve_metadata_files(hf_card(small, "org/tiny"), cache_dir=cache.root)
+    assert server.auth["/org/tiny/resolve/main/config.json"] == "Bearer secret"
+    assert server.auth["/cdn/config.json"] is None
+
+
+# --------------------------------------------------------------------------- hostile servers
+
+
+def one_file_card(url: str, data: bytes, size: int | None = None) -> ModelDeploymentCard:
+    """A new-format card with one slot whose checksum and size describe ``data``."""
+    return ModelDeploymentCard.new(
+        "Evil/Model",
+        model_info=_slot(CheckedFile(url, hash_bytes(data), len(data) if size is None else size)),
+    )
+
+
+def _slot(f: CheckedFile) -> Slot:
+    return Slot(SlotVariant.HF_CONFIG_JSON, f)
+
+
+GOOD = b'{"max_position_embeddings": 4096}' * 100
+
+
+async def test_wrong_bytes_are_rejected_naming_uri_expected_and_actual(
+    server: MetaServer, cache: CacheLayout
+) -> None:
+    server.files["/config.json"] = b"X" * len(GOOD)
+    card = one_file_card(server.url("/config.json"), GOOD)
+    with pytest.raises(ChecksumMismatchError) as info:
+        await resolve_metadata_files(card, cache_dir=cache.root)
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.uri == server.url("/config.json")
+    assert hash_bytes(GOOD).hex in err.expected
+    assert hash_bytes(b"X" * len(GOOD)).hex in err.actual
+    assert_nothing_published(cache)
+
+
+async def test_short_body_is_a_mismatch(server: MetaServer, cache: CacheLayout) -> None:
+    server.files["/config.json"] = GOOD[:-1]
+    with pytest.raises(ChecksumMismatchError, match=f"{len(GOOD) - 1} bytes"):
+        await resolve_metadata_files(
+            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+        )
+    assert_nothing_published(cache)
+
+
+async def test_content_length_above_size_is_rejected_before_reading(
+    server: MetaServer, cache: CacheLayout
+) -> None:
+    server.files["/config.json"] = GOOD + b"more"
+    with pytest.raises(SizeLimitError, match="Content-Length"):
+        await resolve_metadata_files(
+            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+        )
+    assert_nothing_published(cache)
+
+
+async def test_endless_chunked_body_is_cut_at_the_cap(
+    server: MetaServer, cache: CacheLayout
+) -> None:
+    sent = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(GOOD)
+        for _ in range(10_000):  # 640 MiB if nobody stops reading
+            await resp.write(b"z" * 65536)
+            sent += 65536
+        return resp
+
+    server.handlers["/config.json"] = endless
+    with pytest.raises(SizeLimitError, match="exceeds the cap"):
+        await resolve_metadata_files(
+            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+        )
+    assert_nothing_published(cache)
+
+
+async def _raw_server(response: bytes) -> tuple[asyncio.Server, str]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    return srv, f"http://127.0.0.1:{port}/config.json"
+
+
+async def test_lying_content_length_with_truncated_body_is_a_fetch_error(
+    cache: CacheLayout,
+) -> None:
+    half = GOOD[: len(GOOD) // 2]
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(GOOD)}\r\nConnection: close\r\n\r\n"
+    srv, url = await _raw_server(head.encode() + half)
+    async with srv:
+        with pytest.raises(FetchError, match=url):
+            await resolve_metadata_files(one_file_card(url, GOOD), cache_dir=cache.root)
+    assert_nothing_published(cache)
+
+
+async def test_content_length_smaller_than_body_is_rejected(cache: CacheLayout) -> None:
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(GOOD) - 10}\r\nConnection: close\r\n\r\n"
+    srv, url = await _raw_server(head.encode() + GOOD)
+    async with srv:
+        # aiohttp may see the surplus as a protocol error, or stop at Content-Length and
+        # leave a short body: either way it is rejected, with a one-line message.
+        with pytest.raises((FetchError, ChecksumMismatchError)) as info:
+            await resolve_metadata_files(one_file_card(url, GOOD), cache_dir=cache.root)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 1000
+    assert_nothing_published(cache)
+
+
+async def test_stalled_body_times_out(server: MetaServer, cache: CacheLayout) -> None:
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = len(GOOD)
+        await resp.prepare(request)
+        await resp.write(GOOD[:100])
+        await server.release.wait()
+        return resp
+
+    server.handlers["/config.json"] = stall
+    with pytest.raises(FetchError, match="timed out"):
+        await resolve_metadata_files(
+            one_file_card(server.url("/config.json"), GOOD),
+            cache_dir=cache.root,
+            read_timeout=0.2,
+        )
+    assert_nothing_published(cache)
+
+
+async def test_total_timeout_bounds_a_slow_trickle(server: MetaServer, cache: CacheLayout) -> None:
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = len(GOOD)
+        await resp.prepare(request)
+        for i in range(len(GOOD)):
+            await resp.write(GOOD[i : i + 1])
+            await asyncio.sleep(0.01)
+        return resp
+
+    server.handlers["/config.json"] = trickle
+    with pytest.raises(FetchError, match="timed out"):
+        await resolve_metadata_files(
+            one_file_card(server.url("/config.json"), GOOD),
+            cache_dir=cache.root,
+            total_timeout=0.3,
+        )
+    assert_nothing_published(cache)
+
+
+async def test_redirect_to_file_is_refused(server: MetaServer, cache: CacheLayout) -> None:
+    async def to_file(_: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("file:///etc/passwd")
+
+    server.handlers["/config.json"] = to_file
+    with pytest.raises(UnsupportedSchemeError, match="file:///etc/passwd"):
+        await resolve_metadata_files(
+            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+        )
+    assert_nothing_published(cache)
+
+
+async def test_http_redirect_is_followed(server: MetaServer, cache: CacheLayout) -> None:
+    server.files["/real.json"] = GOOD
+
+    async def moved(_: web.Request) -> web.StreamResponse:
+        raise web.HTTPMovedPermanently("/real.json")
+
+    server.handlers["/config.json"] = moved
+    resolved = await resolve_metadata_files(
+        one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+    )
+    assert read(resolved.files[0]) == GOOD
+
+
+async def test_non_2xx_names_status_and_uri(server: MetaServer, cache: CacheLayout) -> None:
+    url = server.url("/missing.json")
+    with pytest.raises(FetchError, match=rf"{url} returned HTTP 404"):
+        await resolve_metadata_files(one_file_card(url, GOOD), cache_dir=cache.root)
+    assert_nothing_published(cache)
+
+
+async def test_declared_size_above_ceiling_fails_before_any_request(
+    server: MetaServer, cache: CacheLayout
+) -> None:
+    server.files["/config.json"] = GOOD
+    card = one_file_card(server.url("/config.json"), GOOD, size=(1 << 30) + 1)
+    with pytest.raises(SizeLimitError):
+        await resolve_metadata_files(card, cache_dir=cache.root)
+    assert server.gets == Counter()
+
+
+async def test_unknown_scheme_is_unsupported(cache: CacheLayout) -> None:
+    with pytest.raises(UnsupportedSchemeError):
+        await resolve_metadata_files(
+            one_file_card("nats://x/config.json", GOOD), cache_dir=cache.root
+        )
+    assert_nothing_published(cache)
+
+
+# --------------------------------------------------------------------------- alternates
+
+
+async def test_failed_fetch_tries_the_next_alternate(
+    server: MetaServer, cache: CacheLayout
+) -> None:
+    server.files["/b/config.json"] = GOOD
+    server.files["/a/config.json"] = b"tampered" + GOOD[8:]
+    card = one_file_card(server.url("/a/config.json"), GOOD)
+    alternates = {hash_bytes(GOOD).hex: [server.url("/b/config.json")]}
+    resolved = await resolve_metadata_files(card, cache_dir=cache.root, alternates=alternates)
+    assert read(resolved.files[0]) == GOOD
+
+
+async def test_all_alternates_failing_lists_every_uri(
+    server: MetaServer, cache: CacheLayout
+) -> None:
+    server.files["/a/config.json"] = b"tampered" + GOOD[8:]
+    urls = [server.url("/a/config.json"), server.url("/b/config.json"), "file:///nonexistent/x"]
+    card = one_file_card(urls[0], GOOD)
+    with pytest.raises(AllSourcesFailedError) as info:
+        await resolve_metadata_files(
+            card, cache_dir=cache.root, alternates={hash_bytes(GOOD).hex: urls[1:]}
+        )
+    assert [uri for uri, _ in info.value.errors] == urls
+    assert all(u in str(info.value) for u in urls)
+    assert isinstance(info.value.errors[0][1], ChecksumMismatchError)
+    assert_nothing_published(cache)
+
+
+# --------------------------------------------------------------------------- security
+
+
+async def test_file_uri_to_etc_passwd_with_fake_checksum_is_rejected(cache: CacheLayout) -> None:
+    size = len(read("/etc/passwd"))
+    fake = CheckedFile("file:///etc/passwd", Checksum("0" * 64), size)
+    card = ModelDeploymentCard.new("evil", model_info=_slot(fake))
+    with pytest.raises(ChecksumMismatchError):
+        await resolve_metadata_files(card, cache_dir=cache.root)
+    assert_nothing_published(cache)
+    smaller = ModelDeploymentCard.new(
+        "evil", model_info=_slot(CheckedFile(fake.path, fake.checksum, 1))
+    )
+    with pytest.raises(SizeLimitError):
+        await resolve_metadata_files(smaller, cache_dir=cache.root)
+    assert_nothing_published(cache)
+
+
+@pytest.mark.parametrize(
+    "name", ["..%2F..%2F..%2Fescape", "%2E%2E", "a%2F..%2F..%2Fescape", "..%5Cescape"]
+)
+async def test_traversal_file_names_create_nothing_outside_by_slug(
+    server: MetaServer, cache: CacheLayout, tmp_path: Path, name: str
+) -> None:
+    server.files[f"/x/{name}"] = GOOD
+    before = tree(tmp_path)
+    with pytest.raises(CardError):
+        await resolve_metadata_files(
+            one_file_card(server.url(f"/x/{name}"), GOOD), cache_dir=cache.root
+        )
+    after = tree(tmp_path)
+    assert after == before
+    assert server.gets == Counter()
+
+
+async def test_fifo_named_by_a_card_does_not_hang(tmp_path: Path, cache: CacheLayout) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(FetchError, match="not a regular file"):
+        await resolve_metadata_files(one_file_card(str(fifo), GOOD), cache_dir=cache.root)
+    assert_nothing_published(cache)
+
+
+# --------------------------------------------------------------------------- concurrency, locks
+
+
+async def test_twenty_concurrent_resolves_make_one_get_per_blob(
+    server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
+) -> None:
+    http_card = server.http_card(card)
+    results = await asyncio.gather(
+        *(resolve_metadata_files(http_card, cache_dir=cache.root) for _ in range(20))
+    )
+    assert all(r == results[0] for r in results)
+    assert set(server.gets.values()) == {1}
+    assert len(server.gets) == len(list(card.files()))
+    assert_cached(results[0], http_card, cache)
+
+
+async def test_two_cards_sharing_a_blob_fetch_it_once(
+    server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
+) -> None:
+    http_card = server.http_card(card)
+    other = http_card.replace(display_name="Other", slug="other")
+    a, b = await asyncio.gather(
+        resolve_metadata_files(http_card, cache_dir=cache.root),
+        resolve_metadata_files(other, cache_dir=cache.root),
+    )
+    assert a.local_dir != b.local_dir
+    assert set(server.gets.values()) == {1}
+
+
+def _hold_lock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+async def test_lock_timeout_names_the_lock(server: MetaServer, cache: CacheLayout) -> None:
+    server.files["/config.json"] = GOOD
+    fd = _hold_lock(cache.lock(hash_bytes(GOOD).hex))
+    try:
+        with pytest.raises(LockTimeoutError, match=str(cache.lock(hash_bytes(GOOD).hex))):
+            await resolve_metadata_files(
+                one_file_card(server.url("/config.json"), GOOD),
+                cache_dir=cache.root,
+                lock_timeout=0.2,
+            )
+    finally:
+        os.close(fd)
+    assert server.gets == Counter()
+    assert_nothing_published(cache)
+
+
+async def test_waiter_logs_and_proceeds_once_the_lock_is_released(
+    server: MetaServer, cache: CacheLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.files["/config.json"] = GOOD
+    fd = _hold_lock(cache.lock(hash_bytes(GOOD).hex))
+    caplog.set_level(logging.DEBUG, logger="discovery_mdc.cache")
+    task = asyncio.ensure_future(
+        resolve_metadata_files(
+            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+        )
+    )
+    await wait_until(lambda: "waiting" in caplog.text)
+    assert not task.done()
+    os.close(fd)
+    resolved = await asyncio.wait_for(task, 30)
+    assert read(resolved.files[0]) == GOOD
+
+
+async def test_cancelled_fetch_leaves_no_temp_file(server: MetaServer, cache: CacheLayout) -> None:
+    started = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = len(GOOD)
+        await resp.prepare(request)
+        await resp.write(GOOD[:100])
+        started.set()
+        await server.release.wait()
+        return resp
+
+    server.handlers["/config.json"] = stall
+    task = asyncio.ensure_future(
+        resolve_metadata_files(
+            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+        )
+    )
+    await asyncio.wait_for(started.wait(), 30)
+    await wait_until(lambda: bool(listing(cache.tmp)))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert_nothing_published(cache)
+
+
+# --------------------------------------------------------------------------- repair, disk
+
+
+async def test_corrupt_blob_is_detected_and_replaced(
+    server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
+) -> None:
+    http_card = server.http_card(card)
+    stats = CacheStats()
+    await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
+    _, config = next(card.files())
+    blob = cache.blob(config.checksum.hex)
+    good = read(blob)
+    blob.write_bytes(b"x" * len(good))  # same size, new content
+    gets = server.gets[f"/v1/metadata/{card.slug}/config.json"]
+    resolved = await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
+    assert read(blob) == good
+    assert stats.repairs == 1
+    assert server.gets[f"/v1/metadata/{card.slug}/config.json"] == gets + 1
+    assert_cached(resolved, http_card, cache)
+
+
+async def test_verification_memo_does_not_hide_a_rewrite(
+    server: MetaServer,
+    card: ModelDeploymentCard,
+    cache: CacheLayout,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A 50 ms racy window instead of 2 s, so the test need not wait long for a memo entry.
+    monkeypatch.setattr(_store, "_RACY_NS", 50_000_000)
+    http_card = server.http_card(card)
+    stats = CacheStats()
+    await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
+    _, config = next(card.files())
+    blob = cache.blob(config.checksum.hex)
+    good = read(blob)
+    await wait_until(lambda: time.time_ns() - blob.stat().st_ctime_ns > 100_000_000)
+    await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
+    assert config.checksum.hex in _store._verified.values()  # the warm path is memoized
+    st = blob.stat()
+    blob.write_bytes(b"x" * len(good))
+    # Even with the old mtime restored, the ctime moved past the memo's entry.
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
+    assert read(blob) == good
+    assert stats.repairs == 1
+
+
+async def test_disk_full_is_a_clear_cache_error(
+    server: MetaServer, cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.files["/config.json"] = GOOD
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("discovery_mdc.cache._store.os.write", full)
+    with pytest.raises(CacheError, match="disk full") as info:
+        await resolve_metadata_files(
+            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+        )
+    assert str(cache.tmp) in str(info.value)
+    assert_nothing_published(cache)
+
+
+async def test_caller_session_is_used_and_left_open(
+    server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        await resolve_metadata_files(server.http_card(card), cache_dir=cache.root, session=session)
+        assert not session.closed
+
+
+# --------------------------------------------------------------------------- legacy cards
+
+
+def legacy(card: ModelDeploymentCard) -> ModelDeploymentCard:
+    return card.map_files(lambda _, f: CheckedFile(f.path, f.checksum))
+
+
+async def test_legacy_card_with_local_files_is_used_in_place(
+    card: ModelDeploymentCard, cache: CacheLayout
+) -> None:
+    old = legacy(card)
+    resolved = await resolve_metadata_files(old, cache_dir=cache.root)
+    assert resolved.in_place
+    # make_model_dir paths are absolute already.
+    assert resolved.local_dir == Path(card.source_path or "")
+    assert [f.path for _, f in resolved.card.files()] == [f.path for _, f in card.files()]
+    assert not cache.root.exists()
+
+
+async def test_legacy_card_with_missing_files_falls_back_to_hf(
+    card: ModelDeploymentCard,
+    cache: CacheLayout,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_hf_cache(tmp_path / "hf-hub", "org/tiny", Path(card.source_path or ""))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    old = legacy(card.with_paths(lambda _, f: f"/elsewhere/{f.basename}")).replace(
+        source_path="org/tiny"
+    )
+    resolved = await resolve_metadata_files(old, cache_dir=cache.root)
+    assert not resolved.in_place
+    for (_, before), (_, after) in zip(old.files(), resolved.card.files(), strict=True):
+        assert hash_bytes(read(after.path)) == before.checksum
+
+
+async def test_mixed_card_is_legacy_and_logged(
+    card: ModelDeploymentCard, cache: CacheLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    mixed = card.replace(
+        extra_files=tuple(CheckedFile(f.path, f.checksum) for f in card.extra_files)
+    )
+    resolved = await resolve_metadata_files(mixed, cache_dir=cache.root)
+    assert resolved.in_place
+    assert "treating it as legacy" in caplog.text
+
+
+async def test_legacy_card_pointing_at_a_foreign_local_file_is_rejected(
+    cache: CacheLayout,
+) -> None:
+    evil = ModelDeploymentCard.new(
+        "evil", model_info=_slot(CheckedFile("/etc/passwd", Checksum("0" * 64)))
+    )
+    with pytest.raises(ChecksumMismatchError, match="/etc/passwd"):
+        await resolve_metadata_files(evil, cache_dir=cache.root)
+    assert not cache.root.exists()
+
+
+async def test_cancel_during_a_local_copy_waits_for_the_copy_and_cleans_up(
+    tmp_path: Path, cache: CacheLayout
+) -> None:
+    data = os.urandom(3 << 20)
+    src = tmp_path / "config.json"
+    src.write_bytes(data)
+    started, proceed = threading.Event(), threading.Event()
+    copying_after_done: list[int] = []
+    finished = False
+
+    def progress(_: str, received: int, __: int | None) -> None:
+        # Runs in the copy thread: hold it on the first chunk until the task is cancelled.
+        if finished:
+            copying_after_done.append(received)
+        started.set()
+        proceed.wait(30)
+
+    task = asyncio.ensure_future(
+        resolve_metadata_files(
+            one_file_card(str(src), data), cache_dir=cache.root, progress=progress
+        )
+    )
+    await wait_until(started.is_set)
+    task.cancel()
+    proceed.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    finished = True
+    assert copying_after_done == []
+    assert_nothing_published(cache)

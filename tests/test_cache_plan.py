@@ -1,0 +1,236 @@
+"""The pure cache plan: layout, names, URIs, caps, prune planning. No network, little I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import discovery_mdc.cache as cache_api
+from discovery_mdc.cache import (
+    EMPTY_SLUG_DIR,
+    MAX_BLOB_SIZE,
+    CachedBlob,
+    CachedCard,
+    CachedFile,
+    CacheLayout,
+    CacheScan,
+    TempFile,
+    default_cache_root,
+    parse_hf_uri,
+    plan_card,
+    plan_prune,
+)
+from discovery_mdc.cache._plan import link_name, local_path_of, source_uri, validate_link_name
+from discovery_mdc.card import CheckedFile, Checksum, ModelDeploymentCard, Slot, SlotVariant, mdcsum
+from discovery_mdc.errors import CardError, FetchError, SizeLimitError
+
+HEX_A = "a" * 64
+HEX_B = "b" * 64
+LAYOUT = CacheLayout(Path("/cache"))
+
+
+def card_with(
+    *files: CheckedFile, slug: str = "m", source_path: str | None = None
+) -> ModelDeploymentCard:
+    first, *extras = files
+    return ModelDeploymentCard(
+        display_name="M",
+        slug=slug,
+        source_path=source_path,
+        model_info=Slot(SlotVariant.HF_CONFIG_JSON, first),
+        extra_files=tuple(extras),
+    )
+
+
+def test_public_api_is_exactly_all() -> None:
+    public = {name for name in vars(cache_api) if not name.startswith("_")}
+    assert public == set(cache_api.__all__)
+
+
+def test_plan_points_links_into_by_slug_mdcsum_and_blobs_by_hex() -> None:
+    card = card_with(
+        CheckedFile("http://h:1/v1/metadata/m/config.json", Checksum(HEX_A), 10),
+        CheckedFile("/models/m/special_tokens_map.json", Checksum(HEX_B), 20),
+    )
+    plan = plan_card(card, LAYOUT)
+    assert plan.mdcsum == mdcsum(card)
+    assert plan.link_dir == Path("/cache/by-slug/m") / plan.mdcsum
+    cfg, extra = plan.files
+    assert (cfg.slot, cfg.filename, cfg.cap, cfg.size) == ("model_info", "config.json", 10, 10)
+    assert cfg.uris == ("http://h:1/v1/metadata/m/config.json",)
+    assert cfg.blob_path == Path("/cache/blobs") / HEX_A
+    assert cfg.link_path == plan.link_dir / "config.json"
+    assert extra.slot == "extra_files[0]"
+    assert extra.uris == ("file:///models/m/special_tokens_map.json",)
+    assert LAYOUT.lock(HEX_A) == Path("/cache/.locks") / f"{HEX_A}.lock"
+
+
+def test_alternates_follow_the_slot_uri_without_duplicates() -> None:
+    card = card_with(CheckedFile("http://a/config.json", Checksum(HEX_A), 1))
+    plan = plan_card(
+        card,
+        LAYOUT,
+        alternates={HEX_A: ["http://b/config.json", "http://a/config.json"], HEX_B: ["x"]},
+    )
+    assert plan.files[0].uris == ("http://a/config.json", "http://b/config.json")
+
+
+def test_empty_slug_uses_placeholder_dir() -> None:
+    card = card_with(CheckedFile("/m/config.json", Checksum(HEX_A), 1), slug="")
+    plan = plan_card(card, LAYOUT)
+    assert plan.link_dir.parent == Path("/cache/by-slug") / EMPTY_SLUG_DIR
+
+
+@pytest.mark.parametrize("slug", ["../x", "a/b", ".", "..", "A", "a.b"])
+def test_unsafe_slug_is_a_card_error(slug: str) -> None:
+    card = card_with(CheckedFile("/m/config.json", Checksum(HEX_A), 1), slug=slug)
+    with pytest.raises(CardError):
+        plan_card(card, LAYOUT)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "http://h/v1/metadata/m/..",
+        "http://h/v1/metadata/m/%2E%2E",
+        "http://h/v1/metadata/m/a%2Fb",
+        "http://h/v1/metadata/m/a%5Cb",
+        "http://h/v1/metadata/m/a%00b",
+        "http://h/",
+        "/models/..",
+        "..",
+        "C:\\x\\..",
+        "http://h/" + "x" * 300,
+        "/m/.tmp-link.1.abc",
+    ],
+)
+def test_unsafe_file_names_are_rejected_before_any_path_is_built(path: str) -> None:
+    card = card_with(CheckedFile(path, Checksum(HEX_A), 1))
+    with pytest.raises(CardError):
+        plan_card(card, LAYOUT)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b", "a\x00b"])
+def test_validate_link_name_rejects(name: str) -> None:
+    with pytest.raises(CardError):
+        validate_link_name(name)
+
+
+def test_link_name_percent_decodes_urls_only() -> None:
+    assert link_name("http://h/my%20file.json") == "my file.json"
+    assert link_name("/models/my%20file.json") == "my%20file.json"
+
+
+def test_two_different_files_with_one_name_are_rejected() -> None:
+    card = card_with(
+        CheckedFile("/a/config.json", Checksum(HEX_A), 1),
+        CheckedFile("/b/config.json", Checksum(HEX_B), 1),
+    )
+    with pytest.raises(CardError, match="two different files"):
+        plan_card(card, LAYOUT)
+
+
+def test_declared_size_above_ceiling_fails_at_plan_time() -> None:
+    card = card_with(CheckedFile("http://h/config.json", Checksum(HEX_A), MAX_BLOB_SIZE + 1))
+    with pytest.raises(SizeLimitError, match="ceiling"):
+        plan_card(card, LAYOUT)
+    ok = card_with(CheckedFile("http://h/config.json", Checksum(HEX_A), MAX_BLOB_SIZE))
+    assert plan_card(ok, LAYOUT).files[0].cap == MAX_BLOB_SIZE
+
+
+def test_legacy_hf_fallback_uris_use_source_path() -> None:
+    card = card_with(CheckedFile("/gone/config.json", Checksum(HEX_A)), source_path="org/name")
+    plan = plan_card(card, LAYOUT, hf_fallback=True)
+    assert plan.files[0].uris == ("hf://org/name/config.json",)
+    assert plan.files[0].cap == MAX_BLOB_SIZE
+    with pytest.raises(CardError, match="source_path"):
+        plan_card(
+            card_with(CheckedFile("/gone/config.json", Checksum(HEX_A))), LAYOUT, hf_fallback=True
+        )
+
+
+def test_uri_helpers() -> None:
+    assert source_uri("/a b/c.json") == "file:///a%20b/c.json"
+    assert source_uri("http://x/y") == "http://x/y"
+    assert local_path_of("file:///a%20b/c.json") == "/a b/c.json"
+    assert local_path_of("/x/y") == "/x/y"
+    assert local_path_of("http://x/y") is None
+    assert local_path_of("file://otherhost/y") is None
+
+
+def test_default_cache_root_prefers_env_then_home() -> None:
+    assert default_cache_root({"DYN_MDC_CACHE_DIR": "/c", "HOME": "/h"}) == Path("/c")
+    assert default_cache_root({"HOME": "/h"}) == Path("/h/.cache/dynamo/mdc")
+
+
+@pytest.mark.parametrize(
+    ("uri", "repo", "rev", "file"),
+    [
+        ("hf://org/name/config.json", "org/name", "main", "config.json"),
+        ("hf://gpt2/config.json", "gpt2", "main", "config.json"),
+        ("hf://org/name@v1.0/config.json", "org/name", "v1.0", "config.json"),
+        ("hf://org/name@refs/pr/1/config.json", "org/name", "refs/pr/1", "config.json"),
+        ("hf://org/name@refs%2Fpr%2F1/config.json", "org/name", "refs/pr/1", "config.json"),
+    ],
+)
+def test_parse_hf_uri(uri: str, repo: str, rev: str, file: str) -> None:
+    ref = parse_hf_uri(uri)
+    assert (ref.repo, ref.revision, ref.filename) == (repo, rev, file)
+
+
+@pytest.mark.parametrize(
+    "uri", ["hf://config.json", "hf://a/b/c/config.json", "hf://../x/config.json", "hf://org/name/"]
+)
+def test_parse_hf_uri_rejects_malformed(uri: str) -> None:
+    with pytest.raises(FetchError):
+        parse_hf_uri(uri)
+
+
+# --------------------------------------------------------------------------- prune planning
+
+
+def _scan() -> CacheScan:
+    root = Path("/c")
+    layout = CacheLayout(root)
+    d1 = root / "by-slug/m" / ("1" * 64)
+    d2 = root / "by-slug/gone" / ("2" * 64)
+    good = CachedFile("config.json", d1 / "config.json", HEX_A, 10)
+    broken = CachedFile("tok.json", d2 / "tok.json", HEX_B, None)
+    return CacheScan(
+        layout=layout,
+        cards=(
+            CachedCard("m", "1" * 64, d1, (good,), 0.0),
+            CachedCard("gone", "2" * 64, d2, (broken,), 0.0),
+        ),
+        blobs=(
+            CachedBlob(HEX_A, root / "blobs" / HEX_A, 10, 0.0, referenced=True),
+            CachedBlob("c" * 64, root / "blobs" / ("c" * 64), 30, 0.0, referenced=False),
+        ),
+        temp_files=(
+            TempFile(root / "tmp/dead.part", 5, 1000.0, owner_pid=1, owner_alive=False),
+            TempFile(root / "tmp/live.part", 7, 1000.0, owner_pid=2, owner_alive=True),
+            TempFile(root / "tmp/old.part", 9, 0.0, owner_pid=3, owner_alive=True),
+        ),
+        empty_dirs=(),
+        warnings=(),
+    )
+
+
+def test_prune_plan_lists_broken_links_dead_temps_unreferenced_blobs_and_emptied_dirs() -> None:
+    plan = plan_prune(_scan(), now=1000.0 + 60, stale_after=3600)
+    assert [i.path.name for i in plan.links] == ["tok.json"]
+    assert [i.path.name for i in plan.temp_files] == ["dead.part"]
+    assert [i.hex for i in plan.blobs] == ["c" * 64]
+    assert [i.path for i in plan.dirs] == [
+        Path("/c/by-slug/gone") / ("2" * 64),
+        Path("/c/by-slug/gone"),
+    ]
+    assert plan.expected_freed_bytes == 5 + 30
+    # Execution order: links, temp files, blobs, dirs.
+    assert [i.kind for i in plan.items] == ["link", "temp", "blob", "dir", "dir"]
+
+
+def test_prune_plan_removes_old_temp_files_even_if_owner_pid_looks_alive() -> None:
+    plan = plan_prune(_scan(), now=1000.0 + 7200, stale_after=3600)
+    assert sorted(i.path.name for i in plan.temp_files) == ["dead.part", "live.part", "old.part"]

@@ -1,0 +1,273 @@
+"""The self-host rewrite and the card the worker publishes (design steps 3 and 4)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from discovery_mdc.card import LoraInfo, ModelDeploymentCard, from_dir, mdcsum
+from discovery_mdc.errors import RegistryError
+from discovery_mdc.worker._registry import MetadataRegistry
+from discovery_mdc.worker._selfhost import (
+    build_worker_card,
+    model_ref,
+    move_to_self_host,
+    prepare_card,
+    self_host_enabled,
+    will_self_host,
+)
+from discovery_mdc.worker._server import StatusServer
+
+ENDPOINT = {"namespace": "dynamo", "component": "backend", "endpoint": "generate"}
+BASE = "http://10.0.0.1:8081"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[StatusServer]:
+    async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as srv:
+        yield srv
+
+
+def card_of(model_dir: Path, **kwargs: object) -> ModelDeploymentCard:
+    return from_dir(model_dir, include_extra_files=True, **kwargs)  # type: ignore[arg-type]
+
+
+def test_every_slot_and_extra_is_rewritten_and_registered_under_both_routes(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    model_dir = make_model_dir("Tiny.Model")
+    (model_dir / "chat_template.jinja").write_text("{{ messages }}")
+    card = card_of(model_dir)
+    registry = MetadataRegistry()
+    hosted = move_to_self_host(card, registry, BASE + "/", **ENDPOINT)
+
+    before = dict(card.files())
+    after = dict(hosted.files())
+    assert before.keys() == after.keys()
+    assert "chat_template_file" in after and "extra_files[0]" in after
+    for name, f in after.items():
+        original = before[name]
+        assert f.path == f"{BASE}/v1/metadata/tiny_model/{original.basename}"
+        assert (f.checksum, f.size) == (original.checksum, original.size)
+        for key in (
+            f"tiny_model/{original.basename}",
+            f"dynamo/backend/generate/tiny_model/_base/{original.basename}",
+        ):
+            registered = registry.lookup(key)
+            assert registered is not None
+            assert registered.path == Path(original.path).resolve()
+            assert registered.checksum == original.checksum
+    assert len(registry) == 2 * len(after)
+    # Paths are never hashed, so self-hosting does not change the worker-set identity.
+    assert mdcsum(hosted) == mdcsum(card)
+    assert (model_dir / "model.safetensors").exists()
+    keys = registry.keys()
+    assert not any(k.endswith("model.safetensors") for k in keys)
+
+
+def test_lora_cards_use_the_lora_slug_as_suffix(make_model_dir: Callable[..., Path]) -> None:
+    card = card_of(make_model_dir("tiny")).replace(lora=LoraInfo("My Adapter"))
+    registry = MetadataRegistry()
+    move_to_self_host(card, registry, BASE, **ENDPOINT)
+    assert "dynamo/backend/generate/tiny/my_adapter/config.json" in registry
+    ref = model_ref(card, **ENDPOINT)
+    assert ref.suffix == "my_adapter"
+    registered = len(registry)
+    assert registry.unregister_model(ref) == registered
+    assert len(registry) == 0
+
+
+def test_custom_template_is_served_under_its_own_name(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    template = tmp_path / "my-template.jinja"
+    template.write_text("{{ custom }}")
+    card = card_of(make_model_dir("tiny"), custom_template=template)
+    registry = MetadataRegistry()
+    hosted = move_to_self_host(card, registry, BASE, **ENDPOINT)
+    assert hosted.chat_template_file is not None and hosted.chat_template_file.is_custom
+    assert hosted.chat_template_file.file.path == f"{BASE}/v1/metadata/tiny/my-template.jinja"
+    registered = registry.lookup("tiny/my-template.jinja")
+    assert registered is not None and registered.path == template.resolve()
+
+
+def test_custom_template_colliding_with_another_slot_is_an_error_and_registers_nothing(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    template = tmp_path / "elsewhere" / "tokenizer_config.json"
+    template.parent.mkdir()
+    template.write_text('{"chat_template": "x"}')
+    card = card_of(make_model_dir("tiny"), custom_template=template)
+    registry = MetadataRegistry()
+    with pytest.raises(RegistryError, match=r"tokenizer_config\.json"):
+        move_to_self_host(card, registry, BASE, **ENDPOINT)
+    assert len(registry) == 0
+
+
+def test_same_model_on_a_second_endpoint_shares_the_short_route(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    card = card_of(make_model_dir("tiny"))
+    registry = MetadataRegistry()
+    first = move_to_self_host(card, registry, BASE, **ENDPOINT)
+    second = move_to_self_host(card, registry, BASE, **{**ENDPOINT, "endpoint": "other"})
+    assert first == second
+    n = len(list(card.files()))
+    assert len(registry) == 3 * n
+    assert registry.unregister_model(model_ref(card, **ENDPOINT)) == n
+    assert "tiny/config.json" in registry
+
+
+def test_a_different_model_with_the_same_slug_is_refused(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    registry = MetadataRegistry()
+    move_to_self_host(card_of(make_model_dir("a")), registry, BASE, **ENDPOINT)
+    clash = card_of(make_model_dir("b", seed=1)).replace(slug="a")
+    with pytest.raises(RegistryError, match="already registered"):
+        move_to_self_host(clash, registry, BASE, **{**ENDPOINT, "endpoint": "e2"})
+
+
+def test_empty_slug_cannot_be_self_hosted(make_model_dir: Callable[..., Path]) -> None:
+    card = from_dir(make_model_dir("tiny"), display_name="日本語")
+    assert card.slug == ""
+    with pytest.raises(RegistryError, match="slug"):
+        move_to_self_host(card, MetadataRegistry(), BASE, **ENDPOINT)
+
+
+def test_extra_with_unsafe_name_is_dropped_with_a_warning(
+    make_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    model_dir = make_model_dir("tiny")
+    (model_dir / "notes for you.txt").write_text("hi")
+    card = card_of(model_dir)
+    hosted = move_to_self_host(card, MetadataRegistry(), BASE, **ENDPOINT)
+    assert [f.basename for f in card.extra_files] == [
+        "notes for you.txt",
+        "special_tokens_map.json",
+    ]
+    assert [f.basename for f in hosted.extra_files] == ["special_tokens_map.json"]
+    assert "notes for you.txt" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("explicit", "env", "expected"),
+    [
+        (None, None, True),
+        (None, "1", True),
+        (None, "on", True),
+        (None, "yes", True),
+        (None, "0", False),
+        (None, "false", False),
+        (None, "FALSE", False),
+        (None, "No", False),
+        (None, " off ", False),
+        (None, "", False),
+        (True, "off", True),
+        (False, None, False),
+        (False, "on", False),
+    ],
+)
+def test_self_host_enabled_explicit_beats_env(
+    explicit: bool | None, env: str | None, expected: bool
+) -> None:
+    environ = {} if env is None else {"DYN_SELF_HOST_METADATA": env}
+    assert self_host_enabled(explicit, env=environ) is expected
+
+
+async def test_prepare_card_self_hosts_when_enabled_and_server_running(
+    server: StatusServer, make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DYN_SELF_HOST_METADATA", raising=False)
+    card = card_of(make_model_dir("tiny"))
+    published = prepare_card(card, server=server, self_host=None, hf_repo=None, **ENDPOINT)
+    assert all(
+        f.path.startswith(f"http://127.0.0.1:{server.port}/v1/metadata/tiny/")
+        for _, f in published.files()
+    )
+    assert published.extra_files
+
+
+async def test_env_opt_out_keeps_local_paths_and_drops_extras(
+    server: StatusServer, make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DYN_SELF_HOST_METADATA", "off")
+    card = card_of(make_model_dir("tiny"))
+    assert not will_self_host(server, None)
+    published = prepare_card(card, server=server, self_host=None, hf_repo=None, **ENDPOINT)
+    assert published == card.replace(extra_files=())
+    assert len(server.registry) == 0
+
+
+def test_no_server_keeps_local_paths_and_logs_exactly_one_info_line(
+    make_model_dir: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.delenv("DYN_SELF_HOST_METADATA", raising=False)
+    card = from_dir(make_model_dir("tiny"))
+    caplog.set_level(logging.DEBUG, logger="discovery_mdc")
+    published = prepare_card(card, server=None, self_host=None, hf_repo=None, **ENDPOINT)
+    assert published == card
+    records = [r for r in caplog.records if r.name.startswith("discovery_mdc.worker")]
+    assert [(r.levelno, "no status server" in r.getMessage()) for r in records] == [
+        (logging.INFO, True)
+    ]
+
+
+def test_no_server_and_disabled_logs_nothing(
+    make_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    card = from_dir(make_model_dir("tiny"))
+    caplog.set_level(logging.DEBUG, logger="discovery_mdc")
+    assert prepare_card(card, server=None, self_host=False, hf_repo=None, **ENDPOINT) == card
+    assert not [r for r in caplog.records if r.name.startswith("discovery_mdc.worker")]
+
+
+async def test_stopped_server_counts_as_no_server(make_model_dir: Callable[..., Path]) -> None:
+    srv = StatusServer("127.0.0.1", 0, registry=MetadataRegistry())
+    card = from_dir(make_model_dir("tiny"))
+    assert prepare_card(card, server=srv, self_host=True, hf_repo=None, **ENDPOINT) == card
+
+
+def test_hf_repo_without_self_hosting_points_slots_at_hf(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    template = tmp_path / "custom.jinja"
+    template.write_text("{{ x }}")
+    card = card_of(make_model_dir("snap"), custom_template=template)
+    published = prepare_card(
+        card, server=None, self_host=False, hf_repo="Org/Model-1.5", **ENDPOINT
+    )
+    paths = {name: f.path for name, f in published.files()}
+    assert paths == {
+        "model_info": "hf://Org/Model-1.5/config.json",
+        "tokenizer": "hf://Org/Model-1.5/tokenizer.json",
+        "prompt_formatter": "hf://Org/Model-1.5/tokenizer_config.json",
+        "chat_template_file": str(template),  # not part of the repo
+        "gen_config": "hf://Org/Model-1.5/generation_config.json",
+    }
+
+
+async def test_hf_repo_with_self_hosting_publishes_urls(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    card = card_of(make_model_dir("snap"))
+    published = prepare_card(card, server=server, self_host=True, hf_repo="Org/Model", **ENDPOINT)
+    assert all(f.path.startswith("http://127.0.0.1:") for _, f in published.files())
+
+
+async def test_build_worker_card_hashes_extras_only_when_self_hosting(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    model_dir = make_model_dir("tiny")
+    hosted = build_worker_card(str(model_dir), server=server, self_host=True, **ENDPOINT)
+    assert hosted.display_name == "tiny" and hosted.source_path == str(model_dir)
+    assert [f.basename for f in hosted.extra_files] == ["special_tokens_map.json"]
+    local = build_worker_card(str(model_dir), server=server, self_host=False, **ENDPOINT)
+    assert local.extra_files == ()
+    assert local.model_info is not None
+    assert local.model_info.file.path == str(model_dir / "config.json")

@@ -1,0 +1,347 @@
+"""The status server: self-hosted metadata over raw HTTP, health, metrics, configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import blake3
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from discovery_mdc.card import ModelDeploymentCard, from_dir
+from discovery_mdc.worker._registry import MetadataRegistry
+from discovery_mdc.worker._selfhost import move_to_self_host
+from discovery_mdc.worker._server import StatusServer, system_server_config
+
+ENDPOINT = {"namespace": "dynamo", "component": "backend", "endpoint": "generate"}
+
+
+async def raw_request(
+    port: int, target: str, method: str = "GET", extra_headers: str = ""
+) -> tuple[int, dict[str, str], bytes]:
+    """Send a request line exactly as given (no client-side normalisation)."""
+    async with asyncio.timeout(30):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                f"{extra_headers}\r\n".encode("utf-8", "surrogateescape")
+            )
+            await writer.drain()
+            data = await reader.read()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[StatusServer]:
+    async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as srv:
+        yield srv
+
+
+def self_hosted(
+    server: StatusServer, model_dir: Path, **from_dir_kwargs: object
+) -> ModelDeploymentCard:
+    card = from_dir(model_dir, include_extra_files=True, **from_dir_kwargs)  # type: ignore[arg-type]
+    return move_to_self_host(card, server.registry, server.base_url, **ENDPOINT)
+
+
+def url_path(url: str) -> str:
+    return "/" + url.split("/", 3)[3]
+
+
+async def test_self_hosted_card_urls_serve_the_slot_bytes_with_blake3_etag(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    card = self_hosted(server, make_model_dir("tiny"))
+    files = list(card.files())
+    assert {name for name, _ in files} >= {"model_info", "tokenizer", "extra_files[0]"}
+    async with aiohttp.ClientSession() as session:
+        for _, f in files:
+            assert f.path.startswith(f"http://127.0.0.1:{server.port}/v1/metadata/tiny/")
+            async with session.get(f.path) as resp:
+                body = await resp.read()
+                assert resp.status == 200
+                assert resp.headers["Content-Length"] == str(f.size)
+                assert resp.headers["ETag"] == f'"{f.checksum.hex}"'
+            assert len(body) == f.size
+            assert blake3.blake3(body).hexdigest() == f.checksum.hex
+            async with session.head(f.path) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Length"] == str(f.size)
+                assert resp.headers["ETag"] == f'"{f.checksum.hex}"'
+                assert await resp.read() == b""
+
+
+async def test_long_route_serves_the_same_file(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    card = self_hosted(server, make_model_dir("tiny"))
+    assert card.model_info is not None
+    status, _, body = await raw_request(
+        server.port, "/v1/metadata/dynamo/backend/generate/tiny/_base/config.json"
+    )
+    assert status == 200
+    assert blake3.blake3(body).hexdigest() == card.model_info.file.checksum.hex
+    status, _, _ = await raw_request(
+        server.port, "/v1/metadata/dynamo/backend/generate/tiny/lora1/config.json"
+    )
+    assert status == 404
+
+
+async def test_raw_head_has_content_length_and_no_body(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    card = self_hosted(server, make_model_dir("tiny"))
+    assert card.tokenizer is not None
+    status, headers, body = await raw_request(
+        server.port, url_path(card.tokenizer.file.path), method="HEAD"
+    )
+    assert status == 200
+    assert headers["content-length"] == str(card.tokenizer.file.size)
+    assert body == b""
+
+
+async def test_if_none_match_with_the_blake3_gives_304(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    card = self_hosted(server, make_model_dir("tiny"))
+    assert card.model_info is not None
+    f = card.model_info.file
+    status, headers, body = await raw_request(
+        server.port, url_path(f.path), extra_headers=f'If-None-Match: "{f.checksum.hex}"\r\n'
+    )
+    assert (status, body) == (304, b"")
+    assert headers["etag"] == f'"{f.checksum.hex}"'
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/metadata/../../etc/passwd",
+        "/v1/metadata/tiny/../tiny/config.json",
+        "/v1/metadata/tiny/./config.json",
+        "/v1/metadata/%2e%2e/%2e%2e/etc/passwd",
+        "/v1/metadata/tiny/%2e%2e/tiny/config.json",
+        "/v1/metadata/tiny%2Fconfig.json",
+        "/v1/metadata/tiny%2fconfig.json",
+        "/v1/metadata/tiny/config%2Ejson",
+        "/v1/metadata//etc/passwd",
+        "//etc/passwd",
+        "/v1/metadata/tiny//config.json",
+        "/v1/metadata/tiny/config.json/",
+        "/v1/metadata/tiny/config.json%00",
+        "/v1/metadata/TINY/config.json",
+        "/v1/metadata/tiny/unregistered.json",
+        "/v1/metadata/tiny/model.safetensors",
+        "/v1/metadata/tiny",
+        "/v1/metadata/",
+        "/v1/metadata/tiny/" + "a" * 4000,
+        "/v1/x/../metadata/tiny/config.json",
+        "/v1/metadata/dynamo/backend/generate/tiny/_base/../_base/config.json",
+    ],
+)
+async def test_raw_paths_that_are_not_registered_keys_get_404(
+    server: StatusServer, make_model_dir: Callable[..., Path], target: str
+) -> None:
+    self_hosted(server, make_model_dir("tiny"))
+    status, _, body = await raw_request(server.port, target)
+    assert status == 404, target
+    assert b"Traceback" not in body
+
+
+async def test_absolute_on_disk_path_and_another_models_files_get_404(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    tiny_dir = make_model_dir("tiny")
+    self_hosted(server, tiny_dir)
+    self_hosted(server, make_model_dir("other", generation_config=False))
+    status, _, _ = await raw_request(server.port, "/v1/metadata/other/config.json")
+    assert status == 200
+    for target in (
+        "/v1/metadata/other/generation_config.json",  # only tiny has it
+        "/v1/metadata/other/../tiny/generation_config.json",
+        f"/v1/metadata{tiny_dir.resolve()}/config.json",
+        f"/v1/metadata/tiny/{tiny_dir.resolve()}/config.json",
+        f"{tiny_dir.resolve()}/config.json",
+    ):
+        status, _, _ = await raw_request(server.port, target)
+        assert status == 404, target
+
+
+async def test_empty_registry_answers_404_and_other_methods_405(server: StatusServer) -> None:
+    assert (await raw_request(server.port, "/v1/metadata/a/b"))[0] == 404
+    assert (await raw_request(server.port, "/v1/metadata/a/b", method="POST"))[0] == 405
+    assert (await raw_request(server.port, "/nope"))[0] == 404
+
+
+async def test_file_deleted_after_registration_gives_500_and_a_log_line_naming_it(
+    server: StatusServer, make_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    model_dir = make_model_dir("tiny")
+    card = self_hosted(server, model_dir)
+    assert card.gen_config is not None
+    (model_dir / "generation_config.json").unlink()
+    caplog.set_level(logging.ERROR, logger="discovery_mdc.worker")
+    for method in ("GET", "HEAD"):
+        status, _, body = await raw_request(
+            server.port, url_path(card.gen_config.file.path), method=method
+        )
+        assert status == 500
+        assert b"Traceback" not in body and b"generation_config" not in body
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors
+    assert all("generation_config.json" in m for m in errors)
+
+
+async def test_file_that_changed_size_gives_500(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    model_dir = make_model_dir("tiny")
+    card = self_hosted(server, model_dir)
+    assert card.model_info is not None
+    (model_dir / "config.json").write_text("{}")
+    status, _, _ = await raw_request(server.port, url_path(card.model_info.file.path))
+    assert status == 500
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            return {
+                s.labels["status"]: s.value for s in family.samples if s.name.endswith("_total")
+            }
+    return {}
+
+
+async def test_metrics_count_metadata_requests_and_bytes_by_status(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    model_dir = make_model_dir("tiny")
+    card = self_hosted(server, model_dir)
+    assert card.model_info is not None and card.gen_config is not None
+    config = card.model_info.file
+    for _ in range(2):
+        assert (await raw_request(server.port, url_path(config.path)))[0] == 200
+    assert (await raw_request(server.port, "/v1/metadata/tiny/nope.json"))[0] == 404
+    assert (await raw_request(server.port, "/v1/metadata/tiny/a", method="POST"))[0] == 405
+    (model_dir / "generation_config.json").unlink()
+    assert (await raw_request(server.port, url_path(card.gen_config.file.path)))[0] == 500
+    assert (await raw_request(server.port, "/health"))[0] == 200  # not a metadata request
+
+    status, headers, body = await raw_request(server.port, "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain")
+    text = body.decode()
+    assert _samples(text, "discovery_mdc_metadata_requests") == {
+        "200": 2.0,
+        "404": 1.0,
+        "405": 1.0,
+        "500": 1.0,
+    }
+    assert _samples(text, "discovery_mdc_metadata_sent_bytes") == {"200": 2.0 * config.size}  # type: ignore[operator]
+
+
+async def test_two_servers_in_one_process_keep_separate_metrics() -> None:
+    async with (
+        StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as a,
+        StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as b,
+    ):
+        await raw_request(a.port, "/v1/metadata/x/y")
+        _, _, body = await raw_request(b.port, "/metrics")
+        assert _samples(body.decode(), "discovery_mdc_metadata_requests") == {}
+
+
+async def test_health_and_live_follow_the_health_callback() -> None:
+    state = {"ready": True}
+    async with StatusServer(
+        "127.0.0.1", 0, registry=MetadataRegistry(), health=lambda: state["ready"]
+    ) as srv:
+        for route in ("/health", "/live"):
+            status, headers, body = await raw_request(srv.port, route)
+            assert (status, body) == (200, b'{"status": "ready"}')
+            assert headers["content-type"].startswith("application/json")
+        state["ready"] = False
+        for route in ("/health", "/live"):
+            status, _, body = await raw_request(srv.port, route)
+            assert (status, body) == (503, b'{"status": "notready"}')
+
+
+async def test_a_raising_health_callback_reports_not_ready() -> None:
+    def broken() -> bool:
+        raise RuntimeError("boom")
+
+    async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry(), health=broken) as srv:
+        status, _, body = await raw_request(srv.port, "/health")
+        assert status == 503
+        assert b"boom" not in body
+
+
+async def test_start_returns_the_bound_port_and_stop_is_idempotent() -> None:
+    srv = StatusServer("127.0.0.1", 0, registry=MetadataRegistry())
+    assert not srv.is_running
+    with pytest.raises(RuntimeError):
+        _ = srv.port
+    port = await srv.start()
+    try:
+        assert port == srv.port != 0
+        assert srv.base_url == f"http://127.0.0.1:{port}"
+        assert (await raw_request(port, "/live"))[0] == 200
+    finally:
+        await srv.stop()
+        await srv.stop()
+    assert not srv.is_running
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+@pytest.mark.parametrize(
+    ("port_flag", "host_flag", "env", "expected"),
+    [
+        (None, None, {}, None),
+        (None, None, {"DYN_SYSTEM_PORT": ""}, None),
+        (None, "127.0.0.1", {}, None),
+        (None, None, {"DYN_SYSTEM_PORT": "0"}, ("0.0.0.0", 0)),
+        (None, None, {"DYN_SYSTEM_PORT": "8081", "DYN_SYSTEM_HOST": "::"}, ("::", 8081)),
+        (9000, None, {"DYN_SYSTEM_PORT": "8081"}, ("0.0.0.0", 9000)),
+        (0, "10.0.0.1", {"DYN_SYSTEM_HOST": "::"}, ("10.0.0.1", 0)),
+        (None, None, {"DYN_SYSTEM_PORT": "7", "DYN_SYSTEM_HOST": ""}, ("0.0.0.0", 7)),
+    ],
+)
+def test_system_server_config_flag_beats_env_beats_default(
+    port_flag: int | None,
+    host_flag: str | None,
+    env: dict[str, str],
+    expected: tuple[str, int] | None,
+) -> None:
+    assert system_server_config(port_flag, host_flag, env=env) == expected
+
+
+@pytest.mark.parametrize("bad", ["http", "-1", "65536", "1.5"])
+def test_system_server_config_rejects_bad_ports(bad: str) -> None:
+    with pytest.raises(ValueError, match="port"):
+        system_server_config(None, None, env={"DYN_SYSTEM_PORT": bad})
+
+
+async def test_from_env_starts_only_when_a_port_is_configured() -> None:
+    registry = MetadataRegistry()
+    assert StatusServer.from_env(registry=registry, env={}) is None
+    srv = StatusServer.from_env(
+        registry=registry, env={"DYN_SYSTEM_PORT": "0", "DYN_SYSTEM_HOST": "127.0.0.1"}
+    )
+    assert srv is not None and srv.host == "127.0.0.1" and srv.registry is registry
+    async with srv:
+        assert (await raw_request(srv.port, "/v1/metadata/a/b"))[0] == 404
