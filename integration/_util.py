@@ -16,7 +16,7 @@ _T = TypeVar("_T")
 async def wait_until(
     predicate: Callable[[], _T | Awaitable[_T]],
     *,
-    timeout: float = 10.0,
+    timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, not a cancel scope
     interval: float = 0.05,
     message: str | Callable[[], str] = "",
 ) -> _T:
@@ -36,10 +36,12 @@ async def wait_until(
             if value:
                 return value  # type: ignore[return-value]
             last_value = value
-        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+        except Exception as exc:  # retried until the deadline
             last_exc = exc
         if time.monotonic() >= deadline:
             text = message() if callable(message) else message
             detail = f"; last error: {last_exc!r}" if last_exc else f"; last value: {last_value!r}"
-            raise AssertionError(f"condition not met within {timeout}s: {text}{detail}") from last_exc
+            raise AssertionError(
+                f"condition not met within {timeout}s: {text}{detail}"
+            ) from last_exc
         await asyncio.sleep(interval)
