@@ -33,7 +33,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
+import tenacity
 
 from discovery_mdc.errors import (
     EtcdAuthError,
@@ -94,6 +94,10 @@ _T = TypeVar("_T")
 
 class _Retryable(Exception):
     """This endpoint failed in a way another endpoint may not: try the next one."""
+
+
+class _RoundFailed(Exception):
+    """Every endpoint failed once in this round."""
 
 
 class _InvalidToken(Exception):
@@ -247,11 +251,14 @@ class EtcdClient:
             who = f" for user {self._username!r}" if self._username else ""
             return EtcdAuthError(f"{where}: permission denied{who}: {msg}")
         if "user name is empty" in lower:
-            return EtcdAuthError(f"{where}: etcd requires authentication ({msg}); "
-                                 "set ETCD_AUTH_USERNAME and ETCD_AUTH_PASSWORD")  # fmt: skip
+            return EtcdAuthError(
+                f"{where}: etcd requires authentication ({msg}); "
+                "set ETCD_AUTH_USERNAME and ETCD_AUTH_PASSWORD"
+            )
         if "authentication failed" in lower:
-            return EtcdAuthError(f"{where}: etcd rejected the credentials for user "
-                                 f"{self._username!r}: {msg}")  # fmt: skip
+            return EtcdAuthError(
+                f"{where}: etcd rejected the credentials for user {self._username!r}: {msg}"
+            )
         if err.code == GRPC_OUT_OF_RANGE and "compacted" in lower:
             return EtcdCompactedError(0, f"{where}: {msg}")
         return _StatusError(f"{where}: {msg} (gRPC code {err.code})", err.code)
@@ -293,15 +300,15 @@ class EtcdClient:
     ) -> tuple[_T, str, bool]:
         """Run ``attempt(endpoint)`` round-robin from the current endpoint until one works.
 
+        Rounds over all endpoints are retried by tenacity with jittered exponential waits.
         Returns (result, endpoint, whether an earlier attempt may have reached etcd).
         """
         n = len(self._endpoints)
-        last: BaseException | None = None
+        last: list[BaseException] = []
         maybe_sent = False
-        for round_no in range(self._connect_retries):
-            if round_no:
-                base = self._retry_backoff * 2 ** (round_no - 1)
-                await asyncio.sleep(min(1.0, base) * (0.5 + random.random()))
+
+        async def one_round() -> tuple[_T, str]:
+            nonlocal maybe_sent
             start = self._current
             for i in range(n):
                 idx = (start + i) % n
@@ -309,21 +316,34 @@ class EtcdClient:
                 try:
                     result = await attempt(endpoint)
                 except _Retryable as exc:
-                    last = exc
+                    last.append(exc)
                     # Only a refused or failed connect proves the request never left.
                     if not isinstance(exc.__cause__, aiohttp.ClientConnectorError):
                         maybe_sent = True
-                    log.debug("etcd %s%s failed (%s); trying the next endpoint", endpoint,
-                              path, exc)  # fmt: skip
+                    log.debug(
+                        "etcd %s%s failed (%s); trying the next endpoint", endpoint, path, exc
+                    )
                     continue
                 if self._current != idx:
                     log.info("etcd: now using endpoint %s", endpoint)
                 self._current = idx
-                return result, endpoint, maybe_sent
-        raise EtcdConnectionError(
-            f"no etcd endpoint reachable for {path} (tried {', '.join(self._endpoints)}, "
-            f"{self._connect_retries} round(s)); last error: {last}"
+                return result, endpoint
+            raise _RoundFailed
+
+        retrying: tenacity.AsyncRetrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self._connect_retries),
+            wait=tenacity.wait_random_exponential(multiplier=self._retry_backoff, max=1.0),
+            retry=tenacity.retry_if_exception_type(_RoundFailed),
+            reraise=True,
         )
+        try:
+            outcome: tuple[_T, str] = await retrying(one_round)
+        except _RoundFailed:
+            raise EtcdConnectionError(
+                f"no etcd endpoint reachable for {path} (tried {', '.join(self._endpoints)}, "
+                f"{self._connect_retries} round(s)); last error: {last[-1] if last else None}"
+            ) from None
+        return outcome[0], outcome[1], maybe_sent
 
     async def _auth_headers(self, *, refresh: bool = False) -> dict[str, str]:
         if self._username is None:
@@ -366,8 +386,9 @@ class EtcdClient:
                 if refresh or self._username is None:
                     raise EtcdAuthError(f"{exc} (user {self._username!r})") from exc
                 refresh = True
-                log.info("etcd auth token for user %r rejected; authenticating again",
-                         self._username)  # fmt: skip
+                log.info(
+                    "etcd auth token for user %r rejected; authenticating again", self._username
+                )
                 continue
             return _Reply(body, endpoint, retried)
 
@@ -405,14 +426,18 @@ class EtcdClient:
             try:
                 while more and kvs:
                     after = key_str(key_bytes(kvs[-1].key) + b"\x00")
-                    body = range_request(after, range_end=end, revision=first.revision,
-                                         limit=page_size)  # fmt: skip
+                    body = range_request(
+                        after, range_end=end, revision=first.revision, limit=page_size
+                    )
                     page = decode_range((await self._request("/v3/kv/range", body)).body)
                     kvs.extend(page.kvs)
                     more = page.more
             except EtcdCompactedError:
-                log.info("listing %s: revision %d compacted mid-listing; starting over",
-                         prefix, first.revision)  # fmt: skip
+                log.info(
+                    "listing %s: revision %d compacted mid-listing; starting over",
+                    prefix,
+                    first.revision,
+                )
                 continue
             return RangeResult(tuple(kvs), first.revision, False, len(kvs))
         raise EtcdError(f"listing {prefix!r}: compacted mid-listing five times in a row")
@@ -546,15 +571,17 @@ class EtcdClient:
         self, request: Mapping[str, Any], headers: Mapping[str, str]
     ) -> tuple[aiohttp.ClientResponse, str]:
         # No total or read timeout: a quiet watch is healthy. Only connecting is bounded.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._request_timeout,
-                                        sock_read=None)  # fmt: skip
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._request_timeout, sock_read=None
+        )
         data = json.dumps(request)
 
         async def attempt(endpoint: str) -> aiohttp.ClientResponse:
             try:
                 async with asyncio.timeout(self._request_timeout):
-                    resp = await self._http().post(endpoint + "/v3/watch", data=data,
-                                                   headers=headers, timeout=timeout)  # fmt: skip
+                    resp = await self._http().post(
+                        endpoint + "/v3/watch", data=data, headers=headers, timeout=timeout
+                    )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 raise _Retryable(f"{endpoint}/v3/watch: {type(exc).__name__}: {exc}") from exc
             if resp.status != 200:
