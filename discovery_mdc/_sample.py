@@ -16,20 +16,46 @@ _CHAT_TEMPLATE = (
 
 
 def _tokenizer_json(vocab_size: int, seed: int) -> dict[str, object]:
+    """A BPE tokenizer.json the HF ``tokenizers`` crate loads (Dynamo's frontend parses it)."""
     rng = random.Random(seed)
     alphabet = "abcdefghijklmnopqrstuvwxyz"
     vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
     while len(vocab) < vocab_size:
         token = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 9)))
         vocab.setdefault(token, len(vocab))
+    added = [
+        {
+            "id": i,
+            "content": c,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, c in enumerate(("<unk>", "<s>", "</s>"))
+    ]
     return {
         "version": "1.0",
-        "added_tokens": [
-            {"id": 0, "content": "<unk>", "special": True},
-            {"id": 1, "content": "<s>", "special": True},
-            {"id": 2, "content": "</s>", "special": True},
-        ],
-        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [],
+        },
     }
 
 

@@ -40,6 +40,9 @@ __all__ = [
     "ensure_dynamo_venv",
     "etcd_delete_prefix",
     "etcd_get_prefix",
+    "etcd_lease_grant",
+    "etcd_lease_revoke",
+    "etcd_put",
     "free_port",
     "free_port_below_32768",
     "list_models",
@@ -110,7 +113,9 @@ def _file_lock(path: Path, timeout: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {path}")
+                    raise TimeoutError(
+                        f"timed out after {timeout:.0f}s waiting for {path}"
+                    ) from None
                 time.sleep(0.5)
         try:
             yield
@@ -139,7 +144,9 @@ def ensure_dynamo_venv(venv: Path | None = None) -> Path:
                 timeout=_INSTALL_TIMEOUT,
             )
         if not _venv_works(python):
-            raise RuntimeError(f"installed the Dynamo peer into {venv} but `import dynamo.llm` fails")
+            raise RuntimeError(
+                f"installed the Dynamo peer into {venv} but `import dynamo.llm` fails"
+            )
     return python
 
 
@@ -225,9 +232,14 @@ def make_tokenizer_loadable(model_dir: str | os.PathLike[str]) -> Path:
     tok = json.loads(path.read_text())
     added = [
         {
-            "id": t["id"], "content": t["content"], "single_word": False, "lstrip": False,
-            "rstrip": False, "normalized": False, "special": bool(t.get("special", True)),
-        }  # fmt: skip
+            "id": t["id"],
+            "content": t["content"],
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": bool(t.get("special", True)),
+        }
         for t in tok.get("added_tokens", [])
     ]
     model = tok.get("model", {})
@@ -241,28 +253,31 @@ def make_tokenizer_loadable(model_dir: str | os.PathLike[str]) -> Path:
         "post_processor": None,
         "decoder": None,
         "model": {
-            "type": "BPE", "dropout": None, "unk_token": "<unk>",
-            "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
-            "byte_fallback": False, "ignore_merges": False,
-            "vocab": model.get("vocab", {}), "merges": model.get("merges", []),
-        },  # fmt: skip
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": model.get("vocab", {}),
+            "merges": model.get("merges", []),
+        },
     }
     path.write_text(json.dumps(full))
     return path
 
 
 def write_dynamo_sample_model(directory: str | os.PathLike[str], **kwargs: Any) -> Path:
-    """``discovery_mdc._sample.write_sample_model`` plus a tokenizer Dynamo can load.
+    """``discovery_mdc._sample.write_sample_model``, whose tokenizer.json Dynamo loads.
 
-    Keyword arguments go to ``write_sample_model`` (``vocab_size``, ``chat_template``, ...).
     A Chat model needs ``chat_template=True`` (the default): Dynamo's frontend refuses a Chat
     model whose tokenizer_config.json has no chat_template.
     """
     from discovery_mdc._sample import write_sample_model
 
-    path = write_sample_model(directory, **kwargs)
-    make_tokenizer_loadable(path)
-    return path
+    return write_sample_model(directory, **kwargs)
 
 
 # --------------------------------------------------------------------------- worker, frontend
@@ -272,7 +287,7 @@ def write_dynamo_sample_model(directory: str | os.PathLike[str], **kwargs: Any) 
 # model_type, endpoint, model_path, model_name, *, worker_type=..., lora_name=...,
 # base_model_path=..., custom_template_path=..., self_host_metadata=...)` and
 # `ep.serve_endpoint(handler)`. Configuration comes in as JSON in argv[1].
-WORKER_SCRIPT: Final = r'''
+WORKER_SCRIPT: Final = r"""
 import asyncio, json, signal, sys
 
 from dynamo.llm import (
@@ -322,7 +337,7 @@ async def main():
 
 
 asyncio.run(main())
-'''
+"""
 
 
 def write_worker_script(directory: str | os.PathLike[str]) -> Path:
@@ -332,10 +347,23 @@ def write_worker_script(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _log_handle(log: str | os.PathLike[str] | None) -> IO[bytes] | int:
-    if log is None:
-        return subprocess.DEVNULL
-    return open(log, "ab")  # noqa: SIM115 - handed to Popen; closed by stop()
+def _spawn(
+    argv: Sequence[str], env: Mapping[str, str], log: str | os.PathLike[str] | None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session with stdout+stderr appended to ``log``."""
+    with contextlib.ExitStack() as stack:
+        out: IO[bytes] | int = subprocess.DEVNULL
+        if log is not None:
+            # The child inherits its own copy of the descriptor; ours closes right away.
+            out = stack.enter_context(open(log, "ab"))
+        return subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def start_dynamo_worker(
@@ -382,15 +410,7 @@ def start_dynamo_worker(
     }
     script_dir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="dyn-w-"))
     script = write_worker_script(script_dir)
-    out = _log_handle(log)
-    return subprocess.Popen(
-        [os.fspath(python), str(script), json.dumps(cfg)],
-        env=dict(env),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    return _spawn([os.fspath(python), str(script), json.dumps(cfg)], env, log)
 
 
 def start_dynamo_frontend(
@@ -402,18 +422,17 @@ def start_dynamo_frontend(
     log: str | os.PathLike[str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m dynamo.frontend --http-host 127.0.0.1 --http-port P``."""
-    out = _log_handle(log)
-    return subprocess.Popen(
-        [
-            os.fspath(python), "-m", FRONTEND_MODULE,
-            "--http-host", "127.0.0.1", "--http-port", str(http_port), *extra_args,
-        ],  # fmt: skip
-        env=dict(env),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    argv = [
+        os.fspath(python),
+        "-m",
+        FRONTEND_MODULE,
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(http_port),
+        *extra_args,
+    ]
+    return _spawn(argv, env, log)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
@@ -435,7 +454,7 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
 
 # --------------------------------------------------------------------------- mdcsum oracle
 
-_ORACLE: Final = r'''
+_ORACLE: Final = r"""
 import json, sys
 from dynamo._core import ModelDeploymentCard
 out = []
@@ -445,7 +464,7 @@ for text in json.load(sys.stdin):
     except Exception as exc:  # report per card; one bad card must not hide the others
         out.append({"error": f"{type(exc).__name__}: {exc}"})
 json.dump(out, sys.stdout)
-'''
+"""
 
 
 def oracle_local_dirs(
@@ -516,6 +535,24 @@ def etcd_get_prefix(etcd_url: str, prefix: str) -> dict[str, bytes]:
     }
 
 
+def etcd_put(etcd_url: str, key: str, value: bytes, lease: int | None = None) -> None:
+    """Put one key (optionally bound to ``lease``) through the gateway."""
+    body: dict[str, Any] = {"key": _b64(key.encode()), "value": _b64(value)}
+    if lease is not None:
+        body["lease"] = lease
+    _post(etcd_url, "/v3/kv/put", body)
+
+
+def etcd_lease_grant(etcd_url: str, ttl: int = 30) -> int:
+    """Grant a lease; return its id."""
+    return int(_post(etcd_url, "/v3/lease/grant", {"TTL": ttl})["ID"])
+
+
+def etcd_lease_revoke(etcd_url: str, lease: int) -> None:
+    """Revoke a lease, deleting every key bound to it."""
+    _post(etcd_url, "/v3/lease/revoke", {"ID": lease})
+
+
 def etcd_delete_prefix(etcd_url: str, prefix: str) -> int:
     """Delete every key under ``prefix``; return how many were deleted."""
     p = prefix.encode()
@@ -552,7 +589,9 @@ def wait_for(
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.pid} exited ({proc.returncode}) before {what}")
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})")
+    raise TimeoutError(
+        f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})"
+    )
 
 
 def wait_for_keys(
@@ -605,3 +644,204 @@ def wait_for_models(
         check, timeout=timeout, what=f"models {list(expected)} present={present}", proc=proc
     )
     return result
+
+
+# --------------------------------------------------------------------------- golden capture
+
+# Each scenario: (name, model dir under models/, display name, options). Options:
+# sysport (run the status server, so Dynamo self-hosts by default), self_host (sets
+# DYN_SELF_HOST_METADATA), and start_dynamo_worker keyword arguments.
+_SCENARIOS: Final[tuple[tuple[str, str, str | None, dict[str, Any]], ...]] = (
+    ("selfhost", "basic", None, {"sysport": True}),
+    ("noport", "basic", None, {"sysport": False}),
+    ("selfhost_off", "basic", None, {"sysport": True, "self_host": False}),
+    ("jinja_selfhost", "jinja", None, {"sysport": True}),
+    ("jinja_noport", "jinja", None, {"sysport": False}),
+    ("extras_selfhost", "extras", None, {"sysport": True}),
+    ("extras_noport", "extras", None, {"sysport": False}),
+    ("custom_template_selfhost", "basic", None,
+     {"sysport": True, "custom_template": "custom_template.jinja"}),
+    ("nochat_completions", "nochat", None, {"sysport": True, "model_type": ("Completions",)}),
+    ("tokenizer_ctx_noport", "tcctx", None, {"sysport": False}),
+    ("slashname_selfhost", "basic", "Org/Model-1.5B v2", {"sysport": True}),
+    ("lora_selfhost", "basic", None, {"sysport": True, "loras": [("Adapter.A", "lora-a")]}),
+    ("lora_noport", "basic", None, {"sysport": False, "loras": [("Adapter.A", "lora-a")]}),
+    ("extmatrix_selfhost", "extmatrix", None, {"sysport": True}),
+    ("prefill_ns", "basic", None,
+     {"sysport": True, "endpoint": "myns.prefill.generate", "worker_type": "Prefill",
+      "model_type": (), "needs": [["Decode"], ["Aggregated"]]}),
+    ("knobs_selfhost", "basic", None,
+     {"sysport": True, "router_mode": "KV",
+      "runtime_config": {"context_length": 1024, "max_num_seqs": 8,
+                         "reasoning_parser": "deepseek_r1", "total_kv_blocks": 100},
+      "register_kwargs": {"kv_cache_block_size": 32, "user_data": {"team": "x", "n": 1},
+                          "model_aliases": ["alias-one", "Alias.Two"]}}),
+    ("knobs_noport", "basic", None,
+     {"sysport": False, "router_mode": "RoundRobin", "runtime_config": {"context_length": 0},
+      "register_kwargs": {"kv_cache_block_size": 64}}),
+)  # fmt: skip
+
+
+def write_golden_models(models: Path) -> None:
+    """The model dirs the golden scenarios serve (deterministic bytes; committed as data)."""
+    import shutil
+
+    shutil.rmtree(models, ignore_errors=True)
+    for name in ("basic", "jinja", "extras", "extmatrix"):
+        write_dynamo_sample_model(models / name, vocab_size=100)
+    write_dynamo_sample_model(
+        models / "nochat", vocab_size=100, chat_template=False, generation_config=False,
+        extra_files=False,
+    )  # fmt: skip
+    tc = write_dynamo_sample_model(models / "tcctx", vocab_size=100, max_position_embeddings=None)
+    cfg = json.loads((tc / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 2048
+    (tc / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    (models / "jinja" / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    )
+    (models / "custom_template.jinja").write_text("{{ messages[0]['content'] }}")
+    extras = models / "extras"
+    (extras / "tokenizer.model").write_bytes(bytes(range(256)) * 2)
+    (extras / "added_tokens.json").write_text(json.dumps({"<pad>": 100}))
+    (extras / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (extras / "merges.txt").write_text("#version: 0.2\na b\n")
+    (extras / "preprocessor_config.json").write_text(json.dumps({"do_resize": False}))
+    (extras / "README.md").write_text("# sample\n")
+    (extras / ".hidden").write_text("hidden\n")
+    (extras / "pytorch_model.bin").write_bytes(b"\0" * 64)
+    (extras / "sub").mkdir()
+    (extras / "sub" / "nested.json").write_text("{}")
+    matrix = models / "extmatrix"
+    for n in (
+        "vocab.txt", "spiece.model", "notes.md", "LICENSE", "script.py", "conf.yaml",
+        "extra.jinja", "data.npy", "processor_config.json", "README.txt", ".hidden.json",
+        "UPPER.JSON", "w.msgpack", "x.pt", "y.gguf", "z.onnx", "a.h5", "t.tflite", "f.pth",
+        "tokenizer.tiktoken.bak", "README", "readme.md", "USE_POLICY.md", "LICENSE.md",
+    ):  # fmt: skip
+        (matrix / n).write_text("{}")
+    (matrix / "big.json").write_text(json.dumps({"k": "x" * (100 << 10)}))
+    (matrix / "chat_template.json").write_text(
+        json.dumps({"chat_template": "{{ messages[0]['content'] }}"})
+    )
+    os.symlink("vocab.txt", matrix / "linked.txt")
+    lora = models / "lora-a"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "peft_type": "LORA"})
+    )
+    (lora / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+
+
+def _raw_card_json(envelope: bytes) -> str:
+    """The exact bytes of ``card_json`` inside an envelope (no re-serialisation)."""
+    import msgspec
+
+    fields = msgspec.json.decode(envelope, type=dict[str, msgspec.Raw])
+    return bytes(fields["card_json"]).decode()
+
+
+def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]:
+    """Run every scenario against a fresh etcd and a Dynamo frontend; write the raw values of
+    ``v1/mdc/...`` and ``v1/instances/...`` plus ``manifest.json`` into ``out_dir``."""
+    import shutil
+
+    from discovery_mdc.etcd import EtcdServer
+
+    py = python or ensure_dynamo_venv()
+    models = out_dir / "models"
+    write_golden_models(models)
+    for old in out_dir.glob("*.json"):
+        old.unlink()
+    work = Path(tempfile.mkdtemp(prefix="dyn-capture-"))
+    manifest: dict[str, Any] = {
+        "dynamo": {"ai-dynamo": DYNAMO_VERSION, "ai-dynamo-runtime": DYNAMO_VERSION},
+        "produced_by": "python integration/_dynamo.py capture (capture_goldens)",
+        "envelopes": [],
+        "instances": [],
+    }
+    with EtcdServer() as etcd:
+        url = etcd.client_url
+        fhome = work / "frontend-home"
+        fhome.mkdir()
+        fport = free_port()
+        fe = start_dynamo_frontend(py, dynamo_env(url, fhome), fport, log=work / "fe.log")
+        try:
+            wait_for(lambda: list_models(fport) is not None, what="frontend up", proc=fe)
+            for scen, model, display, opts in _SCENARIOS:
+                opts = dict(opts)
+                sysport = free_port_below_32768() if opts.pop("sysport") else None
+                self_host = opts.pop("self_host", None)
+                home = work / f"home-{scen}"
+                home.mkdir()
+                env = dynamo_env(url, home, system_port=sysport, self_host=self_host)
+                custom = opts.pop("custom_template", None)
+                if custom:
+                    opts.setdefault("register_kwargs", {})["custom_template_path"] = str(
+                        models / custom
+                    )
+                loras = [(n, models / d) for n, d in opts.pop("loras", [])]
+                name = display or scen
+                w = start_dynamo_worker(
+                    py, env, models / model, name, loras=loras, log=work / f"w-{scen}.log",
+                    workdir=home, **opts,
+                )  # fmt: skip
+                try:
+                    kvs = wait_for_keys(url, "v1/", 2 + len(loras), proc=w)
+                    listed: list[str] | None = None
+                    if opts.get("worker_type", "Aggregated") != "Prefill":
+                        expected = [name, *(n for n, _ in loras)]
+                        listed = wait_for_models(fport, expected, proc=fe)
+                finally:
+                    stop(w)
+                etcd_delete_prefix(url, "v1/")
+                wait_for_models(fport, [name], present=False, proc=fe)
+                common = {
+                    "scenario": scen,
+                    "model_dir": f"models/{model}",
+                    "display_name": name,
+                    "system_port": sysport is not None,
+                    "DYN_SELF_HOST_METADATA": self_host,
+                    "register": {k: v for k, v in opts.items()} | (
+                        {"loras": [[n, str(d.relative_to(out_dir))] for n, d in loras]}
+                        if loras else {}
+                    ),
+                }  # fmt: skip
+                for key, value in sorted(kvs.items()):
+                    kind = "mdc" if key.startswith("v1/mdc/") else "instance"
+                    lora_part = key.split("/")[6] if kind == "mdc" and key.count("/") == 6 else ""
+                    fname = f"{scen}.{kind}{'.' + lora_part if lora_part else ''}.json"
+                    (out_dir / fname).write_bytes(value)
+                    entry = {"file": fname, "key": key, **common}
+                    if kind == "mdc":
+                        entry["frontend_listed"] = listed
+                        manifest["envelopes"].append(entry)
+                    else:
+                        manifest["instances"].append(entry)
+        finally:
+            stop(fe)
+        # What the frontend cached: by-slug/<slug>/<mdcsum>/<files>.
+        by_slug = fhome / ".cache" / "dynamo" / "mdc" / "by-slug"
+        frontend_dirs = {
+            f"{p.parent.name}/{p.name}": sorted(f.name for f in p.iterdir())
+            for p in sorted(by_slug.glob("*/*"))
+        }
+    cards = [_raw_card_json((out_dir / e["file"]).read_bytes()) for e in manifest["envelopes"]]
+    for entry, local_dir in zip(manifest["envelopes"], oracle_local_dirs(cards, py), strict=True):
+        slug, mdcsum = Path(local_dir).parts[-2:]
+        entry["oracle_local_dir"] = local_dir
+        entry["oracle_slug"] = slug
+        entry["oracle_mdcsum"] = mdcsum
+        entry["frontend_cache_files"] = frontend_dirs.get(f"{slug}/{mdcsum}")
+    manifest["frontend_cache_dirs"] = sorted(frontend_dirs)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["capture"]:
+        sys.exit("usage: python integration/_dynamo.py capture [OUT_DIR]")
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("tests/data/dynamo")
+    result = capture_goldens(out.resolve())
+    print(f"captured {len(result['envelopes'])} envelopes into {out}")

@@ -79,16 +79,24 @@ def _tokenizer(model_dir: Path) -> Slot | None:
     return None
 
 
+# Dynamo 1.6.1 leaves exactly this name out of extra_files (case-sensitive: readme.md and
+# README.MD are published). Skipping it too keeps the mdcsum of a self-hosting mixed replica
+# set equal to Dynamo's; see docs/interop.md.
+_NOT_EXTRA: Final = frozenset({"README.md"})
+
+
 def _is_weight_or_hidden(name: str) -> bool:
-    return name.startswith(".") or any(fnmatch.fnmatch(name, p) for p in WEIGHT_PATTERNS)
+    # Case-sensitive on every platform, as Dynamo matches (X.BIN is published as an extra).
+    return name.startswith(".") or any(fnmatch.fnmatchcase(name, p) for p in WEIGHT_PATTERNS)
 
 
 def list_extra_files(model_dir: Path, exclude: Iterable[str]) -> list[Path]:
-    """Non-weight, non-hidden regular files directly in ``model_dir``, minus ``exclude``."""
+    """Non-weight, non-hidden regular files directly in ``model_dir``, minus ``exclude`` and
+    ``README.md`` (the files Dynamo publishes as ``extra_files``)."""
     skip = set(exclude)
     out = []
     for entry in sorted(os.scandir(model_dir), key=lambda e: e.name):
-        if entry.name in skip or _is_weight_or_hidden(entry.name):
+        if entry.name in skip or entry.name in _NOT_EXTRA or _is_weight_or_hidden(entry.name):
             continue
         if entry.is_file():  # follows symlinks, as HF cache snapshots need
             out.append(model_dir / entry.name)

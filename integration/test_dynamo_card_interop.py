@@ -1,0 +1,127 @@
+"""Cards we build and encode, checked by the real Dynamo 1.6.1 runtime (``-m dynamo``).
+
+- Dynamo's own Rust code (``ModelDeploymentCard.from_json_str(...).local_dir()``) parses our
+  encoding and computes the same mdcsum as ours.
+- A Dynamo frontend lists a card we encoded (published with an Endpoint instance record on the
+  same lease), caches it under ``by-slug/<slug>/<our mdcsum>/``, and drops it when the lease
+  goes.
+
+The worker-to-frontend scenarios in both directions live with the publisher and frontend
+tests; this module pins only the card bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from discovery_mdc.card import (
+    ModelEnvelope,
+    WorkerType,
+    card_key,
+    encode_card,
+    encode_envelope,
+    endpoint_key,
+    from_dir,
+    mdcsum,
+)
+from discovery_mdc.etcd import EtcdServer
+from integration._dynamo import (
+    dynamo_env,
+    ensure_dynamo_venv,
+    etcd_lease_grant,
+    etcd_lease_revoke,
+    etcd_put,
+    free_port,
+    oracle_local_dirs,
+    start_dynamo_frontend,
+    stop,
+    wait_for_models,
+    write_dynamo_sample_model,
+)
+
+pytestmark = pytest.mark.dynamo
+
+
+@pytest.fixture(scope="module")
+def peer() -> Path:
+    return ensure_dynamo_venv()
+
+
+@pytest.fixture
+def etcd_url(etcd_server: EtcdServer) -> str:
+    return etcd_server.client_url
+
+
+def test_dynamo_parses_our_cards_and_agrees_on_mdcsum(peer: Path, tmp_path: Path) -> None:
+    basic = write_dynamo_sample_model(tmp_path / "basic", vocab_size=50)
+    (basic / "README.md").write_text("# left out by Dynamo too\n")
+    (basic / "tokenizer.model").write_bytes(b"\x00\x01" * 40)
+    jinja = write_dynamo_sample_model(tmp_path / "jinja", vocab_size=50, seed=1)
+    (jinja / "chat_template.jinja").write_text("{{ messages }}")
+    bare = write_dynamo_sample_model(
+        tmp_path / "bare", vocab_size=50, max_position_embeddings=None, generation_config=False
+    )
+    template = tmp_path / "custom.jinja"
+    template.write_text("{{ messages[0] }}")
+    cards = [
+        from_dir(basic),
+        from_dir(basic, include_extra_files=True),
+        from_dir(basic, display_name="Org/Name-1.5B", kv_cache_block_size=64),
+        from_dir(jinja, custom_template=template, worker_type=None),
+        from_dir(bare, model_type=("Completions",)),
+        from_dir(basic, worker_type=WorkerType.PREFILL, model_type=()).replace(
+            needs=((WorkerType.DECODE,), (WorkerType.AGGREGATED,)), aliases=("a", "B.c")
+        ),
+    ]
+    local_dirs = oracle_local_dirs([encode_card(c).decode() for c in cards], peer)
+    for card, local_dir in zip(cards, local_dirs, strict=True):
+        assert local_dir.endswith(f"/by-slug/{card.slug}/{mdcsum(card)}"), card.display_name
+
+
+def test_dynamo_frontend_lists_our_card_and_drops_it_with_the_lease(
+    peer: Path, etcd_url: str, tmp_path: Path
+) -> None:
+    model = write_dynamo_sample_model(tmp_path / "m", vocab_size=50)
+    card = from_dir(model, display_name="ours-local")  # local paths, self-hosting off
+    instance_id = 0x694D9981145A61AD
+    lease = etcd_lease_grant(etcd_url, 30)
+    envelope = ModelEnvelope(
+        namespace="dynamo",
+        component="backend",
+        endpoint="generate",
+        instance_id=instance_id,
+        card=card,
+    )
+    # Without an Endpoint record on the same lease a Dynamo frontend never lists the model.
+    record = {
+        "type": "Endpoint",
+        "component": "backend",
+        "endpoint": "generate",
+        "namespace": "dynamo",
+        "instance_id": instance_id,
+        "transport": {"tcp": f"127.0.0.1:1/{instance_id:x}/dynamo/backend/generate"},
+    }
+    for key, value in (
+        (card_key("dynamo", "backend", "generate", instance_id), encode_envelope(envelope)),
+        (endpoint_key("dynamo", "backend", "generate", instance_id), json.dumps(record).encode()),
+    ):
+        etcd_put(etcd_url, key, value, lease)
+    home = tmp_path / "frontend-home"
+    home.mkdir()
+    port = free_port()
+    frontend = start_dynamo_frontend(
+        peer, dynamo_env(etcd_url, home), port, log=tmp_path / "frontend.log"
+    )
+    try:
+        wait_for_models(port, ["ours-local"], proc=frontend)
+        cached = home / ".cache" / "dynamo" / "mdc" / "by-slug" / card.slug / mdcsum(card)
+        assert cached.is_dir()
+        for _, f in card.files():
+            assert (cached / f.basename).read_bytes() == Path(f.path).read_bytes()
+        etcd_lease_revoke(etcd_url, lease)
+        wait_for_models(port, ["ours-local"], present=False, proc=frontend)
+    finally:
+        stop(frontend)
