@@ -184,3 +184,58 @@ def test_relist_diff_emits_deletes_for_vanished_keys_and_upserts_for_changes() -
     ]
     assert st.known == {"same": 2, "changed": 10, "new": 11} and st.revision == 12
     assert st.diff({"same": (b"v", 2), "changed": (b"w", 10), "new": (b"n", 11)}, 12) == []
+
+
+def test_watch_events_at_or_below_the_last_snapshot_are_already_applied() -> None:
+    st = WatchState()
+    assert st.diff({"a": (b"v", 5)}, revision=10) == [Change(ChangeKind.PUT, "a", b"v", 5)]
+    # A lagging watch delivers what the snapshot already holds: nothing to do.
+    assert st.on_delete("a", 4) is None and st.on_put("b", b"x", 9) is None
+    assert st.known == {"a": 5}
+    assert st.on_delete("a", 11) is not None and st.known == {}
+
+
+def test_a_stale_snapshot_never_undoes_newer_watch_events() -> None:
+    st = WatchState()
+    st.diff({"old": (b"v", 3)}, revision=10)
+    st.on_put("new", b"n", 12)
+    st.on_delete("old", 13)
+    # A relist that started before those events answers at revision 11.
+    assert st.diff({"old": (b"v", 3)}, revision=11) == []
+    assert st.known == {"new": 12}
+    # One older than the last snapshot applied is ignored outright.
+    assert st.diff({}, revision=9) == []
+    assert st.known == {"new": 12}
+
+
+def test_deleting_one_of_two_pending_worker_sets_keeps_the_shared_pipeline() -> None:
+    reg = Registry()
+    reg.apply(_put(1, ns="ns1"))
+    out = reg.apply(_put(2, ns="ns2"))
+    assert out.pipelines  # same (model, mdcsum): the driver joins the running pipeline
+    out = reg.apply(_delete(1, ns="ns1"))
+    assert out.cancelled == []
+    assert reg.pending("org/m", mdcsum(_card()))
+
+
+def test_rejected_instance_is_admitted_once_the_blocking_worker_set_is_gone() -> None:
+    reg = Registry()
+    reg.apply(_put(1))
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    reg.apply(_put(3, _card(tok="9")))
+    assert reg.rejected_keys() == {card_key("dynamo", "backend", "generate", 3)}
+    out = reg.apply(_delete(1))
+    assert [e.kind for e in out.events] == [EventKind.REMOVED]
+    assert [p.mdcsum for p in out.pipelines] == [mdcsum(_card(tok="9"))]
+    assert reg.rejected_keys() == set()
+    assert reg.instance_keys() == {card_key("dynamo", "backend", "generate", 3)}
+
+
+def test_deleting_a_rejected_key_forgets_it() -> None:
+    reg = Registry()
+    reg.apply(_put(1))
+    reg.apply(_put(3, _card(tok="9")))
+    assert reg.apply(_delete(3)).events == []
+    assert reg.rejected_keys() == set()
+    reg.apply(_delete(1))
+    assert reg.instance_keys() == set()

@@ -224,7 +224,7 @@ def plan_card(
         if by_name.setdefault(name, f.checksum.hex) != f.checksum.hex:
             raise CardError(f"card {card.display_name!r} has two different files named {name!r}")
         first = hf_fallback_uri(card, f) if hf_fallback else source_uri(f.path)
-        extra = alternates.get(f.checksum.hex, ()) if alternates else ()
+        extra = [source_uri(u) for u in alternates.get(f.checksum.hex, ())] if alternates else []
         uris = tuple(dict.fromkeys([first, *extra]))
         files.append(
             FilePlan(

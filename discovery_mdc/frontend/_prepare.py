@@ -22,6 +22,6 @@ def _check(card: ModelDeploymentCard) -> None:
             raise CardError(f"{slot} file {f.path} does not parse as JSON: {exc}") from None
 
 
-async def check_json_files(card: ModelDeploymentCard, local_dir: Path) -> None:
+async def check_json_files(card: ModelDeploymentCard, local_dir: Path | None) -> None:
     """Parse each ``*.json`` slot of the resolved card (in a thread: tokenizers are big)."""
     await asyncio.to_thread(_check, card)

@@ -114,44 +114,68 @@ class Change:
 
 @dataclass(slots=True)
 class WatchState:
-    """Known keys (key -> mod_revision) and the highest revision seen."""
+    """Known keys (key -> mod_revision), the highest revision seen, and the last snapshot.
+
+    The watch stream and a relist race: a relist may return a snapshot older than events the
+    watch already applied, and the watch may still deliver events older than the snapshot.
+    Two rules keep the result exact whatever the interleaving:
+
+    - an event at or below ``snapshot_revision`` is already part of that snapshot: ignored;
+    - a diff never undoes a watch event newer than its snapshot: a key put after the snapshot
+      is not deleted, and a key deleted after it (``tombstones``) is not put back.
+    """
 
     revision: int = 0
     known: dict[str, int] = field(default_factory=dict)
+    snapshot_revision: int = 0
+    tombstones: dict[str, int] = field(default_factory=dict)  # key -> delete revision
 
     def observe_revision(self, revision: int) -> None:
         self.revision = max(self.revision, revision)
 
     def on_put(self, key: str, value: bytes, mod_revision: int) -> Change | None:
-        if self.known.get(key, -1) >= mod_revision:
-            return None  # replay of something already applied
-        self.known[key] = mod_revision
         self.observe_revision(mod_revision)
+        if mod_revision <= self.snapshot_revision or self.known.get(key, -1) >= mod_revision:
+            return None  # replay of something already applied
+        self.tombstones.pop(key, None)
+        self.known[key] = mod_revision
         return Change(ChangeKind.PUT, key, value, mod_revision)
 
     def on_delete(self, key: str, revision: int) -> Change | None:
         self.observe_revision(revision)
+        if revision <= self.snapshot_revision or self.known.get(key, -1) >= revision:
+            return None
+        self.tombstones[key] = revision
         if self.known.pop(key, None) is None:
             return None
         return Change(ChangeKind.DELETE, key, mod_revision=revision)
 
     def diff(self, snapshot: Mapping[str, tuple[bytes, int]], revision: int) -> list[Change]:
-        """Changes that take the known state to ``snapshot`` (key -> (value, mod_revision)).
+        """Changes that take the known state to ``snapshot`` (key -> (value, mod_revision))
+        taken at ``revision``.
 
-        Deletes for vanished keys come first, then upserts for new or changed keys.
+        Deletes for vanished keys come first, then upserts for new or changed keys. A snapshot
+        older than the last one applied is stale and yields nothing.
         """
-        changes = [
-            Change(ChangeKind.DELETE, key, mod_revision=revision)
-            for key in sorted(self.known.keys() - snapshot.keys())
-        ]
-        for change in changes:
-            del self.known[change.key]
+        if revision < self.snapshot_revision:
+            return []
+        changes = []
+        for key in sorted(self.known.keys() - snapshot.keys()):
+            if self.known[key] > revision:
+                continue  # put after the snapshot was taken
+            del self.known[key]
+            changes.append(Change(ChangeKind.DELETE, key, mod_revision=revision))
         for key in sorted(snapshot):
             value, mod_revision = snapshot[key]
-            if self.known.get(key) != mod_revision:
-                self.known[key] = mod_revision
-                changes.append(Change(ChangeKind.PUT, key, value, mod_revision))
-        self.revision = max(self.revision, revision)
+            if self.tombstones.get(key, -1) > revision:
+                continue  # deleted after the snapshot was taken
+            if self.known.get(key, -1) >= mod_revision:
+                continue  # unchanged, or the watch already applied a newer value
+            self.known[key] = mod_revision
+            changes.append(Change(ChangeKind.PUT, key, value, mod_revision))
+        self.snapshot_revision = revision
+        self.tombstones = {k: r for k, r in self.tombstones.items() if r > revision}
+        self.observe_revision(revision)
         return changes
 
 
@@ -242,11 +266,21 @@ class Registry:
         self.filter = namespace_filter or NamespaceFilter()
         self._models: dict[str, _Model] = {}
         self._by_key: dict[str, tuple[str, str]] = {}  # key -> (model, worker set key)
+        # Rejected instances, reconsidered when the worker set that blocked them is dropped:
+        # a fresh frontend would admit them then, and this one must converge to the same.
+        self._rejected: dict[str, tuple[CardKey, ModelEnvelope]] = {}
 
     # -- queries
 
     def instance_keys(self) -> set[str]:
         return set(self._by_key)
+
+    def rejected_keys(self) -> set[str]:
+        return set(self._rejected)
+
+    def counts(self) -> tuple[int, int]:
+        """(ready models, admitted instances), cheaply, for the gauges."""
+        return sum(1 for m in self._models.values() if m.visible), len(self._by_key)
 
     def ready_models(self) -> list[ModelInfo]:
         return [
@@ -279,14 +313,14 @@ class Registry:
         """Apply one etcd change; returns model events and the pipelines to start."""
         out = Outcome()
         if change.kind is ChangeKind.DELETE:
-            self._remove(change.key, out)
+            self._remove(change.key, out, now)
             return out
         card_key = parse_card_key(change.key)
         if card_key is None:
             log.warning(
                 "ignoring key %s: not a card key (instance id must be lowercase hex)", change.key
             )
-            self._remove(change.key, out)
+            self._remove(change.key, out, now)
             out.malformed = True
             return out
         if not self.filter.admits(card_key.namespace):
@@ -295,7 +329,7 @@ class Registry:
             env = decode_envelope(change.value)
         except CardDecodeError as exc:
             log.warning("skipping malformed card at %s: %s", change.key, exc)
-            self._remove(change.key, out)
+            self._remove(change.key, out, now)
             out.malformed = True
             return out
         self._add(change.key, card_key, env, out, now)
@@ -311,7 +345,8 @@ class Registry:
             if old.envelope == env:
                 return
             # A new incarnation of the same key: remove, then add.
-            self._remove(key, out)
+            self._remove(key, out, now)
+        self._rejected.pop(key, None)
         model = self._models.get(name)
         if model is None:
             model = self._models[name] = _Model(name)
@@ -334,11 +369,15 @@ class Registry:
                     f"worker set {ws_key} has mdcsum {ws.mdcsum}, card has {sum_}",
                 )
             )
-            if not model.worker_sets:
-                del self._models[name]
+            self._rejected[key] = (card_key, env)
             return
         if ws is None:
             ws = model.worker_sets[ws_key] = _WorkerSet(ws_key, sum_)
+            # Another worker set of this model may already hold the same files.
+            for other in model.worker_sets.values():
+                if other.mdcsum == sum_ and other.card is not None:
+                    ws.card, ws.local_dir = other.card, other.local_dir
+                    break
         inst = Instance(key, card_key, env, sum_, ready=ws.card is not None)
         ws.instances[key] = inst
         self._by_key[key] = (name, ws_key)
@@ -359,7 +398,9 @@ class Registry:
         )
         out.events.append(ModelEvent(EventKind.ADDED, model.name, key))
 
-    def _remove(self, key: str, out: Outcome) -> None:
+    def _remove(self, key: str, out: Outcome, now: int = 0) -> None:
+        if self._rejected.pop(key, None) is not None:
+            return  # never registered
         where = self._by_key.pop(key, None)
         if where is None:
             return
@@ -367,26 +408,44 @@ class Registry:
         model = self._models[name]
         ws = model.worker_sets[ws_key]
         del ws.instances[key]
-        if not ws.instances:
+        dropped = not ws.instances
+        if dropped:
             del model.worker_sets[ws_key]
-            if ws.card is None:
+            # The pipeline is per (model, mdcsum): another worker set may still wait for it.
+            if ws.card is None and not self.pending(name, ws.mdcsum):
                 out.cancelled.append((name, ws.mdcsum))
         if not any(w.card is not None for w in model.worker_sets.values()):
             if model.visible:
                 model.visible = False
+                model.created = 0
                 log.info("model %r removed (no ready instances left)", name)
                 out.events.append(ModelEvent(EventKind.REMOVED, name, key))
         elif model.visible:
             out.events.append(ModelEvent(EventKind.UPDATED, name, key, "instance removed"))
         if not model.worker_sets:
             del self._models[name]
+        if dropped:
+            self._readmit(name, ws_key, out, now)
+
+    def _readmit(self, name: str, ws_key: str, out: Outcome, now: int) -> None:
+        """Admit again the instances rejected by a worker set that is now gone."""
+        for key, (card_key, env) in list(self._rejected.items()):
+            if model_id(env.card) == name and worker_set_key(env) == ws_key:
+                del self._rejected[key]
+                log.info(
+                    "reconsidering instance %s of model %r: worker set %s is gone",
+                    key,
+                    name,
+                    ws_key,
+                )
+                self._add(key, card_key, env, out, now)
 
     def pipeline_done(
         self,
         model_name: str,
         sum_: str,
         card: ModelDeploymentCard,
-        local_dir: Path,
+        local_dir: Path | None,
         now: int = 0,
     ) -> Outcome:
         """Mark every pending instance of (model, mdcsum) ready with the resolved card."""

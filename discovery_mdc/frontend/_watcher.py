@@ -12,19 +12,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from discovery_mdc._backoff import Backoff
 from discovery_mdc.card import ModelDeploymentCard
-from discovery_mdc.errors import DiscoveryError, EtcdCompactedError, EtcdError
-from discovery_mdc.etcd import Store
+from discovery_mdc.errors import EtcdCompactedError, EtcdError
+from discovery_mdc.etcd import Store, WatchResponse
 from discovery_mdc.frontend._metrics import FrontendMetrics
 from discovery_mdc.frontend._prepare import check_json_files
 from discovery_mdc.frontend._state import (
-    Change,
     EventKind,
     ModelEvent,
     ModelInfo,
@@ -39,14 +39,18 @@ __all__ = ["ModelWatcher", "PrepareHook", "Resolver"]
 
 log = logging.getLogger("discovery_mdc.frontend")
 
-PrepareHook = Callable[[ModelDeploymentCard, Path], Awaitable[None]]
+_T = TypeVar("_T")
+
+#: ``prepare(resolved_card, local_dir)``; ``local_dir`` is None only for a legacy card used in
+#: place whose files do not share a directory.
+PrepareHook = Callable[[ModelDeploymentCard, Path | None], Awaitable[None]]
 
 
 class Resolved(Protocol):
     @property
     def card(self) -> ModelDeploymentCard: ...
     @property
-    def local_dir(self) -> Path: ...
+    def local_dir(self) -> Path | None: ...
 
 
 class Resolver(Protocol):
@@ -60,6 +64,10 @@ class ModelWatcher:
 
     Use as ``async with ModelWatcher(store, ...) as w:``; then ``w.models()``,
     ``async for event in w.events()`` and ``await w.wait_for_model(name, timeout)``.
+
+    Every change to the watch state and the registry happens synchronously, with no ``await``
+    in between, so a watch batch, a relist diff and a finished pipeline are each applied
+    atomically and in the order they arrive.
     """
 
     def __init__(
@@ -73,6 +81,7 @@ class ModelWatcher:
         resolver: Resolver | None = None,
         reconcile_interval: float = 30.0,
         max_concurrent_pipelines: int = 8,
+        slow_pipeline_after: float = 10.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -87,15 +96,15 @@ class ModelWatcher:
         self._resolver = resolver or _cache_resolver(cache_dir)
         self._reconcile_interval = reconcile_interval
         self._sem = asyncio.Semaphore(max_concurrent_pipelines)
+        self._slow_after = slow_pipeline_after
         self._backoff = (backoff_initial, backoff_max)
         self._sleep = sleep
         self.metrics = metrics or FrontendMetrics()
         self._pipelines: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._alternates: dict[tuple[str, str], dict[str, list[str]]] = {}
-        self._subscribers: list[asyncio.Queue[ModelEvent]] = []
-        self._changed = asyncio.Condition()
+        self._subscribers: list[asyncio.Queue[ModelEvent | None]] = []
+        self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._apply_lock = asyncio.Lock()
+        self._closed = False
         self.connected = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -120,6 +129,8 @@ class ModelWatcher:
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="mdc-reconcile"))
 
     async def close(self) -> None:
+        """Stop watching, cancel the pipelines and end every ``events()`` stream."""
+        self._closed = True
         tasks = [*self._tasks, *self._pipelines.values()]
         for task in tasks:
             task.cancel()
@@ -128,6 +139,9 @@ class ModelWatcher:
                 await task
         self._tasks.clear()
         self._pipelines.clear()
+        self.connected = False
+        for queue in self._subscribers:
+            queue.put_nowait(None)
 
     # ------------------------------------------------------------------ queries
 
@@ -136,36 +150,54 @@ class ModelWatcher:
         return self._registry.ready_models()
 
     def model(self, name: str) -> ModelInfo | None:
+        """One ready model, or None."""
         return self._registry.model(name)
 
     def instance_keys(self) -> set[str]:
         """Keys of every admitted instance (ready or still being prepared)."""
         return self._registry.instance_keys()
 
+    def rejected_keys(self) -> set[str]:
+        """Keys of instances rejected by mdcsum (and not admitted since)."""
+        return self._registry.rejected_keys()
+
     @property
     def revision(self) -> int:
+        """The highest etcd revision seen; a resumed watch starts after it."""
         return self._state.revision
 
-    async def events(self) -> AsyncIterator[ModelEvent]:
-        """Added / Updated / Removed / Rejected events from now on."""
-        queue: asyncio.Queue[ModelEvent] = asyncio.Queue()
+    def events(self) -> AsyncIterator[ModelEvent]:
+        """Added / Updated / Removed / Rejected events from the moment of this call on.
+
+        The stream ends when the watcher closes. Subscribing happens here, not at the first
+        ``__anext__``, so nothing between the call and the loop is missed.
+        """
+        queue: asyncio.Queue[ModelEvent | None] = asyncio.Queue()
         self._subscribers.append(queue)
+        if self._closed:
+            queue.put_nowait(None)
+        stream = self._drain(queue)
+        # A stream dropped without being closed must not keep collecting events.
+        weakref.finalize(stream, self._unsubscribe, queue)
+        return stream
+
+    async def _drain(self, queue: asyncio.Queue[ModelEvent | None]) -> AsyncIterator[ModelEvent]:
         try:
-            while True:
-                yield await queue.get()
+            while (event := await queue.get()) is not None:
+                yield event
         finally:
+            self._unsubscribe(queue)
+
+    def _unsubscribe(self, queue: asyncio.Queue[ModelEvent | None]) -> None:
+        with contextlib.suppress(ValueError):
             self._subscribers.remove(queue)
 
     async def wait_for_model(self, name: str, timeout: float | None = None) -> ModelInfo:  # noqa: ASYNC109
         """Wait until ``name`` is ready; raises ``TimeoutError`` after ``timeout`` seconds."""
-
-        async def ready() -> ModelInfo:
-            async with self._changed:
-                while (info := self._registry.model(name)) is None:
-                    await self._changed.wait()
-                return info
-
-        return await asyncio.wait_for(ready(), timeout)
+        async with asyncio.timeout(timeout):
+            while (info := self._registry.model(name)) is None:
+                await self._changed.wait()
+            return info
 
     # ------------------------------------------------------------------ watch
 
@@ -173,38 +205,28 @@ class ModelWatcher:
         backoff = Backoff(*self._backoff)
         while True:
             try:
+                start = self._state.revision + 1
                 stream = self._store.watch(
                     self._prefix,
                     prefix=True,
-                    start_revision=self._state.revision + 1,
+                    start_revision=start,
                     prev_kv=True,
                     progress_notify=True,
                 )
                 async for resp in stream:
                     if not self.connected:
-                        log.info(
-                            "watching %s from revision %d", self._prefix, self._state.revision + 1
-                        )
-                    self.connected = True
+                        log.info("watching %s from revision %d", self._prefix, start)
+                        self.connected = True
                     backoff.reset()
-                    changes: list[Change] = []
-                    for ev in resp.events:
-                        self.metrics.events.labels(ev.type.lower()).inc()
-                        if ev.type == "PUT":
-                            change = self._state.on_put(ev.kv.key, ev.kv.value, ev.kv.mod_revision)
-                        else:
-                            change = self._state.on_delete(ev.kv.key, ev.kv.mod_revision)
-                        if change is not None:
-                            changes.append(change)
-                    await self._apply_all(changes)
-                    self._state.observe_revision(resp.header_revision)
+                    self._on_watch_response(resp)
                 raise EtcdError(f"watch on {self._prefix} ended")
             except asyncio.CancelledError:
                 raise
             except EtcdCompactedError as exc:
                 log.warning(
-                    "watch on %s hit compaction at revision %d; relisting",
+                    "watch on %s from revision %d hit compaction at revision %d; relisting",
                     self._prefix,
+                    self._state.revision + 1,
                     exc.compact_revision,
                 )
                 await self._relist_with_retry("compaction", backoff)
@@ -220,6 +242,18 @@ class ModelWatcher:
                     delay,
                 )
                 await self._sleep(delay)
+
+    def _on_watch_response(self, resp: WatchResponse) -> None:
+        now = int(time.time())
+        for ev in resp.events:
+            self.metrics.events.labels(ev.type.lower()).inc()
+            if ev.type == "PUT":
+                change = self._state.on_put(ev.kv.key, ev.kv.value, ev.kv.mod_revision)
+            else:
+                change = self._state.on_delete(ev.kv.key, ev.kv.mod_revision)
+            if change is not None:
+                self._handle(self._registry.apply(change, now))
+        self._state.observe_revision(resp.header_revision)
 
     async def _relist_with_retry(self, reason: str, backoff: Backoff) -> None:
         while True:
@@ -238,8 +272,7 @@ class ModelWatcher:
         result = await self._store.range_prefix_all(self._prefix)
         snapshot = {kv.key: (kv.value, kv.mod_revision) for kv in result.kvs}
         self.metrics.relists.labels(reason).inc()
-        async with self._apply_lock:
-            changes = self._state.diff(snapshot, result.revision)
+        changes = self._state.diff(snapshot, result.revision)
         if changes:
             log.info(
                 "relist (%s) of %s at revision %d: %d change(s)",
@@ -248,7 +281,9 @@ class ModelWatcher:
                 result.revision,
                 len(changes),
             )
-        await self._apply_all(changes)
+        now = int(time.time())
+        for change in changes:
+            self._handle(self._registry.apply(change, now))
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -266,89 +301,131 @@ class ModelWatcher:
 
     # ------------------------------------------------------------------ apply
 
-    async def _apply_all(self, changes: list[Change]) -> None:
-        if not changes:
-            return
-        async with self._apply_lock:
-            now = int(time.time())
-            for change in changes:
-                await self._handle(self._registry.apply(change, now))
-
-    async def _handle(self, out: Outcome) -> None:
+    def _handle(self, out: Outcome) -> None:
         if out.malformed:
             self.metrics.malformed.inc()
-        for model, sum_ in out.cancelled:
-            task = self._pipelines.pop((model, sum_), None)
-            self._alternates.pop((model, sum_), None)
+        for ident in out.cancelled:
+            task = self._pipelines.pop(ident, None)
             if task is not None:
                 task.cancel()
         for req in out.pipelines:
             self._start_pipeline(req)
-        await self._publish(out.events)
-
-    async def _publish(self, events: list[ModelEvent]) -> None:
-        for event in events:
+        for event in out.events:
             if event.kind is EventKind.REJECTED:
                 self.metrics.rejected.inc()
             for queue in self._subscribers:
                 queue.put_nowait(event)
-        self.metrics.models.set(len(self._registry.ready_models()))
-        self.metrics.instances.set(len(self._registry.instance_keys()))
-        async with self._changed:
-            self._changed.notify_all()
+        ready, admitted = self._registry.counts()
+        self.metrics.models.set(ready)
+        self.metrics.instances.set(admitted)
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     # ------------------------------------------------------------------ pipelines
 
     def _start_pipeline(self, req: PipelineRequest) -> None:
         ident = (req.model, req.mdcsum)
-        alternates = self._alternates.setdefault(ident, {})
-        for _, f in req.envelope.card.files():
-            uris = alternates.setdefault(f.checksum.hex, [])
-            if f.path not in uris:
-                uris.append(f.path)
         task = self._pipelines.get(ident)
         if task is None or task.done():
             self._pipelines[ident] = asyncio.create_task(
                 self._run_pipeline(req), name=f"mdc-pipeline-{req.model}-{req.mdcsum[:12]}"
             )
 
+    def _sources(
+        self, model: str, sum_: str
+    ) -> tuple[ModelDeploymentCard, dict[str, list[str]]] | None:
+        """The card of one waiting instance and every waiting replica's URI for each blob, or
+        None when no instance waits any more."""
+        waiting = [i for i in self._registry.instances_for(model, sum_) if not i.ready]
+        if not waiting:
+            return None
+        alternates: dict[str, list[str]] = {}
+        for inst in waiting:
+            for _, f in inst.envelope.card.files():
+                uris = alternates.setdefault(f.checksum.hex, [])
+                if f.path not in uris:
+                    uris.append(f.path)
+        return waiting[0].envelope.card, alternates
+
+    async def _attempt(self, req: PipelineRequest) -> Resolved | None:
+        """Resolve and prepare once; None if no instance waits for this pipeline any more."""
+        # Replicas that joined (or left) since the last attempt count now.
+        sources = self._sources(req.model, req.mdcsum)
+        if sources is None:
+            return None
+        card, alternates = sources
+        resolved = await self._resolver(card, alternates=alternates)
+        if self._prepare is not None:
+            await self._prepare(resolved.card, resolved.local_dir)
+        return resolved
+
+    async def _bounded(self, attempt: Callable[[], Coroutine[Any, Any, _T]], label: str) -> _T:
+        """Run ``attempt()`` under the concurrency limit. An attempt still running after
+        ``slow_pipeline_after`` seconds gives its permit back, so a few stuck models (an
+        unreachable worker, a huge tokenizer) cannot keep every other model from loading."""
+        await self._sem.acquire()
+        held = True
+        task = asyncio.ensure_future(attempt())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self._slow_after)
+            if not done:
+                log.warning(
+                    "%s still running after %.1fs; letting other pipelines start",
+                    label,
+                    self._slow_after,
+                )
+                self._sem.release()
+                held = False
+            return await task
+        finally:
+            if held:
+                self._sem.release()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
     async def _run_pipeline(self, req: PipelineRequest) -> None:
         ident = (req.model, req.mdcsum)
         backoff = Backoff(*self._backoff)
         try:
-            while self._registry.pending(*ident):
+            while True:
                 try:
-                    async with self._sem:
-                        resolved = await self._resolver(
-                            req.envelope.card, alternates=self._alternates.get(ident, {})
-                        )
-                        if self._prepare is not None:
-                            await self._prepare(resolved.card, resolved.local_dir)
+                    resolved = await self._bounded(
+                        lambda: self._attempt(req),
+                        f"pipeline of {req.model!r} ({req.mdcsum[:12]})",
+                    )
+                    if resolved is None:
+                        return
                 except asyncio.CancelledError:
                     raise
-                except (DiscoveryError, OSError, ValueError) as exc:
+                except Exception as exc:
                     self.metrics.pipelines.labels("failed").inc()
                     delay = backoff.next_delay()
                     log.error(
-                        "model %r (mdcsum %s) not ready: %s; retrying in %.1fs",
+                        "model %r (mdcsum %s) not ready: %s: %s; retrying in %.1fs",
                         req.model,
                         req.mdcsum,
+                        type(exc).__name__,
                         exc,
                         delay,
                     )
                     await self._sleep(delay)
                     continue
                 self.metrics.pipelines.labels("ok").inc()
-                async with self._apply_lock:
-                    out = self._registry.pipeline_done(
+                self._handle(
+                    self._registry.pipeline_done(
                         req.model, req.mdcsum, resolved.card, resolved.local_dir, int(time.time())
                     )
-                    await self._handle(out)
+                )
                 return
         finally:
             if self._pipelines.get(ident) is asyncio.current_task():
                 del self._pipelines[ident]
-                self._alternates.pop(ident, None)
+                # An instance admitted after the last check found no one waiting would
+                # otherwise join a pipeline that is already on its way out.
+                if not self._closed and self._registry.pending(*ident):
+                    self._start_pipeline(req)
 
 
 def _cache_resolver(cache_dir: str | Path | None) -> Resolver:

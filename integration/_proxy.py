@@ -1,0 +1,149 @@
+"""A loopback TCP proxy that a test can cut and restore, to partition a process from etcd.
+
+It runs its own event loop in a thread, so it keeps forwarding whatever the test's loop is
+doing (blocking on a subprocess, say)::
+
+    with TcpProxy("127.0.0.1", etcd.client_port) as proxy:
+        ... start a process with --etcd proxy.url ...
+        proxy.cut()      # abort every connection; new ones are accepted and closed at once
+        proxy.restore()  # forward again
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any, TypeVar
+
+__all__ = ["TcpProxy"]
+
+_T = TypeVar("_T")
+_CHUNK = 64 * 1024
+
+
+class TcpProxy:
+    """Forwards ``127.0.0.1:<port>`` to ``target_host:target_port``."""
+
+    def __init__(self, target_host: str, target_port: int, *, host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.host = host
+        self.port = 0
+        self.accepted = 0  # connections accepted while forwarding
+        self.refused = 0  # connections closed at once because the proxy was cut
+        self._cut = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def is_cut(self) -> bool:
+        return self._cut
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> TcpProxy:
+        self._thread.start()
+        self._call(self._start())
+        return self
+
+    def cut(self) -> None:
+        """Abort every open connection and refuse new ones until :meth:`restore`."""
+        self._call(self._abort_all(cut=True))
+
+    def restore(self) -> None:
+        """Forward new connections again."""
+        self._cut = False
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self._call(self._stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> TcpProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ loop side
+
+    def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._abort_all(cut=True)
+        # Aborted transports end every pipe; wait for the handlers so none is left pending.
+        if self._handlers:
+            _, pending = await asyncio.wait(self._handlers, timeout=10)
+            for task in pending:
+                task.cancel()
+
+    async def _abort_all(self, *, cut: bool) -> None:
+        self._cut = cut
+        for writer in list(self._conns):
+            writer.transport.abort()
+        self._conns.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._forward(reader, writer)
+        finally:
+            self._handlers.discard(task)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._cut:
+            self.refused += 1
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        if self._cut:  # cut while connecting upstream
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
+        self.accepted += 1
+        self._conns.update((writer, up_writer))
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            for w in (writer, up_writer):
+                self._conns.discard(w)
+                w.transport.abort()
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(_CHUNK):
+                writer.write(data)
+                await writer.drain()
+        # One side finished: end the other, so a closed stream closes the pair.
+        writer.transport.abort()

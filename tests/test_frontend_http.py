@@ -1,0 +1,85 @@
+"""The frontend HTTP API over a MemoryStore-backed watcher, and the metrics it exports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from test_watcher_driver import FakeResolved, key, make_card, publish, until
+
+from discovery_mdc.cache import CacheStats
+from discovery_mdc.card import ModelDeploymentCard, mdcsum
+from discovery_mdc.etcd import MemoryStore
+from discovery_mdc.frontend import FrontendMetrics, ModelWatcher, build_app, model_id
+
+
+async def _resolve(card: ModelDeploymentCard, *, alternates: dict[str, list[str]]) -> FakeResolved:
+    return FakeResolved(card, Path("/cache") / card.slug)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[MemoryStore, ModelWatcher, TestClient]]:  # type: ignore[type-arg]
+    store = MemoryStore()
+    stats = CacheStats(bytes_fetched=1234, fetches=3, hits=2)
+    async with (
+        ModelWatcher(
+            store,
+            resolver=_resolve,
+            prepare=None,
+            reconcile_interval=0,
+            metrics=FrontendMetrics(lambda: stats),
+        ) as watcher,
+        TestClient(TestServer(build_app(watcher))) as client,
+    ):
+        yield store, watcher, client
+
+
+async def test_models_list_has_the_openai_shape_and_details_name_instances(
+    served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
+) -> None:
+    store, watcher, client = served
+    await publish(store, 1, make_card("org/m"))
+    await publish(store, 2, make_card("org/m", host="w2"))
+    await until(lambda: watcher.model("org/m") is not None and len(watcher.instance_keys()) == 2)
+    body = await (await client.get("/v1/models")).json()
+    assert body["object"] == "list"
+    [entry] = body["data"]
+    assert entry["id"] == "org/m" and entry["object"] == "model"
+    assert isinstance(entry["created"], int) and entry["owned_by"]
+
+    details = await (await client.get("/v1/models/org/m")).json()
+    [ws] = details["worker_sets"]
+    assert ws["mdcsum"] == mdcsum(make_card("org/m")) and ws["ready"] is True
+    assert sorted(ws["instances"]) == [key(1), key(2)]
+    assert ws["local_dir"] == str(Path("/cache") / make_card("org/m").slug)
+
+    missing = await client.get("/v1/models/org/nope")
+    assert missing.status == 404
+
+
+async def test_health_and_metrics_report_watch_and_cache_counters(
+    served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
+) -> None:
+    store, watcher, client = served
+    await store.put(key(7), b"garbage")
+    await publish(store, 1, make_card("org/m"))
+    await until(lambda: watcher.model(model_id(make_card("org/m"))) is not None)
+    await until(lambda: watcher.connected)
+    health = await client.get("/health")
+    assert health.status == 200 and (await health.json())["models"] == 1
+    text = await (await client.get("/metrics")).text()
+    for line in (
+        "mdc_bytes_fetched_total 1234.0",
+        "mdc_blob_fetches_total 3.0",
+        "mdc_malformed_cards_total 1.0",
+        'mdc_watch_events_total{type="put"} 2.0',
+        'mdc_pipelines_total{result="ok"} 1.0',
+        'mdc_relists_total{reason="start"} 1.0',
+        'mdc_relists_total{reason="compaction"} 0.0',
+        "mdc_watch_reconnects_total 0.0",
+        "mdc_rejected_instances_total 0.0",
+        "mdc_models_ready 1.0",
+    ):
+        assert line in text, line

@@ -1,0 +1,584 @@
+"""ModelWatcher against MemoryStore, with a fake resolver, prepare hook and sleep.
+
+Nothing here opens a socket or sleeps for real: the fake sleep records every delay and either
+returns at once or waits for the test to release it, and conditions are awaited by polling
+under a generous deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from discovery_mdc.card import (
+    CheckedFile,
+    Checksum,
+    ModelDeploymentCard,
+    ModelEnvelope,
+    Slot,
+    SlotVariant,
+    WorkerType,
+    card_key,
+    encode_envelope,
+    mdcsum,
+)
+from discovery_mdc.errors import FetchError
+from discovery_mdc.etcd import MemoryStore, RangeResult, WatchEvent, WatchResponse
+from discovery_mdc.frontend import EventKind, ModelEvent, ModelWatcher, model_id
+
+RECONCILE = 1234.0  # the reconcile interval; the fake sleep blocks on it until tick()
+DEADLINE = 10.0
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+def make_card(name: str = "org/m", tok: str = "2", host: str = "w1") -> ModelDeploymentCard:
+    base = f"http://{host}:8081/v1/metadata/{name.replace('/', '--')}"
+    return ModelDeploymentCard.new(
+        name,
+        model_info=Slot(
+            SlotVariant.HF_CONFIG_JSON,
+            CheckedFile(f"{base}/config.json", Checksum("1" * 64), 3),
+        ),
+        tokenizer=Slot(
+            SlotVariant.HF_TOKENIZER_JSON,
+            CheckedFile(f"{base}/tokenizer.json", Checksum(tok * 64), 4),
+        ),
+        worker_type=WorkerType.AGGREGATED,
+    )
+
+
+def key(instance: int, ns: str = "dynamo") -> str:
+    return card_key(ns, "backend", "generate", instance)
+
+
+def value(instance: int, card: ModelDeploymentCard, ns: str = "dynamo") -> bytes:
+    env = ModelEnvelope(
+        namespace=ns, component="backend", endpoint="generate", instance_id=instance, card=card
+    )
+    return encode_envelope(env)
+
+
+async def publish(
+    store: MemoryStore, instance: int, card: ModelDeploymentCard | None = None, ns: str = "dynamo"
+) -> None:
+    await store.put(key(instance, ns), value(instance, card or make_card(), ns))
+
+
+@dataclass
+class FakeResolved:
+    card: ModelDeploymentCard
+    local_dir: Path | None
+
+
+@dataclass
+class FakeResolver:
+    """Records calls; per model it can block on a gate or fail a number of times."""
+
+    calls: list[tuple[str, dict[str, list[str]]]] = field(default_factory=list)
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+
+    async def __call__(
+        self, card: ModelDeploymentCard, *, alternates: dict[str, list[str]]
+    ) -> FakeResolved:
+        name = model_id(card)
+        self.calls.append((name, {h: list(u) for h, u in alternates.items()}))
+        gate = self.gates.get(name)
+        if gate is not None:
+            await gate.wait()
+        if self.failures.get(name, 0) > 0:
+            self.failures[name] -= 1
+            raise FetchError(f"fake fetch of {name} failed")
+        return FakeResolved(card, Path("/cache/by-slug") / card.slug / mdcsum(card))
+
+    def count(self, name: str) -> int:
+        return sum(1 for n, _ in self.calls if n == name)
+
+
+class FakeSleep:
+    """Backoff sleeps return at once unless ``hold()`` was called; the reconcile sleep waits
+    for ``tick()``."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self._ticks: asyncio.Queue[None] = asyncio.Queue()
+        self._open = asyncio.Event()
+        self._open.set()
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        if delay == RECONCILE:
+            await self._ticks.get()
+            return
+        await self._open.wait()
+        await asyncio.sleep(0)
+
+    @property
+    def backoffs(self) -> list[float]:
+        return [d for d in self.delays if d != RECONCILE]
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def tick(self) -> None:
+        self._ticks.put_nowait(None)
+
+
+class RecordingStore(MemoryStore):
+    """A MemoryStore that records watch start revisions, can hide commits from watches
+    (drift only a relist can see), and can hold a range until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watch_starts: list[int | None] = []
+        self.muted = False
+        self.range_gate: asyncio.Event | None = None
+        self.ranges_started = 0
+
+    def _commit(self, events: list[WatchEvent]) -> None:
+        if not self.muted:
+            super()._commit(events)
+            return
+        for e in events:
+            self._history.append((self.revision, e))
+
+    async def range_prefix_all(self, prefix: str, *, page_size: int = 500) -> RangeResult:
+        result = await super().range_prefix_all(prefix, page_size=page_size)
+        self.ranges_started += 1
+        if self.range_gate is not None:
+            await self.range_gate.wait()
+        return result
+
+    def watch(self, key: str, **kwargs: Any) -> AsyncIterator[WatchResponse]:
+        self.watch_starts.append(kwargs.get("start_revision"))
+        return super().watch(key, **kwargs)
+
+
+async def until(predicate: Callable[[], object], timeout: float = DEADLINE) -> None:  # noqa: ASYNC109
+    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():  # noqa: ASYNC110 - polls a plain predicate
+                await asyncio.sleep(0.002)
+    except TimeoutError:
+        raise AssertionError(f"condition not met within {timeout}s") from None
+
+
+class Collector:
+    """Collects a watcher's events in the background from the moment it is created."""
+
+    def __init__(self, watcher: ModelWatcher) -> None:
+        self.events: list[ModelEvent] = []
+        stream = watcher.events()
+
+        async def run() -> None:
+            async for event in stream:
+                self.events.append(event)
+
+        self.task = asyncio.create_task(run())
+
+    def kinds(self, model: str | None = None) -> list[EventKind]:
+        return [e.kind for e in self.events if model is None or e.model == model]
+
+
+@dataclass
+class Harness:
+    store: RecordingStore
+    resolver: FakeResolver
+    sleep: FakeSleep
+    watcher: ModelWatcher
+
+    def keys_in_etcd(self) -> set[str]:
+        return set(self.store.keys())
+
+    def metric(self, name: str, **labels: str) -> float:
+        got = self.watcher.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if got is None else got
+
+
+@pytest.fixture
+def store() -> RecordingStore:
+    return RecordingStore()
+
+
+@pytest.fixture
+def resolver() -> FakeResolver:
+    return FakeResolver()
+
+
+@pytest.fixture
+def sleep() -> FakeSleep:
+    return FakeSleep()
+
+
+@asynccontextmanager
+async def running(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep, **kwargs: Any
+) -> AsyncIterator[Harness]:
+    kwargs.setdefault("prepare", None)
+    async with ModelWatcher(
+        store, resolver=resolver, sleep=sleep, reconcile_interval=RECONCILE, **kwargs
+    ) as watcher:
+        yield Harness(store, resolver, sleep, watcher)
+
+
+def names(watcher: ModelWatcher) -> list[str]:
+    return [m.name for m in watcher.models()]
+
+
+def instances(watcher: ModelWatcher, name: str) -> set[str]:
+    info = watcher.model(name)
+    assert info is not None, f"model {name!r} is not listed"
+    return {k for ws in info.worker_sets for k in ws.instances}
+
+
+def all_instances(watcher: ModelWatcher) -> set[str]:
+    return {k for m in watcher.models() for ws in m.worker_sets for k in ws.instances}
+
+
+async def publish_models(store: MemoryStore, items: Iterable[tuple[int, str]]) -> None:
+    for instance, name in items:
+        await publish(store, instance, make_card(name))
+
+
+# --------------------------------------------------------------------------- list and watch
+
+
+async def test_lists_then_watches_from_the_listed_revision_plus_one(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    await publish_models(store, [(1, "org/a")])
+    listed_at = store.revision
+    async with running(store, resolver, sleep) as h:
+        await until(lambda: names(h.watcher) == ["org/a"])
+        assert store.watch_starts == [listed_at + 1]
+        await publish_models(store, [(2, "org/b")])
+        await until(lambda: names(h.watcher) == ["org/a", "org/b"])
+        assert h.watcher.revision == store.revision
+        assert h.metric("mdc_watch_events_total", type="put") == 1  # only the watched PUT
+        assert h.metric("mdc_relists_total", reason="start") == 1
+
+
+async def test_disconnect_resumes_after_the_highest_revision_without_duplicates_or_losses(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    async with running(store, resolver, sleep) as h:
+        await publish_models(store, [(1, "org/a"), (2, "org/b")])
+        await until(lambda: names(h.watcher) == ["org/a", "org/b"])
+        seen = Collector(h.watcher)
+        before = h.watcher.revision
+        assert before == store.revision
+
+        sleep.hold()
+        store.disconnect_watches()
+        await until(lambda: len(sleep.backoffs) == 1)  # the watcher is backing off now
+        assert not h.watcher.connected
+        await store.delete(key(1))
+        await publish_models(store, [(3, "org/c"), (4, "org/b")])  # new model; b gets a replica
+        sleep.release()
+
+        await until(lambda: names(h.watcher) == ["org/b", "org/c"])
+        await until(lambda: all_instances(h.watcher) == h.keys_in_etcd())
+        assert store.watch_starts == [2, before + 1]  # listed an empty store at revision 1
+        assert h.metric("mdc_watch_reconnects_total") == 1
+        assert h.metric("mdc_relists_total", reason="compaction") == 0
+        # Each PUT and DELETE was seen exactly once, replays included.
+        assert h.metric("mdc_watch_events_total", type="put") == 4
+        assert h.metric("mdc_watch_events_total", type="delete") == 1
+        assert [resolver.count(n) for n in ("org/a", "org/b", "org/c")] == [1, 1, 1]
+        await until(lambda: EventKind.ADDED in seen.kinds("org/c"))
+        assert seen.kinds("org/a") == [EventKind.REMOVED]
+        assert seen.kinds("org/b") == [EventKind.UPDATED]
+
+
+async def test_compacted_watch_relists_and_emits_deletes_and_upserts(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    async with running(store, resolver, sleep) as h:
+        await publish_models(store, [(1, "org/a"), (2, "org/b"), (3, "org/keep")])
+        await until(lambda: len(h.watcher.models()) == 3)
+        seen = Collector(h.watcher)
+
+        sleep.hold()
+        store.disconnect_watches()
+        await until(lambda: len(sleep.backoffs) == 1)
+        await store.delete(key(1))  # a vanishes
+        await publish(store, 2, make_card("org/b", tok="7"))  # b: new incarnation, new files
+        await publish_models(store, [(5, "org/new")])
+        await store.delete(key(5))  # created and deleted while away: never seen
+        await publish_models(store, [(6, "org/new2")])
+        store.compact(store.revision)
+        sleep.release()
+
+        await until(lambda: names(h.watcher) == ["org/b", "org/keep", "org/new2"])
+        await until(lambda: all_instances(h.watcher) == h.keys_in_etcd())
+        assert h.metric("mdc_relists_total", reason="compaction") == 1
+        info = h.watcher.model("org/b")
+        assert info is not None and info.worker_sets[0].mdcsum == mdcsum(
+            make_card("org/b", tok="7")
+        )
+        assert seen.kinds("org/a") == [EventKind.REMOVED]
+        assert seen.kinds("org/b") == [EventKind.REMOVED, EventKind.ADDED]
+        assert seen.kinds("org/keep") == []
+        assert seen.kinds("org/new") == []
+        assert resolver.count("org/new") == 0
+        # The watch resumed after the relist's revision, not from the compacted one.
+        assert store.watch_starts[-1] == store.revision + 1
+
+
+async def test_periodic_reconcile_repairs_drift_the_watch_never_saw(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    async with running(store, resolver, sleep) as h:
+        await publish_models(store, [(1, "org/a"), (2, "org/b")])
+        await until(lambda: names(h.watcher) == ["org/a", "org/b"])
+        store.muted = True
+        await store.delete(key(1))
+        await publish_models(store, [(3, "org/c")])
+        store.muted = False
+        assert names(h.watcher) == ["org/a", "org/b"]  # the watch saw nothing
+
+        await until(lambda: RECONCILE in sleep.delays)
+        sleep.tick()
+        await until(lambda: names(h.watcher) == ["org/b", "org/c"])
+        assert all_instances(h.watcher) == h.keys_in_etcd()
+        assert h.metric("mdc_relists_total", reason="reconcile") == 1
+
+
+async def test_a_stale_relist_never_undoes_newer_watch_events(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    async with running(store, resolver, sleep) as h:
+        await publish_models(store, [(1, "org/a")])
+        await until(lambda: names(h.watcher) == ["org/a"])
+        store.range_gate = asyncio.Event()
+        started = store.ranges_started
+        reconcile = asyncio.create_task(h.watcher.reconcile())
+        await until(lambda: store.ranges_started == started + 1)  # snapshot taken, held
+        await store.delete(key(1))
+        await publish_models(store, [(2, "org/b")])
+        await until(lambda: names(h.watcher) == ["org/b"])
+        store.range_gate.set()
+        await reconcile
+        # The snapshot still had a and lacked b; applying it blindly would swap them back.
+        assert names(h.watcher) == ["org/b"]
+        assert all_instances(h.watcher) == h.keys_in_etcd()
+
+
+async def test_events_for_one_key_are_applied_in_revision_order(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    resolver.gates["org/m"] = gate = asyncio.Event()
+    async with running(store, resolver, sleep) as h:
+        await publish(store, 1, make_card(tok="3"))
+        await publish(store, 1, make_card(tok="4"))
+        await store.delete(key(1))
+        await publish(store, 1, make_card(tok="5"))
+        await until(lambda: h.watcher.instance_keys() == {key(1)})
+        gate.set()
+        await until(lambda: names(h.watcher) == ["org/m"])
+        info = h.watcher.model("org/m")
+        assert info is not None
+        assert [ws.mdcsum for ws in info.worker_sets] == [mdcsum(make_card(tok="5"))]
+        assert h.watcher.rejected_keys() == set()
+
+
+async def test_malformed_value_is_counted_and_skipped(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    async with running(store, resolver, sleep) as h:
+        await store.put(key(1), b"{not json")
+        await store.put("v1/mdc/dynamo/backend/generate/NOT-HEX", value(2, make_card("org/x")))
+        await publish_models(store, [(3, "org/good")])
+        await until(lambda: names(h.watcher) == ["org/good"])
+        assert h.metric("mdc_malformed_cards_total") == 2
+        assert resolver.count("org/x") == 0
+        assert h.watcher.instance_keys() == {key(3)}
+
+
+async def test_namespace_filter_watches_only_the_admitted_namespace(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    async with running(store, resolver, sleep, namespace="ns1") as h:
+        await publish(store, 1, make_card("org/ten"), ns="ns10")
+        await publish(store, 2, make_card("org/one"), ns="ns1")
+        await until(lambda: names(h.watcher) == ["org/one"])
+        await until(lambda: h.watcher.revision == store.revision)
+        assert resolver.count("org/ten") == 0
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+async def test_listed_replicas_share_one_pipeline_and_every_url_is_an_alternate(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    for i in (1, 2, 3):
+        await publish(store, i, make_card(host=f"w{i}"))
+    async with running(store, resolver, sleep) as h:
+        await until(lambda: names(h.watcher) == ["org/m"])
+        assert resolver.count("org/m") == 1
+        (_, alternates) = resolver.calls[0]
+        tok_hex = "2" * 64
+        assert sorted(alternates[tok_hex]) == [
+            f"http://w{i}:8081/v1/metadata/org--m/tokenizer.json" for i in (1, 2, 3)
+        ]
+        info = h.watcher.model("org/m")
+        assert info is not None and len(info.worker_sets) == 1
+        assert set(info.worker_sets[0].instances) == {key(1), key(2), key(3)}
+
+
+async def test_replicas_joining_a_running_pipeline_wait_for_it_instead_of_starting_one(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    resolver.gates["org/m"] = gate = asyncio.Event()
+    async with running(store, resolver, sleep) as h:
+        for i in (1, 2, 3):
+            await publish(store, i, make_card(host=f"w{i}"))
+        await until(lambda: h.watcher.instance_keys() == {key(1), key(2), key(3)})
+        assert h.watcher.models() == []
+        gate.set()
+        await until(lambda: names(h.watcher) == ["org/m"])
+        assert resolver.count("org/m") == 1
+        assert instances(h.watcher, "org/m") == {key(1), key(2), key(3)}
+        await publish(store, 4, make_card(host="w4"))  # after ready: joins with no pipeline
+        await until(lambda: key(4) in instances(h.watcher, "org/m"))
+        assert resolver.count("org/m") == 1
+
+
+async def test_failing_pipeline_retries_with_backoff_and_model_stays_invisible(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    resolver.failures["org/m"] = 2
+    async with running(store, resolver, sleep) as h:
+        sleep.hold()
+        await publish(store, 1)
+        await until(lambda: len(sleep.backoffs) == 1)
+        assert h.watcher.model("org/m") is None and names(h.watcher) == []
+        assert h.metric("mdc_pipelines_total", result="failed") == 1
+        sleep.release()
+        await until(lambda: names(h.watcher) == ["org/m"])
+        assert resolver.count("org/m") == 3
+        assert len(sleep.backoffs) == 2
+        assert h.metric("mdc_pipelines_total", result="failed") == 2
+        assert h.metric("mdc_pipelines_total", result="ok") == 1
+
+
+async def test_prepare_failure_is_retried_and_the_model_is_ready_only_after_it_succeeds(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    prepared: list[Path | None] = []
+
+    async def prepare(card: ModelDeploymentCard, local_dir: Path | None) -> None:
+        prepared.append(local_dir)
+        if len(prepared) == 1:
+            raise RuntimeError("tokenizer failed to load")
+
+    async with running(store, resolver, sleep, prepare=prepare) as h:
+        sleep.hold()
+        await publish(store, 1)
+        await until(lambda: len(sleep.backoffs) == 1)
+        assert names(h.watcher) == []
+        sleep.release()
+        await until(lambda: names(h.watcher) == ["org/m"])
+        assert len(prepared) == 2
+        assert prepared[-1] == Path("/cache/by-slug") / make_card().slug / mdcsum(make_card())
+        info = h.watcher.model("org/m")
+        assert info is not None and info.worker_sets[0].local_dir == prepared[-1]
+
+
+async def test_a_slow_model_does_not_block_another_model(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    resolver.gates["org/slow"] = asyncio.Event()  # never set
+    # One permit: the stuck pipeline must give it back for the other model to load.
+    async with running(
+        store, resolver, sleep, max_concurrent_pipelines=1, slow_pipeline_after=0.01
+    ) as h:
+        seen = Collector(h.watcher)
+        await publish_models(store, [(1, "org/slow"), (2, "org/fast")])
+        await until(lambda: names(h.watcher) == ["org/fast"])
+        assert seen.kinds() == [EventKind.ADDED]
+        assert h.watcher.instance_keys() == {key(1), key(2)}
+
+
+async def test_deleting_the_only_instance_cancels_its_pending_pipeline(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    resolver.gates["org/m"] = asyncio.Event()  # never set
+    async with running(store, resolver, sleep) as h:
+        await publish(store, 1)
+        await until(lambda: resolver.count("org/m") == 1)
+        await store.delete(key(1))
+        await until(lambda: h.watcher.instance_keys() == set())
+        await until(lambda: not h.watcher._pipelines)
+
+
+# --------------------------------------------------------------------------- API
+
+
+async def test_events_report_added_updated_rejected_removed_and_readmission(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    async with running(store, resolver, sleep) as h:
+        seen = Collector(h.watcher)
+        await publish(store, 1)
+        await until(lambda: seen.kinds() == [EventKind.ADDED])
+        await publish(store, 2, make_card(host="w2"))
+        await until(lambda: len(seen.events) == 2)
+        await publish(store, 3, make_card(tok="9"))  # same name, other tokenizer
+        await until(lambda: len(seen.events) == 3)
+        assert h.watcher.rejected_keys() == {key(3)}
+        assert key(3) not in instances(h.watcher, "org/m")
+        assert h.metric("mdc_rejected_instances_total") == 1
+        await store.delete(key(1))
+        await until(lambda: len(seen.events) == 4)
+        await store.delete(key(2))
+        # The blocking worker set is gone: the rejected replica is admitted on its own.
+        await until(lambda: len(seen.events) == 6)
+        assert seen.kinds() == [
+            EventKind.ADDED,
+            EventKind.UPDATED,
+            EventKind.REJECTED,
+            EventKind.UPDATED,
+            EventKind.REMOVED,
+            EventKind.ADDED,
+        ]
+        rejected = seen.events[2]
+        assert rejected.key == key(3) and mdcsum(make_card(tok="9")) in rejected.detail
+        assert instances(h.watcher, "org/m") == {key(3)}
+        assert h.watcher.rejected_keys() == set()
+
+
+async def test_wait_for_model_returns_when_ready_and_times_out_otherwise(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    async with running(store, resolver, sleep) as h:
+        waiter = asyncio.create_task(h.watcher.wait_for_model("org/m", timeout=DEADLINE))
+        await publish(store, 1)
+        info = await waiter
+        assert info.name == "org/m"
+        with pytest.raises(TimeoutError):
+            await h.watcher.wait_for_model("org/never", timeout=0.01)
+
+
+async def test_closing_the_watcher_ends_event_streams(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    async with running(store, resolver, sleep) as h:
+        seen = Collector(h.watcher)
+        await publish(store, 1)
+        await until(lambda: seen.kinds() == [EventKind.ADDED])
+    await asyncio.wait_for(seen.task, DEADLINE)
+    assert h.watcher._subscribers == []
