@@ -239,3 +239,13 @@ def test_deleting_a_rejected_key_forgets_it() -> None:
     assert reg.rejected_keys() == set()
     reg.apply(_delete(1))
     assert reg.instance_keys() == set()
+
+
+def test_replicas_share_one_decoded_card_and_same_bytes_are_skipped() -> None:
+    reg = Registry()
+    reg.apply(_put(1))
+    reg.apply(_put(2))
+    cards = {id(i.envelope.card) for i in reg.instances_for("org/m", mdcsum(_card()))}
+    assert len(cards) == 1  # card_json decoded once for both replicas
+    again = reg.apply(_put(1, rev=7))
+    assert again.pipelines == [] and again.events == []

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
 
 from discovery_mdc.card._model import (
+    _DECODE_ERRORS,
     ModelDeploymentCard,
-    card_from_fields,
     card_to_wire,
+    decode_card,
 )
 from discovery_mdc.card._slug import validate_slug
 from discovery_mdc.errors import CardDecodeError, CardError
@@ -145,16 +147,24 @@ def _field(fields: dict[str, msgspec.Raw], name: str, type_: Any) -> Any:
         raise CardDecodeError(f"invalid envelope: missing field {name!r}")
     try:
         return msgspec.json.decode(fields[name], type=type_)
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         value = bytes(fields[name])[:200].decode("utf-8", "replace")
         raise CardDecodeError(f"invalid envelope field {name!r}: {exc}; value: {value}") from None
 
 
-def decode_envelope(data: bytes | str) -> ModelEnvelope:
-    """Decode an envelope. Raises :class:`CardDecodeError` (a ``ValueError``)."""
+def decode_envelope(
+    data: bytes | str,
+    *,
+    card_decoder: Callable[[msgspec.Raw], ModelDeploymentCard] = decode_card,
+) -> ModelEnvelope:
+    """Decode an envelope. Raises :class:`CardDecodeError` (a ``ValueError``).
+
+    ``card_decoder`` turns the raw ``card_json`` into a card; a caller that sees the same
+    card many times (one per replica) can pass a memoizing one.
+    """
     try:
         fields = _fields_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         raise CardDecodeError(f"envelope is not a JSON object: {exc}") from None
     kind = _field(fields, "type", str)
     if kind != "Model":
@@ -162,13 +172,15 @@ def decode_envelope(data: bytes | str) -> ModelEnvelope:
     instance_id = _field(fields, "instance_id", int)
     if not 0 <= instance_id <= _U64_MAX:
         raise CardDecodeError(f"invalid envelope field 'instance_id': {instance_id} is not a u64")
-    card_fields = _field(fields, "card_json", dict[str, msgspec.Raw])
+    if "card_json" not in fields:
+        raise CardDecodeError("invalid envelope: missing field 'card_json'")
+    card_json = fields["card_json"]
     suffix = _field(fields, "model_suffix", str | None) if "model_suffix" in fields else None
     return ModelEnvelope(
         namespace=_field(fields, "namespace", str),
         component=_field(fields, "component", str),
         endpoint=_field(fields, "endpoint", str),
         instance_id=instance_id,
-        card=card_from_fields(card_fields),
+        card=card_decoder(card_json),
         model_suffix=suffix,
     )

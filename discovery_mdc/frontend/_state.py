@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import msgspec
+
 from discovery_mdc.card import (
     MDC_PREFIX,
     CardKey,
     ModelDeploymentCard,
     ModelEnvelope,
+    decode_card,
     decode_envelope,
     format_model_type,
     mdcsum,
@@ -269,6 +272,10 @@ class Registry:
         # Rejected instances, reconsidered when the worker set that blocked them is dropped:
         # a fresh frontend would admit them then, and this one must converge to the same.
         self._rejected: dict[str, tuple[CardKey, ModelEnvelope]] = {}
+        # Replicas publish the same card_json; decode and hash each distinct one once.
+        self._cards: dict[bytes, tuple[ModelDeploymentCard, str]] = {}
+        self._sums: dict[int, str] = {}  # id(card) -> mdcsum, for cards in self._cards
+        self._values: dict[str, bytes] = {}  # key -> value last applied
 
     # -- queries
 
@@ -325,19 +332,39 @@ class Registry:
             return out
         if not self.filter.admits(card_key.namespace):
             return out
+        if self._values.get(change.key) == change.value:
+            return out  # the same bytes again (a replay or a relist upsert): nothing changed
         try:
-            env = decode_envelope(change.value)
+            env = decode_envelope(change.value, card_decoder=self._card)
         except CardDecodeError as exc:
             log.warning("skipping malformed card at %s: %s", change.key, exc)
             self._remove(change.key, out, now)
             out.malformed = True
             return out
         self._add(change.key, card_key, env, out, now)
+        self._values[change.key] = change.value
         return out
+
+    def _card(self, card_json: msgspec.Raw) -> ModelDeploymentCard:
+        key = bytes(card_json)
+        hit = self._cards.get(key)
+        if hit is None:
+            if len(self._cards) > 4 * len(self._models) + 64:
+                self._cards.clear()  # bounded: only cards of live models stay hot
+                self._sums.clear()
+            card = decode_card(card_json)
+            hit = self._cards[key] = (card, mdcsum(card))
+            self._sums[id(card)] = hit[1]
+        return hit[0]
+
+    def _mdcsum(self, card: ModelDeploymentCard) -> str:
+        # Cards from _card stay referenced by self._cards, so their ids are stable.
+        cached = self._sums.get(id(card))
+        return cached if cached is not None else mdcsum(card)
 
     def _add(self, key: str, card_key: CardKey, env: ModelEnvelope, out: Outcome, now: int) -> None:
         name = model_id(env.card)
-        sum_ = mdcsum(env.card)
+        sum_ = self._mdcsum(env.card)
         ws_key = worker_set_key(env)
         previous = self._by_key.get(key)
         if previous is not None:
@@ -399,6 +426,7 @@ class Registry:
         out.events.append(ModelEvent(EventKind.ADDED, model.name, key))
 
     def _remove(self, key: str, out: Outcome, now: int = 0) -> None:
+        self._values.pop(key, None)
         if self._rejected.pop(key, None) is not None:
             return  # never registered
         where = self._by_key.pop(key, None)
