@@ -6,20 +6,40 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 __all__ = ["wait_until"]
 
 _T = TypeVar("_T")
 
 
+@overload
 async def wait_until(
-    predicate: Callable[[], _T | Awaitable[_T]],
+    predicate: Callable[[], Awaitable[_T]],
+    *,
+    timeout: float = ...,  # noqa: ASYNC109
+    interval: float = ...,
+    message: str | Callable[[], str] = ...,
+) -> _T: ...
+
+
+@overload
+async def wait_until(
+    predicate: Callable[[], _T],
+    *,
+    timeout: float = ...,  # noqa: ASYNC109
+    interval: float = ...,
+    message: str | Callable[[], str] = ...,
+) -> _T: ...
+
+
+async def wait_until(
+    predicate: Callable[[], Any],
     *,
     timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, not a cancel scope
     interval: float = 0.05,
     message: str | Callable[[], str] = "",
-) -> _T:
+) -> Any:
     """Poll ``predicate`` (sync or async) until it returns something truthy, and return it.
 
     Exceptions from the predicate count as "not yet" until the deadline, then the last one is
@@ -34,7 +54,7 @@ async def wait_until(
             if inspect.isawaitable(value):
                 value = await value
             if value:
-                return value  # type: ignore[return-value]
+                return value
             last_value = value
         except Exception as exc:  # retried until the deadline
             last_exc = exc

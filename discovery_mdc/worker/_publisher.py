@@ -20,8 +20,8 @@ from discovery_mdc.card import (
     encode_envelope,
     endpoint_key,
 )
-from discovery_mdc.etcd import KeyHandle, LeaseSession, SessionState, Store
-from discovery_mdc.worker._registry import MetadataRegistry
+from discovery_mdc.etcd import KeyHandle, LeaseSession, Registration, SessionState, Store
+from discovery_mdc.worker._registry import MetadataRegistry, ModelRef
 from discovery_mdc.worker._selfhost import build_worker_card, model_ref
 from discovery_mdc.worker._server import StatusServer
 
@@ -40,11 +40,17 @@ class PublishedModel:
     endpoint: str
     handle: KeyHandle
     instance_handle: KeyHandle | None = None
+    instance_transport: str | None = None
 
     @property
     def key(self) -> str | None:
         """The current etcd key (None while the lease is lost)."""
         return self.handle.key
+
+    @property
+    def endpoint_id(self) -> tuple[str, str, str]:
+        """``(namespace, component, endpoint)``."""
+        return self.namespace, self.component, self.endpoint
 
 
 def parse_instance_transport(uri: str) -> dict[str, Any]:
@@ -58,8 +64,9 @@ def parse_instance_transport(uri: str) -> dict[str, Any]:
 class Worker:
     """Publishes model deployment cards for one worker process.
 
-    ``async with Worker(store, system_port=0) as w: await w.register_model(path)``. Leaving the
-    block revokes the lease (keys vanish at once) and stops the status server.
+    ``async with Worker(store, system_port=0) as w: await w.register_model(path)``. The first
+    registration grants the lease; leaving the block revokes it (keys vanish at once) and
+    stops the status server.
     ``system_port``/``system_host`` default to ``DYN_SYSTEM_PORT``/``DYN_SYSTEM_HOST``; with
     neither there is no status server and cards keep local (or ``hf://``) paths.
     """
@@ -82,9 +89,15 @@ class Worker:
         self.session = session or LeaseSession(store, ttl=lease_ttl)
         self._self_host = self_host_metadata
         self._published: list[PublishedModel] = []
+        self._lease_lock = asyncio.Lock()
 
     def _healthy(self) -> bool:
-        return self.session.state is SessionState.REGISTERED
+        # Ready means discoverable: the lease is live and every card is in etcd under it.
+        return (
+            self.session.state is SessionState.REGISTERED
+            and bool(self._published)
+            and all(p.key is not None for p in self._published)
+        )
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -99,27 +112,24 @@ class Worker:
         await self.close()
 
     async def start(self) -> None:
-        """Start the status server (if configured) and grant the lease."""
+        """Start the status server (if configured). The lease is granted by the first
+        :meth:`register_model`, once its card is built (design steps 1-2 before 5), so a bad
+        model dir fails before etcd is contacted."""
         if self.server is not None:
-            await self.server.start()
-            log.info(
-                "status server on %s:%d, advertising %s",
-                self.server.host,
-                self.server.port,
-                self.server.base_url,
-            )
-        try:
-            await self.session.start()
-        except BaseException:
-            if self.server is not None:
-                await self.server.stop()
-            raise
+            await self.server.start()  # it logs the bound address and the advertised URL
+
+    async def _ensure_lease(self) -> None:
+        async with self._lease_lock:
+            if self.session.state is SessionState.STARTING:
+                await self.session.start()
 
     async def close(self) -> None:
         """Revoke the lease (every key vanishes at once), then stop the server."""
-        await self.session.close()
-        if self.server is not None:
-            await self.server.stop()
+        try:
+            await self.session.close()
+        finally:
+            if self.server is not None:
+                await self.server.stop()
 
     @property
     def published(self) -> tuple[PublishedModel, ...]:
@@ -147,6 +157,23 @@ class Worker:
         ``instance_transport`` (e.g. ``tcp://host:port/path``) also publishes the Dynamo
         endpoint-instance record on the same lease, so a Dynamo frontend routes to it.
         """
+        # Bad input fails before any hashing or etcd traffic.
+        transport = (
+            None if instance_transport is None else parse_instance_transport(instance_transport)
+        )
+        shared = None
+        if transport is not None:
+            endpoint_id = (namespace, component, endpoint)
+            for p in self._published:
+                if p.instance_handle is not None and p.endpoint_id == endpoint_id:
+                    if p.instance_transport != instance_transport:
+                        raise ValueError(
+                            f"endpoint {'/'.join(endpoint_id)} already advertises transport "
+                            f"{p.instance_transport!r}; cannot also advertise "
+                            f"{instance_transport!r} under the same lease"
+                        )
+                    shared = p.instance_handle
+                    break
         server = self.server if self.server is not None and self.server.is_running else None
         card = await asyncio.to_thread(
             build_worker_card,
@@ -177,9 +204,9 @@ class Worker:
             )
             return card_key(namespace, component, endpoint, lease_id, suffix), encode_envelope(env)
 
-        instance_handle = None
-        if instance_transport is not None:
-            transport = parse_instance_transport(instance_transport)
+        instance_record: Registration | None = None
+        if transport is not None and shared is None:
+            record = transport
 
             def instance_record(lease_id: int) -> tuple[str, bytes]:
                 value = {
@@ -188,27 +215,56 @@ class Worker:
                     "endpoint": endpoint,
                     "namespace": namespace,
                     "instance_id": lease_id,
-                    "transport": transport,
+                    "transport": record,
                 }
                 key = endpoint_key(namespace, component, endpoint, lease_id)
                 return key, json.dumps(value, separators=(",", ":")).encode()
 
-            instance_handle = await self.session.add(instance_record)
+        ref = model_ref(card, namespace=namespace, component=component, endpoint=endpoint)
+        # One endpoint record per endpoint and lease: cards on the same endpoint (a base
+        # model and its LoRAs) share it, since its key has no model in it.
+        instance_handle = shared if transport is not None else None
+        added: KeyHandle | None = None
         try:
+            await self._ensure_lease()
+            if instance_record is not None:
+                instance_handle = added = await self.session.add(instance_record)
             handle = await self.session.add(registration)
         except BaseException:
-            if instance_handle is not None:
-                await self.session.remove(instance_handle)
+            if added is not None:
+                await self.session.remove(added)
+            # Stop serving files of a card that was never published, unless a published
+            # card (same model on the same endpoint) holds them too.
+            if not any(self._ref(p) == ref for p in self._published):
+                self.registry.unregister_model(ref)
             raise
-        published = PublishedModel(card, namespace, component, endpoint, handle, instance_handle)
-        self._published.append(published)
-        log.info(
-            "registered model %r at %s (lease %x)",
-            card.display_name,
-            handle.key,
-            self.session.lease_id,
+        published = PublishedModel(
+            card, namespace, component, endpoint, handle, instance_handle, instance_transport
         )
+        self._published.append(published)
+        if handle.key is not None:
+            log.info(
+                "registered model %r at %s (lease %x)",
+                card.display_name,
+                handle.key,
+                self.session.lease_id,
+            )
+        else:
+            log.info(
+                "model %r will be registered once etcd grants a new lease (lease %x lost)",
+                card.display_name,
+                self.session.lease_id,
+            )
         return published
+
+    @staticmethod
+    def _ref(published: PublishedModel) -> ModelRef:
+        return model_ref(
+            published.card,
+            namespace=published.namespace,
+            component=published.component,
+            endpoint=published.endpoint,
+        )
 
     async def unregister(self, published: PublishedModel) -> None:
         """Delete the card's key (and instance record) and stop serving its files."""
@@ -216,14 +272,8 @@ class Worker:
             return
         self._published.remove(published)
         await self.session.remove(published.handle)
-        if published.instance_handle is not None:
-            await self.session.remove(published.instance_handle)
-        self.registry.unregister_model(
-            model_ref(
-                published.card,
-                namespace=published.namespace,
-                component=published.component,
-                endpoint=published.endpoint,
-            )
-        )
+        record = published.instance_handle
+        if record is not None and not any(p.instance_handle is record for p in self._published):
+            await self.session.remove(record)
+        self.registry.unregister_model(self._ref(published))
         log.info("unregistered model %r", published.card.display_name)

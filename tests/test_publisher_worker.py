@@ -1,0 +1,344 @@
+"""Worker (the publisher) against MemoryStore: keys, envelopes, create-if-absent, unregister,
+revoke on exit, re-publishing after lease loss, and the Dynamo endpoint-instance record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from discovery_mdc.card import decode_envelope
+from discovery_mdc.etcd import KeyExistsError, LeaseSession, MemoryStore, SessionState
+from discovery_mdc.worker import Worker
+
+PREFIX = "v1/mdc/dynamo/backend/generate/"
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DYN_SYSTEM_PORT", "DYN_SYSTEM_HOST", "DYN_SELF_HOST_METADATA", "ETCD_LEASE_TTL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class ManualTime:
+    """Fake time for a LeaseSession: sleeps wait until the test advances the clock."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.now = 0.0
+        self.store = store
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + seconds, fut))
+        await fut
+
+    async def advance(self, seconds: float) -> None:
+        """Move time on once the session is asleep (so its sleep is the one woken)."""
+        await spin_until(lambda: bool(self._sleepers))
+        self.now += seconds
+        self.store.advance(seconds)
+        due = [(t, f) for t, f in self._sleepers if t <= self.now]
+        self._sleepers = [(t, f) for t, f in self._sleepers if t > self.now]
+        for _, fut in due:
+            if not fut.done():
+                fut.set_result(None)
+
+
+async def spin_until(cond: Callable[[], bool], iterations: int = 10000) -> None:
+    for _ in range(iterations):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
+
+
+def value_of(store: MemoryStore, key: str | None) -> dict[str, Any]:
+    assert key is not None
+    kv = store.get(key)
+    assert kv is not None, f"{key} is not in the store"
+    parsed: dict[str, Any] = json.loads(kv.value)
+    return parsed
+
+
+async def test_card_is_published_under_the_lease_keyed_card_key_with_the_spec_envelope(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    model = make_model_dir("tiny-llama")
+    async with Worker(store, lease_ttl=10) as worker:
+        published = await worker.register_model(model)
+        lease = worker.session.lease_id
+        assert published.key == f"{PREFIX}{lease:x}"
+        kv = store.get(published.key)
+        assert kv is not None and kv.lease == lease
+        raw = json.loads(kv.value)
+        assert list(raw) == [
+            "type", "namespace", "component", "endpoint", "instance_id", "card_json",
+        ]  # fmt: skip
+        assert raw["type"] == "Model"
+        assert (raw["namespace"], raw["component"], raw["endpoint"]) == (
+            "dynamo", "backend", "generate",
+        )  # fmt: skip
+        # The instance id is the lease id, exact even above 2**53.
+        assert raw["instance_id"] == lease > 2**53
+        assert raw["card_json"]["display_name"] == "tiny-llama"
+        assert raw["card_json"]["source_path"] == str(model)
+        env = decode_envelope(kv.value)
+        assert env.card == published.card and env.key == published.key
+        assert store.leases()[lease].keys == (published.key,)
+
+
+async def test_namespace_component_endpoint_and_lora_suffix_shape_the_key(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10) as worker:
+        published = await worker.register_model(
+            make_model_dir(),
+            model_name="Org/Base",
+            namespace="prod",
+            component="vllm",
+            endpoint="chat",
+            lora_name="Adapter.A",
+        )
+        lease = worker.session.lease_id
+        assert published.key == f"v1/mdc/prod/vllm/chat/{lease:x}/adapter_a"
+        raw = value_of(store, published.key)
+        assert raw["model_suffix"] == "adapter_a"
+        assert list(raw)[-1] == "model_suffix"
+        assert raw["card_json"]["lora"] == {"name": "Adapter.A"}
+        assert (raw["namespace"], raw["component"], raw["endpoint"]) == ("prod", "vllm", "chat")
+
+
+async def test_second_publish_of_the_same_key_raises_and_does_not_overwrite(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10, system_port=0, system_host="127.0.0.1") as worker:
+        first = await worker.register_model(make_model_dir("first"))
+        before = store.get(first.key or "")
+        served = worker.registry.keys()
+        # Another model on the same endpoint maps to the same key (one card per instance).
+        with pytest.raises(KeyExistsError, match=first.key or ""):
+            await worker.register_model(make_model_dir("second"))
+        assert store.get(first.key or "") == before
+        assert worker.published == (first,)
+        # The rejected card's files are not served.
+        assert worker.registry.keys() == served
+        # The same model again: refused too, and the first card's files stay served.
+        with pytest.raises(KeyExistsError):
+            await worker.register_model(make_model_dir("first"))
+        assert worker.registry.keys() == served
+        assert store.get(first.key or "") == before
+
+
+async def test_unregister_deletes_the_key_and_stops_serving_the_files(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10, system_port=0, system_host="127.0.0.1") as worker:
+        published = await worker.register_model(
+            make_model_dir(), instance_transport="tcp://127.0.0.1:9000/generate"
+        )
+        assert len(store.keys()) == 2 and len(worker.registry) > 0
+        await worker.unregister(published)
+        assert store.keys() == []
+        assert len(worker.registry) == 0
+        assert worker.published == ()
+        # The lease stays: the worker can publish again.
+        assert worker.session.lease_id in store.leases()
+        await worker.unregister(published)  # a second unregister is a no-op
+
+
+async def test_leaving_the_context_revokes_the_lease_so_keys_vanish_at_once(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10, system_port=0, system_host="127.0.0.1") as worker:
+        await worker.register_model(make_model_dir(), instance_transport="tcp://h:1/x")
+        lease = worker.session.lease_id
+        assert store.keys()
+    assert store.keys() == []
+    assert lease not in store.leases()
+    assert worker.session.state is SessionState.CLOSED
+    assert worker.server is not None and not worker.server.is_running
+
+
+async def test_lost_lease_republishes_the_card_under_the_new_lease_and_key(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    fake = ManualTime(store)
+    session = LeaseSession(store, ttl=9, clock=fake.clock, sleep=fake.sleep)
+    async with Worker(store, session=session) as worker:
+        published = await worker.register_model(
+            make_model_dir(), instance_transport="tcp://10.0.0.1:9000/generate"
+        )
+        old_lease, old_key = session.lease_id, published.key
+        store.expire_lease(old_lease)  # the next keepalive answers TTL 0
+        assert store.keys() == []
+        await fake.advance(3)
+        await spin_until(
+            lambda: session.lease_id != old_lease and session.state is SessionState.REGISTERED
+        )
+        new_lease = session.lease_id
+        assert published.key == f"{PREFIX}{new_lease:x}" != old_key
+        raw = value_of(store, published.key)
+        assert raw["instance_id"] == new_lease
+        record = value_of(store, f"v1/instances/dynamo/backend/generate/{new_lease:x}")
+        assert record["instance_id"] == new_lease
+        assert sorted(store.leases()[new_lease].keys) == store.keys()
+        assert len(store.keys()) == 2
+
+
+async def test_instance_record_is_the_dynamo_endpoint_record_on_the_same_lease(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10) as worker:
+        published = await worker.register_model(
+            make_model_dir(), instance_transport="tcp://10.1.2.3:9000/dynamo.backend.generate"
+        )
+        lease = worker.session.lease_id
+        key = f"v1/instances/dynamo/backend/generate/{lease:x}"
+        assert published.instance_handle is not None and published.instance_handle.key == key
+        kv = store.get(key)
+        assert kv is not None and kv.lease == lease
+        assert json.loads(kv.value) == {
+            "type": "Endpoint",
+            "component": "backend",
+            "endpoint": "generate",
+            "namespace": "dynamo",
+            "instance_id": lease,
+            "transport": {"tcp": "10.1.2.3:9000/dynamo.backend.generate"},
+        }
+        assert set(store.leases()[lease].keys) == {key, published.key}
+
+
+async def test_cards_on_one_endpoint_share_its_instance_record(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    transport = "tcp://127.0.0.1:9000/generate"
+    async with Worker(store, lease_ttl=10) as worker:
+        model = make_model_dir()
+        base = await worker.register_model(model, instance_transport=transport)
+        lora = await worker.register_model(model, lora_name="a", instance_transport=transport)
+        assert lora.instance_handle is base.instance_handle
+        record = f"v1/instances/dynamo/backend/generate/{worker.session.lease_id:x}"
+        assert store.keys() == sorted([base.key or "", lora.key or "", record])
+        with pytest.raises(ValueError, match="already advertises"):
+            await worker.register_model(model, lora_name="b", instance_transport="tcp://h:1/x")
+        await worker.unregister(base)
+        assert store.keys() == sorted([lora.key or "", record])
+        await worker.unregister(lora)
+        assert store.keys() == []
+
+
+@pytest.mark.parametrize("bad", ["http://h:1/x", "tcp://h/x", "tcp://:1"])
+async def test_bad_instance_transport_is_refused_before_publishing(
+    make_model_dir: Callable[..., Path], bad: str
+) -> None:
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10) as worker:
+        with pytest.raises(ValueError, match="tcp://host:port"):
+            await worker.register_model(make_model_dir(), instance_transport=bad)
+        assert store.keys() == []
+
+
+async def test_health_is_ready_only_while_the_cards_are_registered(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    fake = ManualTime(store)
+    session = LeaseSession(store, ttl=9, clock=fake.clock, sleep=fake.sleep)
+    async with (
+        Worker(store, session=session, system_port=0, system_host="127.0.0.1") as worker,
+        aiohttp.ClientSession() as http,
+    ):
+        assert worker.server is not None
+        url = f"http://127.0.0.1:{worker.server.port}/health"
+
+        async def status() -> int:
+            async with http.get(url) as resp:
+                return resp.status
+
+        assert await status() == 503  # nothing published yet
+        await worker.register_model(make_model_dir())
+        assert await status() == 200
+        store.unavailable = True  # etcd down: keepalives fail until the deadline passes
+        await fake.advance(9)
+        await spin_until(lambda: session.state is SessionState.LOST)
+        assert await status() == 503
+        store.unavailable = False
+        await fake.advance(1)  # the recovery backoff
+        await spin_until(lambda: session.state is SessionState.REGISTERED)
+        assert await status() == 200
+
+
+async def test_model_name_defaults_to_the_dir_basename_and_source_path_is_as_given(
+    make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_model_dir("Llama-3.1-8B")
+    monkeypatch.chdir(model.parent)
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10) as worker:
+        published = await worker.register_model("./Llama-3.1-8B")
+        card = value_of(store, published.key)["card_json"]
+        assert card["display_name"] == "Llama-3.1-8B"
+        assert card["slug"] == "llama-3_1-8b"
+        assert card["source_path"] == "./Llama-3.1-8B"
+
+
+async def test_registered_log_line_names_the_key_and_the_lease_in_hex(
+    make_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryStore()
+    caplog.set_level(logging.INFO, logger="discovery_mdc.worker")
+    async with Worker(store, lease_ttl=10) as worker:
+        published = await worker.register_model(make_model_dir())
+        lines = [r.getMessage() for r in caplog.records if "registered model" in r.getMessage()]
+        assert lines == [
+            f"registered model 'sample-model' at {published.key} "
+            f"(lease {worker.session.lease_id:x})"
+        ]
+
+
+async def test_the_card_is_built_before_the_lease_so_a_bad_model_dir_never_reaches_etcd(
+    tmp_path: Path,
+) -> None:
+    from discovery_mdc.errors import ModelDirError
+
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10) as worker:
+        with pytest.raises(ModelDirError):
+            await worker.register_model(tmp_path)  # no config.json
+        assert store.calls == []
+        assert worker.session.state is SessionState.STARTING
+    assert store.calls == []
+
+
+async def test_etcd_down_at_the_first_registration_raises_and_serves_nothing(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    from discovery_mdc.errors import EtcdConnectionError
+
+    store = MemoryStore()
+    store.unavailable = True
+    async with Worker(store, lease_ttl=10, system_port=0, system_host="127.0.0.1") as worker:
+        with pytest.raises(EtcdConnectionError):
+            await worker.register_model(make_model_dir())
+        assert len(worker.registry) == 0 and worker.published == ()
+        store.unavailable = False  # a retry works once etcd answers
+        published = await worker.register_model(make_model_dir())
+        assert store.keys() == [published.key]
