@@ -157,14 +157,56 @@ async def _fetch_http(
                     length = resp.content_length
                     if length is not None and length > cap:
                         raise _over_cap(label, cap, length)
-                    async for chunk in resp.content.iter_chunked(config.chunk_size):
-                        _put(sink, chunk, cap, label)
+                    await _stream_body(resp, sink, cap, label, config.chunk_size)
                     return
             raise FetchError(f"GET {label}: more than {config.max_redirects} redirects")
     except TimeoutError:
         raise FetchError(f"timed out fetching {label} (at {current})") from None
     except aiohttp.ClientError as exc:
         raise FetchError(f"fetching {label} failed: {_one_line(exc)}") from None
+
+
+# Large bodies are written by a worker thread, so disk writes and hashing overlap reading the
+# socket. Data is never held back while the writer is idle; while it is busy, arriving chunks
+# are coalesced (up to this much, then the reader waits), which keeps memory bounded.
+WRITE_BATCH = 1 << 20
+MAX_BUFFERED = 4 * WRITE_BATCH
+
+
+async def _stream_body(
+    resp: aiohttp.ClientResponse, sink: Sink, cap: int, label: str, chunk_size: int
+) -> None:
+    chunks = resp.content.iter_chunked(chunk_size)
+    length = resp.content_length
+    if length is not None and length <= WRITE_BATCH:
+        async for chunk in chunks:  # small body: a thread hop would cost more than it saves
+            _put(sink, chunk, cap, label)
+        return
+    received = 0
+    buf = bytearray()
+    pending: asyncio.Future[None] | None = None
+    try:
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > cap:
+                raise _over_cap(label, cap)
+            buf += chunk
+            if pending is not None and not pending.done() and len(buf) < MAX_BUFFERED:
+                continue
+            if pending is not None:
+                await asyncio.shield(pending)
+            pending = asyncio.ensure_future(asyncio.to_thread(sink.write, bytes(buf)))
+            buf.clear()
+        if pending is not None:
+            await asyncio.shield(pending)
+        if buf:
+            sink.write(bytes(buf))
+    finally:
+        # Never return (and let the caller close the sink) while a write is still running.
+        if pending is not None and not pending.done():
+            await asyncio.wait({pending})
+            if not pending.cancelled():
+                pending.exception()  # retrieved; the error already raised is what counts
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
