@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +39,8 @@ __all__ = [
     "WORKER_SCRIPT",
     "default_venv_dir",
     "dynamo_env",
+    "dynamo_instances",
+    "dynamo_model_workers",
     "ensure_dynamo_venv",
     "etcd_delete_prefix",
     "etcd_get_prefix",
@@ -45,12 +49,19 @@ __all__ = [
     "etcd_put",
     "free_port",
     "free_port_below_32768",
+    "http_json",
+    "in_ci",
     "list_models",
     "make_tokenizer_loadable",
     "oracle_local_dir",
     "oracle_local_dirs",
+    "our_env",
+    "raw_card_json",
+    "read_port_file",
     "start_dynamo_frontend",
     "start_dynamo_worker",
+    "start_our_frontend",
+    "start_our_worker",
     "stop",
     "wait_for",
     "wait_for_keys",
@@ -73,11 +84,23 @@ _LOCK_TIMEOUT: Final = _INSTALL_TIMEOUT + 60.0
 # --------------------------------------------------------------------------- the peer venv
 
 
+_REPO: Final = Path(__file__).resolve().parent.parent
+_FRESH_DONE: set[Path] = set()  # venvs this process already installed fresh
+
+
+def in_ci() -> bool:
+    """True when ``$CI`` is set to anything but ``""``/``0``/``false`` (as CI services do)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def default_venv_dir() -> Path:
-    """``$DMDC_DYNAMO_VENV`` or ``~/.cache/discovery-mdc/dynamo-<version>``."""
+    """``$DMDC_DYNAMO_VENV``; else ``<repo>/.venv-dynamo-ci`` in CI (never the developer's
+    cache); else ``~/.cache/discovery-mdc/dynamo-<version>`` (reused between local runs)."""
     env = os.environ.get("DMDC_DYNAMO_VENV")
     if env:
         return Path(env).expanduser()
+    if in_ci():
+        return _REPO / ".venv-dynamo-ci"
     return Path.home() / ".cache" / "discovery-mdc" / f"dynamo-{DYNAMO_VERSION}"
 
 
@@ -123,18 +146,22 @@ def _file_lock(path: Path, timeout: float) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def ensure_dynamo_venv(venv: Path | None = None) -> Path:
+def ensure_dynamo_venv(venv: Path | None = None, *, fresh: bool = False) -> Path:
     """Return the peer venv's python, creating the venv first if it is missing or broken.
 
-    Idempotent, and safe when several test processes call it at once (a lock file beside the
-    venv serialises installs; latecomers find the finished venv and reuse it).
+    ``fresh=True`` reinstalls it from scratch (``venv --clear``) the first time this process
+    asks for that venv, and reuses it afterwards; CI uses it so every run tests a clean
+    install of the pinned versions. Idempotent, and safe when several test processes call
+    it at once (a lock file beside the venv serialises installs; latecomers find the
+    finished venv and reuse it).
     """
-    venv = venv if venv is not None else default_venv_dir()
+    venv = (venv if venv is not None else default_venv_dir()).absolute()
     python = _venv_python(venv)
-    if _venv_works(python):
+    fresh = fresh and venv not in _FRESH_DONE
+    if not fresh and _venv_works(python):
         return python
     with _file_lock(venv.parent / f".{venv.name}.lock", _LOCK_TIMEOUT):
-        if _venv_works(python):  # another process installed it while we waited
+        if not fresh and _venv_works(python):  # another process installed it meanwhile
             return python
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         for step in _PIP_STEPS:
@@ -147,6 +174,7 @@ def ensure_dynamo_venv(venv: Path | None = None) -> Path:
             raise RuntimeError(
                 f"installed the Dynamo peer into {venv} but `import dynamo.llm` fails"
             )
+        _FRESH_DONE.add(venv)
     return python
 
 
@@ -452,6 +480,118 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
     return proc.returncode
 
 
+# --------------------------------------------------------------------------- our processes
+
+
+def our_env(**extra: str) -> dict[str, str]:
+    """This environment without any inherited ``DYN_*``/``ETCD_*``/``HF_*`` knob, plus ``extra``
+    (so a developer's shell cannot change what a test publishes)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DYN_", "ETCD_", "NATS_", "HF_")) and k != "PYTHONPATH"
+    }
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def start_our_worker(
+    etcd_url: str,
+    model_dir: str | os.PathLike[str],
+    name: str,
+    *,
+    namespace: str = "dynamo",
+    system_port: int | None = 0,
+    self_host: bool | None = None,
+    instance_transport: str | None = None,
+    extra_args: Sequence[str] = (),
+    env_extra: Mapping[str, str] | None = None,
+    log: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``python -m discovery_mdc worker`` for ``model_dir`` (passed exactly as given).
+
+    ``system_port`` sets ``DYN_SYSTEM_PORT`` (0: any free port; None: no status server) with
+    ``DYN_SYSTEM_HOST=127.0.0.1``; ``self_host=False`` adds ``--no-self-host``;
+    ``instance_transport`` adds ``--instance-transport``. Stop it with :func:`stop`.
+    """
+    env = our_env(**dict(env_extra or {}))
+    if system_port is not None:
+        env.update(DYN_SYSTEM_HOST="127.0.0.1", DYN_SYSTEM_PORT=str(system_port))
+    argv = [
+        sys.executable, "-m", "discovery_mdc", "worker", "--etcd", etcd_url,
+        "--model-path", os.fspath(model_dir), "--model-name", name, "--namespace", namespace,
+        "--lease-ttl", "30",
+    ]  # fmt: skip
+    if self_host is False:
+        argv.append("--no-self-host")
+    if instance_transport is not None:
+        argv += ["--instance-transport", instance_transport]
+    return _spawn([*argv, *extra_args], env, log)
+
+
+def start_our_frontend(
+    etcd_url: str,
+    cache_dir: str | os.PathLike[str],
+    port_file: str | os.PathLike[str],
+    *,
+    log: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``python -m discovery_mdc frontend`` on 127.0.0.1 with a free port (written to
+    ``port_file``; read it with :func:`read_port_file`)."""
+    argv = [
+        sys.executable, "-m", "discovery_mdc", "frontend", "--etcd", etcd_url,
+        "--http-host", "127.0.0.1", "--http-port", "0", "--port-file", os.fspath(port_file),
+        "--cache-dir", os.fspath(cache_dir),
+    ]  # fmt: skip
+    return _spawn(argv, our_env(), log)
+
+
+def read_port_file(
+    path: str | os.PathLike[str],
+    *,
+    timeout: float = 60.0,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> int:
+    """Wait for a ``--port-file`` to hold a port number and return it."""
+
+    def read() -> int | None:
+        text = Path(path).read_text().strip() if Path(path).exists() else ""
+        return int(text) if text.isdigit() else None
+
+    port: int = wait_for(read, timeout=timeout, what=f"port file {path}", proc=proc)
+    return port
+
+
+def http_json(url: str, timeout: float = 5.0) -> Any:
+    """GET ``url`` and decode its JSON body."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def dynamo_instances(http_port: int) -> list[dict[str, Any]]:
+    """The Endpoint records a Dynamo frontend knows, from its ``GET /health``."""
+    body = http_json(f"http://127.0.0.1:{http_port}/health")
+    return list(body.get("instances", []))
+
+
+def dynamo_model_workers(http_port: int, model: str) -> dict[str, int]:
+    """``{namespace: admitted workers}`` from a Dynamo frontend's ``/v1/models/{m}/ready``.
+
+    The count is of instances admitted into the model's worker set: a card with another
+    mdcsum is rejected and not counted.
+    """
+    quoted = urllib.parse.quote(model, safe="")
+    try:
+        body = http_json(f"http://127.0.0.1:{http_port}/v1/models/{quoted}/ready")
+    except urllib.error.HTTPError:
+        return {}
+    out: dict[str, int] = {}
+    for ns, info in (body.get("namespaces") or {}).items():
+        types = info.get("worker_types") or {}
+        out[ns] = sum(int(t.get("workers", 0)) for t in types.values())
+    return out
+
+
 # --------------------------------------------------------------------------- mdcsum oracle
 
 _ORACLE: Final = r"""
@@ -733,7 +873,7 @@ def write_golden_models(models: Path) -> None:
     (lora / "adapter_model.safetensors").write_bytes(b"\0" * 64)
 
 
-def _raw_card_json(envelope: bytes) -> str:
+def raw_card_json(envelope: bytes) -> str:
     """The exact bytes of ``card_json`` inside an envelope (no re-serialisation)."""
     import msgspec
 
@@ -826,7 +966,7 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
             f"{p.parent.name}/{p.name}": sorted(f.name for f in p.iterdir())
             for p in sorted(by_slug.glob("*/*"))
         }
-    cards = [_raw_card_json((out_dir / e["file"]).read_bytes()) for e in manifest["envelopes"]]
+    cards = [raw_card_json((out_dir / e["file"]).read_bytes()) for e in manifest["envelopes"]]
     for entry, local_dir in zip(manifest["envelopes"], oracle_local_dirs(cards, py), strict=True):
         slug, mdcsum = Path(local_dir).parts[-2:]
         entry["oracle_local_dir"] = local_dir
@@ -839,9 +979,21 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
     return manifest
 
 
+def _main(argv: Sequence[str]) -> int:
+    usage = "usage: python integration/_dynamo.py capture [OUT_DIR] | install [--fresh]"
+    if argv[:1] == ["capture"]:
+        out = Path(argv[1]) if len(argv) > 1 else Path("tests/data/dynamo")
+        result = capture_goldens(out.resolve())
+        print(f"captured {len(result['envelopes'])} envelopes into {out}")
+        return 0
+    if argv[:1] == ["install"] and set(argv[1:]) <= {"--fresh"}:
+        started = time.monotonic()
+        python = ensure_dynamo_venv(fresh="--fresh" in argv[1:])
+        print(f"Dynamo {DYNAMO_VERSION} peer: {python} ({time.monotonic() - started:.0f}s)")
+        return 0
+    print(usage, file=sys.stderr)
+    return 2
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["capture"]:
-        sys.exit("usage: python integration/_dynamo.py capture [OUT_DIR]")
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("tests/data/dynamo")
-    result = capture_goldens(out.resolve())
-    print(f"captured {len(result['envelopes'])} envelopes into {out}")
+    sys.exit(_main(sys.argv[1:]))

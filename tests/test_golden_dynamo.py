@@ -28,6 +28,7 @@ from discovery_mdc.card import (
     mdcsum,
     parse_card_key,
 )
+from discovery_mdc.worker import build_worker_card
 
 DATA = Path(__file__).parent / "data" / "dynamo"
 _raw_fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -265,3 +266,31 @@ def test_dynamo_endpoint_instance_record_shape(entry: dict[str, Any]) -> None:
     assert cards
     for card_entry in cards:
         assert decode_envelope(_raw(card_entry)).instance_id == record["instance_id"]
+
+
+@pytest.mark.parametrize(
+    "entry", [e for e in _envelopes() if e["key"].count("/") == 6], ids=lambda e: e["file"]
+)
+def test_our_worker_lora_card_is_named_as_dynamo_names_it(entry: dict[str, Any]) -> None:
+    """Dynamo names a LoRA card after the adapter (display_name and slug), whatever the base
+    is served as; our worker does the same, so both agree on the mdcsum."""
+    theirs = decode_envelope(_raw(entry)).card
+    ((lora_name, _),) = entry["register"]["loras"]
+    ours = build_worker_card(
+        str(DATA / entry["model_dir"]),
+        server=None,
+        self_host=False,
+        namespace="dynamo",
+        component="backend",
+        endpoint="generate",
+        display_name=entry["display_name"],  # the base model's served name
+        lora_name=lora_name,
+    )
+    assert (ours.display_name, ours.slug, ours.lora) == (
+        theirs.display_name,
+        theirs.slug,
+        theirs.lora,
+    )
+    # The path string is where the capture ran; the extras exist only when self-hosting.
+    ours = ours.replace(source_path=theirs.source_path, extra_files=theirs.extra_files)
+    assert mdcsum(ours) == entry["oracle_mdcsum"]

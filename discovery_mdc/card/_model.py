@@ -19,6 +19,11 @@ from discovery_mdc.card._checksum import Checksum
 from discovery_mdc.card._slug import slugify, validate_slug
 from discovery_mdc.errors import CardDecodeError, CardError
 
+# What msgspec raises on hostile bytes besides DecodeError: bad UTF-8 inside an object key
+# (UnicodeDecodeError) and nesting deeper than the interpreter's recursion limit. Found by
+# tests/test_fuzz_decoder.py; each must become a CardDecodeError, never escape the watcher.
+_DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
 __all__ = [
     "MODEL_TYPE_FLAGS",
     "CheckedFile",
@@ -190,7 +195,7 @@ class ModelDeploymentCard(msgspec.Struct, frozen=True, kw_only=True):
             return None
         try:
             rc = msgspec.json.decode(self.runtime_config, type=_RuntimeContext)
-        except msgspec.DecodeError:
+        except _DECODE_ERRORS:
             return None
         return rc.context_length
 
@@ -297,7 +302,7 @@ def _snippet(raw: bytes) -> str:
 def _typed(field: str, raw: msgspec.Raw, type_: Any) -> Any:
     try:
         return msgspec.json.decode(raw, type=type_)
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         raise CardDecodeError(
             f"invalid card field {field!r}: {exc}; value: {_snippet(raw)}"
         ) from None
@@ -360,7 +365,7 @@ def decode_card(data: bytes | str | msgspec.Raw) -> ModelDeploymentCard:
     """Decode card JSON. Raises :class:`CardDecodeError` (a ``ValueError``) naming the field."""
     try:
         fields = _raw_dict_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         raise CardDecodeError(f"card is not a JSON object: {exc}") from None
     return card_from_fields(fields)
 

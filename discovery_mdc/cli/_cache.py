@@ -19,11 +19,9 @@ from discovery_mdc.cache import (
     scan_cache,
     verify_cache,
 )
-from discovery_mdc.cli._common import EXIT_FAILED, EXIT_OK
+from discovery_mdc.cli._common import EXIT_FAILED, EXIT_OK, add_env_option
 
 __all__ = ["add_fetch_parser", "register"]
-
-_CACHE_DIR_HELP = "cache root (default: $DYN_MDC_CACHE_DIR, else $HOME/.cache/dynamo/mdc)"
 
 
 def _layout(args: argparse.Namespace) -> CacheLayout:
@@ -107,7 +105,7 @@ def add_fetch_parser(card_sub: argparse._SubParsersAction[argparse.ArgumentParse
         "fetched or verified, 2 for a bad card.",
     )
     fetch.add_argument("path", metavar="CARD.json", help="a card or envelope JSON file")
-    fetch.add_argument("--cache-dir", default=None, metavar="DIR", help=_CACHE_DIR_HELP)
+    add_env_option(fetch, "cache_dir")
     fetch.add_argument(
         "--lock-timeout",
         type=float,
@@ -207,7 +205,13 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    cache = sub.add_parser("cache", help="list, verify and prune the metadata cache")
+    cache = sub.add_parser(
+        "cache",
+        help="list, verify and prune the metadata cache",
+        description="Manage the frontend's metadata cache (blobs/, by-slug/) under --cache-dir, "
+        "else DYN_MDC_CACHE_DIR, else $HOME/.cache/dynamo/mdc. Cleanup is up to you, as with "
+        "the HF cache.",
+    )
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
 
     ls = cache_sub.add_parser(
@@ -236,4 +240,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     prune.set_defaults(func=_prune)
 
     for parser in (ls, verify, prune):
-        parser.add_argument("--cache-dir", default=None, metavar="DIR", help=_CACHE_DIR_HELP)
+        add_env_option(parser, "cache_dir")

@@ -53,7 +53,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    card = sub.add_parser("card", help="build, inspect and fetch model deployment cards")
+    card = sub.add_parser(
+        "card",
+        help="build, inspect and fetch model deployment cards",
+        description="Build or re-encode a model deployment card (inspect), or verify and "
+        "cache its metadata files (fetch). No etcd is needed.",
+    )
     card_sub = card.add_subparsers(dest="card_command", required=True, metavar="COMMAND")
     inspect = card_sub.add_parser(
         "inspect",

@@ -12,9 +12,9 @@ from pathlib import Path
 from aiohttp import web
 
 from discovery_mdc.card import decode_envelope, mdcsum, parse_card_key
-from discovery_mdc.cli._common import EXIT_OK, add_etcd_args, env_default, etcd_client
+from discovery_mdc.cli._common import EXIT_OK, add_env_option, etcd_client, port_number
 from discovery_mdc.errors import CardDecodeError
-from discovery_mdc.frontend import ModelWatcher, build_app
+from discovery_mdc.frontend import ModelWatcher, build_app, model_id
 
 __all__ = ["register"]
 
@@ -71,7 +71,7 @@ async def _list_cards(args: argparse.Namespace) -> int:
         except CardDecodeError as exc:
             rows.append((kv.key, f"(malformed: {exc})", "-", f"{kv.lease:x}"))
             continue
-        rows.append((kv.key, env.card.display_name, mdcsum(env.card), f"{kv.lease:x}"))
+        rows.append((kv.key, model_id(env.card), mdcsum(env.card), f"{kv.lease:x}"))
     header = ("KEY", "MODEL", "MDCSUM", "LEASE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     for row in [header, *rows]:
@@ -84,13 +84,6 @@ def _ls(args: argparse.Namespace) -> int:
     return asyncio.run(_list_cards(args))
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535")
-    return value
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fe = sub.add_parser(
         "frontend",
@@ -99,7 +92,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "and verify every metadata file into the cache, and serve the ready models on "
         "GET /v1/models (plus /v1/models/{id}, /health and /metrics).",
     )
-    add_etcd_args(fe)
+    add_env_option(fe, "etcd")
     fe.add_argument(
         "--http-host",
         default="127.0.0.1",
@@ -107,7 +100,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     fe.add_argument(
         "--http-port",
-        type=_port,
+        type=port_number,
         default=8000,
         help="port for the HTTP API; 0 picks a free one (default %(default)s)",
     )
@@ -120,11 +113,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     scope.add_argument(
         "--namespace-prefix", default=None, help="admit namespaces starting with this string"
     )
-    fe.add_argument(
-        "--cache-dir",
-        default=env_default("DYN_MDC_CACHE_DIR"),
-        help="metadata cache root (env DYN_MDC_CACHE_DIR; default $HOME/.cache/dynamo/mdc)",
-    )
+    add_env_option(fe, "cache_dir")
     fe.add_argument(
         "--reconcile-interval",
         type=float,
@@ -141,5 +130,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="list the cards in etcd without downloading anything",
         description="List every key under v1/mdc/ with its model, mdcsum and lease.",
     )
-    add_etcd_args(ls)
+    add_env_option(ls, "etcd")
     ls.set_defaults(func=_ls)

@@ -8,10 +8,9 @@ import logging
 import signal
 
 from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type
-from discovery_mdc.cli._common import EXIT_OK, add_etcd_args, env_default, etcd_client
+from discovery_mdc.cli._common import EXIT_OK, add_env_option, etcd_client
 from discovery_mdc.errors import CardError
-from discovery_mdc.etcd import lease_ttl_from_env
-from discovery_mdc.worker import Worker, parse_instance_transport
+from discovery_mdc.worker import Worker, parse_instance_transport, resolve_model_source
 
 __all__ = ["register"]
 
@@ -30,7 +29,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
             lease_ttl=args.lease_ttl,
             system_port=args.system_port,
             system_host=args.system_host,
-            self_host_metadata=False if args.no_self_host else None,
+            self_host_metadata=args.self_host,
         ) as worker,
     ):
         await worker.register_model(
@@ -50,6 +49,8 @@ async def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    # A bad model path is bad input (exit 2): say so before connecting to etcd.
+    resolve_model_source(args.model_path)
     return asyncio.run(_run_worker(args))
 
 
@@ -68,22 +69,6 @@ def _transport(text: str) -> str:
     return text
 
 
-def _ttl(text: str) -> int:
-    try:
-        return lease_ttl_from_env({"ETCD_LEASE_TTL": text})
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            str(exc).replace("ETCD_LEASE_TTL", "--lease-ttl")
-        ) from None
-
-
-def _optional_port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535")
-    return value
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     w = sub.add_parser(
         "worker",
@@ -93,7 +78,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "set), and publish it in etcd under a lease kept alive until SIGTERM/SIGINT, when the "
         "lease is revoked and the worker exits 0.",
     )
-    add_etcd_args(w)
+    add_env_option(w, "etcd")
     w.add_argument(
         "--model-path",
         required=True,
@@ -119,31 +104,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a chat template file to publish instead of the model's own",
     )
     w.add_argument("--lora-name", default=None, help="publish the card as this LoRA adapter")
-    w.add_argument(
-        "--lease-ttl",
-        type=_ttl,
-        default=lease_ttl_from_env(),
-        help="lease TTL in seconds (env ETCD_LEASE_TTL; default 10)",
-    )
-    w.add_argument(
-        "--system-port",
-        type=_optional_port,
-        default=None,
-        help="status server port; 0 picks a free one (env DYN_SYSTEM_PORT; "
-        "unset: no status server, so no self-hosting)",
-    )
-    w.add_argument(
-        "--system-host",
-        default=env_default("DYN_SYSTEM_HOST"),
-        help="status server bind address (env DYN_SYSTEM_HOST; default 0.0.0.0; a "
-        "wildcard is advertised as this host's routable IP)",
-    )
-    w.add_argument(
-        "--no-self-host",
-        action="store_true",
-        help="publish local paths instead of serving the files (env "
-        "DYN_SELF_HOST_METADATA=0|false|no|off)",
-    )
+    for dest in ("lease_ttl", "system_port", "system_host", "self_host"):
+        add_env_option(w, dest)
     w.add_argument(
         "--instance-transport",
         type=_transport,

@@ -27,7 +27,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Final
 
-from discovery_mdc.card import CheckedFile, LoraInfo, ModelDeploymentCard, from_dir
+from discovery_mdc.card import CheckedFile, LoraInfo, ModelDeploymentCard, from_dir, slugify
 from discovery_mdc.errors import RegistryError
 from discovery_mdc.worker._registry import (
     BASE_SUFFIX,
@@ -238,7 +238,12 @@ def build_worker_card(
         **card_fields,
     )
     if lora_name is not None:
-        card = card.replace(lora=LoraInfo(lora_name))
+        # As Dynamo (1.6.1) writes it: a LoRA card is named and slugged after the adapter,
+        # whatever the base model is served as; the base stays in source_path. A card named
+        # after the base is ignored by a Dynamo frontend and has another mdcsum.
+        card = card.replace(
+            display_name=lora_name, slug=slugify(lora_name), lora=LoraInfo(lora_name)
+        )
     return prepare_card(
         card,
         server=server,

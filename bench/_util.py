@@ -1,0 +1,484 @@
+"""Shared plumbing for the benchmarks: statistics, processes we start, /proc readers, models.
+
+Every server binds 127.0.0.1 and every process started here is stopped by its own PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+_T = TypeVar("_T")
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Samples of one measurement, with the unit they are in."""
+
+    samples: tuple[float, ...]
+    unit: str
+
+    @classmethod
+    def of(cls, samples: Sequence[float], unit: str) -> Stats:
+        return cls(tuple(float(s) for s in samples), unit)
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def min(self) -> float:
+        return min(self.samples) if self.samples else float("nan")
+
+    @property
+    def max(self) -> float:
+        return max(self.samples) if self.samples else float("nan")
+
+    def fmt(self, value: float | None = None) -> str:
+        return fmt_value(self.median if value is None else value, self.unit)
+
+    def summary(self) -> str:
+        """``median (min-max, n=N) unit``."""
+        if not self.samples:
+            return "n/a"
+        if self.n == 1:
+            return f"{fmt_num(self.median)} {self.unit} (n=1)"
+        return (
+            f"{fmt_num(self.median)} {self.unit} "
+            f"({fmt_num(self.min)}-{fmt_num(self.max)}, n={self.n})"
+        )
+
+
+def fmt_num(x: float) -> str:
+    if x != x:  # nan
+        return "n/a"
+    ax = abs(x)
+    if ax >= 1000:
+        return f"{x:,.0f}"
+    if ax >= 100:
+        return f"{x:.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    if ax >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def fmt_value(x: float, unit: str) -> str:
+    return f"{fmt_num(x)} {unit}"
+
+
+@dataclass(slots=True)
+class Row:
+    """One line of the results table.
+
+    ``ratio`` is ours/peer of the medians, in the direction named by ``ratio_kind``
+    (``"time"``: lower is better; ``"rate"``: higher is better). ``target`` is the text of
+    the goal and ``met`` whether the measured value reaches it (``None``: no target).
+    """
+
+    scenario: str
+    metric: str
+    ours: Stats
+    peer: Stats | None = None
+    peer_name: str = ""
+    ratio_kind: str = ""
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+    ranked: bool = True
+    """Whether the row competes for "worst ratio" (context rows do not)."""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.peer is None or not self.peer.samples or not self.ours.samples:
+            return None
+        if self.peer.median == 0:
+            return None
+        return self.ours.median / self.peer.median
+
+
+@dataclass(slots=True)
+class ScenarioResult:
+    name: str
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- ports, waiting
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port on ``host`` that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    predicate: Callable[[], _T | None],
+    *,
+    timeout: float,
+    interval: float = 0.05,
+    what: str = "condition",
+    proc: subprocess.Popen[Any] | None = None,
+) -> _T:
+    """Poll ``predicate`` until it returns something truthy (bounded by ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (OSError, ValueError, KeyError) as exc:
+            value, last = None, exc
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited ({proc.returncode}) before {what}")
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
+
+
+def http_get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return bytes(resp.read())
+
+
+def http_json(url: str, timeout: float = 5.0) -> Any:
+    return json.loads(http_get(url, timeout))
+
+
+def prom_value(text: str, name: str, labels: str | None = None) -> float:
+    """Sum of the samples of ``name`` (optionally only those whose label text contains
+    ``labels``, e.g. ``status="200"``) in Prometheus text format."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric = head.split("{", 1)[0]
+        if metric != name:
+            continue
+        if labels is not None and labels not in head:
+            continue
+        total += float(value)
+    return total
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status_kb(pid: int, key: str) -> int:
+    """A ``kB`` field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_mb(pid: int) -> float:
+    return proc_status_kb(pid, "VmRSS") / 1024
+
+
+def hwm_mb(pid: int) -> float:
+    return proc_status_kb(pid, "VmHWM") / 1024
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Proc:
+    """A child process we started; :meth:`stop` signals only its PID."""
+
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        log: Path,
+        env: dict[str, str] | None = None,
+        stdin: int | None = subprocess.DEVNULL,
+        stdout_pipe: bool = False,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.args = list(args)
+        self.log = log
+        self._log: IO[bytes] = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._log.write(f"=== {' '.join(self.args)}\n".encode())
+        self._log.flush()
+        self.popen = subprocess.Popen(
+            self.args,
+            env=env,
+            cwd=cwd or ROOT,
+            stdin=stdin,
+            stdout=subprocess.PIPE if stdout_pipe else self._log,
+            stderr=self._log,
+            start_new_session=True,
+        )
+        _LIVE.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def send(self, obj: dict[str, Any]) -> None:
+        """One JSON command line on stdin (for our child processes)."""
+        assert self.popen.stdin is not None
+        self.popen.stdin.write((json.dumps(obj) + "\n").encode())
+        self.popen.stdin.flush()
+
+    def recv(self, timeout: float = 120.0) -> dict[str, Any]:
+        """The next JSON line the child prints on stdout (bounded by ``timeout``)."""
+        import select
+
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        fd = self.popen.stdout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name}: no reply within {timeout:.0f}s; see {self.log}")
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                if self.popen.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited ({self.popen.returncode}); "
+                        f"log tail:\n{self.log_tail()}"
+                    )
+                continue
+            line = fd.readline()
+            if not line:
+                raise RuntimeError(
+                    f"{self.name} closed stdout (exit {self.popen.poll()}); "
+                    f"log tail:\n{self.log_tail()}"
+                )
+            text = line.decode().strip()
+            if text.startswith("{"):
+                result: dict[str, Any] = json.loads(text)
+                if "error" in result:
+                    raise RuntimeError(f"{self.name}: {result['error']}")
+                return result
+
+    def call(self, obj: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+        self.send(obj)
+        return self.recv(timeout)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def finish(self, timeout: float = 60.0) -> int | None:
+        """Let a one-shot child exit by itself (a profiler wrapped around it is writing its
+        report), then :meth:`stop` it if it has not."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+        return self.stop()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM our child by PID, SIGKILL after ``timeout``; close its pipes."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout)
+        for stream in (self.popen.stdin, self.popen.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        with contextlib.suppress(OSError):
+            self._log.close()
+        if self in _LIVE:
+            _LIVE.remove(self)
+        return self.popen.returncode
+
+
+_LIVE: list[Proc] = []
+
+
+def stop_all() -> None:
+    """Stop every child still running (by PID), newest first."""
+    for proc in reversed(list(_LIVE)):
+        proc.stop(timeout=5.0)
+
+
+def child_args(module: str, *args: str, profile_to: Path | None = None) -> list[str]:
+    """``python -m module args``; under pyinstrument (a saved session) when ``profile_to``."""
+    if profile_to is None:
+        return [PY, "-m", module, *args]
+    return [
+        PY,
+        "-m",
+        "pyinstrument",
+        "--interval",
+        "0.0005",
+        "-r",
+        "pyisession",
+        "-o",
+        str(profile_to),
+        "-m",
+        module,
+        *args,
+    ]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Our environment minus Dynamo/etcd knobs, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- models
+
+# ~1.8 MB tokenizer.json (about 17 bytes per vocab entry in the loadable form).
+TOKENIZER_VOCAB = 105_000
+MERGES_BYTES = 500_000
+
+
+def write_bench_model(directory: Path, seed: int, *, vocab_size: int = TOKENIZER_VOCAB) -> Path:
+    """A 5-file metadata set of ~2.3 MB: config.json, a ~1.8 MB tokenizer.json that the
+    HF ``tokenizers`` crate loads (so Dynamo lists it), tokenizer_config.json with a chat
+    template, generation_config.json and a ~0.5 MB merges.txt (published as an extra file).
+    ``seed`` changes every byte of tokenizer.json and merges.txt, so each seed is cold."""
+    from discovery_mdc._sample import write_sample_model
+
+    write_sample_model(
+        directory, vocab_size=vocab_size, seed=seed, extra_files=False, weights=False
+    )
+    make_loadable(directory)
+    rng = random.Random(seed * 7919 + 1)
+    alphabet = "abcdefghijklmnopqrstuvwxyz"
+    lines = ["#version: 0.2"]
+    size = 0
+    while size < MERGES_BYTES:
+        a = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))
+        b = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))
+        lines.append(f"{a} {b}")
+        size += len(a) + len(b) + 2
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def make_loadable(directory: Path) -> None:
+    """Rewrite tokenizer.json so Dynamo's tokenizer loader accepts it (the peer helper
+    ``integration._dynamo.make_tokenizer_loadable`` when present)."""
+    try:
+        from integration._dynamo import make_tokenizer_loadable
+    except ImportError:
+        from bench._peers import make_tokenizer_loadable
+    make_tokenizer_loadable(directory)
+
+
+def model_files(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- our frontend
+
+
+def start_our_frontend(
+    etcd_url: str,
+    work: Path,
+    name: str = "frontend",
+    *,
+    profile_to: Path | None = None,
+    log_level: str = "info",
+) -> tuple[Proc, int]:
+    """``discovery-mdc frontend`` on 127.0.0.1 with a fresh cache (and HOME) under ``work``;
+    returns the process and its HTTP port once /health answers."""
+    home = work / f"{name}-home"
+    home.mkdir(parents=True, exist_ok=True)
+    port_file = work / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    args = child_args(
+        "discovery_mdc",
+        "--log-level",
+        log_level,
+        "frontend",
+        "--etcd",
+        etcd_url,
+        "--http-host",
+        HOST,
+        "--http-port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--cache-dir",
+        str(home / "mdc-cache"),
+        profile_to=profile_to,
+    )
+    proc = Proc(name, args, log=work / f"{name}.log", env=child_env(HOME=str(home)))
+    port = int(
+        wait_for(
+            lambda: port_file.read_text().strip() if port_file.exists() else None,
+            timeout=60,
+            what=f"{name} port file",
+            proc=proc.popen,
+        )
+    )
+    wait_for(
+        lambda: http_json(f"http://{HOST}:{port}/health").get("watch_connected"),
+        timeout=30,
+        what=f"{name} /health",
+        proc=proc.popen,
+    )
+    return proc, port

@@ -1,0 +1,218 @@
+"""P3: fan-in. 500 instances of 5 models published in a burst, then revoked in a burst.
+
+Four publisher processes each run a real status server hosting the 5 models' files (~2.3 MB
+each) and, on "go", grant 125 leases and create 125 card envelopes (each pointing at its own
+server's URLs), 32 requests in flight per process. Our frontend (a subprocess with a fresh
+cache) converges when ``/v1/models`` lists all 5 and every model's worker set has all its
+instances ready (``/v1/models/{id}``). Polled every 20 ms.
+
+Fetches per unique blob = metadata GETs answered 200 by all four status servers, divided by
+the distinct blake3 digests across the 5 cards. CPU is utime+stime of the frontend from just
+before the burst to convergence; peak RSS is its VmHWM. Then every lease is revoked and the
+time until ``/v1/models`` is empty and the instance gauge is 0 is measured.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench._ctx import Ctx
+from bench._util import (
+    HOST,
+    Proc,
+    Row,
+    ScenarioResult,
+    Stats,
+    child_args,
+    child_env,
+    cpu_seconds,
+    http_get,
+    http_json,
+    hwm_mb,
+    prom_value,
+    rss_mb,
+    start_our_frontend,
+    write_bench_model,
+)
+
+NAME = "P3"
+TITLE = "Fan-in: 500 instances / 5 models in a burst, then revoke all"
+MODELS = 5
+PUBLISHERS = 4
+INSTANCES = 500
+POLL = 0.02
+TIMEOUT = 120.0
+
+
+def _converged(base: str, names: list[str], want: int) -> bool:
+    listed = {m["id"] for m in http_json(f"{base}/v1/models")["data"]}
+    if not set(names) <= listed:
+        return False
+    if prom_value(http_get(f"{base}/metrics").decode(), "mdc_instances") < want:
+        return False
+    ready = 0
+    for name in names:
+        info = http_json(f"{base}/v1/models/{name}")
+        ready += sum(len(ws["instances"]) for ws in info["worker_sets"] if ws["ready"])
+    return ready >= want
+
+
+def _empty(base: str) -> bool:
+    if http_json(f"{base}/v1/models")["data"]:
+        return False
+    return prom_value(http_get(f"{base}/metrics").decode(), "mdc_instances") == 0
+
+
+def _poll_until(pred: Any, what: str) -> float:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return time.monotonic()
+        except OSError:
+            pass
+        time.sleep(POLL)
+    raise TimeoutError(f"P3: {what} not reached within {TIMEOUT:.0f}s")
+
+
+def _one_run(ctx: Ctx, work: Path, models: list[Path], run_no: int) -> dict[str, float]:
+    from discovery_mdc.etcd import EtcdServer
+
+    per = INSTANCES // PUBLISHERS
+    procs: list[Proc] = []
+    with EtcdServer(log_path=work / f"etcd-{run_no}.log") as etcd:
+        try:
+            fe, port = start_our_frontend(
+                etcd.client_url,
+                work,
+                f"frontend-{run_no}",
+                profile_to=ctx.profile_session(NAME) if run_no == 0 else None,
+            )
+            procs.append(fe)
+            base = f"http://{HOST}:{port}"
+            pubs = [
+                Proc(
+                    f"publisher-{i}",
+                    child_args(
+                        "bench._child",
+                        "publisher",
+                        "--etcd",
+                        etcd.client_url,
+                        "--index",
+                        str(i),
+                        "--instances",
+                        str(per),
+                        *map(str, models),
+                    ),
+                    log=work / f"publisher-{run_no}-{i}.log",
+                    env=child_env(),
+                    stdin=subprocess.PIPE,
+                    stdout_pipe=True,
+                )
+                for i in range(PUBLISHERS)
+            ]
+            procs.extend(pubs)
+            ready = [p.recv(120) for p in pubs]
+            blobs = {b for r in ready for b in r["blobs"]}
+            names = ready[0]["models"]
+            time.sleep(0.3)  # let the frontend settle to idle before sampling it
+            rss_idle = rss_mb(fe.pid)
+            cpu0 = cpu_seconds(fe.pid)
+            with ThreadPoolExecutor(PUBLISHERS) as pool:
+                futs = [pool.submit(p.call, {"op": "go"}, 120) for p in pubs]
+                t_conv = _poll_until(lambda: _converged(base, names, INSTANCES), "convergence")
+                replies = [f.result() for f in futs]
+            cpu1 = cpu_seconds(fe.pid)
+            hwm_conv = hwm_mb(fe.pid)
+            t0 = min(r["t_first"] for r in replies)
+            burst = max(r["t_done"] for r in replies) - t0
+            fetched = 0.0
+            for r in ready:
+                text = http_get(f"{r['base_url']}/metrics").decode()
+                fetched += prom_value(text, "discovery_mdc_metadata_requests_total", 'status="200"')
+            with ThreadPoolExecutor(PUBLISHERS) as pool:
+                futs = [pool.submit(p.call, {"op": "revoke"}, 120) for p in pubs]
+                t_empty = _poll_until(lambda: _empty(base), "empty")
+                revokes = [f.result() for f in futs]
+            cpu2 = cpu_seconds(fe.pid)
+            d0 = min(r["t_first"] for r in revokes)
+            for p in pubs:
+                p.call({"op": "quit"}, 30)
+            return {
+                "converge_s": t_conv - t0,
+                "burst_s": burst,
+                "empty_s": t_empty - d0,
+                "revoke_burst_s": max(r["t_done"] for r in revokes) - d0,
+                "fetch_per_blob": fetched / len(blobs),
+                "blobs": float(len(blobs)),
+                "cpu_s": cpu1 - cpu0,
+                "cpu_delete_s": cpu2 - cpu1,
+                "rss_idle_mb": rss_idle,
+                "hwm_mb": max(hwm_conv, hwm_mb(fe.pid)),
+            }
+        finally:
+            for p in reversed(procs):
+                p.stop()
+
+
+def run(ctx: Ctx) -> ScenarioResult:
+    result = ScenarioResult(NAME, TITLE)
+    work = ctx.scenario_dir(NAME)
+    models = [write_bench_model(work / f"fanin-{i}", seed=3000 + i) for i in range(MODELS)]
+    runs = [_one_run(ctx, work, models, i) for i in range(ctx.n(3, 1))]
+
+    def s(key: str, unit: str) -> Stats:
+        return Stats.of([r[key] for r in runs], unit)
+
+    conv = s("converge_s", "s")
+    result.rows.append(
+        Row(
+            NAME,
+            "time to convergence (500 instances ready)",
+            conv,
+            target="≤ 10 s",
+            met=conv.max <= 10.0,
+            note=f"publish burst itself took {s('burst_s', 's').summary()}",
+        )
+    )
+    fpb = s("fetch_per_blob", "fetches/blob")
+    result.rows.append(
+        Row(
+            NAME,
+            "fetches per unique blob",
+            fpb,
+            target="exactly 1.00",
+            met=all(abs(r["fetch_per_blob"] - 1.0) < 1e-9 for r in runs),
+            note=f"{int(runs[0]['blobs'])} unique blobs, served by {PUBLISHERS} status servers",
+        )
+    )
+    hwm = s("hwm_mb", "MB")
+    result.rows.append(
+        Row(
+            NAME,
+            "frontend peak RSS (VmHWM)",
+            hwm,
+            target="≤ 150 MB",
+            met=hwm.max <= 150.0,
+            note=f"idle before the burst: {s('rss_idle_mb', 'MB').summary()}",
+        )
+    )
+    result.rows.append(Row(NAME, "frontend CPU, burst → converged", s("cpu_s", "CPU s")))
+    result.rows.append(
+        Row(
+            NAME,
+            "time to empty after revoking all 500 leases",
+            s("empty_s", "s"),
+            note=f"revoke burst took {s('revoke_burst_s', 's').summary()}; "
+            f"frontend CPU {s('cpu_delete_s', 'CPU s').summary()}",
+        )
+    )
+    result.notes.append(
+        f"{PUBLISHERS} publisher processes x {INSTANCES // PUBLISHERS} leases; {MODELS} models of "
+        f"~2.3 MB; {len(runs)} run(s), each with a fresh etcd, frontend and cache"
+    )
+    return result

@@ -1,0 +1,212 @@
+"""Hostile input end to end: a larger status-server fuzz, cards pointing at files outside any
+model, and ``../`` in slugs and file names, through a real frontend process."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from discovery_mdc.card import (
+    CheckedFile,
+    Checksum,
+    ModelDeploymentCard,
+    Slot,
+    SlotVariant,
+    from_dir,
+    hash_bytes,
+)
+from discovery_mdc.etcd import EtcdClient, EtcdServer
+from integration._faults import FileServer, FrontendProcess, envelope_kv, model_dirs
+from integration._util import wait_until
+from integration.test_status_server_fuzz import (  # the module-scoped server fixture
+    Served,
+    raw_get,
+    raw_targets,
+    served,  # noqa: F401
+)
+
+DEADLINE = 60.0
+
+
+# --------------------------------------------------------------------------- status server
+
+
+def _encode_all(text: str) -> str:
+    return "".join(f"%{b:02X}" for b in text.encode())
+
+
+@st.composite
+def near_misses(draw: st.DrawFn, paths: list[str]) -> bytes:
+    """Registered paths bent: encoded, doubled, cased, padded, NUL'd, overlong, unicode."""
+    path = draw(st.sampled_from(paths))
+    head, _, name = path.rpartition("/")
+    bent = draw(
+        st.sampled_from(
+            [
+                f"{head}/{_encode_all(name)}",
+                f"{head}/{_encode_all(_encode_all(name))}",
+                f"{head}/{name.upper()}",
+                f"{head}/{name}/",
+                f"{head}/{name}%00",
+                f"{head}/{name}\x00.txt",
+                f"{head}/./{name}",
+                f"{head}/x/../{name}",
+                f"{head}/%2e%2e/%2e%2e/{name}",
+                f"{head}/..%2f..%2fsecret.txt",
+                f"{head}/%c0%ae%c0%ae/secret.txt",
+                f"{head}/{name}" + "A" * draw(st.integers(200, 20_000)),
+                f"{head}/" + "\u202e\u0301\ufeff" + name,
+                f"{head}//{name}",
+                f"{head}\\{name}",
+                f"{head}/{name};.json",
+            ]
+        )
+    )
+    return bent.encode("utf-8", "surrogatepass")
+
+
+@settings(
+    max_examples=2_000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_2000_fuzzed_paths_never_serve_an_unregistered_file_or_a_5xx(
+    served: Served,  # noqa: F811
+    data: st.DataObject,
+) -> None:
+    target = data.draw(raw_targets() | near_misses(sorted(served.paths)))
+    status, body = raw_get(served.port, target)
+    assert status is None or status < 500, (target[:200], status)
+    if status == 200:
+        # Only ever the bytes of a registered file, never anything else on the disk.
+        assert blake3.blake3(body).hexdigest() in set(served.paths.values()), target[:200]
+    assert b"must never be served" not in body
+
+
+# --------------------------------------------------------------------------- frontend
+
+
+@pytest.fixture
+async def client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
+    async with EtcdClient([etcd_server.client_url]) as c:
+        yield c
+
+
+@pytest.fixture
+def frontend(etcd_server: EtcdServer, tmp_path: Path) -> Iterator[FrontendProcess]:
+    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path / "fe", reconcile_interval=2.0)
+    yield fe
+    fe.close()
+
+
+async def counter_at_least(fe: FrontendProcess, name: str, n: float) -> bool:
+    return (await fe.metrics()).get(name, 0) >= n
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+async def test_cards_pointing_at_files_outside_any_model_are_rejected_end_to_end(
+    client: EtcdClient, frontend: FrontendProcess, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:secret\n")
+    fake = Checksum("0" * 64)
+    passwd_size = os.stat("/etc/passwd").st_size
+    cards = [
+        ModelDeploymentCard.new(
+            "evil-passwd",
+            model_info=Slot(
+                SlotVariant.HF_CONFIG_JSON, CheckedFile("file:///etc/passwd", fake, passwd_size)
+            ),
+        ),
+        # A bare absolute path is treated as file://, same rules.
+        ModelDeploymentCard.new(
+            "evil-secret",
+            model_info=Slot(
+                SlotVariant.HF_CONFIG_JSON,
+                CheckedFile(str(secret), fake, secret.stat().st_size),
+            ),
+        ),
+        # Right hash of a different file: the size cap and the hash both stand in the way.
+        ModelDeploymentCard.new(
+            "evil-shadow",
+            model_info=Slot(
+                SlotVariant.HF_CONFIG_JSON,
+                CheckedFile("file:///etc/passwd", hash_bytes(b"{}"), 2),
+            ),
+        ),
+    ]
+    for i, card in enumerate(cards):
+        await client.put(*envelope_kv(card, 0xE0 + i))
+    await frontend.wait_listening()
+    # Every pipeline failed at least twice (it retries): the rejection is not a fluke of timing.
+    await wait_until(
+        lambda: counter_at_least(frontend, 'mdc_pipelines_total{result="failed"}', 6),
+        timeout=DEADLINE,
+        message=frontend.describe,
+    )
+    assert await frontend.model_ids() == set()
+    cache = frontend.cache_dir
+    assert [p for p in files_under(cache) if "blobs" in p.parts or "by-slug" in p.parts] == []
+    for p in files_under(cache):
+        assert b"root:" not in p.read_bytes(), p
+    log = frontend.log()
+    assert "file:///etc/passwd" in log and "0" * 64 in log
+
+
+async def test_dot_dot_in_slug_or_file_name_creates_nothing_outside_by_slug(
+    client: EtcdClient, frontend: FrontendProcess, tmp_path: Path
+) -> None:
+    good_dir, good_dir2 = model_dirs(tmp_path / "models", 2)
+    good = from_dir(good_dir)
+    # 1. A slug with ../ never decodes (the watcher skips the key).
+    key, value = envelope_kv(good, 0xA1)
+    env = json.loads(value)
+    env["card_json"]["slug"] = "../../../escape"
+    await client.put(key, json.dumps(env).encode())
+    # 2. File names that decode to ../ (or are ..) are refused before any path is built,
+    #    even with the right checksum and size, served by a real server.
+    body = b'{"escape": true}'
+    async with FileServer() as server:
+        names = ["..%2F..%2F..%2Fescape", "%2E%2E", "a%2F..%2F..%2Fescape", "..%5Cescape"]
+        for i, name in enumerate(names):
+            server.files[f"/m/{name}"] = body
+            card = ModelDeploymentCard.new(
+                f"evil-name-{i}",
+                model_info=Slot(
+                    SlotVariant.HF_CONFIG_JSON,
+                    CheckedFile(server.url(f"/m/{name}"), hash_bytes(body), len(body)),
+                ),
+            )
+            await client.put(*envelope_kv(card, 0xB0 + i))
+        # A good model alongside, so we know the frontend processed everything.
+        await client.put(*envelope_kv(from_dir(good_dir2), 0xC1))
+        await frontend.wait_listening()
+        await wait_until(
+            lambda: counter_at_least(frontend, 'mdc_pipelines_total{result="failed"}', 4),
+            timeout=DEADLINE,
+            message=frontend.describe,
+        )
+        await wait_until(lambda: _listed(frontend, {"model-1"}), timeout=DEADLINE)
+        assert (await frontend.metrics())["mdc_malformed_cards_total"] >= 1
+        assert sum(server.gets.values()) == 0  # refused before any request
+    cache = frontend.cache_dir
+    for p in files_under(tmp_path):
+        assert "escape" not in p.name, p
+    for p in (cache / "by-slug").rglob("*"):
+        assert p.resolve().is_relative_to(cache.resolve()), p
+    assert {p.name for p in (cache / "by-slug").iterdir()} == {good_dir2.name}
+
+
+async def _listed(fe: FrontendProcess, want: set[str]) -> bool:
+    return await fe.model_ids() == want

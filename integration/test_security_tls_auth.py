@@ -1,0 +1,233 @@
+"""Worker and frontend processes over etcd with TLS + client-cert auth, and over etcd with
+user auth and a role limited to ``v1/mdc/``. Wrong credentials end the process with exit 1
+and one line naming the problem, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from discovery_mdc.errors import EtcdAuthError
+from discovery_mdc.etcd import EtcdClient, EtcdServer
+from integration._certs import Pki, make_pki
+from integration._faults import CliProcess, FrontendProcess, WorkerProc, card_keys, model_dirs
+from integration._util import wait_until
+
+DEADLINE = 60.0
+USER, PASSWORD = "mdc", "s3cret-pw"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def procs() -> Iterator[list[CliProcess]]:
+    started: list[CliProcess] = []
+    yield started
+    for p in started:
+        p.close()
+
+
+async def works_end_to_end(
+    etcd: str, env: dict[str, str], client: EtcdClient, tmp_path: Path, procs: list[CliProcess]
+) -> None:
+    """A worker publishes, a frontend lists the model; the worker stops and it is gone."""
+    (model,) = model_dirs(tmp_path, 1)
+    fe = FrontendProcess(etcd, tmp=tmp_path, env=env)
+    w = WorkerProc(etcd, model, log_path=tmp_path / "worker.log", env=env)
+    procs += [fe, w]
+    await fe.wait_listening()
+    key, _ = await w.wait_registered()
+    assert await card_keys(client) == {key}
+
+    async def listed() -> bool:
+        return await fe.ready_instances() == {key}
+
+    await wait_until(listed, timeout=DEADLINE, message=fe.describe)
+    w.signal(__import__("signal").SIGTERM)
+    assert await w.wait_exit() == 0
+    await wait_until(lambda: _no_models(fe), timeout=DEADLINE, message=fe.describe)
+
+
+async def _no_models(fe: FrontendProcess) -> bool:
+    return await fe.model_ids() == set()
+
+
+async def fails_cleanly(proc: CliProcess, *needles: str) -> str:
+    """The process exits 1 with exactly one error line that names the problem."""
+    assert await proc.wait_exit(timeout=DEADLINE) == 1
+    errors = [ln for ln in proc.log().splitlines() if ln.startswith("discovery-mdc: error:")]
+    assert len(errors) == 1, proc.describe()
+    assert "Traceback" not in proc.log(), proc.describe()
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), errors[0]
+    print(f"\n{proc.log_path.name}: {errors[0]}")
+    return errors[0]
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture
+def tls_etcd(pki: Pki, etcd_server_factory: Callable[..., EtcdServer]) -> EtcdServer:
+    health = ssl.create_default_context(cafile=str(pki.ca))
+    health.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return etcd_server_factory(
+        extra_args=[
+            f"--cert-file={pki.server_cert}",
+            f"--key-file={pki.server_key}",
+            f"--trusted-ca-file={pki.ca}",
+            "--client-cert-auth",
+        ],
+        health_ssl=health,
+    )
+
+
+def tls_env(pki: Pki, cert: Path | None = None, key: Path | None = None) -> dict[str, str]:
+    env = {"ETCD_AUTH_CA": str(pki.ca)}
+    if cert is not None and key is not None:
+        env |= {"ETCD_AUTH_CLIENT_CERT": str(cert), "ETCD_AUTH_CLIENT_KEY": str(key)}
+    return env
+
+
+async def test_worker_and_frontend_work_over_tls_with_client_certificates(
+    tls_etcd: EtcdServer, pki: Pki, tmp_path: Path, procs: list[CliProcess]
+) -> None:
+    assert tls_etcd.client_url.startswith("https://")
+    env = tls_env(pki, pki.client_cert, pki.client_key)
+    async with EtcdClient.from_env({**env, "ETCD_ENDPOINTS": tls_etcd.client_url}) as client:
+        await works_end_to_end(tls_etcd.client_url, env, client, tmp_path, procs)
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("no client certificate", "certificate"),
+        ("certificate from another CA", "certificate"),
+        ("server not trusted", "certificate verify failed"),
+    ],
+)
+async def test_tls_without_valid_credentials_fails_with_one_clear_line(
+    tls_etcd: EtcdServer, pki: Pki, tmp_path: Path, procs: list[CliProcess], case: str,
+    needle: str,
+) -> None:  # fmt: skip
+    env = {
+        "no client certificate": tls_env(pki),
+        "certificate from another CA": tls_env(pki, pki.rogue_cert, pki.rogue_key),
+        # Trust a CA that did not sign the server's certificate.
+        "server not trusted": {
+            "ETCD_AUTH_CA": str(pki.rogue_cert.with_name("rogue-ca.crt")),
+            "ETCD_AUTH_CLIENT_CERT": str(pki.client_cert),
+            "ETCD_AUTH_CLIENT_KEY": str(pki.client_key),
+        },
+    }[case]
+    (model,) = model_dirs(tmp_path, 1)
+    w = WorkerProc(tls_etcd.client_url, model, log_path=tmp_path / "worker.log", env=env)
+    fe = FrontendProcess(tls_etcd.client_url, tmp=tmp_path, env=env)
+    procs += [w, fe]
+    for proc in (w, fe):
+        await fails_cleanly(proc, tls_etcd.client_url, needle)
+
+
+# --------------------------------------------------------------------------- user auth
+
+
+def _post(url: str, path: str, payload: dict[str, object], token: str = "") -> dict[str, object]:
+    headers = {"Authorization": token} if token else {}
+    req = urllib.request.Request(
+        url + path, data=json.dumps(payload).encode(), method="POST", headers=headers
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        body: dict[str, object] = json.loads(resp.read())
+    return body
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def enable_auth_with_mdc_role(url: str) -> None:
+    """root (all), and user ``mdc`` whose role may read and write ``v1/mdc/`` only."""
+    _post(url, "/v3/auth/user/add", {"name": "root", "password": "rootpw"})
+    _post(url, "/v3/auth/role/add", {"name": "root"})
+    _post(url, "/v3/auth/user/grant", {"user": "root", "role": "root"})
+    _post(url, "/v3/auth/user/add", {"name": USER, "password": PASSWORD})
+    _post(url, "/v3/auth/role/add", {"name": "mdc-rw"})
+    perm = {"permType": "READWRITE", "key": _b64("v1/mdc/"), "range_end": _b64("v1/mdc0")}
+    _post(url, "/v3/auth/role/grant", {"name": "mdc-rw", "perm": perm})
+    _post(url, "/v3/auth/user/grant", {"user": USER, "role": "mdc-rw"})
+    _post(url, "/v3/auth/enable", {})
+
+
+@pytest.fixture
+def auth_etcd(etcd_server: EtcdServer) -> EtcdServer:
+    enable_auth_with_mdc_role(etcd_server.client_url)
+    return etcd_server
+
+
+def auth_env(user: str = USER, password: str = PASSWORD) -> dict[str, str]:
+    return {"ETCD_AUTH_USERNAME": user, "ETCD_AUTH_PASSWORD": password}
+
+
+async def test_worker_and_frontend_work_as_a_user_limited_to_v1_mdc(
+    auth_etcd: EtcdServer, tmp_path: Path, procs: list[CliProcess]
+) -> None:
+    url = auth_etcd.client_url
+    async with EtcdClient([url], username=USER, password=PASSWORD) as client:
+        # The role really is limited: anything outside v1/mdc/ is refused.
+        with pytest.raises(EtcdAuthError, match="permission denied"):
+            await client.put("v1/instances/x", b"x")
+        with pytest.raises(EtcdAuthError, match="permission denied"):
+            await client.range("", prefix=True)
+        await works_end_to_end(url, auth_env(), client, tmp_path, procs)
+
+
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        (auth_env(password="wrong"), ("mdc", "credentials")),
+        (auth_env(user="nobody"), ("nobody",)),
+        ({}, ("ETCD_AUTH_USERNAME",)),
+    ],
+    ids=["wrong-password", "unknown-user", "no-credentials"],
+)
+async def test_wrong_credentials_fail_with_one_clear_line(
+    auth_etcd: EtcdServer,
+    tmp_path: Path,
+    procs: list[CliProcess],
+    env: dict[str, str],
+    needles: tuple[str, ...],
+) -> None:
+    (model,) = model_dirs(tmp_path, 1)
+    w = WorkerProc(auth_etcd.client_url, model, log_path=tmp_path / "worker.log", env=env)
+    fe = FrontendProcess(auth_etcd.client_url, tmp=tmp_path, env=env)
+    procs += [w, fe]
+    for proc in (w, fe):
+        await fails_cleanly(proc, *needles)
+
+
+async def test_a_write_outside_the_role_fails_with_one_clear_line(
+    auth_etcd: EtcdServer, tmp_path: Path, procs: list[CliProcess]
+) -> None:
+    # A Dynamo endpoint record goes to v1/instances/, which this role may not write.
+    (model,) = model_dirs(tmp_path, 1)
+    w = WorkerProc(
+        auth_etcd.client_url,
+        model,
+        log_path=tmp_path / "worker.log",
+        env=auth_env(),
+        extra_args=("--instance-transport", "tcp://127.0.0.1:9/generate"),
+    )
+    procs.append(w)
+    await fails_cleanly(w, "permission denied", "mdc")
+    async with EtcdClient([auth_etcd.client_url], username=USER, password=PASSWORD) as c:
+        assert await asyncio.wait_for(card_keys(c), DEADLINE) == set()

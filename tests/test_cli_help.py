@@ -1,0 +1,100 @@
+"""Every subcommand's ``--help`` works and explains every option."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from discovery_mdc.cli import build_parser, main
+
+
+def _subcommands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subcommands(sub, (*path, name))
+
+
+ALL = list(_subcommands(build_parser()))
+COMMANDS = [path for path, _ in ALL]
+
+
+def test_every_expected_subcommand_exists() -> None:
+    names = {" ".join(p) for p in COMMANDS}
+    assert {
+        "",
+        "worker",
+        "frontend",
+        "ls",
+        "demo",
+        "sample-model",
+        "card",
+        "card inspect",
+        "card fetch",
+        "cache",
+        "cache ls",
+        "cache verify",
+        "cache prune",
+    } <= names
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "root")
+def test_help_exits_0_and_lists_every_option(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*path, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: discovery-mdc")
+    parser = dict(ALL)[path]
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in out, f"{flag} missing from `{' '.join(path)} --help`"
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "root")
+def test_every_option_and_subcommand_has_help_text(path: tuple[str, ...]) -> None:
+    parser = dict(ALL)[path]
+    if path:
+        assert parser.description, f"`{' '.join(path)}` has no description"
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                assert choice.help, f"subcommand {choice.dest} of {path} has no help"
+            continue
+        assert action.help and action.help.strip(), (
+            f"{action.option_strings or action.dest} of `{' '.join(path)}` has no help text"
+        )
+
+
+def test_env_backed_options_name_their_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["worker", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for var in (
+        "ETCD_ENDPOINTS",
+        "ETCD_LEASE_TTL",
+        "DYN_SYSTEM_PORT",
+        "DYN_SYSTEM_HOST",
+        "DYN_SELF_HOST_METADATA",
+        "ETCD_AUTH_USERNAME",
+        "ETCD_AUTH_CA",
+    ):
+        assert var in out
+
+
+def test_help_through_the_console_entry_point() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "discovery_mdc", "worker", "--help"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "--model-path" in proc.stdout and proc.stderr == ""
