@@ -39,9 +39,7 @@ class Checksum(msgspec.Struct, frozen=True):
         if algorithm != ALGORITHM:
             raise CardError(f"checksum {text!r}: unknown algorithm {algorithm!r} (only blake3)")
         if not _HEX_RE.fullmatch(hexdigest):
-            raise CardError(
-                f"checksum {text!r}: hash must be exactly 64 lowercase hex characters"
-            )
+            raise CardError(f"checksum {text!r}: hash must be exactly 64 lowercase hex characters")
         return cls(hexdigest)
 
     def __str__(self) -> str:

@@ -356,8 +356,7 @@ def _worker_type(field: str, value: str) -> WorkerType:
         return WorkerType(value)
     except ValueError:
         raise CardDecodeError(
-            f"invalid card field {field!r}: {value!r} is not one of "
-            f"{[w.value for w in WorkerType]}"
+            f"invalid card field {field!r}: {value!r} is not one of {[w.value for w in WorkerType]}"
         ) from None
 
 
@@ -432,9 +431,7 @@ def card_from_fields(fields: dict[str, msgspec.Raw]) -> ModelDeploymentCard:
             kw[key] = raw if bytes(raw) != b"null" else None
         elif key == "extra_files":
             extras = _typed(key, raw, list[_WireCheckedFile] | None) or []
-            kw[key] = tuple(
-                _checked_file(f"extra_files[{i}]", w) for i, w in enumerate(extras)
-            )
+            kw[key] = tuple(_checked_file(f"extra_files[{i}]", w) for i, w in enumerate(extras))
         else:
             opaque[key] = raw
     for required in ("display_name", "slug"):

@@ -10,9 +10,11 @@ variable, not as a traceback while the parser is being built.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +41,7 @@ __all__ = [
     "apply_env_options",
     "configure_logging",
     "etcd_client",
+    "stop_on_signals",
     "etcd_endpoints",
     "lease_ttl",
     "port_number",
@@ -324,3 +327,12 @@ def etcd_client(args: argparse.Namespace, env: Mapping[str, str] | None = None) 
         return EtcdClient.from_env({**environ, "ETCD_ENDPOINTS": args.etcd})
     except ValueError as exc:
         raise UsageError(f"ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD: {exc}") from None
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (the long-running subcommands wait on it)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
 from discovery_mdc.card import decode_envelope, mdcsum, parse_card_key
-from discovery_mdc.cli._common import EXIT_OK, add_env_option, etcd_client, port_number
+from discovery_mdc.cli._common import (
+    EXIT_OK,
+    add_env_option,
+    etcd_client,
+    port_number,
+    stop_on_signals,
+)
 from discovery_mdc.errors import CardDecodeError
 from discovery_mdc.frontend import ModelWatcher, build_app, model_id
 
@@ -22,10 +27,7 @@ log = logging.getLogger("discovery_mdc.cli")
 
 
 async def _serve_frontend(args: argparse.Namespace) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with (
         etcd_client(args) as client,
         ModelWatcher(

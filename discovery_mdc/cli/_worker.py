@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
 from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type
-from discovery_mdc.cli._common import EXIT_OK, add_env_option, etcd_client
+from discovery_mdc.cli._common import EXIT_OK, add_env_option, etcd_client, stop_on_signals
 from discovery_mdc.errors import CardError
 from discovery_mdc.worker import Worker, parse_instance_transport, resolve_model_source
 
@@ -18,10 +17,7 @@ log = logging.getLogger("discovery_mdc.cli")
 
 
 async def _run_worker(args: argparse.Namespace) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with (
         etcd_client(args) as client,
         Worker(

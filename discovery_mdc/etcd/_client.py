@@ -36,12 +36,12 @@ import os
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
 import tenacity
 
+from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import (
     EtcdAuthError,
     EtcdCompactedError,
@@ -136,7 +136,7 @@ def _normalize_endpoint(endpoint: str, tls: bool) -> str:
     return endpoint
 
 
-class EtcdClient:
+class EtcdClient(AsyncService):
     """Async etcd v3 client over the JSON gateway, with endpoint failover and auth.
 
     Use as ``async with EtcdClient([...]) as client:`` or call :meth:`close`.
@@ -204,17 +204,6 @@ class EtcdClient:
     def current_endpoint(self) -> str:
         """The endpoint the next request tries first (the one that last worked)."""
         return self._endpoints[self._current]
-
-    async def __aenter__(self) -> EtcdClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the HTTP session. Open watches end with EtcdConnectionError."""

@@ -21,9 +21,9 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
 
 from discovery_mdc._backoff import Backoff
+from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import EtcdError
 from discovery_mdc.etcd._store import Store
 
@@ -92,7 +92,7 @@ def lease_ttl_from_env(env: Mapping[str, str] | None = None) -> int:
     return ttl
 
 
-class LeaseSession:
+class LeaseSession(AsyncService):
     """Holds one lease for a set of keys and re-registers them when the lease is lost.
 
     ``async with LeaseSession(store) as s: handle = await s.add(reg)``; leaving the block
@@ -153,18 +153,6 @@ class LeaseSession:
     def handles(self) -> tuple[KeyHandle, ...]:
         """Every registration, in the order added."""
         return tuple(self._handles)
-
-    async def __aenter__(self) -> LeaseSession:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Grant the lease and start the keepalive task. Raises if etcd is unreachable."""

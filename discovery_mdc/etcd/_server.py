@@ -27,9 +27,9 @@ import uuid
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
+from discovery_mdc._lifecycle import Service
 from discovery_mdc.errors import EtcdConnectionError, EtcdError
 
 __all__ = ["FAST_FLAGS", "EtcdCluster", "EtcdServer", "find_etcd_binary", "free_port"]
@@ -97,7 +97,7 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
     return None
 
 
-class EtcdServer:
+class EtcdServer(Service):
     """One etcd process on loopback with its own ports and data dir.
 
     ``with EtcdServer() as etcd: ... etcd.client_url``. Without ``data_dir`` a temporary
@@ -166,18 +166,6 @@ class EtcdServer:
         return self._proc is not None and self._proc.poll() is None
 
     # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self) -> EtcdServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def command(self) -> list[str]:
         """The full command line."""
@@ -319,7 +307,7 @@ class EtcdServer:
             self._log = None
 
 
-class EtcdCluster:
+class EtcdCluster(Service):
     """``n`` etcd members on loopback forming one cluster.
 
     ``with EtcdCluster(3) as c: EtcdClient(c.client_urls)``; then ``stop_member(i)``,
@@ -359,18 +347,6 @@ class EtcdCluster:
     def client_urls(self) -> list[str]:
         """Every member's client URL, in member order."""
         return [m.client_url for m in self.members]
-
-    def __enter__(self) -> EtcdCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def start(self) -> EtcdCluster:
         """Start every member, then wait until all are healthy (they need each other)."""

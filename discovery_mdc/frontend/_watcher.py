@@ -15,10 +15,10 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from discovery_mdc._backoff import Backoff
+from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.card import ModelDeploymentCard
 from discovery_mdc.errors import EtcdCompactedError, EtcdError
 from discovery_mdc.etcd import Store, WatchResponse
@@ -59,7 +59,7 @@ class Resolver(Protocol):
     ) -> Awaitable[Resolved]: ...
 
 
-class ModelWatcher:
+class ModelWatcher(AsyncService):
     """Watches ``v1/mdc/`` and keeps a registry of ready models.
 
     Use as ``async with ModelWatcher(store, ...) as w:``; then ``w.models()``,
@@ -108,18 +108,6 @@ class ModelWatcher:
         self.connected = False
 
     # ------------------------------------------------------------------ lifecycle
-
-    async def __aenter__(self) -> ModelWatcher:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """List the prefix once (raises if etcd is unreachable), then watch in the background."""

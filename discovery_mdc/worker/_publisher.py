@@ -7,10 +7,10 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.card import (
     ModelDeploymentCard,
     ModelEnvelope,
@@ -61,7 +61,7 @@ def parse_instance_transport(uri: str) -> dict[str, Any]:
     return {"tcp": uri[len("tcp://") :]}
 
 
-class Worker:
+class Worker(AsyncService):
     """Publishes model deployment cards for one worker process.
 
     ``async with Worker(store, system_port=0) as w: await w.register_model(path)``. The first
@@ -98,18 +98,6 @@ class Worker:
             and bool(self._published)
             and all(p.key is not None for p in self._published)
         )
-
-    async def __aenter__(self) -> Worker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Start the status server (if configured). The lease is granted by the first

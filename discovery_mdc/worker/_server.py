@@ -23,13 +23,13 @@ import os
 import socket
 import stat
 from collections.abc import Callable, Mapping
-from types import TracebackType
 from typing import IO, Any, Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.worker._advertise import advertise_host, format_host_for_url
 from discovery_mdc.worker._registry import MetadataRegistry, RegisteredFile
 
@@ -110,7 +110,7 @@ def _open_checked(registered: RegisteredFile) -> IO[bytes]:
     return fobj
 
 
-class StatusServer:
+class StatusServer(AsyncService):
     """The worker's status server. ``await start()`` binds it; ``await stop()`` shuts it down.
 
     ``health`` decides /health and /live (``None`` means always ready); it may be replaced
@@ -245,24 +245,16 @@ class StatusServer:
             bind = DEFAULT_SYSTEM_HOST
         return web.TCPSite(runner, bind, self._requested_port, backlog=1024)
 
+    async def close(self) -> None:
+        """Same as :meth:`stop` (what ``async with`` calls)."""
+        await self.stop()
+
     async def stop(self) -> None:
         """Stop serving and close every connection. Idempotent."""
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
             log.info("status server on port %s stopped", self._port)
-
-    async def __aenter__(self) -> StatusServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # ------------------------------------------------------------------ handlers
 
