@@ -1,13 +1,11 @@
 """The peers we compare against: the Dynamo 1.6.1 frontend, nginx, wrk, curl, etcdctl.
 
-The Dynamo helpers come from ``integration._dynamo`` (shared with the interop tests). If that
-module is not importable (e.g. bench/ copied alone), a minimal fallback here creates the
-peer venv with the same recipe.
+The Dynamo helpers come from ``integration._dynamo`` (shared with the interop tests), which
+also creates the peer venv when it is missing.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,115 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from bench._util import HOST, PY, Proc
+from integration._dynamo import dynamo_env as _dynamo_env
+from integration._dynamo import ensure_dynamo_venv as _ensure_dynamo_venv
 
 DYNAMO_VERSION = "1.6.1"
 
-try:  # the shared helpers, when the repo has them
-    from integration._dynamo import dynamo_env as _dynamo_env
-    from integration._dynamo import ensure_dynamo_venv as _ensure_dynamo_venv
-    from integration._dynamo import make_tokenizer_loadable
-
-    SHARED_HELPERS = True
-except ImportError:  # pragma: no cover - only when integration/ is missing
-    SHARED_HELPERS = False
-
-    def _ensure_dynamo_venv(venv: Path | None = None) -> Path:  # type: ignore[misc]
-        venv = venv or Path.home() / ".cache" / "discovery-mdc" / f"dynamo-{DYNAMO_VERSION}"
-        python = venv / "bin" / "python"
-        check = [str(python), "-c", "import dynamo.llm, dynamo.runtime"]
-        if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-            return python
-        print(
-            f"bench: creating the Dynamo {DYNAMO_VERSION} peer venv in {venv} "
-            "(~300 MB download, once)",
-            file=sys.stderr,
-            flush=True,
-        )
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install"]
-        subprocess.run(
-            [*pip, f"ai-dynamo-runtime=={DYNAMO_VERSION}", "packaging", "PyYAML", "msgspec"],
-            check=True,
-            timeout=1800,
-        )
-        subprocess.run(
-            [*pip, "--no-deps", f"ai-dynamo=={DYNAMO_VERSION}"], check=True, timeout=1800
-        )
-        return python
-
-    def _dynamo_env(  # type: ignore[misc]
-        etcd_url: str, home: str | os.PathLike[str]
-    ) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("DYN_", "ETCD_", "NATS_", "VIRTUAL_ENV"))
-        }
-        env.update(
-            ETCD_ENDPOINTS=etcd_url,
-            DYN_DISCOVERY_BACKEND="etcd",
-            DYN_REQUEST_PLANE="tcp",
-            DYN_TCP_RPC_HOST=HOST,
-            DYN_TCP_RESPONSE_STREAM_HOST=HOST,
-            DYN_EVENT_PLANE_HOST=HOST,
-            DYN_SYSTEM_HOST=HOST,
-            HOME=os.fspath(home),
-            PYTHONUNBUFFERED="1",
-        )
-        return env
-
-    def make_tokenizer_loadable(model_dir: str | os.PathLike[str]) -> Path:
-        path = Path(model_dir) / "tokenizer.json"
-        tok = json.loads(path.read_text())
-        added = [
-            dict(
-                id=t["id"],
-                content=t["content"],
-                single_word=False,
-                lstrip=False,
-                rstrip=False,
-                normalized=False,
-                special=True,
-            )
-            for t in tok.get("added_tokens", [])
-        ]
-        model = tok.get("model", {})
-        path.write_text(
-            json.dumps(
-                {
-                    "version": "1.0",
-                    "truncation": None,
-                    "padding": None,
-                    "added_tokens": added,
-                    "normalizer": None,
-                    "pre_tokenizer": None,
-                    "post_processor": None,
-                    "decoder": None,
-                    "model": {
-                        "type": "BPE",
-                        "dropout": None,
-                        "unk_token": "<unk>",
-                        "continuing_subword_prefix": None,
-                        "end_of_word_suffix": None,
-                        "fuse_unk": False,
-                        "byte_fallback": False,
-                        "ignore_merges": False,
-                        "vocab": model.get("vocab", {}),
-                        "merges": model.get("merges", []),
-                    },
-                }
-            )
-        )
-        return path
-
-
 __all__ = [
     "DYNAMO_VERSION",
-    "SHARED_HELPERS",
     "dynamo_python",
     "ensure_tools",
     "etcdctl_binary",
-    "make_tokenizer_loadable",
     "start_dynamo_frontend",
     "tool_versions",
 ]

@@ -404,7 +404,6 @@ def write_bench_model(directory: Path, seed: int, *, vocab_size: int = TOKENIZER
     write_sample_model(
         directory, vocab_size=vocab_size, seed=seed, extra_files=False, weights=False
     )
-    make_loadable(directory)
     rng = random.Random(seed * 7919 + 1)
     alphabet = "abcdefghijklmnopqrstuvwxyz"
     lines = ["#version: 0.2"]
@@ -416,16 +415,6 @@ def write_bench_model(directory: Path, seed: int, *, vocab_size: int = TOKENIZER
         size += len(a) + len(b) + 2
     (directory / "merges.txt").write_text("\n".join(lines) + "\n")
     return directory
-
-
-def make_loadable(directory: Path) -> None:
-    """Rewrite tokenizer.json so Dynamo's tokenizer loader accepts it (the peer helper
-    ``integration._dynamo.make_tokenizer_loadable`` when present)."""
-    try:
-        from integration._dynamo import make_tokenizer_loadable
-    except ImportError:
-        from bench._peers import make_tokenizer_loadable
-    make_tokenizer_loadable(directory)
 
 
 def model_files(directory: Path) -> dict[str, int]:

@@ -52,7 +52,6 @@ __all__ = [
     "http_json",
     "in_ci",
     "list_models",
-    "make_tokenizer_loadable",
     "oracle_local_dir",
     "oracle_local_dirs",
     "our_env",
@@ -247,54 +246,6 @@ def dynamo_env(
 
 
 # --------------------------------------------------------------------------- model dirs
-
-
-def make_tokenizer_loadable(model_dir: str | os.PathLike[str]) -> Path:
-    """Rewrite ``model_dir/tokenizer.json`` into a form the HF ``tokenizers`` crate loads.
-
-    ``discovery_mdc._sample`` writes a compact tokenizer.json that is fine for hashing but
-    that Dynamo's frontend rejects (``missing field `single_word``` in ``added_tokens``), so
-    the model is never listed. This keeps the vocab and adds every field the crate requires.
-    """
-    path = Path(model_dir) / "tokenizer.json"
-    tok = json.loads(path.read_text())
-    added = [
-        {
-            "id": t["id"],
-            "content": t["content"],
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": bool(t.get("special", True)),
-        }
-        for t in tok.get("added_tokens", [])
-    ]
-    model = tok.get("model", {})
-    full = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": None,
-        "post_processor": None,
-        "decoder": None,
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": "<unk>",
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": model.get("vocab", {}),
-            "merges": model.get("merges", []),
-        },
-    }
-    path.write_text(json.dumps(full))
-    return path
 
 
 def write_dynamo_sample_model(directory: str | os.PathLike[str], **kwargs: Any) -> Path:
