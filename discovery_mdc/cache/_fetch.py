@@ -168,7 +168,7 @@ async def _fetch_http(
 
 # Large bodies are written by a worker thread, so disk writes and hashing overlap reading the
 # socket. Data is never held back while the writer is idle; while it is busy, arriving chunks
-# are coalesced (up to this much, then the reader waits), which keeps memory bounded.
+# are queued (up to MAX_BUFFERED bytes, then the reader waits), which keeps memory bounded.
 WRITE_BATCH = 1 << 20
 MAX_BUFFERED = 4 * WRITE_BATCH
 
@@ -183,30 +183,36 @@ async def _stream_body(
             _put(sink, chunk, cap, label)
         return
     received = 0
-    buf = bytearray()
+    batch: list[bytes] = []
+    batched = 0
     pending: asyncio.Future[None] | None = None
     try:
         async for chunk in chunks:
             received += len(chunk)
             if received > cap:
                 raise _over_cap(label, cap)
-            buf += chunk
-            if pending is not None and not pending.done() and len(buf) < MAX_BUFFERED:
+            batch.append(chunk)
+            batched += len(chunk)
+            if pending is not None and not pending.done() and batched < MAX_BUFFERED:
                 continue
             if pending is not None:
                 await asyncio.shield(pending)
-            pending = asyncio.ensure_future(asyncio.to_thread(sink.write, bytes(buf)))
-            buf.clear()
+            pending = asyncio.ensure_future(asyncio.to_thread(_write_all, sink, batch))
+            batch, batched = [], 0
         if pending is not None:
             await asyncio.shield(pending)
-        if buf:
-            sink.write(bytes(buf))
+        _write_all(sink, batch)
     finally:
         # Never return (and let the caller close the sink) while a write is still running.
         if pending is not None and not pending.done():
             await asyncio.wait({pending})
             if not pending.cancelled():
                 pending.exception()  # retrieved; the error already raised is what counts
+
+
+def _write_all(sink: Sink, chunks: list[bytes]) -> None:
+    for chunk in chunks:  # no joining: each chunk is written and hashed as it came
+        sink.write(chunk)
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
