@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -267,6 +268,9 @@ def _describe(hexdigest: str, size: int | None) -> str:
     return f"blake3:{hexdigest}" + (f" ({size} bytes)" if size is not None else "")
 
 
+LAST_USE_RESOLUTION = 60.0  # seconds
+
+
 async def _run_plan(plan: CardPlan, run: _Run) -> None:
     results = await asyncio.gather(
         *(run.ensure_file(fp) for fp in plan.files), return_exceptions=True
@@ -278,9 +282,11 @@ async def _run_plan(plan: CardPlan, run: _Run) -> None:
                 raise result
             log.error("cannot cache %s of card slot %s: %s", fp.filename, fp.slot, result)
             raise result
-    # The directory's mtime records the last use, for `cache ls`.
+    # The directory's mtime records the last use, for `cache ls`. A minute's precision is
+    # plenty, and skipping the metadata write keeps a busy disk's journal off the event loop.
     with contextlib.suppress(OSError):
-        os.utime(plan.link_dir)
+        if time.time() - os.stat(plan.link_dir).st_mtime > LAST_USE_RESOLUTION:
+            os.utime(plan.link_dir)
 
 
 def _existing_local_files(card: ModelDeploymentCard) -> dict[str, str] | None:
