@@ -10,20 +10,26 @@ the standard-library type a caller would naturally catch::
     ├── ChecksumMismatchError (ValueError)     fetched bytes differ from the card
     ├── SizeLimitError (ValueError)            declared or received size over the cap
     ├── FetchError (OSError)                   a metadata URI could not be fetched
-    │   └── UnsupportedSchemeError (ValueError)
+    │   ├── UnsupportedSchemeError (ValueError)
+    │   ├── HfOfflineError (ConnectionError)   HF_HUB_OFFLINE and not in the HF cache
+    │   └── AllSourcesFailedError              every alternate URI of a blob failed
     ├── CacheError (OSError)                   the local cache cannot be written or locked
     │   └── LockTimeoutError (TimeoutError)
     ├── EtcdError                              etcd answered with an error
     │   ├── EtcdConnectionError (ConnectionError)  no endpoint reachable
     │   ├── EtcdAuthError (PermissionError)        bad credentials / permission denied
     │   ├── EtcdCompactedError                     watch start revision was compacted
+    │   ├── KeyExistsError                         create-if-absent found the key
     │   └── LeaseLostError                         the lease expired or was revoked
     └── RegistryError (ValueError)             status-server registry conflicts
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
+    "AllSourcesFailedError",
     "CacheError",
     "CardDecodeError",
     "CardError",
@@ -34,6 +40,8 @@ __all__ = [
     "EtcdConnectionError",
     "EtcdError",
     "FetchError",
+    "HfOfflineError",
+    "KeyExistsError",
     "LeaseLostError",
     "LockTimeoutError",
     "ModelDirError",
@@ -81,6 +89,20 @@ class UnsupportedSchemeError(FetchError, ValueError):
     """A URI uses a scheme the fetcher will not follow."""
 
 
+class HfOfflineError(FetchError, ConnectionError):
+    """``HF_HUB_OFFLINE`` is set and the file is not in the local HF cache."""
+
+
+class AllSourcesFailedError(FetchError):
+    """Every URI for a blob failed; ``errors`` holds ``(uri, exception)`` for each."""
+
+    def __init__(self, hexdigest: str, errors: Sequence[tuple[str, Exception]]) -> None:
+        detail = "; ".join(f"{uri}: {exc}" for uri, exc in errors)
+        super().__init__(f"all {len(errors)} sources failed for blob {hexdigest}: {detail}")
+        self.hex = hexdigest
+        self.errors = tuple(errors)
+
+
 class CacheError(DiscoveryError, OSError):
     """The local cache could not be written, read or locked."""
 
@@ -109,6 +131,14 @@ class EtcdCompactedError(EtcdError):
             message or f"watch start revision was compacted (compact_revision={compact_revision})"
         )
         self.compact_revision = compact_revision
+
+
+class KeyExistsError(EtcdError):
+    """A create-if-absent found the key already present; it was not overwritten."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"etcd key {key!r} already exists; refusing to overwrite it")
+        self.key = key
 
 
 class LeaseLostError(EtcdError):

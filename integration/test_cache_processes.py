@@ -34,11 +34,7 @@ from discovery_mdc.card import (
     hash_file,
 )
 
-# The CLI with only the card and cache subcommands, so these tests do not depend on others.
-CLI = (
-    "import sys, discovery_mdc.cli as c; c._SUBCOMMAND_MODULES = ('_card', '_cache'); "
-    "sys.exit(c.main(sys.argv[1:]))"
-)
+CLI = "import sys, discovery_mdc.cli as c; sys.exit(c.main(sys.argv[1:]))"
 DEADLINE = 60.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -14,16 +14,14 @@ from pathlib import Path
 
 import pytest
 
-import discovery_mdc.cli as cli
+from discovery_mdc import cli
 from discovery_mdc.cache import CacheLayout, plan_prune, resolve_metadata_files, scan_cache
 from discovery_mdc.cache._store import forget_verified
 from discovery_mdc.card import CheckedFile, ModelDeploymentCard, encode_card, from_dir
 
 
 @pytest.fixture(autouse=True)
-def _only_cache_commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Keep these tests independent of the other subcommands' modules.
-    monkeypatch.setattr(cli, "_SUBCOMMAND_MODULES", ("_card", "_cache"))
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DYN_MDC_CACHE_DIR", raising=False)
     forget_verified()
 

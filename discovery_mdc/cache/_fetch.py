@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import aiohttp
 
-from discovery_mdc.errors import FetchError, SizeLimitError, UnsupportedSchemeError
+from discovery_mdc.errors import FetchError, HfOfflineError, SizeLimitError, UnsupportedSchemeError
 
 __all__ = [
     "FetchConfig",
@@ -37,10 +37,6 @@ _TRUTHY: Final = frozenset({"1", "true", "yes", "on"})
 _HF_SEGMENT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _COMMIT: Final = re.compile(r"[0-9a-f]{40}")
 COPY_CHUNK: Final = 1 << 20
-
-
-class HfOfflineError(FetchError, ConnectionError):
-    """``HF_HUB_OFFLINE`` is set and the file is not in the local HF cache."""
 
 
 class Sink(Protocol):

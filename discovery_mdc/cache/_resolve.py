@@ -26,6 +26,7 @@ from discovery_mdc.cache._plan import (
 from discovery_mdc.cache._store import BlobStore, blob_lock, verify_file
 from discovery_mdc.card import ModelDeploymentCard, is_new_format, mdcsum
 from discovery_mdc.errors import (
+    AllSourcesFailedError,
     ChecksumMismatchError,
     FetchError,
     SizeLimitError,
@@ -47,16 +48,6 @@ ProgressCallback = Callable[[str, int, int | None], None]
 # Errors that say "this source is bad": try the next alternate. Anything else (a full disk,
 # a lock timeout, cancellation) stops at once.
 _SOURCE_ERRORS = (FetchError, ChecksumMismatchError, SizeLimitError)
-
-
-class AllSourcesFailedError(FetchError):
-    """Every URI for a blob failed; ``errors`` holds ``(uri, exception)`` for each."""
-
-    def __init__(self, hexdigest: str, errors: Sequence[tuple[str, Exception]]) -> None:
-        detail = "; ".join(f"{uri}: {exc}" for uri, exc in errors)
-        super().__init__(f"all {len(errors)} sources failed for blob {hexdigest}: {detail}")
-        self.hex = hexdigest
-        self.errors = tuple(errors)
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from discovery_mdc._backoff import Backoff
 from discovery_mdc._lifecycle import AsyncService
-from discovery_mdc.errors import EtcdError
+from discovery_mdc.errors import EtcdError, KeyExistsError
 from discovery_mdc.etcd._store import Store
 
 __all__ = [
@@ -43,14 +43,6 @@ DEFAULT_LEASE_TTL = 10
 
 Registration = Callable[[int], tuple[str, bytes]]
 """Maps a lease id to the (key, value) to create under that lease."""
-
-
-class KeyExistsError(EtcdError):
-    """A create-if-absent found the key already present; it was not overwritten."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"etcd key {key!r} already exists; refusing to overwrite it")
-        self.key = key
 
 
 class SessionState(enum.Enum):

@@ -1,0 +1,90 @@
+"""The ``discovery-mdc`` command line.
+
+Exit codes: 0 ok, 1 the operation failed, 2 usage or bad input (flags, variables, a model
+directory or card file), 130 interrupted (Ctrl-C) before finishing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from discovery_mdc.cli._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CliParser,
+    UsageError,
+    apply_env_options,
+    configure_logging,
+)
+from discovery_mdc.errors import CardError, DiscoveryError, ModelDirError, RegistryError
+
+__all__ = ["build_parser", "main"]
+
+# Each module defines register(subparsers). Listed by name so subcommands stay independent.
+_SUBCOMMAND_MODULES = ("_card", "_worker", "_frontend", "_cache", "_demo")
+# Errors in what the user gave us (a model dir, a card file, a name): exit 2, not 1.
+_BAD_INPUT = (UsageError, CardError, ModelDirError, RegistryError)
+
+log = logging.getLogger("discovery_mdc.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CliParser(
+        prog="discovery-mdc",
+        description="Publish and discover LLM model deployment cards through etcd. "
+        "Exit codes: 0 ok, 1 failed, 2 usage or bad input, 130 interrupted.",
+        root=True,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _SUBCOMMAND_MODULES:
+        importlib.import_module(f"discovery_mdc.cli.{name}").register(sub)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 failed, 2 usage or bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = args.log_level or getattr(args, "default_log_level", "info")
+    configure_logging(level, args.log_format)
+    debug = level == "debug"
+    try:
+        apply_env_options(args)
+        code: int = args.func(args)
+    except _BAD_INPUT as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"discovery-mdc: error: {_one_line(exc)}\n")
+        return EXIT_USAGE
+    except DiscoveryError as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"discovery-mdc: error: {_one_line(exc)}\n")
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # stdout went away (`discovery-mdc ls | head`): not worth a message. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        sys.stderr.write("discovery-mdc: interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (--log-level debug shows the traceback)"
+        sys.stderr.write(f"discovery-mdc: error: {type(exc).__name__}: {_one_line(exc)}{hint}\n")
+        return EXIT_FAILED
+    return code
