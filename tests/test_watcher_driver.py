@@ -356,6 +356,28 @@ async def test_periodic_reconcile_repairs_drift_the_watch_never_saw(
         assert h.metric("mdc_relists_total", reason="reconcile") == 1
 
 
+async def test_reconcile_restarts_a_watch_that_stays_silent_while_etcd_changes(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    async with running(store, resolver, sleep) as h:
+        await until(lambda: h.watcher.connected and sleep.delays.count(RECONCILE) == 1)
+        sleep.tick()  # a quiet interval: nothing to repair, nothing restarted
+        await until(lambda: sleep.delays.count(RECONCILE) == 2)
+        assert len(store.watch_starts) == 1
+
+        store.muted = True  # the connection goes half-open: etcd changes, the watch is silent
+        await publish_models(store, [(1, "org/a")])
+        sleep.tick()
+        await until(lambda: names(h.watcher) == ["org/a"])
+        await until(lambda: len(store.watch_starts) == 2)
+        assert store.watch_starts[1] == store.revision + 1
+        assert h.metric("mdc_watch_reconnects_total") == 1
+
+        store.muted = False
+        await publish_models(store, [(2, "org/b")])
+        await until(lambda: names(h.watcher) == ["org/a", "org/b"])  # the new watch delivers
+
+
 async def test_a_stale_relist_never_undoes_newer_watch_events(
     store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
 ) -> None:

@@ -105,6 +105,8 @@ class ModelWatcher(AsyncService):
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._watch_task: asyncio.Task[None] | None = None
+        self._responses = 0  # watch responses received, to tell a silent watch from a live one
         self.connected = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -112,7 +114,7 @@ class ModelWatcher(AsyncService):
     async def start(self) -> None:
         """List the prefix once (raises if etcd is unreachable), then watch in the background."""
         await self._relist("start")
-        self._tasks.append(asyncio.create_task(self._watch_loop(), name="mdc-watch"))
+        self._start_watch()
         if self._reconcile_interval > 0:
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="mdc-reconcile"))
 
@@ -189,6 +191,18 @@ class ModelWatcher(AsyncService):
 
     # ------------------------------------------------------------------ watch
 
+    def _start_watch(self) -> None:
+        self._watch_task = asyncio.create_task(self._watch_loop(), name="mdc-watch")
+        self._tasks.append(self._watch_task)
+
+    def _restart_watch(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._tasks.remove(self._watch_task)
+        self.connected = False
+        self.metrics.reconnects.inc()
+        self._start_watch()
+
     async def _watch_loop(self) -> None:
         backoff = Backoff(*self._backoff)
         while True:
@@ -206,6 +220,7 @@ class ModelWatcher(AsyncService):
                         log.info("watching %s from revision %d", self._prefix, start)
                         self.connected = True
                     backoff.reset()
+                    self._responses += 1
                     self._on_watch_response(resp)
                 raise EtcdError(f"watch on {self._prefix} ended")
             except asyncio.CancelledError:
@@ -256,7 +271,7 @@ class ModelWatcher(AsyncService):
                 log.warning("relist of %s failed (%s); retrying in %.1fs", self._prefix, exc, delay)
                 await self._sleep(delay)
 
-    async def _relist(self, reason: str) -> None:
+    async def _relist(self, reason: str) -> int:
         result = await self._store.range_prefix_all(self._prefix)
         snapshot = {kv.key: (kv.value, kv.mod_revision) for kv in result.kvs}
         self.metrics.relists.labels(reason).inc()
@@ -272,12 +287,24 @@ class ModelWatcher(AsyncService):
         now = int(time.time())
         for change in changes:
             self._handle(self._registry.apply(change, now))
+        return len(changes)
 
     async def _reconcile_loop(self) -> None:
         while True:
+            responses = self._responses
             await self._sleep(self._reconcile_interval)
             try:
-                await self._relist("reconcile")
+                drift = await self._relist("reconcile")
+                if drift and self._responses == responses and self.connected:
+                    # etcd changed but the watch said nothing for a whole interval: it is
+                    # likely a half-open connection (the gateway watch has no read timeout).
+                    log.warning(
+                        "reconcile of %s found %d change(s) the watch never delivered; "
+                        "restarting the watch",
+                        self._prefix,
+                        drift,
+                    )
+                    self._restart_watch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
