@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import ssl
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -231,3 +232,25 @@ async def test_a_write_outside_the_role_fails_with_one_clear_line(
     await fails_cleanly(w, "permission denied", "mdc")
     async with EtcdClient([auth_etcd.client_url], username=USER, password=PASSWORD) as c:
         assert await asyncio.wait_for(card_keys(c), DEADLINE) == set()
+
+
+async def test_an_invalidated_token_is_refreshed_without_the_caller_noticing(
+    auth_etcd: EtcdServer,
+) -> None:
+    url = auth_etcd.client_url
+    async with EtcdClient([url], username=USER, password=PASSWORD) as client:
+        await client.put("v1/mdc/token-test", b"1")
+        first = client._token
+        assert first
+        # Changing a user's password (here: to the same one) makes etcd drop that user's
+        # tokens, exactly what an expired token looks like to the client.
+        root = str(
+            _post(url, "/v3/auth/authenticate", {"name": "root", "password": "rootpw"})["token"]
+        )
+        _post(url, "/v3/auth/user/changepw", {"name": USER, "password": PASSWORD}, token=root)
+        with pytest.raises(urllib.error.HTTPError):  # the old token is really gone
+            _post(url, "/v3/kv/range", {"key": _b64("v1/mdc/token-test")}, token=first)
+        kv = await client.get("v1/mdc/token-test")
+        assert kv is not None and kv.value == b"1"
+        assert client._token and client._token != first
+        await client.put("v1/mdc/token-test", b"2")
