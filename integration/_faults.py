@@ -250,6 +250,10 @@ class FrontendProcess(CliProcess):
                 out[m["name"] + labels] = float(m["value"])
         return out
 
+    async def counter_at_least(self, name: str, n: float) -> bool:
+        """True once the metric sample ``name`` (e.g. ``x_total{a="b"}``) reaches ``n``."""
+        return (await self.metrics()).get(name, 0) >= n
+
     def peak_rss_kib(self) -> int:
         return peak_rss_kib(self.pid)
 

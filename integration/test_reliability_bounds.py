@@ -8,7 +8,7 @@ integration/test_cache_processes.py::test_lock_left_by_a_killed_holder_does_not_
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,24 +32,14 @@ NEAR_LIMIT = 1_400 * 1024
 
 
 @pytest.fixture
-async def client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
-    async with EtcdClient([etcd_server.client_url]) as c:
-        yield c
-
-
-@pytest.fixture
 def frontend(etcd_server: EtcdServer, tmp_path: Path) -> Iterator[FrontendProcess]:
     fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path / "fe", reconcile_interval=1.0)
     yield fe
     fe.close()
 
 
-async def counter_at_least(fe: FrontendProcess, name: str, n: float) -> bool:
-    return (await fe.metrics()).get(name, 0) >= n
-
-
 async def test_endless_metadata_stream_is_cut_and_memory_stays_bounded(
-    client: EtcdClient, frontend: FrontendProcess
+    etcd_client: EtcdClient, frontend: FrontendProcess
 ) -> None:
     async with FileServer() as server:
         server.endless.add("/m/config.json")
@@ -60,10 +50,10 @@ async def test_endless_metadata_stream_is_cut_and_memory_stays_bounded(
                 CheckedFile(server.url("/m/config.json"), hash_bytes(b"{}" * 512), 1024),
             ),
         )
-        await client.put(*envelope_kv(card, 0xF1))
+        await etcd_client.put(*envelope_kv(card, 0xF1))
         await frontend.wait_listening()
         await wait_until(
-            lambda: counter_at_least(frontend, 'mdc_pipelines_total{result="failed"}', 3),
+            lambda: frontend.counter_at_least('mdc_pipelines_total{result="failed"}', 3),
             timeout=DEADLINE,
             message=frontend.describe,
         )
@@ -79,10 +69,10 @@ async def test_endless_metadata_stream_is_cut_and_memory_stays_bounded(
 
 
 async def test_watch_values_at_the_etcd_size_limit_keep_memory_bounded_and_others_served(
-    client: EtcdClient, frontend: FrontendProcess, tmp_path: Path
+    etcd_client: EtcdClient, frontend: FrontendProcess, tmp_path: Path
 ) -> None:
     good = [from_dir(d) for d in model_dirs(tmp_path / "models", 2)]
-    await client.put(*envelope_kv(good[0], 0x1))
+    await etcd_client.put(*envelope_kv(good[0], 0x1))
     await frontend.wait_listening()
     await wait_until(lambda: _listed(frontend, {"model-0"}), timeout=DEADLINE)
     garbage = os.urandom(NEAR_LIMIT)
@@ -90,13 +80,13 @@ async def test_watch_values_at_the_etcd_size_limit_keep_memory_bounded_and_other
     # shaped like an envelope: each one is skipped and counted, and the relists (every
     # second) carry them too.
     for i in range(8):
-        await client.put(f"v1/mdc/dynamo/backend/generate/{0xB16 + i:x}", garbage)
+        await etcd_client.put(f"v1/mdc/dynamo/backend/generate/{0xB16 + i:x}", garbage)
     padded = envelope_kv(good[1], 0xB00)[1][:-1] + b',"pad":"' + b"x" * NEAR_LIMIT + b'"}'
-    await client.put("v1/mdc/dynamo/backend/generate/b00", padded)
-    await client.put(*envelope_kv(good[1], 0x2))
+    await etcd_client.put("v1/mdc/dynamo/backend/generate/b00", padded)
+    await etcd_client.put(*envelope_kv(good[1], 0x2))
     await wait_until(lambda: _listed(frontend, {"model-0", "model-1"}), timeout=DEADLINE)
     await wait_until(
-        lambda: counter_at_least(frontend, 'mdc_relists_total{reason="reconcile"}', 3),
+        lambda: frontend.counter_at_least('mdc_relists_total{reason="reconcile"}', 3),
         timeout=DEADLINE,
     )
     peak = frontend.peak_rss_kib()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
@@ -95,20 +95,10 @@ def test_2000_fuzzed_paths_never_serve_an_unregistered_file_or_a_5xx(
 
 
 @pytest.fixture
-async def client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
-    async with EtcdClient([etcd_server.client_url]) as c:
-        yield c
-
-
-@pytest.fixture
 def frontend(etcd_server: EtcdServer, tmp_path: Path) -> Iterator[FrontendProcess]:
     fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path / "fe", reconcile_interval=2.0)
     yield fe
     fe.close()
-
-
-async def counter_at_least(fe: FrontendProcess, name: str, n: float) -> bool:
-    return (await fe.metrics()).get(name, 0) >= n
 
 
 def files_under(root: Path) -> list[Path]:
@@ -116,7 +106,7 @@ def files_under(root: Path) -> list[Path]:
 
 
 async def test_cards_pointing_at_files_outside_any_model_are_rejected_end_to_end(
-    client: EtcdClient, frontend: FrontendProcess, tmp_path: Path
+    etcd_client: EtcdClient, frontend: FrontendProcess, tmp_path: Path
 ) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("root:x:0:0:secret\n")
@@ -147,11 +137,11 @@ async def test_cards_pointing_at_files_outside_any_model_are_rejected_end_to_end
         ),
     ]
     for i, card in enumerate(cards):
-        await client.put(*envelope_kv(card, 0xE0 + i))
+        await etcd_client.put(*envelope_kv(card, 0xE0 + i))
     await frontend.wait_listening()
     # Every pipeline failed at least twice (it retries): the rejection is not a fluke of timing.
     await wait_until(
-        lambda: counter_at_least(frontend, 'mdc_pipelines_total{result="failed"}', 6),
+        lambda: frontend.counter_at_least('mdc_pipelines_total{result="failed"}', 6),
         timeout=DEADLINE,
         message=frontend.describe,
     )
@@ -165,7 +155,7 @@ async def test_cards_pointing_at_files_outside_any_model_are_rejected_end_to_end
 
 
 async def test_dot_dot_in_slug_or_file_name_creates_nothing_outside_by_slug(
-    client: EtcdClient, frontend: FrontendProcess, tmp_path: Path
+    etcd_client: EtcdClient, frontend: FrontendProcess, tmp_path: Path
 ) -> None:
     good_dir, good_dir2 = model_dirs(tmp_path / "models", 2)
     good = from_dir(good_dir)
@@ -173,7 +163,7 @@ async def test_dot_dot_in_slug_or_file_name_creates_nothing_outside_by_slug(
     key, value = envelope_kv(good, 0xA1)
     env = json.loads(value)
     env["card_json"]["slug"] = "../../../escape"
-    await client.put(key, json.dumps(env).encode())
+    await etcd_client.put(key, json.dumps(env).encode())
     # 2. File names that decode to ../ (or are ..) are refused before any path is built,
     #    even with the right checksum and size, served by a real server.
     body = b'{"escape": true}'
@@ -188,12 +178,12 @@ async def test_dot_dot_in_slug_or_file_name_creates_nothing_outside_by_slug(
                     CheckedFile(server.url(f"/m/{name}"), hash_bytes(body), len(body)),
                 ),
             )
-            await client.put(*envelope_kv(card, 0xB0 + i))
+            await etcd_client.put(*envelope_kv(card, 0xB0 + i))
         # A good model alongside, so we know the frontend processed everything.
-        await client.put(*envelope_kv(from_dir(good_dir2), 0xC1))
+        await etcd_client.put(*envelope_kv(from_dir(good_dir2), 0xC1))
         await frontend.wait_listening()
         await wait_until(
-            lambda: counter_at_least(frontend, 'mdc_pipelines_total{result="failed"}', 4),
+            lambda: frontend.counter_at_least('mdc_pipelines_total{result="failed"}', 4),
             timeout=DEADLINE,
             message=frontend.describe,
         )
