@@ -370,6 +370,15 @@ def child_args(module: str, *args: str, profile_to: Path | None = None) -> list[
     ]
 
 
+def run_child(name: str, args: Sequence[str], *, log: Path, timeout: float) -> dict[str, Any]:
+    """Run a bench child to completion and return the JSON result it prints."""
+    proc = Proc(name, args, log=log, env=child_env(), stdout_pipe=True)
+    try:
+        return proc.recv(timeout)
+    finally:
+        proc.finish()
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """Our environment minus Dynamo/etcd knobs, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_"))}

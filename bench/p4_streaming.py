@@ -28,6 +28,7 @@ from bench._util import (
     Stats,
     child_args,
     child_env,
+    run_child,
 )
 
 NAME = "P4"
@@ -102,7 +103,7 @@ def run(ctx: Ctx) -> ScenarioResult:
         for i in range(runs):
             cache = work / f"cache-{i}"
             profile = ctx.profile_session(NAME) if i == 0 else None
-            fetch = Proc(
+            r = run_child(
                 f"fetch-{i}",
                 child_args(
                     "bench._child",
@@ -114,13 +115,8 @@ def run(ctx: Ctx) -> ScenarioResult:
                     profile_to=profile,
                 ),
                 log=work / f"fetch-{i}.log",
-                env=child_env(),
-                stdout_pipe=True,
+                timeout=600,
             )
-            try:
-                r = fetch.recv(600)
-            finally:
-                fetch.finish()
             if r["bytes"] != size:
                 raise RuntimeError(f"pipeline fetched {r['bytes']} bytes, want {size}")
             ours_mbps.append(size / r["elapsed"] / 1e6)

@@ -30,6 +30,7 @@ from bench._util import (
     Stats,
     child_args,
     child_env,
+    run_child,
     write_bench_model,
 )
 
@@ -135,7 +136,7 @@ def run(ctx: Ctx) -> ScenarioResult:
         r0, r_end, n = asyncio.run(_write_stream(url, models, keys, rounds, cache))
         for i in range(ctx.n(3, 1)):
             profile = ctx.profile_session(NAME) if i == 0 else None
-            p = Proc(
+            r = run_child(
                 f"watch-ours-{i}",
                 child_args(
                     "bench._child",
@@ -153,29 +154,19 @@ def run(ctx: Ctx) -> ScenarioResult:
                     profile_to=profile,
                 ),
                 log=work / f"watch-ours-{i}.log",
-                env=child_env(),
-                stdout_pipe=True,
+                timeout=180,
             )
-            try:
-                r = p.recv(180)
-            finally:
-                p.finish()
             if int(r["events"]) != n:
                 raise RuntimeError(f"our watcher counted {r['events']} events, want {n}")
             ours.append(n / r["elapsed"])
-            p = Proc(
+            r = run_child(
                 f"watch-raw-{i}",
                 child_args(
                     "bench._child", "watch-raw", "--etcd", url, "--rev", str(r0), "--events", str(n)
                 ),
                 log=work / f"watch-raw-{i}.log",
-                env=child_env(),
-                stdout_pipe=True,
+                timeout=180,
             )
-            try:
-                r = p.recv(180)
-            finally:
-                p.finish()
             raw.append(n / r["elapsed"])
             if ctl is not None:
                 ctl_rates.append(n / _etcdctl(ctl, url, r0, n, work / f"etcdctl-{i}.log"))
