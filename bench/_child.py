@@ -355,7 +355,9 @@ async def _watch_ours(args: argparse.Namespace) -> None:
                 raise TimeoutError(f"watcher at revision {watcher.revision}, want {args.until_rev}")
             t1 = time.perf_counter()
             events = sum(
-                watcher.metrics.registry.get_sample_value("mdc_watch_events_total", {"type": t})
+                watcher.metrics.registry.get_sample_value(
+                    "discovery_mdc_watch_events_total", {"type": t}
+                )
                 or 0.0
                 for t in ("put", "delete")
             )

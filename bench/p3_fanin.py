@@ -52,7 +52,7 @@ def _converged(base: str, names: list[str], want: int) -> bool:
     listed = {m["id"] for m in http_json(f"{base}/v1/models")["data"]}
     if not set(names) <= listed:
         return False
-    if prom_value(http_get(f"{base}/metrics").decode(), "mdc_instances") < want:
+    if prom_value(http_get(f"{base}/metrics").decode(), "discovery_mdc_instances") < want:
         return False
     ready = 0
     for name in names:
@@ -64,7 +64,7 @@ def _converged(base: str, names: list[str], want: int) -> bool:
 def _empty(base: str) -> bool:
     if http_json(f"{base}/v1/models")["data"]:
         return False
-    return prom_value(http_get(f"{base}/metrics").decode(), "mdc_instances") == 0
+    return prom_value(http_get(f"{base}/metrics").decode(), "discovery_mdc_instances") == 0
 
 
 def _poll_until(pred: Any, what: str) -> float:

@@ -221,7 +221,7 @@ class Frontend:
         return keys
 
     async def metric(self, http: aiohttp.ClientSession, sample: str) -> float:
-        """The value of one exposition line, e.g. ``mdc_relists_total{reason="compaction"}``."""
+        """The value of one exposition line, e.g. ``discovery_mdc_relists_total{reason="compaction"}``."""
         _, text = await self.get(http, "/metrics")
         for line in text.splitlines():
             if line.startswith(sample + " "):
@@ -381,7 +381,7 @@ async def test_cold_start_lists_the_model_with_every_file_cached_and_verified(
     for name, hexdigest in expected.items():
         assert hash_file(link_dir / name)[0].hex == hexdigest == hash_file(model_dir / name)[0].hex
     assert await worker.metadata_200s(http) == len(expected)
-    assert await fe.metric(http, "mdc_bytes_fetched_total") == sum(
+    assert await fe.metric(http, "discovery_mdc_bytes_fetched_total") == sum(
         (model_dir / n).stat().st_size for n in expected
     )
     assert "model 'org/cold' added" in fe.proc.log()
@@ -438,7 +438,7 @@ async def test_replicas_form_one_worker_set_and_a_different_tokenizer_is_rejecte
         timeout=DEADLINE,
         message=fe.proc.describe,
     )
-    assert await fe.metric(http, "mdc_rejected_instances_total") == 1
+    assert await fe.metric(http, "discovery_mdc_rejected_instances_total") == 1
     assert await fe.instances(http, "org/rep") == {a.key, b.key}
     assert await c.metadata_200s(http) == 0
 
@@ -486,7 +486,7 @@ async def test_etcd_restart_lists_new_models_and_drops_models_deleted_meanwhile(
             message=fe.proc.describe,
         )
         assert await fe.instances(http) == {stays, worker.key} == await keys_under(etcd, "v1/mdc/")
-        assert await fe.metric(http, "mdc_watch_reconnects_total") >= 1
+        assert await fe.metric(http, "discovery_mdc_watch_reconnects_total") >= 1
 
 
 async def test_compaction_while_cut_off_converges_to_exactly_what_etcd_holds(
@@ -534,8 +534,8 @@ async def test_compaction_while_cut_off_converges_to_exactly_what_etcd_holds(
         await wait_until(converged, timeout=DEADLINE, message=fe.proc.describe)
         assert await fe.model_ids(http) == {"org/cmp-a", "org/cmp-c", "org/cmp-d"}
         assert await fe.instances(http, "org/cmp-a") == {a2}
-        assert await fe.metric(http, 'mdc_relists_total{reason="compaction"}') >= 1
-        assert await fe.metric(http, 'mdc_relists_total{reason="reconcile"}') == 0
+        assert await fe.metric(http, 'discovery_mdc_relists_total{reason="compaction"}') >= 1
+        assert await fe.metric(http, 'discovery_mdc_relists_total{reason="reconcile"}') == 0
 
 
 async def test_malformed_values_and_bad_checksums_are_skipped_counted_and_logged(
@@ -570,12 +570,12 @@ async def test_malformed_values_and_bad_checksums_are_skipped_counted_and_logged
     await wait_until(lambda: fe.model_ids(http), timeout=DEADLINE, message=fe.proc.describe)
 
     async def tampered_failed() -> bool:
-        return await fe.metric(http, 'mdc_pipelines_total{result="failed"}') >= 1
+        return await fe.metric(http, 'discovery_mdc_pipelines_total{result="failed"}') >= 1
 
     await wait_until(tampered_failed, timeout=DEADLINE, message=fe.proc.describe)
     assert await fe.model_ids(http) == {"org/bad-ok"}
     assert await fe.instances(http) == {ok_key}
-    assert await fe.metric(http, "mdc_malformed_cards_total") == 2
+    assert await fe.metric(http, "discovery_mdc_malformed_cards_total") == 2
     log = fe.proc.log()
     assert f"skipping malformed card at {garbage_key}" in log
     assert f"skipping malformed card at {syntax_key}" in log
@@ -660,5 +660,5 @@ async def test_two_frontends_sharing_a_cache_fetch_each_blob_once(
     files = card_files(await published_card(etcd, worker.key))
     assert await worker.metadata_200s(http) == len(files)
     # Between them the two frontends fetched every byte exactly once.
-    fetched = [await fe.metric(http, "mdc_bytes_fetched_total") for fe in fes]
+    fetched = [await fe.metric(http, "discovery_mdc_bytes_fetched_total") for fe in fes]
     assert sum(fetched) == sum((model_dir / name).stat().st_size for name in files)

@@ -53,7 +53,7 @@ async def test_endless_metadata_stream_is_cut_and_memory_stays_bounded(
         await etcd_client.put(*envelope_kv(card, 0xF1))
         await frontend.wait_listening()
         await wait_until(
-            lambda: frontend.counter_at_least('mdc_pipelines_total{result="failed"}', 3),
+            lambda: frontend.counter_at_least('discovery_mdc_pipelines_total{result="failed"}', 3),
             timeout=DEADLINE,
             message=frontend.describe,
         )
@@ -86,14 +86,14 @@ async def test_watch_values_at_the_etcd_size_limit_keep_memory_bounded_and_other
     await etcd_client.put(*envelope_kv(good[1], 0x2))
     await wait_until(lambda: _listed(frontend, {"model-0", "model-1"}), timeout=DEADLINE)
     await wait_until(
-        lambda: frontend.counter_at_least('mdc_relists_total{reason="reconcile"}', 3),
+        lambda: frontend.counter_at_least('discovery_mdc_relists_total{reason="reconcile"}', 3),
         timeout=DEADLINE,
     )
     peak = frontend.peak_rss_kib()
     print(f"\nnear-limit watch values: peak RSS {peak // 1024} MiB")
     assert peak < RSS_LIMIT_KIB, f"frontend peak RSS {peak} KiB"
     metrics = await frontend.metrics()
-    assert metrics["mdc_malformed_cards_total"] >= 8
+    assert metrics["discovery_mdc_malformed_cards_total"] >= 8
     assert await frontend.model_ids() == {"model-0", "model-1"}
 
 

@@ -147,7 +147,7 @@ async def test_churn_under_faults_ends_with_exactly_the_live_keys(
             async def frontend_matches() -> bool:
                 assert fe is not None
                 ready = await fe.ready_instances()
-                gauge = (await fe.metrics()).get("mdc_instances")
+                gauge = (await fe.metrics()).get("discovery_mdc_instances")
                 seen[:] = [sorted(ready ^ truth), gauge]
                 return ready == truth and gauge == len(truth)
 
@@ -162,12 +162,12 @@ async def test_churn_under_faults_ends_with_exactly_the_live_keys(
         churn.close()
         if fe is not None:
             fe.close()
-    events = sum(v for k, v in metrics.items() if k.startswith("mdc_watch_events_total"))
-    relists = {k: int(v) for k, v in metrics.items() if k.startswith("mdc_relists_total")}
+    events = sum(v for k, v in metrics.items() if k.startswith("discovery_mdc_watch_events_total"))
+    relists = {k: int(v) for k, v in metrics.items() if k.startswith("discovery_mdc_relists_total")}
     reregistrations = sum(w.reregistrations() for w in churn.workers)
     print(
         f"\nchurn seed={SEED} steps={STEPS} actions={dict(churn.counts)} "
         f"live_at_end={len(truth)} events={int(events)} "
-        f"reconnects={int(metrics['mdc_watch_reconnects_total'])} relists={relists} "
+        f"reconnects={int(metrics['discovery_mdc_watch_reconnects_total'])} relists={relists} "
         f"re-registrations={reregistrations}"
     )

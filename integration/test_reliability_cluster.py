@@ -71,7 +71,7 @@ async def test_publish_and_watch_continue_through_killed_members_with_no_lost_ev
         async def frontend_has_exactly_it() -> bool:
             return (
                 await fe.ready_instances() == {key}
-                and (await fe.metrics()).get("mdc_instances") == 1
+                and (await fe.metrics()).get("discovery_mdc_instances") == 1
             )
 
         await wait_until(frontend_has_exactly_it, timeout=DEADLINE, message=fe.describe)
@@ -116,10 +116,10 @@ async def test_publish_and_watch_continue_through_killed_members_with_no_lost_ev
         await asyncio.to_thread(cluster.start_member, used)
 
         metrics = await fe.metrics()
-        assert metrics['mdc_relists_total{reason="compaction"}'] == 0
-        assert metrics['mdc_relists_total{reason="reconcile"}'] == 0
-        assert metrics['mdc_watch_events_total{type="delete"}'] >= 3
-        assert metrics["mdc_watch_reconnects_total"] >= 1  # the watch really moved
+        assert metrics['discovery_mdc_relists_total{reason="compaction"}'] == 0
+        assert metrics['discovery_mdc_relists_total{reason="reconcile"}'] == 0
+        assert metrics['discovery_mdc_watch_events_total{type="delete"}'] >= 3
+        assert metrics["discovery_mdc_watch_reconnects_total"] >= 1  # the watch really moved
         assert await fe.model_ids() == {"model-3"}
     finally:
         for p in procs:

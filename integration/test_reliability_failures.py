@@ -84,7 +84,7 @@ async def converged(fe: FrontendProcess, client: EtcdClient) -> set[str]:
     async def check() -> list[set[str]]:  # a list: an empty set of keys is a valid answer
         live = await card_keys(client)
         ready = await fe.ready_instances()
-        gauge = (await fe.metrics()).get("mdc_instances")
+        gauge = (await fe.metrics()).get("discovery_mdc_instances")
         last[:] = [live, ready, gauge]
         return [live] if ready == live and gauge == len(live) else []
 
@@ -156,10 +156,12 @@ async def test_etcd_restart_shorter_than_ttl_changes_nothing_visible(
     before = await fe.metrics()
     await asyncio.to_thread(etcd_server.restart)
     # The frontend notices the outage (its watch reconnects) and relists at least once more.
-    await wait_until(lambda: _counter_above(fe, "mdc_relists_total", before), timeout=DEADLINE)
+    await wait_until(
+        lambda: _counter_above(fe, "discovery_mdc_relists_total", before), timeout=DEADLINE
+    )
     assert await converged(fe, client) == {key}
     after = await fe.metrics()
-    assert after['mdc_watch_events_total{type="delete"}'] == 0
+    assert after['discovery_mdc_watch_events_total{type="delete"}'] == 0
     assert await client.lease_keepalive(lease) > 0  # the same lease survived
     assert w.keys() == [(key, lease)]
     assert "lost" not in w.log()
@@ -226,8 +228,8 @@ async def test_frontend_cut_off_past_a_compaction_converges_with_no_lost_deletes
         final = await converged(fe, client)
     assert final == {k for k, _ in kvs[4:]}
     metrics = await fe.metrics()
-    assert metrics['mdc_relists_total{reason="compaction"}'] >= 1
-    assert metrics['mdc_relists_total{reason="reconcile"}'] == 0
+    assert metrics['discovery_mdc_relists_total{reason="compaction"}'] >= 1
+    assert metrics['discovery_mdc_relists_total{reason="reconcile"}'] == 0
     assert await fe.model_ids() == {"model-0", "model-1", "model-2", "model-3"}
 
 
@@ -325,6 +327,6 @@ async def test_malformed_cards_in_etcd_are_skipped_and_the_others_keep_being_ser
     await client.put(*envelope_kv(good[1], 0x6))
     await wait_until(lambda: _has_model(fe, "model-1"), timeout=DEADLINE)
     metrics = await fe.metrics()
-    assert metrics["mdc_malformed_cards_total"] >= 5
+    assert metrics["discovery_mdc_malformed_cards_total"] >= 5
     assert await fe.model_ids() == {"model-0", "model-1"}
     assert "v1/mdc/dynamo/backend/generate/2" in fe.log()

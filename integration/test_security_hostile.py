@@ -141,7 +141,7 @@ async def test_cards_pointing_at_files_outside_any_model_are_rejected_end_to_end
     await frontend.wait_listening()
     # Every pipeline failed at least twice (it retries): the rejection is not a fluke of timing.
     await wait_until(
-        lambda: frontend.counter_at_least('mdc_pipelines_total{result="failed"}', 6),
+        lambda: frontend.counter_at_least('discovery_mdc_pipelines_total{result="failed"}', 6),
         timeout=DEADLINE,
         message=frontend.describe,
     )
@@ -183,12 +183,12 @@ async def test_dot_dot_in_slug_or_file_name_creates_nothing_outside_by_slug(
         await etcd_client.put(*envelope_kv(from_dir(good_dir2), 0xC1))
         await frontend.wait_listening()
         await wait_until(
-            lambda: frontend.counter_at_least('mdc_pipelines_total{result="failed"}', 4),
+            lambda: frontend.counter_at_least('discovery_mdc_pipelines_total{result="failed"}', 4),
             timeout=DEADLINE,
             message=frontend.describe,
         )
         await wait_until(lambda: _listed(frontend, {"model-1"}), timeout=DEADLINE)
-        assert (await frontend.metrics())["mdc_malformed_cards_total"] >= 1
+        assert (await frontend.metrics())["discovery_mdc_malformed_cards_total"] >= 1
         assert sum(server.gets.values()) == 0  # refused before any request
     cache = frontend.cache_dir
     for p in files_under(tmp_path):

@@ -71,15 +71,15 @@ async def test_health_and_metrics_report_watch_and_cache_counters(
     assert health.status == 200 and (await health.json())["models"] == 1
     text = await (await client.get("/metrics")).text()
     for line in (
-        "mdc_bytes_fetched_total 1234.0",
-        "mdc_blob_fetches_total 3.0",
-        "mdc_malformed_cards_total 1.0",
-        'mdc_watch_events_total{type="put"} 2.0',
-        'mdc_pipelines_total{result="ok"} 1.0',
-        'mdc_relists_total{reason="start"} 1.0',
-        'mdc_relists_total{reason="compaction"} 0.0',
-        "mdc_watch_reconnects_total 0.0",
-        "mdc_rejected_instances_total 0.0",
-        "mdc_models_ready 1.0",
+        "discovery_mdc_bytes_fetched_total 1234.0",
+        "discovery_mdc_blob_fetches_total 3.0",
+        "discovery_mdc_malformed_cards_total 1.0",
+        'discovery_mdc_watch_events_total{type="put"} 2.0',
+        'discovery_mdc_pipelines_total{result="ok"} 1.0',
+        'discovery_mdc_relists_total{reason="start"} 1.0',
+        'discovery_mdc_relists_total{reason="compaction"} 0.0',
+        "discovery_mdc_watch_reconnects_total 0.0",
+        "discovery_mdc_rejected_instances_total 0.0",
+        "discovery_mdc_models_ready 1.0",
     ):
         assert line in text, line

@@ -266,8 +266,8 @@ async def test_lists_then_watches_from_the_listed_revision_plus_one(
         await publish_models(store, [(2, "org/b")])
         await until(lambda: names(h.watcher) == ["org/a", "org/b"])
         assert h.watcher.revision == store.revision
-        assert h.metric("mdc_watch_events_total", type="put") == 1  # only the watched PUT
-        assert h.metric("mdc_relists_total", reason="start") == 1
+        assert h.metric("discovery_mdc_watch_events_total", type="put") == 1  # only the watched PUT
+        assert h.metric("discovery_mdc_relists_total", reason="start") == 1
 
 
 async def test_disconnect_resumes_after_the_highest_revision_without_duplicates_or_losses(
@@ -291,11 +291,11 @@ async def test_disconnect_resumes_after_the_highest_revision_without_duplicates_
         await until(lambda: names(h.watcher) == ["org/b", "org/c"])
         await until(lambda: all_instances(h.watcher) == h.keys_in_etcd())
         assert store.watch_starts == [2, before + 1]  # listed an empty store at revision 1
-        assert h.metric("mdc_watch_reconnects_total") == 1
-        assert h.metric("mdc_relists_total", reason="compaction") == 0
+        assert h.metric("discovery_mdc_watch_reconnects_total") == 1
+        assert h.metric("discovery_mdc_relists_total", reason="compaction") == 0
         # Each PUT and DELETE was seen exactly once, replays included.
-        assert h.metric("mdc_watch_events_total", type="put") == 4
-        assert h.metric("mdc_watch_events_total", type="delete") == 1
+        assert h.metric("discovery_mdc_watch_events_total", type="put") == 4
+        assert h.metric("discovery_mdc_watch_events_total", type="delete") == 1
         assert [resolver.count(n) for n in ("org/a", "org/b", "org/c")] == [1, 1, 1]
         await until(lambda: EventKind.ADDED in seen.kinds("org/c"))
         assert seen.kinds("org/a") == [EventKind.REMOVED]
@@ -323,7 +323,7 @@ async def test_compacted_watch_relists_and_emits_deletes_and_upserts(
 
         await until(lambda: names(h.watcher) == ["org/b", "org/keep", "org/new2"])
         await until(lambda: all_instances(h.watcher) == h.keys_in_etcd())
-        assert h.metric("mdc_relists_total", reason="compaction") == 1
+        assert h.metric("discovery_mdc_relists_total", reason="compaction") == 1
         info = h.watcher.model("org/b")
         assert info is not None and info.worker_sets[0].mdcsum == mdcsum(
             make_card("org/b", tok="7")
@@ -353,7 +353,7 @@ async def test_periodic_reconcile_repairs_drift_the_watch_never_saw(
         sleep.tick()
         await until(lambda: names(h.watcher) == ["org/b", "org/c"])
         assert all_instances(h.watcher) == h.keys_in_etcd()
-        assert h.metric("mdc_relists_total", reason="reconcile") == 1
+        assert h.metric("discovery_mdc_relists_total", reason="reconcile") == 1
 
 
 async def test_reconcile_restarts_a_watch_that_stays_silent_while_etcd_changes(
@@ -371,7 +371,7 @@ async def test_reconcile_restarts_a_watch_that_stays_silent_while_etcd_changes(
         await until(lambda: names(h.watcher) == ["org/a"])
         await until(lambda: len(store.watch_starts) == 2)
         assert store.watch_starts[1] == store.revision + 1
-        assert h.metric("mdc_watch_reconnects_total") == 1
+        assert h.metric("discovery_mdc_watch_reconnects_total") == 1
 
         store.muted = False
         await publish_models(store, [(2, "org/b")])
@@ -424,7 +424,7 @@ async def test_malformed_value_is_counted_and_skipped(
         await store.put("v1/mdc/dynamo/backend/generate/NOT-HEX", value(2, make_card("org/x")))
         await publish_models(store, [(3, "org/good")])
         await until(lambda: names(h.watcher) == ["org/good"])
-        assert h.metric("mdc_malformed_cards_total") == 2
+        assert h.metric("discovery_mdc_malformed_cards_total") == 2
         assert resolver.count("org/x") == 0
         assert h.watcher.instance_keys() == {key(3)}
 
@@ -488,13 +488,13 @@ async def test_failing_pipeline_retries_with_backoff_and_model_stays_invisible(
         await publish(store, 1)
         await until(lambda: len(sleep.backoffs) == 1)
         assert h.watcher.model("org/m") is None and names(h.watcher) == []
-        assert h.metric("mdc_pipelines_total", result="failed") == 1
+        assert h.metric("discovery_mdc_pipelines_total", result="failed") == 1
         sleep.release()
         await until(lambda: names(h.watcher) == ["org/m"])
         assert resolver.count("org/m") == 3
         assert len(sleep.backoffs) == 2
-        assert h.metric("mdc_pipelines_total", result="failed") == 2
-        assert h.metric("mdc_pipelines_total", result="ok") == 1
+        assert h.metric("discovery_mdc_pipelines_total", result="failed") == 2
+        assert h.metric("discovery_mdc_pipelines_total", result="ok") == 1
 
 
 async def test_prepare_failure_is_retried_and_the_model_is_ready_only_after_it_succeeds(
@@ -563,7 +563,7 @@ async def test_events_report_added_updated_rejected_removed_and_readmission(
         await until(lambda: len(seen.events) == 3)
         assert h.watcher.rejected_keys() == {key(3)}
         assert key(3) not in instances(h.watcher, "org/m")
-        assert h.metric("mdc_rejected_instances_total") == 1
+        assert h.metric("discovery_mdc_rejected_instances_total") == 1
         await store.delete(key(1))
         await until(lambda: len(seen.events) == 4)
         await store.delete(key(2))

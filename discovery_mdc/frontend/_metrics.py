@@ -22,16 +22,22 @@ class _CacheStatsCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         s = self._stats()
         yield CounterMetricFamily(
-            "mdc_bytes_fetched", "metadata bytes fetched into the cache", value=s.bytes_fetched
+            "discovery_mdc_bytes_fetched",
+            "metadata bytes fetched into the cache",
+            value=s.bytes_fetched,
         )
         yield CounterMetricFamily(
-            "mdc_blob_fetches", "blobs fetched and published into the cache", value=s.fetches
+            "discovery_mdc_blob_fetches",
+            "blobs fetched and published into the cache",
+            value=s.fetches,
         )
         yield CounterMetricFamily(
-            "mdc_blob_hits", "blobs already in the cache and verified", value=s.hits
+            "discovery_mdc_blob_hits", "blobs already in the cache and verified", value=s.hits
         )
         yield CounterMetricFamily(
-            "mdc_blob_failures", "blob fetches or verifications that failed", value=s.failures
+            "discovery_mdc_blob_failures",
+            "blob fetches or verifications that failed",
+            value=s.failures,
         )
 
 
@@ -43,24 +49,29 @@ class FrontendMetrics:
     def __init__(self, stats: Callable[[], CacheStats] = cache_stats) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.events = Counter("mdc_watch_events", "etcd watch events seen", ["type"], registry=r)
+        self.events = Counter(
+            "discovery_mdc_watch_events", "etcd watch events seen", ["type"], registry=r
+        )
         self.rejected = Counter(
-            "mdc_rejected_instances", "instances rejected by mdcsum", registry=r
+            "discovery_mdc_rejected_instances", "instances rejected by mdcsum", registry=r
         )
         self.malformed = Counter(
-            "mdc_malformed_cards", "malformed or non-card keys skipped", registry=r
+            "discovery_mdc_malformed_cards", "malformed or non-card keys skipped", registry=r
         )
         self.pipelines = Counter(
-            "mdc_pipelines", "verify-and-cache pipelines run", ["result"], registry=r
+            "discovery_mdc_pipelines", "verify-and-cache pipelines run", ["result"], registry=r
         )
         self.reconnects = Counter(
-            "mdc_watch_reconnects", "watch reconnects after a failure", registry=r
+            "discovery_mdc_watch_reconnects", "watch reconnects after a failure", registry=r
         )
         self.relists = Counter(
-            "mdc_relists", "full relists (start, compaction or reconcile)", ["reason"], registry=r
+            "discovery_mdc_relists",
+            "full relists (start, compaction or reconcile)",
+            ["reason"],
+            registry=r,
         )
-        self.models = Gauge("mdc_models_ready", "models currently listed", registry=r)
-        self.instances = Gauge("mdc_instances", "instances currently known", registry=r)
+        self.models = Gauge("discovery_mdc_models_ready", "models currently listed", registry=r)
+        self.instances = Gauge("discovery_mdc_instances", "instances currently known", registry=r)
         r.register(_CacheStatsCollector(stats))
         # Export the label values that matter at 0, so a scrape shows them before they happen.
         for kind in ("put", "delete"):
