@@ -221,7 +221,8 @@ class Frontend:
         return keys
 
     async def metric(self, http: aiohttp.ClientSession, sample: str) -> float:
-        """The value of one exposition line, e.g. ``discovery_mdc_relists_total{reason="compaction"}``."""
+        """The value of one exposition line, e.g.
+        ``discovery_mdc_relists_total{reason="compaction"}``."""
         _, text = await self.get(http, "/metrics")
         for line in text.splitlines():
             if line.startswith(sample + " "):
