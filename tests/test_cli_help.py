@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import discovery_mdc
 from discovery_mdc.cli import build_parser, main
 
 
@@ -98,3 +99,10 @@ def test_help_through_the_console_entry_point() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "--model-path" in proc.stdout and proc.stderr == ""
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"discovery-mdc {discovery_mdc.__version__}"

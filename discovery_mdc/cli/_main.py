@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from discovery_mdc import __version__
 from discovery_mdc.cli._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish and discover LLM model deployment cards through etcd. "
         "Exit codes: 0 ok, 1 failed, 2 usage or bad input, 130 interrupted.",
         root=True,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"discovery-mdc {__version__}",
+        help="print the version and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _SUBCOMMAND_MODULES:
