@@ -180,7 +180,20 @@ def test_parse_hf_uri(uri: str, repo: str, rev: str, file: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "uri", ["hf://config.json", "hf://a/b/c/config.json", "hf://../x/config.json", "hf://org/name/"]
+    "uri",
+    [
+        "hf://config.json",
+        "hf://a/b/c/config.json",
+        "hf://../x/config.json",
+        "hf://org/name/",
+        # The revision names a file under refs/: never absolute, dotted or NUL.
+        "hf://org/name@/dev/zero/config.json",
+        "hf://org/name@%2Fetc%2Fpasswd/config.json",
+        "hf://org/name@refs/../../x/config.json",
+        "hf://org/name@./config.json",
+        "hf://org/name@%00/config.json",
+        "hf://org/name@refs//pr/config.json",
+    ],
 )
 def test_parse_hf_uri_rejects_malformed(uri: str) -> None:
     with pytest.raises(FetchError):

@@ -429,6 +429,24 @@ async def test_malformed_value_is_counted_and_skipped(
         assert h.watcher.instance_keys() == {key(3)}
 
 
+async def test_a_card_that_cannot_be_hashed_never_stops_the_listing_or_the_watch(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    bad = value(1, make_card("org/bad")).replace(
+        b'"runtime_config":{}', b'"runtime_config":{"context_length":-1}'
+    )
+    assert b'"context_length":-1' in bad
+    await store.put(key(1), bad)  # listed at start
+    await publish_models(store, [(2, "org/a")])
+    async with running(store, resolver, sleep) as h:
+        await until(lambda: names(h.watcher) == ["org/a"])
+        await store.put(key(3), bad.replace(b'"instance_id":1', b'"instance_id":3'))
+        await publish_models(store, [(4, "org/b")])  # arrives after it, on the watch
+        await until(lambda: names(h.watcher) == ["org/a", "org/b"])
+        assert h.metric("discovery_mdc_malformed_cards_total") == 2
+        assert h.watcher.instance_keys() == {key(2), key(4)}
+
+
 async def test_namespace_filter_watches_only_the_admitted_namespace(
     store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
 ) -> None:

@@ -286,6 +286,12 @@ class HfRef:
     filename: str
 
 
+# A branch, tag, ``refs/pr/N`` or commit: relative, no empty or dot segments, no NUL. The
+# revision names a file under ``refs/``, so an absolute or odd one must never reach the path.
+_HF_REVISION = re.compile(r"[A-Za-z0-9_.-][A-Za-z0-9_./-]{0,199}")
+_REF_FILE_MAX = 256
+
+
 def parse_hf_uri(uri: str) -> HfRef:
     """Parse ``hf://org/name[@rev]/file`` (or ``hf://name[@rev]/file``); the last segment is
     the file name, and a revision may itself hold ``/`` (``refs/pr/1``)."""
@@ -303,8 +309,8 @@ def parse_hf_uri(uri: str) -> HfRef:
         or "/" in filename
         or not 1 <= len(segments) <= 2
         or not all(_HF_SEGMENT.fullmatch(s) and ".." not in s for s in segments)
-        or not revision
-        or ".." in revision.split("/")
+        or not _HF_REVISION.fullmatch(revision)
+        or any(part in ("", ".", "..") for part in revision.split("/"))
     ):
         raise FetchError(f"invalid hf:// URI {uri!r}: expected hf://<org>/<name>[@<rev>]/<file>")
     return HfRef(repo, revision, filename)
@@ -325,14 +331,28 @@ def hf_local_file(ref: HfRef, env: Mapping[str, str]) -> Path | None:
     repo_dir = hf_hub_cache(env) / ("models--" + ref.repo.replace("/", "--"))
     commit = ref.revision
     if not _COMMIT.fullmatch(commit):
-        try:
-            commit = (repo_dir / "refs" / ref.revision).read_text().strip()
-        except OSError:
+        resolved = _read_ref(repo_dir / "refs" / ref.revision)
+        if resolved is None or not _COMMIT.fullmatch(resolved):
             return None
-        if not _COMMIT.fullmatch(commit):
-            return None
+        commit = resolved
     candidate = repo_dir / "snapshots" / commit / ref.filename
     return candidate if candidate.is_file() else None
+
+
+def _read_ref(path: Path) -> str | None:
+    """A ``refs/<rev>`` file's commit: a small regular file, read without following a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, _REF_FILE_MAX).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 async def _fetch_hf(
@@ -344,7 +364,7 @@ async def _fetch_hf(
     env: Mapping[str, str],
 ) -> None:
     ref = parse_hf_uri(uri)
-    local = hf_local_file(ref, env)
+    local = await asyncio.to_thread(hf_local_file, ref, env)
     if local is not None:
         await _copy_in_thread(os.fspath(local), sink, cap, uri)
         return

@@ -136,7 +136,10 @@ async def _single_flight(key: _Key, make: Callable[[], Awaitable[None]]) -> None
     except asyncio.CancelledError:
         if flight.waiters == 1 and not flight.task.done():
             # The last waiter is gone: stop the work, and let it clean up (temp file, lock)
-            # before reporting the cancellation.
+            # before reporting the cancellation. Unlisted first, so a caller arriving during
+            # the clean-up starts a fresh flight instead of joining a cancelled one.
+            if table.get(key) is flight:
+                del table[key]
             flight.task.cancel()
             await asyncio.wait({flight.task})
         raise

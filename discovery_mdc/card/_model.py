@@ -428,7 +428,11 @@ def card_from_fields(fields: dict[str, msgspec.Raw]) -> ModelDeploymentCard:
         elif key == "aliases":
             kw[key] = tuple(_typed(key, raw, list[str] | None) or ())
         elif key == "runtime_config":
-            kw[key] = raw if bytes(raw) != b"null" else None
+            runtime = _typed(key, raw, _RuntimeContext | None)
+            if runtime is not None and runtime.context_length is not None:
+                # It feeds the mdcsum as a u32, so it must be one.
+                _u32("runtime_config.context_length", runtime.context_length)
+            kw[key] = raw if runtime is not None else None
         elif key == "extra_files":
             extras = _typed(key, raw, list[_WireCheckedFile] | None) or []
             kw[key] = tuple(_checked_file(f"extra_files[{i}]", w) for i, w in enumerate(extras))

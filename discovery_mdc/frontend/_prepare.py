@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 from discovery_mdc.card import ModelDeploymentCard
@@ -12,13 +13,27 @@ from discovery_mdc.errors import CardError
 __all__ = ["check_json_files"]
 
 
+# Parsing builds Python objects several times the file's size; metadata JSON is far smaller
+# than this, and a bigger (verified, but hostile or odd) file is left to the host's loader.
+MAX_PARSED_JSON = 64 << 20
+
+log = logging.getLogger("discovery_mdc.frontend")
+
+
 def _check(card: ModelDeploymentCard) -> None:
     for slot, f in card.files():
         if not f.basename.endswith(".json"):
             continue
+        path = Path(f.path)
+        size = path.stat().st_size
+        if size > MAX_PARSED_JSON:
+            log.warning(
+                "not parsing %s file %s: %d bytes is above %d", slot, path, size, MAX_PARSED_JSON
+            )
+            continue
         try:
-            json.loads(Path(f.path).read_bytes())
-        except ValueError as exc:
+            json.loads(path.read_bytes())
+        except (ValueError, RecursionError) as exc:
             raise CardError(f"{slot} file {f.path} does not parse as JSON: {exc}") from None
 
 

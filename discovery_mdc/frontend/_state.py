@@ -341,6 +341,11 @@ class Registry:
             self._remove(change.key, out, now)
             out.malformed = True
             return out
+        except Exception as exc:  # a decoder bug must cost one key, never the watcher
+            log.error("skipping card at %s that failed to decode: %r", change.key, exc)
+            self._remove(change.key, out, now)
+            out.malformed = True
+            return out
         self._add(change.key, card_key, env, out, now)
         self._values[change.key] = change.value
         return out

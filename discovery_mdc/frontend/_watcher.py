@@ -25,6 +25,7 @@ from discovery_mdc.etcd import Store, WatchResponse
 from discovery_mdc.frontend._metrics import FrontendMetrics
 from discovery_mdc.frontend._prepare import check_json_files
 from discovery_mdc.frontend._state import (
+    Change,
     EventKind,
     ModelEvent,
     ModelInfo,
@@ -255,7 +256,7 @@ class ModelWatcher(AsyncService):
             else:
                 change = self._state.on_delete(ev.kv.key, ev.kv.mod_revision)
             if change is not None:
-                self._handle(self._registry.apply(change, now))
+                self._apply(change, now)
         self._state.observe_revision(resp.header_revision)
 
     async def _relist_with_retry(self, reason: str, backoff: Backoff) -> None:
@@ -286,8 +287,17 @@ class ModelWatcher(AsyncService):
             )
         now = int(time.time())
         for change in changes:
-            self._handle(self._registry.apply(change, now))
+            self._apply(change, now)
         return len(changes)
+
+    def _apply(self, change: Change, now: int) -> None:
+        # One change failing must not stop the ones after it: the watch state already
+        # counts them as applied, so an abort here would lose them for good.
+        try:
+            self._handle(self._registry.apply(change, now))
+        except Exception:
+            log.exception("could not apply %s of %s", change.kind.value, change.key)
+            self.metrics.malformed.inc()
 
     async def _reconcile_loop(self) -> None:
         while True:
