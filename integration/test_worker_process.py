@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -164,6 +165,24 @@ async def test_sigterm_revokes_the_lease_so_keys_vanish_at_once_and_exit_is_0(
     await wait_until(gone, timeout=1.0, message="keys still present 1 s after a graceful stop")
     assert (await client.lease_time_to_live(reg.lease)).ttl == -1
     assert f"revoked etcd lease {reg.lease:x}" in worker.log()
+
+
+async def test_sigterm_stops_a_worker_still_waiting_for_etcd(
+    spawn: WorkerSpawner, model_dir: Path
+) -> None:
+    # An "etcd" that accepts connections and never answers: registration hangs in there.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(64)
+    try:
+        url = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
+        worker = spawn("--etcd", url, "--namespace", "hang", "--model-path", str(model_dir))
+        await wait_until(lambda: "self-hosting" in worker.log(), timeout=START)
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait_exit(within=START) == 0
+        assert "stopped before its model was registered" in worker.log()
+    finally:
+        blackhole.close()
 
 
 async def test_kill_9_leaves_the_keys_to_expire_within_ttl_plus_2s(

@@ -342,3 +342,38 @@ async def test_etcd_down_at_the_first_registration_raises_and_serves_nothing(
         store.unavailable = False  # a retry works once etcd answers
         published = await worker.register_model(make_model_dir())
         assert store.keys() == [published.key]
+
+
+async def test_concurrent_registrations_on_one_endpoint_share_one_instance_record(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    transport = "tcp://127.0.0.1:9000/generate"
+    async with Worker(store, lease_ttl=10) as worker:
+        model = make_model_dir()
+        base, lora = await asyncio.gather(
+            worker.register_model(model, instance_transport=transport),
+            worker.register_model(model, lora_name="a", instance_transport=transport),
+        )
+        assert base.instance_handle is lora.instance_handle
+        keys = store.keys()
+        assert len([k for k in keys if k.startswith("v1/instances/")]) == 1
+
+
+async def test_a_failed_unregister_changes_nothing_and_can_be_retried(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    from discovery_mdc.errors import EtcdConnectionError
+
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10, system_port=0, system_host="127.0.0.1") as worker:
+        published = await worker.register_model(make_model_dir())
+        served = len(worker.registry)
+        store.unavailable = True
+        with pytest.raises(EtcdConnectionError):
+            await worker.unregister(published)
+        assert worker.published == (published,) and len(worker.registry) == served
+        assert published.key is not None
+        store.unavailable = False
+        await worker.unregister(published)
+        assert store.keys() == [] and len(worker.registry) == 0 and worker.published == ()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 
 from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type
@@ -28,17 +29,30 @@ async def _run_worker(args: argparse.Namespace) -> int:
             self_host_metadata=args.self_host,
         ) as worker,
     ):
-        await worker.register_model(
-            args.model_path,
-            model_name=args.model_name,
-            namespace=args.namespace,
-            component=args.component,
-            endpoint=args.endpoint,
-            custom_template=args.custom_template,
-            model_type=args.model_type,
-            lora_name=args.lora_name,
-            instance_transport=args.instance_transport,
+        registering = asyncio.create_task(
+            worker.register_model(
+                args.model_path,
+                model_name=args.model_name,
+                namespace=args.namespace,
+                component=args.component,
+                endpoint=args.endpoint,
+                custom_template=args.custom_template,
+                model_type=args.model_type,
+                lora_name=args.lora_name,
+                instance_transport=args.instance_transport,
+            )
         )
+        # A signal must stop the worker even while it is still hashing or reaching etcd.
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not registering.done():
+            registering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await registering
+            log.info("worker stopped before its model was registered")
+            return EXIT_OK
+        stopping.cancel()
+        registering.result()  # raises if registration failed
         await stop.wait()
         log.info("worker stopping: revoking lease %x", worker.session.lease_id)
     return EXIT_OK

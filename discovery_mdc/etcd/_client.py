@@ -569,7 +569,12 @@ class EtcdClient(AsyncService):
             try:
                 async with asyncio.timeout(self._request_timeout):
                     resp = await self._http().post(
-                        endpoint + "/v3/watch", data=data, headers=headers, timeout=timeout
+                        endpoint + "/v3/watch",
+                        data=data,
+                        # Ask etcd to end the watch when its member loses the leader, so a
+                        # partitioned member fails over instead of going silent.
+                        headers={**headers, "Grpc-Metadata-hasleader": "true"},
+                        timeout=timeout,
                     )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 raise _Retryable(f"{endpoint}/v3/watch: {type(exc).__name__}: {exc}") from exc

@@ -180,11 +180,14 @@ class LeaseSession(AsyncService):
         async with self._lock:
             if handle not in self._handles:
                 return
-            self._handles.remove(handle)
-            key, handle.key = handle.key, None
+            key = handle.key
             if key is not None and self._state is SessionState.REGISTERED:
+                # Delete before forgetting: if etcd fails, the key is still tracked (and kept
+                # alive), so the caller can retry instead of leaving an untracked key behind.
                 await self._store.delete(key)
                 log.info("deleted etcd key %s (lease %x)", key, self.lease_id)
+            self._handles.remove(handle)
+            handle.key = None
 
     async def wait_state(self, state: SessionState) -> None:
         """Return once the session is in ``state`` (bound it with ``asyncio.timeout``)."""

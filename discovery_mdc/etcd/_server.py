@@ -202,9 +202,13 @@ class EtcdServer(Service):
         _LIVE.add(self)
 
     def start(self) -> EtcdServer:
-        """Start and wait until ``/health`` says true."""
+        """Start and wait until ``/health`` says true (stopped again if it never does)."""
         self.spawn()
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -350,10 +354,14 @@ class EtcdCluster(Service):
 
     def start(self) -> EtcdCluster:
         """Start every member, then wait until all are healthy (they need each other)."""
-        for m in self.members:
-            m.spawn()
-        for m in self.members:
-            m.wait_ready()
+        try:
+            for m in self.members:
+                m.spawn()
+            for m in self.members:
+                m.wait_ready()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def stop_member(self, i: int) -> None:

@@ -90,6 +90,7 @@ class Worker(AsyncService):
         self._self_host = self_host_metadata
         self._published: list[PublishedModel] = []
         self._lease_lock = asyncio.Lock()
+        self._publish_lock = asyncio.Lock()
 
     def _healthy(self) -> bool:
         # Ready means discoverable: the lease is live and every card is in etcd under it.
@@ -149,19 +150,9 @@ class Worker(AsyncService):
         transport = (
             None if instance_transport is None else parse_instance_transport(instance_transport)
         )
-        shared = None
-        if transport is not None:
-            endpoint_id = (namespace, component, endpoint)
-            for p in self._published:
-                if p.instance_handle is not None and p.endpoint_id == endpoint_id:
-                    if p.instance_transport != instance_transport:
-                        raise ValueError(
-                            f"endpoint {'/'.join(endpoint_id)} already advertises transport "
-                            f"{p.instance_transport!r}; cannot also advertise "
-                            f"{instance_transport!r} under the same lease"
-                        )
-                    shared = p.instance_handle
-                    break
+        endpoint_id = (namespace, component, endpoint)
+        if instance_transport is not None:
+            self._shared_record(endpoint_id, instance_transport)  # a conflict fails early
         server = self.server if self.server is not None and self.server.is_running else None
         card = await asyncio.to_thread(
             build_worker_card,
@@ -192,44 +183,55 @@ class Worker(AsyncService):
             )
             return card_key(namespace, component, endpoint, lease_id, suffix), encode_envelope(env)
 
-        instance_record: Registration | None = None
-        if transport is not None and shared is None:
-            record = transport
-
-            def instance_record(lease_id: int) -> tuple[str, bytes]:
-                value = {
-                    "type": "Endpoint",
-                    "component": component,
-                    "endpoint": endpoint,
-                    "namespace": namespace,
-                    "instance_id": lease_id,
-                    "transport": record,
-                }
-                key = endpoint_key(namespace, component, endpoint, lease_id)
-                return key, json.dumps(value, separators=(",", ":")).encode()
-
         ref = model_ref(card, namespace=namespace, component=component, endpoint=endpoint)
-        # One endpoint record per endpoint and lease: cards on the same endpoint (a base
-        # model and its LoRAs) share it, since its key has no model in it.
-        instance_handle = shared if transport is not None else None
-        added: KeyHandle | None = None
-        try:
-            await self._ensure_lease()
-            if instance_record is not None:
-                instance_handle = added = await self.session.add(instance_record)
-            handle = await self.session.add(registration)
-        except BaseException:
-            if added is not None:
-                await self.session.remove(added)
-            # Stop serving files of a card that was never published, unless a published
-            # card (same model on the same endpoint) holds them too.
-            if not any(self._ref(p) == ref for p in self._published):
-                self.registry.unregister_model(ref)
-            raise
-        published = PublishedModel(
-            card, namespace, component, endpoint, handle, instance_handle, instance_transport
-        )
-        self._published.append(published)
+        # One lock from the shared-record lookup to the last create, so concurrent calls on
+        # one endpoint cannot both create its record.
+        async with self._publish_lock:
+            shared = (
+                None
+                if instance_transport is None
+                else self._shared_record(endpoint_id, instance_transport)
+            )
+            instance_record: Registration | None = None
+            if transport is not None and shared is None:
+                record = transport
+
+                def instance_record(lease_id: int) -> tuple[str, bytes]:
+                    value = {
+                        "type": "Endpoint",
+                        "component": component,
+                        "endpoint": endpoint,
+                        "namespace": namespace,
+                        "instance_id": lease_id,
+                        "transport": record,
+                    }
+                    key = endpoint_key(namespace, component, endpoint, lease_id)
+                    return key, json.dumps(value, separators=(",", ":")).encode()
+
+            # One endpoint record per endpoint and lease: cards on the same endpoint (a base
+            # model and its LoRAs) share it, since its key has no model in it.
+            instance_handle = shared
+            added: KeyHandle | None = None
+            try:
+                await self._ensure_lease()
+                if instance_record is not None:
+                    instance_handle = added = await self.session.add(instance_record)
+                handle = await self.session.add(registration)
+            except BaseException:
+                if added is not None:
+                    try:
+                        await self.session.remove(added)
+                    except Exception as exc:  # keep the original error; the lease ends it
+                        log.warning("could not remove endpoint record %s: %s", added.key, exc)
+                # Stop serving files of a card that was never published, unless a
+                # published card (same model on the same endpoint) holds them too.
+                if not any(self._ref(p) == ref for p in self._published):
+                    self.registry.unregister_model(ref)
+                raise
+            published = PublishedModel(
+                card, namespace, component, endpoint, handle, instance_handle, instance_transport
+            )
+            self._published.append(published)
         if handle.key is not None:
             log.info(
                 "registered model %r at %s (lease %x)",
@@ -245,6 +247,22 @@ class Worker(AsyncService):
             )
         return published
 
+    def _shared_record(self, endpoint_id: tuple[str, str, str], transport: str) -> KeyHandle | None:
+        """The endpoint record already published for ``endpoint_id``, if any.
+
+        Raises ``ValueError`` if it advertises a different transport.
+        """
+        for p in self._published:
+            if p.instance_handle is not None and p.endpoint_id == endpoint_id:
+                if p.instance_transport != transport:
+                    raise ValueError(
+                        f"endpoint {'/'.join(endpoint_id)} already advertises transport "
+                        f"{p.instance_transport!r}; cannot also advertise {transport!r} "
+                        "under the same lease"
+                    )
+                return p.instance_handle
+        return None
+
     @staticmethod
     def _ref(published: PublishedModel) -> ModelRef:
         return model_ref(
@@ -258,10 +276,12 @@ class Worker(AsyncService):
         """Delete the card's key (and instance record) and stop serving its files."""
         if published not in self._published:
             return
-        self._published.remove(published)
+        # Delete first: if etcd fails, everything stays as it was and the call can be retried.
         await self.session.remove(published.handle)
         record = published.instance_handle
-        if record is not None and not any(p.instance_handle is record for p in self._published):
+        others = [p for p in self._published if p is not published]
+        if record is not None and not any(p.instance_handle is record for p in others):
             await self.session.remove(record)
+        self._published.remove(published)
         self.registry.unregister_model(self._ref(published))
         log.info("unregistered model %r", published.card.display_name)

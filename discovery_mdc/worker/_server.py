@@ -16,6 +16,7 @@ slashes, absolute names and anything else simply never match: 404.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import mimetypes
@@ -233,12 +234,17 @@ class StatusServer(AsyncService):
         if bind in ("::", "::0"):
             # asyncio makes IPv6 listeners v6-only; "every interface" should include IPv4,
             # which is also what advertise_host() prefers for a wildcard.
+            sock: socket.socket | None = None
             try:
                 sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 sock.bind(("::", self._requested_port))
             except OSError as exc:
+                if sock is not None:
+                    sock.close()
+                if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    raise  # e.g. the port is taken: an IPv4-only fallback would hide that
                 log.warning("cannot bind dual-stack [::]: %s; binding 0.0.0.0 instead", exc)
             else:
                 return web.SockSite(runner, sock, backlog=1024)
