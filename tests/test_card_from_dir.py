@@ -210,3 +210,11 @@ def test_small_file_returns_its_bytes_once(tmp_path: Path) -> None:
     empty = tmp_path / "e"
     empty.write_bytes(b"")
     assert hash_file(empty)[1:] == (0, b"")
+
+
+def test_chunked_reading_hashes_like_the_mmap_path(tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20) * 7)  # 21 MiB: more than one read chunk
+    mapped = hash_file(big)
+    read = hash_file(big, use_mmap=False)
+    assert read == mapped and read[1] == 21 << 20 and read[2] is None

@@ -298,7 +298,7 @@ async def _in_place(card: ModelDeploymentCard, stats: CacheStats) -> ResolvedCar
     if local is None:
         return None
     for name, f in card.files():
-        state = await verify_file(Path(local[name]), f.checksum.hex)
+        state = await verify_file(Path(local[name]), f.checksum.hex, foreign=True)
         if state.size is None or (f.size is not None and state.size != f.size):
             stats.failures += 1
             raise ChecksumMismatchError(

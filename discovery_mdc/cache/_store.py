@@ -142,11 +142,12 @@ class BlobState:
     actual: str | None = None
 
 
-async def verify_file(path: Path, hexdigest: str) -> BlobState:
+async def verify_file(path: Path, hexdigest: str, *, foreign: bool = False) -> BlobState:
     """Hash ``path`` and compare it with ``hexdigest``; ``BlobState(None)`` if it is missing.
 
     A match is memoized per (dev, inode, size, mtime, ctime) unless the file changed within
-    the last few seconds, so warm checks cost one ``stat``.
+    the last few seconds, so warm checks cost one ``stat``. ``foreign`` files (not cache
+    blobs, which only ever change by rename) are read rather than memory-mapped.
     """
     try:
         st = os.stat(path)
@@ -163,7 +164,7 @@ async def verify_file(path: Path, hexdigest: str) -> BlobState:
         if st.st_size <= _INLINE_HASH_MAX:
             checksum, size, _ = hash_file(path)
         else:
-            checksum, size, _ = await asyncio.to_thread(hash_file, path)
+            checksum, size, _ = await asyncio.to_thread(hash_file, path, use_mmap=not foreign)
     except FileNotFoundError:
         return BlobState(None)
     except OSError as exc:

@@ -19,6 +19,7 @@ _HEX_RE: Final = re.compile(r"[0-9a-f]{64}")
 # Below this, one read() is cheaper than setting up a mapping; above it, mmap lets
 # blake3 hash with several threads and without the GIL.
 MMAP_THRESHOLD: Final = 1 << 20
+READ_CHUNK: Final = 16 << 20
 
 
 class Checksum(msgspec.Struct, frozen=True):
@@ -51,12 +52,16 @@ def hash_bytes(data: bytes | memoryview) -> Checksum:
     return Checksum(blake3.blake3(data).hexdigest())
 
 
-def hash_file(path: str | os.PathLike[str]) -> tuple[Checksum, int, bytes | None]:
+def hash_file(
+    path: str | os.PathLike[str], *, use_mmap: bool = True
+) -> tuple[Checksum, int, bytes | None]:
     """Hash a file in one pass: returns ``(checksum, size, data)``.
 
     ``data`` is the content for files under the mmap threshold (so callers that also parse
     the file need no second read) and ``None`` for large files, which are memory-mapped and
-    hashed by several threads with the GIL released.
+    hashed by several threads with the GIL released. ``use_mmap=False`` reads large files in
+    chunks instead: for files someone else may truncate meanwhile (a shared mount), where a
+    mapping would end the process with SIGBUS.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -67,9 +72,17 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[Checksum, int, bytes | None
                 chunks.append(chunk)
             data = b"".join(chunks)
             return hash_bytes(data), len(data), data
-        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
-            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-            hasher.update(mapped)
-            return Checksum(hasher.hexdigest()), len(mapped), None
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        if use_mmap:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+                hasher.update(mapped)
+                return Checksum(hasher.hexdigest()), len(mapped), None
+        buf = bytearray(READ_CHUNK)
+        view = memoryview(buf)
+        total = 0
+        while n := os.readv(fd, [buf]):
+            hasher.update(view[:n])
+            total += n
+        return Checksum(hasher.hexdigest()), total, None
     finally:
         os.close(fd)
