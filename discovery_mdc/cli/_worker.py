@@ -10,7 +10,7 @@ import logging
 from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type
 from discovery_mdc.cli._common import EXIT_OK, add_env_option, etcd_client, stop_on_signals
 from discovery_mdc.errors import CardError
-from discovery_mdc.worker import Worker, parse_instance_transport, resolve_model_source
+from discovery_mdc.worker import Worker, parse_instance_transport
 
 __all__ = ["register"]
 
@@ -59,8 +59,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    # A bad model path is bad input (exit 2): say so before connecting to etcd.
-    resolve_model_source(args.model_path)
+    # A bad model path is bad input (exit 2): the card is built before etcd is contacted.
     return asyncio.run(_run_worker(args))
 
 
