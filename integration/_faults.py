@@ -72,7 +72,14 @@ class CliProcess:
     """``python -m discovery_mdc <args>`` with stdout+stderr in a file (a full pipe can never
     block it)."""
 
-    def __init__(self, args: list[str], *, log_path: Path, env: Mapping[str, str] | None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None,
+        cwd: Path | None = None,
+    ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
@@ -81,6 +88,7 @@ class CliProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else child_env(),
+            cwd=cwd,
         )
 
     @property

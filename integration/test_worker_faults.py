@@ -74,7 +74,7 @@ async def test_etcd_restart_shorter_than_the_ttl_keeps_the_key_and_the_session(
         "--etcd", etcd_server.client_url, "--model-path", str(model_dir), "--lease-ttl", str(ttl),
         env=status_env(),
     )  # fmt: skip
-    reg = await worker.wait_registered(within=START)
+    reg = await worker.wait_registered(timeout=START)
     assert await health(http, worker) == 200
 
     await asyncio.to_thread(etcd_server.restart)  # same ports, same data dir
@@ -104,7 +104,7 @@ async def test_an_outside_revoke_makes_the_worker_republish_under_a_new_lease(
         "--etcd", etcd_server.client_url, "--model-path", str(model_dir), "--lease-ttl", str(ttl),
         env=status_env(),
     )  # fmt: skip
-    reg = await worker.wait_registered(within=START)
+    reg = await worker.wait_registered(timeout=START)
     async with EtcdClient([etcd_server.client_url]) as client:
         assert await client.lease_revoke(reg.lease) is True
         assert await client.get(reg.key) is None
@@ -121,7 +121,7 @@ async def test_an_outside_revoke_makes_the_worker_republish_under_a_new_lease(
         await assert_published_under(client, key, lease)
         assert await card_keys(client) == [key]
     assert worker.proc.poll() is None  # the same process, no restart
-    await worker.wait_log(f"replaced by {lease:x}", within=START)
+    await worker.wait_log(f"replaced by {lease:x}", timeout=START)
     assert await health(http, worker) == 200
 
 
@@ -133,11 +133,11 @@ async def test_an_outage_longer_than_the_ttl_ends_with_the_worker_republishing(
         "--etcd", etcd_server.client_url, "--model-path", str(model_dir), "--lease-ttl", str(ttl),
         env=status_env(),
     )  # fmt: skip
-    reg = await worker.wait_registered(within=START)
+    reg = await worker.wait_registered(timeout=START)
 
     await asyncio.to_thread(etcd_server.stop)
     # Down for longer than the TTL: the worker gives the lease up and says it is not ready.
-    await worker.wait_log(f"etcd lease {reg.lease:x} lost", within=START)
+    await worker.wait_log(f"etcd lease {reg.lease:x} lost", timeout=START)
     assert await health(http, worker) == 503
     shutil.rmtree(etcd_server.data_dir)
     await asyncio.to_thread(etcd_server.start)  # empty, same ports
@@ -175,7 +175,7 @@ async def test_stopping_the_member_the_worker_talks_to_never_drops_the_key(
         "--etcd", ",".join(cluster.client_urls), "--model-path", str(model_dir),
         "--lease-ttl", str(ttl),
     )  # fmt: skip
-    reg: Registered = await worker.wait_registered(within=START)
+    reg: Registered = await worker.wait_registered(timeout=START)
     # Observe through the other members only.
     async with EtcdClient(cluster.client_urls[1:]) as client:
         assert await card_keys(client) == [reg.key]
@@ -200,5 +200,5 @@ async def test_stopping_the_member_the_worker_talks_to_never_drops_the_key(
         await assert_published_under(client, reg.key, reg.lease)
     assert "lost" not in worker.log(), worker.describe()
     # The keepalive moved to another endpoint.
-    await worker.wait_log("now using endpoint", within=START)
+    await worker.wait_log("now using endpoint", timeout=START)
     assert seen >= 50, (seen, errors)

@@ -93,7 +93,7 @@ async def test_published_card_is_visible_by_raw_range_with_the_spec_key_and_enve
         "--etcd", shared_etcd.client_url, "--namespace", "pub", "--model-path", model_dir.name,
         cwd=model_dir.parent,
     )  # fmt: skip
-    reg = await worker.wait_registered(within=START)
+    reg = await worker.wait_registered(timeout=START)
     assert reg.key == f"v1/mdc/pub/backend/generate/{reg.lease:x}"
 
     listed = raw_range(shared_etcd.client_url, "v1/mdc/pub/")
@@ -153,10 +153,10 @@ async def test_sigterm_revokes_the_lease_so_keys_vanish_at_once_and_exit_is_0(
         "--etcd", shared_etcd.client_url, "--namespace", "stop", "--model-path", str(model_dir),
         "--instance-transport", "tcp://127.0.0.1:9999/generate",
     )  # fmt: skip
-    reg = await worker.wait_registered(within=START)
+    reg = await worker.wait_registered(timeout=START)
     assert len((await client.lease_time_to_live(reg.lease)).keys) == 2
     worker.signal(signal.SIGTERM)
-    assert await worker.wait_exit(within=START) == 0
+    assert await worker.wait_exit(timeout=START) == 0
 
     async def gone() -> bool:
         listed = await client.range("v1/", prefix=True)
@@ -179,7 +179,7 @@ async def test_sigterm_stops_a_worker_still_waiting_for_etcd(
         worker = spawn("--etcd", url, "--namespace", "hang", "--model-path", str(model_dir))
         await wait_until(lambda: "self-hosting" in worker.log(), timeout=START)
         worker.signal(signal.SIGTERM)
-        assert await worker.wait_exit(within=START) == 0
+        assert await worker.wait_exit(timeout=START) == 0
         assert "stopped before its model was registered" in worker.log()
     finally:
         blackhole.close()
@@ -193,11 +193,11 @@ async def test_kill_9_leaves_the_keys_to_expire_within_ttl_plus_2s(
         "--etcd", shared_etcd.client_url, "--namespace", "kill", "--model-path", str(model_dir),
         "--lease-ttl", str(ttl),
     )  # fmt: skip
-    reg = await worker.wait_registered(within=START)
+    reg = await worker.wait_registered(timeout=START)
     assert await client.get(reg.key) is not None
     worker.signal(signal.SIGKILL)
     killed = time.monotonic()
-    await worker.wait_exit(within=START)
+    await worker.wait_exit(timeout=START)
 
     async def gone() -> bool:
         return await client.get(reg.key) is None
@@ -223,7 +223,7 @@ async def test_self_hosted_card_serves_every_slot_with_its_blake3_and_length(
         "--etcd", shared_etcd.client_url, "--namespace", "self", "--model-path", str(model_dir),
         env=env,
     )  # fmt: skip
-    reg = await worker.wait_registered(within=START)
+    reg = await worker.wait_registered(timeout=START)
     port = worker.status_port()
     card = await published_card(client, reg.key)
     files = card_files(card)
@@ -266,7 +266,7 @@ async def test_self_hosting_an_hf_cache_snapshot_keeps_the_real_file_names(
         "--etcd", shared_etcd.client_url, "--namespace", "hf", "--model-path", "Org/Tiny",
         env=env, cwd=tmp_path,
     )  # fmt: skip
-    reg = await worker.wait_registered(within=START)
+    reg = await worker.wait_registered(timeout=START)
     card = await published_card(client, reg.key)
     assert card.display_name == reg.name == "Org/Tiny"
     assert card.source_path == "Org/Tiny"
@@ -297,7 +297,7 @@ async def test_without_self_hosting_the_card_keeps_local_paths_and_still_publish
         "--etcd", shared_etcd.client_url, "--namespace", ns, "--model-path", str(model_dir),
         env=env,
     )  # fmt: skip
-    reg = await worker.wait_registered(within=START)
+    reg = await worker.wait_registered(timeout=START)
     card = await published_card(client, reg.key)
     for f in card_files(card):
         assert f.path == str(model_dir / f.basename)
