@@ -206,6 +206,8 @@ def test_keep_running_until_signal_then_exit_0(
 ) -> None:
     demo = run_demo("--keep-running")
     demo.wait_for_line("press Ctrl-C", timeout=60)
+    # The URL block is printed after that line; wait for its last line, not a race with it.
+    demo.wait_for_line("discovery-mdc cache ls", timeout=10)
     assert demo.proc.poll() is None
     assert any(line.strip().startswith("frontend") for line in demo.lines)
     assert "discovery-mdc ls" in demo.stdout
