@@ -82,12 +82,19 @@ class KeyValue:
 
 @dataclass(frozen=True, slots=True)
 class RangeResult:
-    """A range read: the keys, the store revision it was read at, and paging info."""
+    """A range read: the keys, etcd's header revision, and paging info.
+
+    ``revision`` is the store's current revision when etcd answered, even for a read pinned
+    at an older revision. ``count`` is the number of keys in the range, before ``limit`` and
+    before ``min_mod_revision`` filtering (checked against etcd 3.5). ``size`` is the bytes
+    of the response body(ies) the client read (0 when unknown).
+    """
 
     kvs: tuple[KeyValue, ...]
     revision: int
     more: bool = False
     count: int = 0
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +251,8 @@ def range_request(
     revision: int | None = None,
     limit: int | None = None,
     count_only: bool = False,
+    keys_only: bool = False,
+    min_mod_revision: int | None = None,
 ) -> dict[str, Any]:
     """Body for ``/v3/kv/range``; ``range_end`` overrides the one ``prefix`` implies."""
     raw, implied_end = _span(key, prefix)
@@ -258,6 +267,10 @@ def range_request(
         body["limit"] = str(limit)
     if count_only:
         body["count_only"] = True
+    if keys_only:
+        body["keys_only"] = True
+    if min_mod_revision:
+        body["min_mod_revision"] = str(min_mod_revision)
     return body
 
 
