@@ -21,6 +21,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "envelope_kv",
     "model_dirs",
     "peak_rss_kib",
+    "tcp_connections",
     "tcp_peer_ports",
 ]
 
@@ -366,8 +368,19 @@ class FileServer:
         await self._runner.cleanup()
 
 
-def tcp_peer_ports(pid: int) -> set[int]:
-    """Remote ports of the ESTABLISHED TCP connections (IPv4) that process ``pid`` holds."""
+@dataclass(frozen=True, slots=True)
+class TcpConnection:
+    """One ESTABLISHED IPv4 TCP connection of a process, from ``/proc/<pid>/net/tcp``."""
+
+    remote_port: int
+    timer: str  # the armed kernel timer: "off", "retransmit", "keepalive", ...
+
+
+_TCP_TIMERS = {"00": "off", "01": "retransmit", "02": "keepalive", "03": "time-wait", "04": "probe"}
+
+
+def tcp_connections(pid: int) -> list[TcpConnection]:
+    """The ESTABLISHED TCP connections (IPv4) that process ``pid`` holds."""
     inodes = set()
     fd_dir = Path(f"/proc/{pid}/fd")
     for fd in fd_dir.iterdir():
@@ -375,9 +388,17 @@ def tcp_peer_ports(pid: int) -> set[int]:
             target = os.readlink(fd)
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
-    ports = set()
+    conns = []
     for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         if fields[3] == "01" and fields[9] in inodes:  # 01 = ESTABLISHED
-            ports.add(int(fields[2].rsplit(":", 1)[1], 16))
-    return ports
+            timer = fields[5].split(":", 1)[0]
+            conns.append(
+                TcpConnection(int(fields[2].rsplit(":", 1)[1], 16), _TCP_TIMERS.get(timer, timer))
+            )
+    return conns
+
+
+def tcp_peer_ports(pid: int) -> set[int]:
+    """Remote ports of the ESTABLISHED TCP connections (IPv4) that process ``pid`` holds."""
+    return {c.remote_port for c in tcp_connections(pid)}

@@ -197,3 +197,23 @@ def test_replicas_share_one_decoded_card_and_same_bytes_are_skipped() -> None:
     assert len(cards) == 1  # card_json decoded once for both replicas
     again = reg.apply(_put(1, rev=7))
     assert again.pipelines == [] and again.events == []
+
+
+def test_sources_are_the_waiting_replicas_uris_per_blob() -> None:
+    def served_by(host: str) -> ModelDeploymentCard:
+        return _card().with_paths(lambda _, f: f"http://{host}:8081/v1/metadata/m/{f.basename}")
+
+    reg = Registry()
+    reg.apply(_put(1, served_by("w1")))
+    reg.apply(_put(2, served_by("w2")))
+    reg.apply(_put(3, served_by("w1")))  # same URLs as instance 1: listed once
+    got = reg.sources("org/m", mdcsum(_card()))
+    assert got is not None
+    card, alternates = got
+    assert card.model_info is not None and "w1" in card.model_info.file.path
+    assert alternates["2" * 64] == [
+        "http://w1:8081/v1/metadata/m/tokenizer.json",
+        "http://w2:8081/v1/metadata/m/tokenizer.json",
+    ]
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    assert reg.sources("org/m", mdcsum(_card())) is None  # nobody waits any more

@@ -230,7 +230,9 @@ class EtcdClient(AsyncService):
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             ctx = self._ssl_context()
-            connector = aiohttp.TCPConnector(ssl=ctx if ctx is not None else True)
+            connector = aiohttp.TCPConnector(
+                ssl=ctx if ctx is not None else True, socket_factory=_keepalive_socket
+            )
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
@@ -275,7 +277,6 @@ class EtcdClient(AsyncService):
             async with self._http().post(
                 url, data=json.dumps(payload), headers=headers, timeout=limit
             ) as resp:
-                _keepalive(resp)
                 status = resp.status
                 raw = await resp.read()
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
@@ -635,7 +636,6 @@ class EtcdClient(AsyncService):
                     )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 raise _Retryable(f"{endpoint}/v3/watch: {type(exc).__name__}: {exc}") from exc
-            _keepalive(resp)
             if resp.status != 200:
                 raw = await resp.read()
                 resp.close()
@@ -690,12 +690,10 @@ class EtcdClient(AsyncService):
             self._current = (self._current + 1) % len(self._endpoints)
 
 
-def _keepalive(resp: aiohttp.ClientResponse) -> None:
-    """Turn on TCP keepalive (and a matching user timeout) on the response's connection."""
-    conn = resp.connection
-    sock = conn.transport.get_extra_info("socket") if conn and conn.transport else None
-    if sock is None:
-        return
+def _keepalive_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """A socket for an etcd connection, with TCP keepalive (and a matching user timeout)."""
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=type_, proto=proto)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):
@@ -705,6 +703,7 @@ def _keepalive(resp: aiohttp.ClientResponse) -> None:
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             total = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, total * 1000)
+    return sock
 
 
 def _watch_response(msg: WatchMessage, start_revision: int | None) -> WatchResponse:
