@@ -74,11 +74,10 @@ from discovery_mdc.etcd._codec import (
     decode_range,
     decode_status,
     decode_txn,
-    decode_watch_message,
+    decode_watch_line,
     delete_request,
     key_bytes,
     key_str,
-    parse_json_line,
     prefix_range_end,
     put_request,
     range_request,
@@ -666,13 +665,13 @@ class EtcdClient(AsyncService):
             async for chunk in resp.content.iter_any():
                 for line in splitter.feed(chunk):
                     try:
-                        body = parse_json_line(line)
+                        msg = decode_watch_line(line)
                     except ValueError as exc:
                         raise EtcdError(f"{where}: bad JSON line {line[:200]!r}") from exc
-                    err = decode_error(body)
-                    if err is None:
-                        yield decode_watch_message(body)
+                    if isinstance(msg, WatchMessage):
+                        yield msg
                         continue
+                    err = msg
                     classified = self._classify(endpoint, "/v3/watch", err)
                     if isinstance(classified, EtcdError):
                         raise classified

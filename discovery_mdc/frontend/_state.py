@@ -240,6 +240,9 @@ class Registry:
         if change.kind is ChangeKind.DELETE:
             self._remove(change.key, out, now)
             return out
+        digest = blake3.blake3(change.value).digest(16)
+        if self._values.get(change.key) == digest:
+            return out  # the same bytes again (a replay or a relist upsert): nothing changed
         card_key = parse_card_key(change.key)
         if card_key is None:
             log.warning(
@@ -250,9 +253,6 @@ class Registry:
             return out
         if not self.filter.admits(card_key.namespace):
             return out
-        digest = blake3.blake3(change.value).digest(16)
-        if self._values.get(change.key) == digest:
-            return out  # the same bytes again (a replay or a relist upsert): nothing changed
         try:
             env = decode_envelope(change.value, card_decoder=self._card)
         except CardDecodeError as exc:
