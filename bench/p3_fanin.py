@@ -138,6 +138,7 @@ def _one_run(ctx: Ctx, work: Path, models: list[Path], size: Size, run_no: int) 
                 replies = [f.result() for f in futs]
             cpu1 = cpu_seconds(fe.pid)
             hwm_conv = hwm_mb(fe.pid)
+            rss_conv = rss_mb(fe.pid)
             t0 = min(r["t_first"] for r in replies)
             burst = max(r["t_done"] for r in replies) - t0
             fetched = 0.0
@@ -162,6 +163,7 @@ def _one_run(ctx: Ctx, work: Path, models: list[Path], size: Size, run_no: int) 
                 "cpu_s": cpu1 - cpu0,
                 "cpu_delete_s": cpu2 - cpu1,
                 "rss_idle_mb": rss_idle,
+                "rss_conv_mb": rss_conv,
                 "hwm_mb": max(hwm_conv, hwm_mb(fe.pid)),
             }
         finally:
@@ -224,7 +226,8 @@ def _rows(result: ScenarioResult, size: Size, runs: list[dict[str, float]]) -> N
             hwm,
             target=f"≤ {limit:.0f} MB",
             met=hwm.max <= limit,
-            note=f"idle before the burst: {s('rss_idle_mb', 'MB').summary()}",
+            note=f"idle before the burst: {s('rss_idle_mb', 'MB').summary()}; "
+            f"RSS once converged: {s('rss_conv_mb', 'MB').summary()}",
         )
     )
     result.rows.append(

@@ -9,9 +9,10 @@ status 200) divided by the fair share (all GETs / 4); 1.00 is perfectly even. Ea
 starts 12 fresh frontends (new caches, hence new ids) against the same workers.
 
 Then one more round in which a replica is killed with -9 mid-run (as soon as the first
-frontend lists the model): its key stays in etcd until its lease (TTL 10 s) expires, so the
-others must fail over from it. The metric is the time until all 12 list the model, and the
-failed fetches they report (``discovery_mdc_source_fetches_total{result="failed"}``).
+frontend is up, i.e. has listed etcd and started fetching): its key stays in etcd until its
+lease (TTL 10 s) expires, so the others must fail over from it. The metric is the time until
+all 12 list the model, and the failed fetches they report
+(``discovery_mdc_source_fetches_total{result="failed"}``).
 """
 
 from __future__ import annotations
@@ -80,13 +81,22 @@ def _fleet(
     etcd_url: str, work: Path, tag: str, *, kill: Proc | None = None
 ) -> tuple[list[Proc], list[int], float]:
     """Start the 12 frontends at once; return them, their ports and the seconds until all
-    list the model. With ``kill``, that worker is killed -9 once the first one lists it."""
+    list the model. With ``kill``, that worker is killed -9 as soon as the first one is up."""
     t0 = time.monotonic()
     launched = [
         launch_our_frontend(etcd_url, work, f"fe-{tag}-{i}", log_level="warning")
         for i in range(FRONTENDS)
     ]
     fes = [p for p, _, _ in launched]
+    if kill is not None:
+        # Mid-run: as soon as the first frontend has listed etcd and started fetching.
+        wait_for(
+            lambda: any(pf.exists() and pf.read_text().strip() for _, pf, _ in launched),
+            timeout=TIMEOUT,
+            what="the first frontend",
+        )
+        kill.popen.send_signal(signal.SIGKILL)
+        kill.popen.wait()
     ports = [wait_our_frontend(*x) for x in launched]
     pending = set(ports)
     while pending:
@@ -98,9 +108,6 @@ def _fleet(
                     pending.discard(port)
             except OSError:
                 pass
-        if kill is not None and len(pending) < FRONTENDS and kill.alive():
-            kill.popen.send_signal(signal.SIGKILL)
-            kill.popen.wait()
         time.sleep(0.02)
     return fes, ports, time.monotonic() - t0
 
