@@ -96,7 +96,7 @@ async def test_watch_values_at_the_etcd_size_limit_keep_memory_bounded_and_other
     await etcd_client.put("v1/mdc/dynamo/backend/generate/b00", padded)
     await etcd_client.put(*envelope_kv(good[1], 0x2))
     await wait_until(lambda: _listed(frontend, {"model-0", "model-1"}), timeout=DEADLINE)
-    checks = 'discovery_mdc_reconcile_checks_total{kind="quick"}'
+    checks = 'discovery_mdc_reconcile_checks_total{kind="count"}'
     await wait_until(lambda: frontend.counter_at_least(checks, 3), timeout=DEADLINE)
     late = await start_frontend(etcd_server.client_url, tmp_path, procs, name="late")
     await wait_until(lambda: _listed(late, {"model-0", "model-1"}), timeout=DEADLINE)

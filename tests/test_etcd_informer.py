@@ -204,7 +204,30 @@ async def test_a_reconcile_reads_keys_changed_since_the_last_check_without_value
         before = informer.stats.reconcile_bytes
         assert await informer.reconcile() == "clean"  # verified: back to the constant cost
         assert informer.stats.reconcile_bytes - before <= idle + 4
-        assert informer.stats.checks == {"quick": 3, "exact": 0, "listing": 0, "fetch": 0}
+        assert informer.stats.checks == {
+            "count": 3,
+            "quick": 1,
+            "exact": 0,
+            "listing": 0,
+            "fetch": 0,
+        }
+
+
+async def test_while_nothing_in_etcd_changes_a_reconcile_only_counts(
+    store: RecordingStore, vt: VirtualTime
+) -> None:
+    await store.put(k(1), b"a")
+    async with running(store, vt) as (informer, _):
+        assert await informer.reconcile() == "clean"
+        assert (informer.stats.checks["count"], informer.stats.checks["quick"]) == (1, 0)
+        # A write elsewhere moves etcd's revision: the next check reads what changed under
+        # the prefix (nothing), proves the state at the new revision, and counting suffices again.
+        await store.put("v1/elsewhere", b"x")
+        assert await informer.reconcile() == "clean"
+        assert (informer.stats.checks["count"], informer.stats.checks["quick"]) == (2, 1)
+        assert informer.revision == store.revision
+        assert await informer.reconcile() == "clean"
+        assert (informer.stats.checks["count"], informer.stats.checks["quick"]) == (3, 1)
 
 
 async def test_reconciles_run_every_interval_on_the_injected_clock(
@@ -213,9 +236,9 @@ async def test_reconciles_run_every_interval_on_the_injected_clock(
     async with running(store, vt) as (informer, _):
         assert vt.sleeping(INTERVAL) == 1
         await vt.advance(INTERVAL)
-        await until(lambda: informer.stats.checks["quick"] == 1 and vt.sleeping(INTERVAL) == 1)
+        await until(lambda: informer.stats.checks["count"] == 1 and vt.sleeping(INTERVAL) == 1)
         await vt.advance(INTERVAL)
-        await until(lambda: informer.stats.checks["quick"] == 2)
+        await until(lambda: informer.stats.checks["count"] == 2)
 
 
 async def test_reconcile_interval_zero_disables_the_loop(
@@ -223,7 +246,7 @@ async def test_reconcile_interval_zero_disables_the_loop(
 ) -> None:
     async with running(store, vt, reconcile_interval=0) as (informer, _):
         assert vt.sleeping() == 0
-        assert informer.stats.checks["quick"] == 0
+        assert informer.stats.checks["count"] == 0
 
 
 # --------------------------------------------------------------------------- repairs
@@ -254,7 +277,7 @@ async def test_reconcile_repairs_a_missed_put_and_a_missed_delete_without_a_reli
         s = informer.stats
         assert s.relists == {"start": 1, "compaction": 0, "reconcile": 0}
         assert s.repairs == {"put": 1, "delete": 1}
-        assert s.checks == {"quick": 1, "exact": 1, "listing": 0, "fetch": 1}
+        assert s.checks == {"count": 1, "quick": 1, "exact": 1, "listing": 0, "fetch": 1}
         # A watch that lost events is not trusted: it is restarted after the repair.
         assert len(store.watch_starts) == 2 and s.reconnects == 1
         await store.put(k(5), b"e")

@@ -194,6 +194,8 @@ def test_checks_are_sound_and_repairs_make_a_lossy_watch_exact(
         st.observe_revision(etcd.rev)  # a progress header claims the watch is complete
         exact = st.known == etcd.mods()
         probe = st.probe()
+        if st.unchanged(probe, len(etcd.kvs), etcd.rev):
+            assert exact, "an unchanged etcd revision must mean an exact state"
         passed = st.quick_check(probe, etcd.mods(probe.verified), len(etcd.kvs), etcd.rev)
         assert passed == exact, "the quick check passes exactly when the state is exact"
         if passed:

@@ -91,5 +91,5 @@ async def test_health_and_metrics_report_watch_and_cache_counters(
     assert "discovery_mdc_watch_silence_seconds " in text
     await watcher.reconcile()
     text = await (await client.get("/metrics")).text()
-    assert 'discovery_mdc_reconcile_checks_total{kind="quick"} 1.0' in text
+    assert 'discovery_mdc_reconcile_checks_total{kind="count"} 1.0' in text
     assert "discovery_mdc_reconcile_read_bytes_total 0.0" not in text

@@ -5,6 +5,9 @@ The state is *exact at* a revision R when its keys and their mod revisions equal
 the prefix at R. The watch keeps it exact at ``revision`` (every event through it applied). A
 reconcile proves it, cheaply, against etcd:
 
+- :meth:`WatchState.unchanged` needs only the prefix's key count and etcd's revision, which
+  etcd answers from its in-memory index: if etcd's revision is still the one of the last
+  proof, nothing changed anywhere, so nothing changed under the prefix either.
 - :meth:`WatchState.quick_check` reads only the keys modified since the last proof
   (``min_mod_revision = verified + 1``, keys only) and the prefix's key count. If every such
   key carries the mod revision the state holds, none is newer than ``revision``, and the
@@ -155,6 +158,16 @@ class WatchState:
     def probe(self) -> Probe:
         """Take this just before sending a quick check."""
         return Probe(self.revision, len(self.known), self.snapshot_revision, self.version)
+
+    def unchanged(self, probe: Probe, count: int, header_revision: int) -> bool:
+        """True if etcd's revision is still the last proof's (so nothing in etcd changed)
+        and the prefix still holds as many keys as the state."""
+        return (
+            self.version == probe.version
+            and probe.verified > 0
+            and header_revision == probe.verified
+            and count == probe.count
+        )
 
     def quick_check(
         self, probe: Probe, changed: Mapping[str, int], count: int, header_revision: int
