@@ -527,6 +527,28 @@ def start_publisher(
     )
 
 
+def start_publishers(
+    etcd_url: str, work: Path, tag: str, *, total: int, models: Sequence[Path], count: int = 4
+) -> tuple[list[Proc], list[dict[str, Any]]]:
+    """``count`` publishers sharing ``total`` leases over ``models``, and their ready lines
+    (``base_url``, ``blobs``, ``models``)."""
+    procs = [
+        start_publisher(
+            etcd_url, work, f"publisher-{tag}-{i}", index=i, instances=total // count, models=models
+        )
+        for i in range(count)
+    ]
+    return procs, [p.recv(300) for p in procs]
+
+
+def call_all(procs: Sequence[Proc], cmd: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
+    """Send ``cmd`` to every process at once; their replies, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(procs)) as pool:
+        return [f.result() for f in [pool.submit(p.call, cmd, timeout) for p in procs]]
+
+
 def prom_get(base: str, name: str, labels: str | None = None) -> float:
     """One metric of the Prometheus endpoint at ``base`` (see :func:`prom_value`)."""
     return prom_value(http_get(f"{base}/metrics").decode(), name, labels)

@@ -36,7 +36,7 @@ from bench._util import (
     prom_value,
     rss_mb,
     start_our_frontend,
-    start_publisher,
+    start_publishers,
     write_bench_model,
 )
 
@@ -99,7 +99,6 @@ def _poll_until(pred: Any, what: str, poll: float) -> float:
 def _one_run(ctx: Ctx, work: Path, models: list[Path], size: Size, run_no: int) -> dict[str, float]:
     from discovery_mdc.etcd import EtcdServer
 
-    per = size.instances // PUBLISHERS
     procs: list[Proc] = []
     tag = f"{size.instances}-{run_no}"
     with EtcdServer(log_path=work / f"etcd-{tag}.log") as etcd:
@@ -112,19 +111,10 @@ def _one_run(ctx: Ctx, work: Path, models: list[Path], size: Size, run_no: int) 
             )
             procs.append(fe)
             base = f"http://{HOST}:{port}"
-            pubs = [
-                start_publisher(
-                    etcd.client_url,
-                    work,
-                    f"publisher-{tag}-{i}",
-                    index=i,
-                    instances=per,
-                    models=models,
-                )
-                for i in range(PUBLISHERS)
-            ]
+            pubs, ready = start_publishers(
+                etcd.client_url, work, tag, total=size.instances, models=models, count=PUBLISHERS
+            )
             procs.extend(pubs)
-            ready = [p.recv(120) for p in pubs]
             blobs = {b for r in ready for b in r["blobs"]}
             names = ready[0]["models"]
             time.sleep(0.3)  # let the frontend settle to idle before sampling it

@@ -85,6 +85,40 @@ async def _write_stream(
     return r0, r_end, keys * (rounds + 1)
 
 
+def _replay(
+    work: Path,
+    role: str,
+    i: int,
+    url: str,
+    r0: int,
+    r_end: int,
+    n: int,
+    extra: list[str],
+    profile: Path | None,
+) -> float:
+    """Events/s of one of our readers (a ``bench._child`` role) replaying the stream."""
+    r = run_child(
+        f"{role}-{i}",
+        child_args(
+            "bench._child",
+            role,
+            "--etcd",
+            url,
+            "--rev",
+            str(r0),
+            "--until-rev",
+            str(r_end),
+            *extra,
+            profile_to=profile,
+        ),
+        log=work / f"{role}-{i}.log",
+        timeout=180,
+    )
+    if int(r["events"]) != n:
+        raise RuntimeError(f"{role} counted {r['events']} events, want {n}")
+    return n / float(r["elapsed"])
+
+
 def _etcdctl(ctl: str, etcd_url: str, r0: int, n: int, log: Path) -> float:
     t0 = time.perf_counter()
     proc = Proc(
@@ -141,47 +175,9 @@ def run(ctx: Ctx) -> ScenarioResult:
         r0, r_end, n = asyncio.run(_write_stream(url, models, keys, rounds, cache))
         for i in range(ctx.n(3, 1)):
             profile = ctx.profile_session(NAME) if i == 0 else None
-            r = run_child(
-                f"watch-ours-{i}",
-                child_args(
-                    "bench._child",
-                    "watch-ours",
-                    "--etcd",
-                    url,
-                    "--rev",
-                    str(r0),
-                    "--until-rev",
-                    str(r_end),
-                    "--events",
-                    str(n),
-                    "--cache-dir",
-                    str(cache),
-                    profile_to=profile,
-                ),
-                log=work / f"watch-ours-{i}.log",
-                timeout=180,
-            )
-            if int(r["events"]) != n:
-                raise RuntimeError(f"our watcher counted {r['events']} events, want {n}")
-            ours.append(n / r["elapsed"])
-            r = run_child(
-                f"watch-informer-{i}",
-                child_args(
-                    "bench._child",
-                    "watch-informer",
-                    "--etcd",
-                    url,
-                    "--rev",
-                    str(r0),
-                    "--until-rev",
-                    str(r_end),
-                ),
-                log=work / f"watch-informer-{i}.log",
-                timeout=180,
-            )
-            if int(r["events"]) != n:
-                raise RuntimeError(f"the informer counted {r['events']} events, want {n}")
-            informer.append(n / r["elapsed"])
+            extra = ["--events", str(n), "--cache-dir", str(cache)]
+            ours.append(_replay(work, "watch-ours", i, url, r0, r_end, n, extra, profile))
+            informer.append(_replay(work, "watch-informer", i, url, r0, r_end, n, [], None))
             r = run_child(
                 f"watch-raw-{i}",
                 child_args(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bench._ctx import Ctx
@@ -27,10 +26,11 @@ from bench._util import (
     Row,
     ScenarioResult,
     Stats,
+    call_all,
     cpu_seconds,
     prom_get,
     start_our_frontend,
-    start_publisher,
+    start_publishers,
     wait_for,
     write_bench_model,
 )
@@ -115,22 +115,10 @@ def run(ctx: Ctx) -> ScenarioResult:
     with EtcdServer(log_path=work / "etcd.log") as etcd, TcpProxy(HOST, etcd.client_port) as proxy:
         assert etcd.pid is not None
         etcd_pid = etcd.pid
-        pubs = [
-            start_publisher(
-                etcd.client_url,
-                work,
-                f"publisher-{i}",
-                index=i,
-                instances=instances // PUBLISHERS,
-                models=models,
-            )
-            for i in range(PUBLISHERS)
-        ]
-        for p in pubs:
-            p.recv(300)
-        with ThreadPoolExecutor(PUBLISHERS) as pool:
-            for fut in [pool.submit(p.call, {"op": "go"}, 300) for p in pubs]:
-                fut.result()
+        pubs, _ = start_publishers(
+            etcd.client_url, work, "p8", total=instances, models=models, count=PUBLISHERS
+        )
+        call_all(pubs, {"op": "go"}, 300)
         t0, c0 = time.monotonic(), cpu_seconds(etcd_pid)
         time.sleep(ctx.n(10, 3))  # etcd's own idle CPU (raft ticks), for reference
         etcd_alone = (cpu_seconds(etcd_pid) - c0) * 60.0 / (time.monotonic() - t0)
