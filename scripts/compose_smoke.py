@@ -287,7 +287,7 @@ def free_port() -> int:
 
 
 def compose(*args: str, timeout: float = 300, check: bool = True) -> str:
-    cmd = ["docker-compose", "--no-ansi", "-p", PROJECT, "-f", str(COMPOSE_FILE), *args]
+    cmd = ["docker-compose", "--ansi", "never", "-p", PROJECT, "-f", str(COMPOSE_FILE), *args]
     return run(cmd, timeout=timeout, check=check).stdout
 
 
@@ -298,9 +298,7 @@ def containers() -> dict[str, dict[str, Any]]:
 
 
 def health(container: dict[str, Any]) -> str | None:
-    state = container["State"]
-    found = state.get("Health") or state.get("Healthcheck") or {}
-    status = found.get("Status")
+    status = (container["State"].get("Health") or {}).get("Status")
     return status if isinstance(status, str) else None
 
 
@@ -517,7 +515,8 @@ def all_healthy(services: dict[str, Any]) -> Callable[[], dict[str, str] | None]
             else:
                 states[name] = health(c) or "no health status"
                 if states[name] == "unhealthy":
-                    raise SmokeFailure(f"{name} is unhealthy: {c['State'].get('Health')}")
+                    last = (state.get("Health") or {}).get("Log") or [{}]
+                    raise SmokeFailure(f"{name} is unhealthy; last check: {last[-1]}")
         done = {n: s in ("healthy", "exited (0)") for n, s in states.items()}
         return states if set(found) == set(services) and all(done.values()) else None
 
@@ -568,9 +567,7 @@ def check_nothing_left() -> None:
 def dump_logs() -> None:
     with contextlib.suppress(Exception):
         print(compose("ps", check=False), flush=True)
-        proc = run(["docker-compose", "--no-ansi", "-p", PROJECT, "-f", str(COMPOSE_FILE),
-                    "logs", "--no-color", "--tail=60"], check=False)  # fmt: skip
-        print(proc.stdout + proc.stderr, flush=True)
+        print(compose("logs", "--no-color", "--tail=60", check=False), flush=True)
 
 
 @contextlib.contextmanager
