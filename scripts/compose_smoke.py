@@ -181,8 +181,17 @@ def recipe_id(recipe: object) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def qualified(name: str) -> str:
+    """The full reference Docker means by ``name``: `python:3` is docker.io/library/python:3."""
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return name
+    return f"docker.io/{name}" if rest else f"docker.io/library/{name}"
+
+
 def ensure_standin(name: str, recipe: dict[str, Any], build_rootfs: Callable[[Path], None]) -> None:
     """Import a stand-in for ``name`` unless an up-to-date one (or a real image) is there."""
+    name = qualified(name)
     wanted = recipe_id(recipe)
     found = inspect_json("image", name)
     if found:
@@ -201,6 +210,8 @@ def ensure_standin(name: str, recipe: dict[str, Any], build_rootfs: Callable[[Pa
         build_rootfs(rootfs)
         changes = [*recipe["changes"], f"LABEL {STANDIN_LABEL}={wanted}"]
         podman("import", *[f"--change={c}" for c in changes], rootfs, name)
+    if found:  # the replaced stand-in, now untagged
+        podman("rmi", found[0]["Id"], check=False)
     say(f"   {name}: built stand-in {wanted} in {time.monotonic() - start:.1f}s")
 
 
@@ -412,12 +423,15 @@ def smoke(workdir: Path) -> None:
         etcd_standin(services["etcd"]["image"])
 
     with step(f"build {project_image} from the Dockerfile"):
+        previous = inspect_json("image", project_image)
         build_log = run(
             ["podman", "build", "--pull=never", "-t", project_image, "-f", DOCKERFILE, ROOT],
             timeout=900,
         ).stdout
         cached = build_log.count("Using cache")
-        size, base = image_size(project_image), image_size(dockerfile_base())
+        if previous and previous[0]["Id"] != inspect_json("image", project_image)[0]["Id"]:
+            podman("rmi", previous[0]["Id"], check=False)  # the last build, now untagged
+        size, base = image_size(project_image), image_size(qualified(dockerfile_base()))
         say(f"   {project_image}: {size / 1e6:.0f} MB, {(size - base) / 1e6:.1f} MB over its base")
         say(f"   {cached} steps from the build cache")
 
