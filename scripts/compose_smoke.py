@@ -42,7 +42,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -79,17 +78,27 @@ network_backend = "netavark"
 """
 # The official images' PATH; both stand-ins keep their programs in /usr/local/bin or /usr/bin.
 PATH_ENV = "PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+# A stand-in is rebuilt when its recipe (these, plus the inputs taken from this host) changes.
 PYTHON_STANDIN = {
-    "packages": ["python3", "python3-pip", "python-is-python3"],
+    "mmdebstrap": [
+        "--variant=minbase",
+        "--include=python3,python3-pip,python-is-python3",
+        # As this host's apt is configured (apt.conf.d) for its registry.
+        '--aptopt=Acquire::Check-Valid-Until "false"',
+        *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "locale")),
+        # Like the official image, pip installs system-wide: no PEP 668 marker.
+        '--customize-hook=rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
+        # TLS to the package registries verifies only with this host's CA bundle.
+        f"--customize-hook=copy-in {HOST_CA_BUNDLE} /etc/ssl/certs",
+        "bookworm",
+    ],
     "changes": [f"ENV {PATH_ENV}", "ENV LANG=C.UTF-8", 'CMD ["python3"]'],
-    # Like the official image, pip installs system-wide: no PEP 668 marker.
-    "hooks": ['rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED'],
 }
 ETCD_STANDIN = {
     "programs": ["etcd", "etcdctl", "etcdutl"],
     "changes": [f"ENV {PATH_ENV}", 'CMD ["/usr/local/bin/etcd"]', "EXPOSE 2379", "EXPOSE 2380"],
 }
-HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 T = TypeVar("T")
 _T0 = time.monotonic()
@@ -235,18 +244,7 @@ def python_standin(name: str) -> None:
     }
 
     def build(out: Path) -> None:
-        cmd: list[str] = [
-            "mmdebstrap", "--variant=minbase", "--quiet",
-            "--include=" + ",".join(PYTHON_STANDIN["packages"]),
-            # Like the host's apt here, which reads a registry snapshot.
-            '--aptopt=Acquire::Check-Valid-Until "false"',
-            *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "locale")),
-            *(f"--customize-hook={h}" for h in PYTHON_STANDIN["hooks"]),
-            # TLS to the package registries verifies only with this host's CA bundle.
-            f"--customize-hook=copy-in {HOST_CA_BUNDLE} /etc/ssl/certs",
-            "bookworm", str(out), *sources,
-        ]  # fmt: skip
-        run(cmd, timeout=900)
+        run(["mmdebstrap", "--quiet", *PYTHON_STANDIN["mmdebstrap"], out, *sources], timeout=900)
 
     ensure_standin(name, recipe, build)
 
@@ -362,8 +360,7 @@ def cards(etcd_port: int, model: str) -> list[tuple[dict[str, Any], str, str]]:
     found = etcd_post(etcd_port, "/v3/kv/range", prefix)
     out = []
     for kv in found.get("kvs", []):
-        value = json.loads(base64.b64decode(kv["value"]))
-        card = value.get("card_json", value)
+        card = json.loads(base64.b64decode(kv["value"]))["card_json"]  # the envelope's card
         if card.get("display_name") == model:
             out.append((card, base64.b64decode(kv["key"]).decode(), kv.get("lease", "0")))
     return out
