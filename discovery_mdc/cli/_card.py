@@ -18,6 +18,7 @@ from discovery_mdc.card import (
 )
 from discovery_mdc.cli._common import EXIT_OK
 from discovery_mdc.errors import CardDecodeError
+from discovery_mdc.worker import resolve_model_source
 
 __all__ = ["load_card_file", "register"]
 
@@ -39,12 +40,18 @@ def load_card_file(path: Path) -> ModelDeploymentCard:
 
 def _inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if path.is_dir():
-        card = from_dir(path, display_name=args.name)
-    else:
+    if path.is_file():
         card = load_card_file(path)
         if args.name is not None:
             card = card.replace(display_name=args.name)
+    else:
+        # A model dir or an HF repo id in the local HF cache, as `worker --model-path` takes.
+        source = resolve_model_source(args.path)
+        card = from_dir(
+            source.local_dir,
+            display_name=args.name if args.name is not None else source.display_name_default,
+            source_path=source.source_path,
+        )
     if args.mdcsum:
         print(mdcsum(card))
     else:
@@ -63,12 +70,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     inspect = card_sub.add_parser(
         "inspect",
         help="print a card as wire JSON",
-        description="Print the model deployment card for a model directory, or re-encode a "
+        description="Print the model deployment card for a model directory or an HF repo id "
+        "in the local HF cache (as `worker --model-path` takes them), or re-encode a "
         "card/envelope JSON file, as one line of wire JSON.",
     )
-    inspect.add_argument("path", metavar="PATH", help="a model directory or a card/envelope JSON")
     inspect.add_argument(
-        "--name", default=None, help="display name (default: the directory's base name)"
+        "path",
+        metavar="PATH",
+        help="a model directory, an HF repo id in the local HF cache, or a card/envelope JSON",
+    )
+    inspect.add_argument(
+        "--name",
+        default=None,
+        help="display name (default: the directory's base name, or the repo id)",
     )
     inspect.add_argument(
         "--mdcsum", action="store_true", help="print only the 64-hex mdcsum of the card"
