@@ -43,6 +43,7 @@ def test_every_expected_subcommand_exists() -> None:
         "cache ls",
         "cache verify",
         "cache prune",
+        "cache rm",
     } <= names
 
 
@@ -59,6 +60,26 @@ def test_help_exits_0_and_lists_every_option(
     for action in parser._actions:
         for flag in action.option_strings:
             assert flag in out, f"{flag} missing from `{' '.join(path)} --help`"
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "root")
+def test_every_help_ends_with_two_or_three_examples(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([*path, "--help"])
+    out = capsys.readouterr().out
+    head, sep, tail = out.rpartition("\nexamples:\n")
+    assert sep, f"`{' '.join(path)} --help` has no examples section"
+    lines = tail.rstrip("\n").splitlines()
+    commands = [ln for ln in lines if ln.startswith("  ") and not ln.startswith("   ")]
+    explained = [ln for ln in lines if ln.startswith("      ")]
+    assert 2 <= len(commands) <= 3 and len(explained) == len(commands), tail
+    assert len(commands) + len(explained) == len(lines), "the examples are the last thing"
+    # Each example runs this command (or feeds or follows it).
+    assert all("discovery-mdc" in c or "curl" in c for c in commands), commands
+    if path:
+        assert any(f"discovery-mdc {' '.join(path)}" in c for c in commands), commands
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "root")

@@ -16,7 +16,7 @@ from discovery_mdc.card import (
     from_dir,
     mdcsum,
 )
-from discovery_mdc.cli._common import EXIT_OK
+from discovery_mdc.cli._common import EXIT_OK, examples
 from discovery_mdc.errors import CardDecodeError
 from discovery_mdc.worker import resolve_model_source
 
@@ -65,6 +65,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="build, inspect and fetch model deployment cards",
         description="Build or re-encode a model deployment card (inspect), or verify and "
         "cache its metadata files (fetch). No etcd is needed.",
+        epilog=examples(
+            ("discovery-mdc card inspect /models/Qwen3-0.6B", "the card a worker would build"),
+            ("discovery-mdc card fetch card.json", "verify and cache its files"),
+        ),
     )
     card_sub = card.add_subparsers(dest="card_command", required=True, metavar="COMMAND")
     inspect = card_sub.add_parser(
@@ -73,6 +77,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Print the model deployment card for a model directory or an HF repo id "
         "in the local HF cache (as `worker --model-path` takes them), or re-encode a "
         "card/envelope JSON file, as one line of wire JSON.",
+        epilog=examples(
+            ("discovery-mdc card inspect /models/Qwen3-0.6B | jq .", "a model dir's card"),
+            ("discovery-mdc card inspect Qwen/Qwen3-0.6B --mdcsum", "from the HF cache; mdcsum"),
+            ("discovery-mdc card inspect env.json --name other", "re-encode, renamed"),
+        ),
     )
     inspect.add_argument(
         "path",
