@@ -69,7 +69,7 @@ def test_every_help_ends_with_two_or_three_examples(
     with pytest.raises(SystemExit):
         main([*path, "--help"])
     out = capsys.readouterr().out
-    head, sep, tail = out.rpartition("\nexamples:\n")
+    _, sep, tail = out.rpartition("\nexamples:\n")
     assert sep, f"`{' '.join(path)} --help` has no examples section"
     lines = tail.rstrip("\n").splitlines()
     commands = [ln for ln in lines if ln.startswith("  ") and not ln.startswith("   ")]
