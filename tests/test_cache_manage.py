@@ -386,6 +386,10 @@ def test_prune_older_than_evicts_unused_cards_and_the_blobs_only_they_link(
     plan = cli_json("cache", "prune", "--older-than", "30d", "--dry-run", "--cache-dir", root)
     assert snapshot(cache.root) == before
     assert plan["dry_run"] is True and plan["result"] is None
+    assert set(plan) == {"cache_dir", "dry_run", "items", "bytes_to_free", "result",
+                         "older_than_seconds", "keep"}  # fmt: skip
+    assert all(set(i) == {"kind", "path", "size", "reason", "model", "mdcsum", "blake3"}
+               for i in plan["items"])  # fmt: skip
     assert plan["older_than_seconds"] == 30 * DAY
     assert _card_paths(plan["items"]) == {str(old.local_dir), str(other.local_dir)}
     assert all(i["reason"].startswith("last used 40d") for i in plan["items"]
@@ -403,6 +407,7 @@ def test_prune_older_than_evicts_unused_cards_and_the_blobs_only_they_link(
     assert _card_paths(doc["result"]["removed"]) == _card_paths(plan["items"])
     assert doc["result"]["skipped"] == [] and doc["result"]["failed"] == []
     assert doc["result"]["freed_bytes"] == plan["bytes_to_free"]
+    assert set(doc["result"]) == {"removed", "skipped", "failed", "freed_bytes"}
     assert set(cards_by_id(cache)) == {f"org_model/{mid.mdcsum}", f"org_model/{new.mdcsum}"}
     assert cli_main("cache", "verify", "--cache-dir", root).returncode == 0
 
