@@ -523,3 +523,57 @@ def test_prune_plan_is_empty_after_a_prune(
     assert cli_main("cache", "prune", "-y", "--cache-dir", str(cache.root)).returncode == 0
     assert list(cache.tmp.iterdir()) == [live]  # a live writer's temp file is kept
     assert plan_prune(scan_cache(cache)).empty
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_a_reference_scan_sees_links_whose_dir_is_renamed_during_the_scan(
+    make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staging dir renamed onto its card dir mid-scan: the scan starts over and still counts
+    its links (else prune could delete a blob a just-published card links)."""
+    from discovery_mdc.cache import _manage
+
+    done = resolve(from_dir(make_model_dir("moving")), cache)
+    assert done.local_dir is not None
+    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
+    done.local_dir.rename(staging)
+    expected = {f.checksum.hex for _, f in done.card.files()}
+    real_scandir = _manage._scandir
+    renamed = []
+
+    def scandir_then_publish(path: Path) -> list[os.DirEntry[str]]:
+        entries = real_scandir(path)
+        if path == staging.parent and not renamed:
+            staging.rename(done.local_dir)  # the publish lands right after the listing
+            renamed.append(True)
+        return entries
+
+    monkeypatch.setattr(_manage, "_scandir", scandir_then_publish)
+    assert _manage.referenced_hexes(cache) == expected
+    assert renamed
+
+
+async def test_prune_racing_resolves_never_leaves_a_card_with_a_missing_blob(
+    make_model_dir: Callable[..., Path], cache: CacheLayout
+) -> None:
+    from discovery_mdc.cache import execute_plan
+    from discovery_mdc.cache._store import remove_link_dir
+
+    cards = [from_dir(make_model_dir(f"race{i}", seed=i)) for i in range(4)]
+    for _ in range(12):
+        # Every blob orphaned: what a prune wants to delete and a resolve wants to link.
+        for card in cards:
+            done = await resolve_metadata_files(card, cache_dir=cache.root)
+            assert done.local_dir is not None
+            remove_link_dir(done.local_dir)
+        forget_verified()
+        pruning = asyncio.to_thread(lambda: execute_plan(plan_prune(scan_cache(cache))))
+        results = await asyncio.gather(
+            pruning, *(resolve_metadata_files(c, cache_dir=cache.root) for c in cards)
+        )
+        assert not results[0].failed
+        scan = scan_cache(cache)
+        assert len(scan.cards) == len(cards) and not any(c.broken for c in scan.cards)
+        assert scan.incomplete == ()
