@@ -125,9 +125,14 @@ def _venv_works(python: Path) -> bool:
 
 
 def install_lock_path(venv: Path) -> Path:
-    """The lock that serialises installs into ``venv``: in the temp dir, keyed by the venv's
-    absolute path, so it never lands in a repository (``<repo>/..venv-dynamo-ci.lock`` did)."""
-    key = hashlib.sha256(os.fsencode(venv.absolute())).hexdigest()[:16]
+    """The lock that serialises installs into ``venv``: beside it (``.<name>.lock``), unless
+    that is inside this repository (CI's ``<repo>/.venv-dynamo-ci`` made a stray
+    ``<repo>/..venv-dynamo-ci.lock``); then in the temp dir, keyed by the venv's path."""
+    venv = venv.absolute()
+    beside = venv.parent / f".{venv.name}.lock"
+    if _REPO not in beside.parents:
+        return beside
+    key = hashlib.sha256(os.fsencode(venv)).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"discovery-mdc-{venv.name.lstrip('.')}-{key}.lock"
 
 

@@ -38,11 +38,13 @@ def test_classifiers_urls_and_no_unused_extra() -> None:
 
 
 def test_the_dynamo_install_lock_never_lands_in_the_repository(tmp_path: Path) -> None:
-    for venv in (REPO / ".venv-dynamo-ci", default_venv_dir(), tmp_path / "peer"):
+    for venv in (REPO / ".venv-dynamo-ci", REPO / "sub" / "peer", default_venv_dir()):
         lock = install_lock_path(venv)
-        assert REPO not in lock.parents and lock.parent != venv.parent
+        assert REPO not in lock.parents
         assert install_lock_path(venv) == lock  # stable, so concurrent installs share it
-    assert install_lock_path(tmp_path / "a") != install_lock_path(tmp_path / "b")
+    # Elsewhere it stays beside the venv, where earlier versions put it.
+    assert install_lock_path(tmp_path / "peer") == tmp_path / ".peer.lock"
+    assert install_lock_path(REPO / "a") != install_lock_path(REPO / "b")
 
 
 def test_no_stray_lock_file_at_the_repository_root() -> None:
