@@ -241,38 +241,29 @@ async def test_hf_offline_and_not_cached_is_a_connection_error(
     assert_nothing_published(cache)
 
 
+@pytest.mark.parametrize("source", ["HF_TOKEN", "the file `hf auth login` writes"])
 async def test_hf_downloads_from_endpoint_with_token(
-    server: MetaServer,
-    card: ModelDeploymentCard,
-    cache: CacheLayout,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    for _, f in card.files():
-        server.files[f"/org/tiny/resolve/main/{f.basename}"] = read(f.path)
-    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
-    monkeypatch.setenv("HF_TOKEN", "secret")
-    remote = hf_card(card, "org/tiny")
-    resolved = await resolve_metadata_files(remote, cache_dir=cache.root)
-    assert_cached(resolved, remote, cache)
-    assert set(server.auth.values()) == {"Bearer secret"}
-
-
-async def test_the_token_file_hf_auth_login_writes_is_sent(
     server: MetaServer,
     card: ModelDeploymentCard,
     cache: CacheLayout,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    source: str,
 ) -> None:
     for _, f in card.files():
         server.files[f"/org/tiny/resolve/main/{f.basename}"] = read(f.path)
     monkeypatch.setenv("HF_ENDPOINT", server.url(""))
-    monkeypatch.delenv("HF_TOKEN_PATH")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    (tmp_path / "hf-home").mkdir()
-    (tmp_path / "hf-home" / "token").write_text("hf_from_login\n")
-    await resolve_metadata_files(hf_card(card, "org/tiny"), cache_dir=cache.root)
-    assert set(server.auth.values()) == {"Bearer hf_from_login"}
+    if source == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", "secret")
+    else:
+        monkeypatch.delenv("HF_TOKEN_PATH")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        (tmp_path / "hf-home").mkdir()
+        (tmp_path / "hf-home" / "token").write_text("secret\n")
+    remote = hf_card(card, "org/tiny")
+    resolved = await resolve_metadata_files(remote, cache_dir=cache.root)
+    assert_cached(resolved, remote, cache)
+    assert set(server.auth.values()) == {"Bearer secret"}
 
 
 async def test_token_is_not_forwarded_to_another_host_on_redirect(
