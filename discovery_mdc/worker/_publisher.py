@@ -139,12 +139,16 @@ class Worker(AsyncService):
         kv_cache_block_size: int = 16,
         lora_name: str | None = None,
         instance_transport: str | None = None,
+        self_host_metadata: bool | None = None,
     ) -> PublishedModel:
         """Build the card for ``model`` (a local dir or a cached HF repo id), self-host its
         files when enabled, and publish it create-if-absent under the lease.
 
-        ``instance_transport`` (e.g. ``tcp://host:port/path``) also publishes the Dynamo
-        endpoint-instance record on the same lease, so a Dynamo frontend routes to it.
+        ``self_host_metadata`` opts this one model in or out of self-hosting, as the
+        reference's ``register_model(..., self_host_metadata=False)`` does; ``None`` (the
+        default) uses the ``Worker``'s setting. ``instance_transport`` (e.g.
+        ``tcp://host:port/path``) also publishes the Dynamo endpoint-instance record on the
+        same lease, so a Dynamo frontend routes to it.
         """
         # Bad input fails before any hashing or etcd traffic.
         transport = (
@@ -158,7 +162,7 @@ class Worker(AsyncService):
             build_worker_card,
             os.fspath(model),
             server=server,
-            self_host=self._self_host,
+            self_host=self._self_host if self_host_metadata is None else self_host_metadata,
             namespace=namespace,
             component=component,
             endpoint=endpoint,

@@ -45,8 +45,9 @@ log = logging.getLogger("discovery_mdc.worker")
 
 METADATA_PREFIX: Final = "/v1/metadata/"
 DEFAULT_SYSTEM_HOST: Final = "0.0.0.0"
-# Longer than any valid key (6 segments of at most 255 characters), so a cheap first cut.
-_MAX_RAW_PATH: Final = len(METADATA_PREFIX) + 6 * 256
+# Longer than any valid key (5 segments of at most 255 characters and a file name of at most
+# 255 bytes, each percent-encoded to 3 characters), so a cheap first cut.
+_MAX_RAW_PATH: Final = len(METADATA_PREFIX) + 5 * 256 + 3 * 256
 _FALLBACK_CHUNK: Final = 1 << 18
 
 HealthCheck = Callable[[], bool]
