@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from prometheus_client import Counter
+
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.card import (
     ModelDeploymentCard,
@@ -87,6 +89,14 @@ class Worker(AsyncService):
             registry=self.registry, health=self._healthy, port=system_port, host=system_host
         )
         self.session = session or LeaseSession(store, ttl=lease_ttl)
+        if self.server is not None:
+            recreated = Counter(
+                "discovery_mdc_etcd_keys_recreated",
+                "Keys of this worker found missing from etcd while their lease lived "
+                "(deleted by someone else) and created again.",
+                registry=self.server.metrics,
+            )
+            self.session.on_key_recreated = lambda _key: recreated.inc()
         self._self_host = self_host_metadata
         self._published: list[PublishedModel] = []
         self._lease_lock = asyncio.Lock()
