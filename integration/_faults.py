@@ -20,7 +20,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ class CliProcess:
         log_path: Path,
         env: Mapping[str, str] | None,
         cwd: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
@@ -101,6 +102,7 @@ class CliProcess:
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else child_env(),
             cwd=cwd,
+            preexec_fn=preexec_fn,
         )
 
     @property

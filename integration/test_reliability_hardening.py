@@ -4,7 +4,10 @@ hashing, and unreadable model files. Real etcd, real worker and frontend process
 
 from __future__ import annotations
 
+import ctypes
+import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -12,12 +15,14 @@ import aiohttp
 import pytest
 
 from discovery_mdc._sample import write_sample_model
+from discovery_mdc.card import ModelDeploymentCard, decode_envelope
 from discovery_mdc.etcd import EtcdClient, EtcdServer, find_etcd_binary
 from integration._faults import FrontendProcess, parse_metrics
 from integration._util import wait_until
 from integration._worker_proc import WorkerProcess, WorkerSpawner, worker_env
 
 START = 60.0
+FRONTEND_CEILING = 1 << 30  # the largest metadata file a frontend accepts
 
 
 @pytest.fixture
@@ -93,3 +98,176 @@ async def test_keys_deleted_by_an_operator_while_the_lease_lives_are_created_aga
         assert worker.log().count("was missing while lease") == 2
     finally:
         frontend.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def file_permissions_apply() -> None:
+    """``preexec_fn``: the child cannot bypass file permissions, even as root, so a file with
+    mode 000 is really unreadable to it (root keeps every other capability)."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def run_worker(
+    etcd: str, model: Path, *, unprivileged: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """A worker that is expected to exit by itself (bad input)."""
+    return subprocess.run(
+        [sys.executable, "-m", "discovery_mdc", "worker",
+         "--etcd", etcd, "--model-path", str(model)],
+        capture_output=True, text=True, env=worker_env(), timeout=START,
+        preexec_fn=file_permissions_apply if unprivileged else None,
+    )  # fmt: skip
+
+
+def leases(etcd: str) -> list[str]:
+    lines = etcdctl(etcd, "lease", "list").splitlines()
+    return [ln for ln in lines[1:] if ln.strip()]  # after "found N leases"
+
+
+async def published_card(etcd: str, key: str) -> ModelDeploymentCard:
+    async with EtcdClient([etcd]) as client:
+        kv = await client.get(key)
+    assert kv is not None, key
+    return decode_envelope(kv.value).card
+
+
+def extra_names(card: ModelDeploymentCard) -> set[str]:
+    return {f.basename for f in card.extra_files}
+
+
+def assert_one_line_exit_2(done: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("discovery-mdc: error:"), done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- item 3
+
+
+async def test_stray_non_json_extra_and_huge_non_weight_files_still_list_the_model(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path
+) -> None:
+    model = write_sample_model(tmp_path / "models" / "odd-model")
+    (model / "results.json").write_text("accuracy: 0.93  (not JSON)\n")
+    for name in ("model.onnx_data", "model.ckpt"):
+        with (model / name).open("wb") as fh:  # sparse: no disk, no hashing needed
+            fh.truncate(FRONTEND_CEILING + (100 << 20))
+    (model / "small.nemo").write_bytes(b"a small non-weight file")
+    worker = spawn("--etcd", etcd_server.client_url, "--model-path", str(model), env=status_env())
+    reg = await worker.wait_registered(timeout=START)
+    card = await published_card(etcd_server.client_url, reg.key)
+    assert {"results.json", "small.nemo"} <= extra_names(card)
+    assert not {"model.onnx_data", "model.ckpt"} & extra_names(card)
+    for name in ("model.onnx_data", "model.ckpt"):
+        assert f"not publishing extra file {model / name}: " in worker.log()
+    frontend = FrontendProcess(etcd_server.client_url, tmp=tmp_path / "fe")
+    try:
+        await frontend.wait_listening()
+        await wait_until(lambda: frontend.model_ids(), timeout=START, message=frontend.describe)
+        assert await frontend.model_ids() == {"odd-model"}
+    finally:
+        frontend.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        ("tokenizer.json", b"", "is empty"),
+        ("tokenizer_config.json", b"{not json", "is not valid JSON"),
+        ("generation_config.json", b"[1, 2", "is not valid JSON"),
+    ],
+    ids=["empty-tokenizer", "bad-tokenizer-config", "bad-generation-config"],
+)
+def test_a_typed_json_file_no_frontend_can_parse_is_refused_before_any_lease(
+    etcd_server: EtcdServer, tmp_path: Path, name: str, content: bytes, needle: str
+) -> None:
+    model = write_sample_model(tmp_path / "models" / "broken")
+    (model / name).write_bytes(content)
+    done = run_worker(etcd_server.client_url, model)
+    assert_one_line_exit_2(done, str(model / name), needle)
+    assert leases(etcd_server.client_url) == []
+
+
+# --------------------------------------------------------------------------- item 5
+
+
+async def test_symlinks_out_of_the_model_are_never_published_or_served(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    model = write_sample_model(tmp_path / "models" / "linked")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("s3cr3t\n")
+    os.symlink("/etc/passwd", model / "passwd")
+    os.symlink(outside / "secret.txt", model / "secret.txt")
+    os.symlink("../../elsewhere/secret.txt", model / "relative-secret.txt")
+    (model / "notes.txt").write_text("inside\n")
+    os.symlink("notes.txt", model / "notes-link.txt")  # stays inside: fine
+    worker = spawn("--etcd", etcd_server.client_url, "--model-path", str(model), env=status_env())
+    reg = await worker.wait_registered(timeout=START)
+    card = await published_card(etcd_server.client_url, reg.key)
+    assert {"notes.txt", "notes-link.txt"} <= extra_names(card)
+    assert not {"passwd", "secret.txt", "relative-secret.txt"} & extra_names(card)
+    base = f"http://127.0.0.1:{worker.status_port()}/v1/metadata/{card.slug}"
+    for name in ("passwd", "secret.txt", "relative-secret.txt"):
+        assert f"not publishing extra file {model / name}: it resolves to" in worker.log()
+        async with http.get(f"{base}/{name}") as resp:
+            assert resp.status == 404
+            assert b"s3cr3t" not in await resp.read()
+    async with http.get(f"{base}/notes-link.txt") as resp:
+        assert resp.status == 200 and await resp.read() == b"inside\n"
+
+
+def test_a_typed_slot_linking_out_of_the_model_is_refused_before_any_lease(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    model = write_sample_model(tmp_path / "models" / "linked-config")
+    real = tmp_path / "shared" / "config.json"
+    real.parent.mkdir()
+    (model / "config.json").rename(real)
+    os.symlink(real, model / "config.json")
+    done = run_worker(etcd_server.client_url, model)
+    assert_one_line_exit_2(done, str(model / "config.json"), "outside the model")
+    assert leases(etcd_server.client_url) == []
+
+
+# ------------------------------------------------------- unreadable files: exit 2 or skip
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_an_unreadable_config_or_tokenizer_is_exit_2_with_one_line_before_any_lease(
+    etcd_server: EtcdServer, tmp_path: Path, name: str
+) -> None:
+    model = write_sample_model(tmp_path / "models" / "unreadable")
+    (model / name).chmod(0)
+    done = run_worker(etcd_server.client_url, model, unprivileged=True)
+    assert_one_line_exit_2(done, f"cannot read {model / name}", "Permission denied")
+    assert leases(etcd_server.client_url) == []
+
+
+async def test_an_unreadable_optional_extra_file_is_skipped_with_a_warning(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path
+) -> None:
+    model = write_sample_model(tmp_path / "models" / "unreadable-extra")
+    (model / "private.txt").write_text("no\n")
+    (model / "private.txt").chmod(0)
+    (model / "public.txt").write_text("yes\n")
+    worker = spawn(
+        "--etcd", etcd_server.client_url, "--model-path", str(model),
+        env=status_env(), preexec_fn=file_permissions_apply,
+    )  # fmt: skip
+    reg = await worker.wait_registered(timeout=START)
+    card = await published_card(etcd_server.client_url, reg.key)
+    assert "public.txt" in extra_names(card) and "private.txt" not in extra_names(card)
+    warning = next(ln for ln in worker.log().splitlines() if "private.txt" in ln)
+    assert "WARNING" in warning and "cannot read it: Permission denied" in warning
