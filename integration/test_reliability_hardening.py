@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -271,3 +272,39 @@ async def test_an_unreadable_optional_extra_file_is_skipped_with_a_warning(
     assert "public.txt" in extra_names(card) and "private.txt" not in extra_names(card)
     warning = next(ln for ln in worker.log().splitlines() if "private.txt" in ln)
     assert "WARNING" in warning and "cannot read it: Permission denied" in warning
+
+
+# --------------------------------------------------------------------------- item 9
+
+
+def open_files(pid: int) -> list[str]:
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            out.append(os.readlink(fd))
+        except OSError:
+            continue  # closed meanwhile
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_signal_while_hashing_large_extra_files_stops_the_worker_at_once(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path, sig: signal.Signals
+) -> None:
+    model = write_sample_model(tmp_path / "models" / "big-model")
+    # 200 sparse extras just under the ceiling: ~195 GiB to hash, far more than the deadline
+    # below allows at any hashing speed, and no disk used.
+    for i in range(200):
+        with (model / f"big-{i:03d}.data").open("wb") as fh:
+            fh.truncate(FRONTEND_CEILING - (24 << 20))
+    worker = spawn("--etcd", etcd_server.client_url, "--model-path", str(model), env=status_env())
+
+    def hashing() -> bool:
+        return any(Path(p).name.startswith("big-") for p in open_files(worker.pid))
+
+    await wait_until(hashing, timeout=START, message=worker.describe)
+    worker.signal(sig)
+    assert await worker.wait_exit(timeout=10) == 0
+    assert "stopped before its model was registered" in worker.log()
+    assert "Traceback" not in worker.log()
+    assert leases(etcd_server.client_url) == []
