@@ -4,8 +4,10 @@ hashing, and unreadable model files. Real etcd, real worker and frontend process
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -308,3 +310,74 @@ async def test_a_signal_while_hashing_large_extra_files_stops_the_worker_at_once
     assert "stopped before its model was registered" in worker.log()
     assert "Traceback" not in worker.log()
     assert leases(etcd_server.client_url) == []
+
+
+# --------------------------------------------------------------------------- item 7
+
+
+def limit_fds_to_1024() -> None:
+    """``preexec_fn``: ``ulimit -n 1024`` for the child."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+
+@pytest.fixture
+def many_fds() -> Iterator[None]:
+    """Let this test process hold a few thousand sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    assert want >= 2048, f"RLIMIT_NOFILE hard limit {hard} is too low for this test"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_slowloris_does_not_starve_real_clients_or_fill_the_log_with_emfile(
+    etcd_server: EtcdServer,
+    spawn: WorkerSpawner,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    many_fds: None,
+) -> None:
+    model = write_sample_model(tmp_path / "models" / "slowloris")
+    worker = spawn(
+        "--etcd", etcd_server.client_url, "--model-path", str(model),
+        env=status_env(), preexec_fn=limit_fds_to_1024,
+    )  # fmt: skip
+    reg = await worker.wait_registered(timeout=START)
+    card = await published_card(etcd_server.client_url, reg.key)
+    assert card.model_info is not None
+    url = card.model_info.file.path
+    port = worker.status_port()
+    expected = (model / "config.json").read_bytes()
+
+    # 1,100 connections that send half a request head and then nothing, more than the
+    # worker may hold open under `ulimit -n 1024`.
+    stalled: list[asyncio.StreamWriter] = []
+    head = f"GET /v1/metadata/{card.slug}/config.json HTTP/1.1\r\nHost: x\r\n".encode()
+    try:
+        for _ in range(1100):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head)
+            stalled.append(writer)
+        await asyncio.gather(*(w.drain() for w in stalled))
+
+        # Real clients, each on a new connection, are answered during the attack.
+        fresh = aiohttp.TCPConnector(force_close=True)
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(connector=fresh, timeout=timeout) as client:
+            for _ in range(20):
+                async with client.get(url) as resp:
+                    assert resp.status == 200 and await resp.read() == expected
+                async with client.get(f"http://127.0.0.1:{port}/health") as resp:
+                    assert resp.status == 200
+        metrics = await worker_metrics(http, worker)
+        closed = 'discovery_mdc_status_connections_closed_total{reason="evicted"}'
+        assert metrics[closed] >= 1100 - 1024, metrics
+        assert metrics["discovery_mdc_status_connections"] < 1024
+    finally:
+        for w in stalled:
+            w.close()
+    log_text = worker.log()
+    for needle in ("Too many open files", "EMFILE", "out of system resource"):
+        assert needle not in log_text, worker.describe()
+    assert worker.alive

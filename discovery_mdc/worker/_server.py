@@ -11,6 +11,13 @@ A metadata request is answered only when its *raw* request path (exactly as rece
 any percent-decoding or dot-segment normalisation) names a key in the
 :class:`MetadataRegistry`. Registered names are plain URL-safe names, so traversal, encoded
 slashes, absolute names and anything else simply never match: 404.
+
+Slowloris: a connection that has not sent a complete request head ``header_timeout`` seconds
+after it was accepted, or after its previous response, is closed. At most
+``max_connections`` are open (by default half the file descriptors the process may still
+open, so accepting never fails with EMFILE); a new one beyond that closes the connection
+that has waited longest for a request head (a stalled attacker, never a client that is being
+served), or is itself closed when every connection is busy.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ import json
 import logging
 import mimetypes
 import os
+import resource
 import socket
 import stat
+import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Final
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -35,9 +45,11 @@ from discovery_mdc.worker._advertise import advertise_host, format_host_for_url
 from discovery_mdc.worker._registry import MetadataRegistry, RegisteredFile
 
 __all__ = [
+    "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_SYSTEM_HOST",
     "METADATA_PREFIX",
     "StatusServer",
+    "default_max_connections",
     "system_server_config",
 ]
 
@@ -48,6 +60,13 @@ DEFAULT_SYSTEM_HOST: Final = "0.0.0.0"
 # Longer than any valid key (6 segments of at most 255 characters), so a cheap first cut.
 _MAX_RAW_PATH: Final = len(METADATA_PREFIX) + 6 * 256
 _FALLBACK_CHUNK: Final = 1 << 18
+#: Seconds a connection may take to send a request head (after accept or after a response).
+#: Above an HTTP client's usual 15 s keep-alive, so clients close idle connections first.
+DEFAULT_HEADER_TIMEOUT: Final = 20.0
+# Descriptors kept for everything but client connections (etcd, logs, the event loop).
+_FD_RESERVE: Final = 64
+_MAX_CONNECTIONS: Final = 4096
+_CAP_LOG_INTERVAL: Final = 60.0
 
 HealthCheck = Callable[[], bool]
 
@@ -90,6 +109,104 @@ def _metadata_key(raw_path: str) -> str | None:
     return path[len(METADATA_PREFIX) :]
 
 
+def default_max_connections() -> int:
+    """Half the descriptors left under ``RLIMIT_NOFILE`` after a reserve (each connection may
+    hold a file open while it is served), at most 4096."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_CONNECTIONS
+    return max(8, min(_MAX_CONNECTIONS, (soft - _FD_RESERVE) // 2))
+
+
+class _ConnectionGuard:
+    """Header-read timeout and connection cap for one aiohttp server (see the module doc).
+
+    A connection is *waiting* from its accept, and again from the end of each response, until
+    a request head arrives (the app's first middleware calls :meth:`busy`/:meth:`done`).
+    ``waiting`` keeps insertion order, so its first entry has waited longest.
+    """
+
+    def __init__(self, limit: int, header_timeout: float, on_close: Callable[[str], None]) -> None:
+        self.limit = limit
+        self.header_timeout = header_timeout
+        self._on_close = on_close
+        self._waiting: dict[RequestHandler, asyncio.TimerHandle] = {}
+        self._busy: set[RequestHandler] = set()
+        self._capped = 0
+        self._capped_logged_at = -_CAP_LOG_INTERVAL
+
+    def __len__(self) -> int:
+        return len(self._waiting) + len(self._busy)
+
+    def install(self, server: web.Server) -> None:
+        """Hook the server's connection callbacks (aiohttp has no public hook for them)."""
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            self.opened(handler)
+
+        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+            self.closed(handler)
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def opened(self, handler: RequestHandler) -> None:
+        if len(self) >= self.limit:
+            victim = next(iter(self._waiting), None)
+            self._note_cap()
+            if victim is None:
+                self._close(handler, "refused")  # every connection is being served
+                return
+            self._close(victim, "evicted")
+        self._wait(handler)
+
+    def busy(self, handler: RequestHandler) -> None:
+        timer = self._waiting.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+            self._busy.add(handler)
+
+    def done(self, handler: RequestHandler) -> None:
+        if handler in self._busy:
+            self._busy.discard(handler)
+            self._wait(handler)
+
+    def closed(self, handler: RequestHandler) -> None:
+        self._busy.discard(handler)
+        timer = self._waiting.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _wait(self, handler: RequestHandler) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiting[handler] = loop.call_later(self.header_timeout, self._expire, handler)
+
+    def _expire(self, handler: RequestHandler) -> None:
+        if handler in self._waiting:
+            self._close(handler, "header_timeout")
+
+    def _close(self, handler: RequestHandler, reason: str) -> None:
+        self.closed(handler)
+        handler.force_close()
+        self._on_close(reason)
+
+    def _note_cap(self) -> None:
+        # One line a minute at most: an attack must not fill the log.
+        self._capped += 1
+        now = time.monotonic()
+        if now - self._capped_logged_at >= _CAP_LOG_INTERVAL:
+            log.warning(
+                "status server: %d connections open (the cap); %d new connection(s) made "
+                "room by closing the longest-waiting one (or were refused)",
+                self.limit,
+                self._capped,
+            )
+            self._capped, self._capped_logged_at = 0, now
+
+
 def _open_checked(registered: RegisteredFile) -> IO[bytes]:
     """Open a registered file and check it is still the regular file of the registered size.
 
@@ -129,6 +246,8 @@ class StatusServer(AsyncService):
         health: HealthCheck | None = None,
         advertise: str | None = None,
         shutdown_timeout: float = 5.0,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        max_connections: int | None = None,
     ) -> None:
         self.host = host
         self.registry = registry
@@ -159,6 +278,23 @@ class StatusServer(AsyncService):
             registry=self.metrics,
         )
         registered.set_function(lambda: float(len(self.registry)))
+        closed = Counter(
+            "discovery_mdc_status_connections_closed",
+            "Connections the status server closed itself, by reason: header_timeout (no "
+            "request head in time), evicted or refused (at the connection cap).",
+            ["reason"],
+            registry=self.metrics,
+        )
+        self._guard = _ConnectionGuard(
+            default_max_connections() if max_connections is None else max_connections,
+            header_timeout,
+            lambda reason: closed.labels(reason).inc(),
+        )
+        Gauge(
+            "discovery_mdc_status_connections",
+            "Connections open to the status server.",
+            registry=self.metrics,
+        ).set_function(lambda: float(len(self._guard)))
 
     @classmethod
     def from_env(
@@ -203,13 +339,15 @@ class StatusServer(AsyncService):
         """Bind and start serving; returns the bound port."""
         if self._runner is not None:
             return self.port
-        app = web.Application(middlewares=[self._count_metadata])
+        app = web.Application(middlewares=[self._track_busy, self._count_metadata])
         app.router.add_get(METADATA_PREFIX + "{tail:.*}", self._metadata)  # also HEAD
         app.router.add_get("/health", self._health)
         app.router.add_get("/live", self._health)
         app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
+        assert runner.server is not None
+        self._guard.install(runner.server)
         try:
             site = self._site(runner)
             await site.start()
@@ -263,6 +401,20 @@ class StatusServer(AsyncService):
             log.info("status server on port %s stopped", self._port)
 
     # ------------------------------------------------------------------ handlers
+
+    @web.middleware
+    async def _track_busy(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Any],
+    ) -> web.StreamResponse:
+        protocol = request.protocol
+        self._guard.busy(protocol)
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        finally:
+            self._guard.done(protocol)
 
     @web.middleware
     async def _count_metadata(
