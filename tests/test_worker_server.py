@@ -218,6 +218,21 @@ async def test_file_that_changed_size_gives_500(
     assert status == 500
 
 
+async def test_a_registered_file_swapped_for_a_symlink_of_the_same_size_is_not_followed(
+    server: StatusServer, make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    model_dir = make_model_dir("tiny")
+    card = self_hosted(server, model_dir)
+    assert card.model_info is not None
+    config = model_dir / "config.json"
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"S" * config.stat().st_size)
+    config.unlink()
+    config.symlink_to(secret)
+    status, _, body = await raw_request(server.port, url_path(card.model_info.file.path))
+    assert status == 500 and b"SSS" not in body
+
+
 def _samples(text: str, name: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         if family.name == name:

@@ -211,8 +211,11 @@ def _open_checked(registered: RegisteredFile) -> IO[bytes]:
     """Open a registered file and check it is still the regular file of the registered size.
 
     Runs in a thread. Raises ``OSError`` with a message naming the file on any problem.
+    The registered path is already resolved, so a symlink there now (a file swapped for a
+    link to, say, ``/etc/passwd``) is refused rather than followed.
     """
-    fobj = open(registered.path, "rb")  # noqa: SIM115 - closed by the caller
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fobj = os.fdopen(os.open(registered.path, flags), "rb")
     try:
         st = os.fstat(fobj.fileno())
         if not stat.S_ISREG(st.st_mode):
