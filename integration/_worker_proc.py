@@ -10,7 +10,7 @@ from pathlib import Path
 
 from integration._faults import CliProcess, child_env
 
-__all__ = ["Registered", "WorkerProcess", "WorkerSpawner", "worker_env"]
+__all__ = ["Registered", "WorkerProcess", "WorkerSpawner", "status_env", "worker_env"]
 
 _REGISTERED = re.compile(
     r"registered model '(?P<name>[^']*)' at (?P<key>\S+) \(lease (?P<lease>[0-9a-f]+)\)"
@@ -28,6 +28,11 @@ class Registered:
 
 
 worker_env = child_env
+
+
+def status_env() -> dict[str, str]:
+    """A worker environment with the status server on a free loopback port."""
+    return worker_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1")
 
 
 class WorkerProcess(CliProcess):

@@ -11,7 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -22,27 +22,16 @@ from discovery_mdc.card import ModelDeploymentCard, decode_envelope
 from discovery_mdc.etcd import EtcdClient, EtcdServer, find_etcd_binary
 from integration._faults import FrontendProcess, parse_metrics
 from integration._util import wait_until
-from integration._worker_proc import WorkerProcess, WorkerSpawner, worker_env
+from integration._worker_proc import WorkerProcess, WorkerSpawner, status_env, worker_env
 
 START = 60.0
 FRONTEND_CEILING = 1 << 30  # the largest metadata file a frontend accepts
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[WorkerSpawner]:
-    spawner = WorkerSpawner(tmp_path)
-    yield spawner
-    spawner.close()
-
-
-@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         yield session
-
-
-def status_env() -> dict[str, str]:
-    return worker_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1")
 
 
 async def worker_metrics(http: aiohttp.ClientSession, worker: WorkerProcess) -> dict[str, float]:
@@ -141,6 +130,21 @@ async def published_card(etcd: str, key: str) -> ModelDeploymentCard:
     return decode_envelope(kv.value).card
 
 
+async def publish(
+    spawn: WorkerSpawner,
+    etcd: EtcdServer,
+    model: Path,
+    preexec_fn: Callable[[], None] | None = None,
+) -> tuple[WorkerProcess, ModelDeploymentCard]:
+    """A self-hosting worker for ``model``, once registered, and the card it published."""
+    worker = spawn(
+        "--etcd", etcd.client_url, "--model-path", str(model),
+        env=status_env(), preexec_fn=preexec_fn,
+    )  # fmt: skip
+    reg = await worker.wait_registered(timeout=START)
+    return worker, await published_card(etcd.client_url, reg.key)
+
+
 def extra_names(card: ModelDeploymentCard) -> set[str]:
     return {f.basename for f in card.extra_files}
 
@@ -166,9 +170,7 @@ async def test_stray_non_json_extra_and_huge_non_weight_files_still_list_the_mod
         with (model / name).open("wb") as fh:  # sparse: no disk, no hashing needed
             fh.truncate(FRONTEND_CEILING + (100 << 20))
     (model / "small.nemo").write_bytes(b"a small non-weight file")
-    worker = spawn("--etcd", etcd_server.client_url, "--model-path", str(model), env=status_env())
-    reg = await worker.wait_registered(timeout=START)
-    card = await published_card(etcd_server.client_url, reg.key)
+    worker, card = await publish(spawn, etcd_server, model)
     assert {"results.json", "small.nemo"} <= extra_names(card)
     assert not {"model.onnx_data", "model.ckpt"} & extra_names(card)
     for name in ("model.onnx_data", "model.ckpt"):
@@ -216,9 +218,7 @@ async def test_symlinks_out_of_the_model_are_never_published_or_served(
     os.symlink("../../elsewhere/secret.txt", model / "relative-secret.txt")
     (model / "notes.txt").write_text("inside\n")
     os.symlink("notes.txt", model / "notes-link.txt")  # stays inside: fine
-    worker = spawn("--etcd", etcd_server.client_url, "--model-path", str(model), env=status_env())
-    reg = await worker.wait_registered(timeout=START)
-    card = await published_card(etcd_server.client_url, reg.key)
+    worker, card = await publish(spawn, etcd_server, model)
     assert {"notes.txt", "notes-link.txt"} <= extra_names(card)
     assert not {"passwd", "secret.txt", "relative-secret.txt"} & extra_names(card)
     base = f"http://127.0.0.1:{worker.status_port()}/v1/metadata/{card.slug}"
@@ -265,12 +265,7 @@ async def test_an_unreadable_optional_extra_file_is_skipped_with_a_warning(
     (model / "private.txt").write_text("no\n")
     (model / "private.txt").chmod(0)
     (model / "public.txt").write_text("yes\n")
-    worker = spawn(
-        "--etcd", etcd_server.client_url, "--model-path", str(model),
-        env=status_env(), preexec_fn=file_permissions_apply,
-    )  # fmt: skip
-    reg = await worker.wait_registered(timeout=START)
-    card = await published_card(etcd_server.client_url, reg.key)
+    worker, card = await publish(spawn, etcd_server, model, file_permissions_apply)
     assert "public.txt" in extra_names(card) and "private.txt" not in extra_names(card)
     warning = next(ln for ln in worker.log().splitlines() if "private.txt" in ln)
     assert "WARNING" in warning and "cannot read it: Permission denied" in warning
@@ -339,12 +334,7 @@ async def test_slowloris_does_not_starve_real_clients_or_fill_the_log_with_emfil
     many_fds: None,
 ) -> None:
     model = write_sample_model(tmp_path / "models" / "slowloris")
-    worker = spawn(
-        "--etcd", etcd_server.client_url, "--model-path", str(model),
-        env=status_env(), preexec_fn=limit_fds_to_1024,
-    )  # fmt: skip
-    reg = await worker.wait_registered(timeout=START)
-    card = await published_card(etcd_server.client_url, reg.key)
+    worker, card = await publish(spawn, etcd_server, model, limit_fds_to_1024)
     assert card.model_info is not None
     url = card.model_info.file.path
     port = worker.status_port()
