@@ -13,7 +13,8 @@ optional extra files a frontend could not take are left out with a warning:
 
 "Inside the model" means inside the real path of the model dir, or for an HF cache snapshot
 (``<repo>/snapshots/<rev>`` next to ``<repo>/blobs/``, which its files link into) inside the
-repo's cache dir ``<repo>``. A custom chat template is named by the operator and may live anywhere.
+repo's cache dir ``<repo>``. A custom chat template is named by the operator and may live
+anywhere.
 """
 
 from __future__ import annotations
@@ -121,7 +122,10 @@ class _Hashed:
         return CheckedFile(str(self.path), self.checksum, self.size)
 
     def json(self) -> Any:
-        raw = self.data if self.data is not None else self.path.read_bytes()
+        try:
+            raw = self.data if self.data is not None else self.path.read_bytes()
+        except OSError as exc:
+            raise ModelDirError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         return load_json(raw, str(self.path))
 
 
@@ -166,12 +170,8 @@ class _Reader:
             if slot is None or not slot.file.basename.endswith(".json"):
                 continue
             hashed = self.hashed[Path(slot.file.path)]
-            if hashed.path in parsed or hashed.size > MAX_PARSED_JSON:
-                continue
-            try:
+            if hashed.path not in parsed and hashed.size <= MAX_PARSED_JSON:
                 hashed.json()
-            except OSError as exc:
-                raise ModelDirError(f"cannot read {hashed.path}: {exc.strerror or exc}") from None
 
     def tokenizer(self) -> Slot | None:
         model_dir = self.model_dir
