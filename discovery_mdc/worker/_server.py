@@ -14,10 +14,11 @@ slashes, absolute names and anything else simply never match: 404.
 
 Slowloris: a connection that has not sent a complete request head ``header_timeout`` seconds
 after it was accepted, or after its previous response, is closed. At most
-``max_connections`` are open (by default half the file descriptors the process may still
-open, so accepting never fails with EMFILE); a new one beyond that closes the connection
-that has waited longest for a request head (a stalled attacker, never a client that is being
-served), or is itself closed when every connection is busy.
+``max_connections`` are open (by default about half the file descriptors the process may
+still open, after room for the accept bursts the listen backlog allows, so accepting never
+fails with EMFILE). A new connection beyond that closes the one that has waited longest for
+a request head (a stalled attacker, never a client being served), or is itself closed when
+every connection is busy.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_SYSTEM_HOST",
     "METADATA_PREFIX",
     "StatusServer",
+    "default_backlog",
     "default_max_connections",
     "system_server_config",
 ]
@@ -66,6 +68,7 @@ DEFAULT_HEADER_TIMEOUT: Final = 20.0
 # Descriptors kept for everything but client connections (etcd, logs, the event loop).
 _FD_RESERVE: Final = 64
 _MAX_CONNECTIONS: Final = 4096
+_MAX_BACKLOG: Final = 1024
 _CAP_LOG_INTERVAL: Final = 60.0
 
 HealthCheck = Callable[[], bool]
@@ -109,13 +112,31 @@ def _metadata_key(raw_path: str) -> str | None:
     return path[len(METADATA_PREFIX) :]
 
 
-def default_max_connections() -> int:
-    """Half the descriptors left under ``RLIMIT_NOFILE`` after a reserve (each connection may
-    hold a file open while it is served), at most 4096."""
+def _fd_budget() -> int | None:
+    """Descriptors this process may open for connections (None: unlimited)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
+    return None if soft == resource.RLIM_INFINITY else max(0, soft - _FD_RESERVE)
+
+
+def default_backlog() -> int:
+    """The listen backlog: an eighth of :func:`_fd_budget`, 16 to 1024.
+
+    asyncio accepts up to ``backlog`` connections in one turn of the loop, before any of them
+    reaches the connection cap, so a backlog near the descriptor limit would let a burst of
+    connections end in EMFILE.
+    """
+    budget = _fd_budget()
+    return _MAX_BACKLOG if budget is None else max(16, min(_MAX_BACKLOG, budget // 8))
+
+
+def default_max_connections() -> int:
+    """The connection cap: what is left of the descriptors after three accept bursts (the
+    loop turns before an evicted connection's descriptor is closed), halved because each
+    connection may hold a file open while it is served; 8 to 4096."""
+    budget = _fd_budget()
+    if budget is None:
         return _MAX_CONNECTIONS
-    return max(8, min(_MAX_CONNECTIONS, (soft - _FD_RESERVE) // 2))
+    return max(8, min(_MAX_CONNECTIONS, (budget - 3 * default_backlog()) // 2))
 
 
 class _ConnectionGuard:
@@ -388,9 +409,9 @@ class StatusServer(AsyncService):
                     raise  # e.g. the port is taken: an IPv4-only fallback would hide that
                 log.warning("cannot bind dual-stack [::]: %s; binding 0.0.0.0 instead", exc)
             else:
-                return web.SockSite(runner, sock, backlog=1024)
+                return web.SockSite(runner, sock, backlog=default_backlog())
             bind = DEFAULT_SYSTEM_HOST
-        return web.TCPSite(runner, bind, self._requested_port, backlog=1024)
+        return web.TCPSite(runner, bind, self._requested_port, backlog=default_backlog())
 
     async def close(self) -> None:
         """Same as :meth:`stop` (what ``async with`` calls)."""
