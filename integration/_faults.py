@@ -41,6 +41,7 @@ __all__ = [
     "converged",
     "envelope_kv",
     "model_dirs",
+    "parse_metrics",
     "peak_rss_kib",
     "start_frontend",
     "tcp_connections",
@@ -60,6 +61,17 @@ def peak_rss_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> ``name`` or ``name{labels}`` -> value."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if m:
+            labels = f"{{{m['labels']}}}" if m["labels"] else ""
+            out[m["name"] + labels] = float(m["value"])
+    return out
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -84,6 +96,7 @@ class CliProcess:
         log_path: Path,
         env: Mapping[str, str] | None,
         cwd: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
@@ -94,6 +107,7 @@ class CliProcess:
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else child_env(),
             cwd=cwd,
+            preexec_fn=preexec_fn,
         )
 
     @property
@@ -196,13 +210,12 @@ class WorkerProc(CliProcess):
             with urllib.request.urlopen(url, timeout=10) as resp:
                 return str(resp.read().decode())
 
-        text = await asyncio.to_thread(get)
+        samples = parse_metrics(await asyncio.to_thread(get))
         return sum(
-            float(m["value"])
-            for m in map(_METRIC.match, text.splitlines())
-            if m and m["name"] == "discovery_mdc_metadata_requests_total"
-            and 'status="200"' in (m["labels"] or "")
-        )  # fmt: skip
+            v
+            for k, v in samples.items()
+            if k.startswith("discovery_mdc_metadata_requests_total{") and 'status="200"' in k
+        )
 
 
 Spawn = Callable[..., WorkerProc]
@@ -282,13 +295,7 @@ class FrontendProcess(CliProcess):
         """Prometheus samples: ``name`` or ``name{labels}`` -> value."""
         status, body = await asyncio.to_thread(self._get, "/metrics")
         assert status == 200, status
-        out: dict[str, float] = {}
-        for line in body.decode().splitlines():
-            m = _METRIC.match(line)
-            if m:
-                labels = f"{{{m['labels']}}}" if m["labels"] else ""
-                out[m["name"] + labels] = float(m["value"])
-        return out
+        return parse_metrics(body.decode())
 
     async def counter_at_least(self, name: str, n: float) -> bool:
         """True once the metric sample ``name`` (e.g. ``x_total{a="b"}``) reaches ``n``."""

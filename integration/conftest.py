@@ -15,6 +15,7 @@ import pytest
 
 from discovery_mdc.etcd import EtcdClient, EtcdCluster, EtcdServer
 from integration._faults import CliProcess, Spawn, WorkerProc
+from integration._worker_proc import WorkerSpawner
 
 
 @pytest.fixture
@@ -36,6 +37,14 @@ def etcd_server_factory() -> Iterator[Callable[..., EtcdServer]]:
 def etcd_server(etcd_server_factory: Callable[..., EtcdServer]) -> EtcdServer:
     """A fresh single-node etcd on loopback (random ports, temp data dir)."""
     return etcd_server_factory()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[WorkerSpawner]:
+    """Start ``discovery-mdc worker`` processes (logs in ``tmp_path``); killed after the test."""
+    spawner = WorkerSpawner(tmp_path)
+    yield spawner
+    spawner.close()
 
 
 @pytest.fixture

@@ -36,11 +36,13 @@ __all__ = [
     "LOG_LEVELS",
     "CliParser",
     "EnvOption",
+    "HelpFormatter",
     "UsageError",
     "add_env_option",
     "apply_env_options",
     "configure_logging",
     "etcd_client",
+    "examples",
     "stop_on_signals",
     "etcd_endpoints",
     "lease_ttl",
@@ -61,6 +63,23 @@ class UsageError(Exception):
     """Bad flags, variables or input detected by the CLI itself: exit 2 with one line."""
 
 
+_EXAMPLES: Final = "examples:\n"
+
+
+def examples(*commands: tuple[str, str]) -> str:
+    """An ``--help`` epilog: ``(command, what it does)`` pairs, shown as written."""
+    return _EXAMPLES + "".join(f"  {cmd}\n      {what}\n" for cmd, what in commands)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual but prints an :func:`examples` epilog line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(_EXAMPLES):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -74,6 +93,7 @@ class CliParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, root: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument(
             "--log-level",

@@ -23,6 +23,7 @@ from discovery_mdc.cli._common import (
     UsageError,
     apply_env_options,
     configure_logging,
+    examples,
 )
 from discovery_mdc.errors import CardError, DiscoveryError, ModelDirError, RegistryError
 
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="discovery-mdc",
         description="Publish and discover LLM model deployment cards through etcd. "
         "Exit codes: 0 ok, 1 failed, 2 usage or bad input, 130 interrupted.",
+        epilog=examples(
+            ("discovery-mdc demo", "see the whole system work on loopback"),
+            ("discovery-mdc worker --model-path /models/m --system-port 8081", "publish a model"),
+            ("discovery-mdc frontend --http-port 8000", "discover, verify, cache and serve"),
+        ),
         root=True,
     )
     parser.add_argument(

@@ -8,7 +8,13 @@ import contextlib
 import logging
 
 from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type
-from discovery_mdc.cli._common import EXIT_OK, add_env_option, etcd_client, stop_on_signals
+from discovery_mdc.cli._common import (
+    EXIT_OK,
+    add_env_option,
+    etcd_client,
+    examples,
+    stop_on_signals,
+)
 from discovery_mdc.errors import CardError
 from discovery_mdc.worker import Worker, parse_instance_transport
 
@@ -86,6 +92,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "metadata files on the status server (self-hosting, the default when a status port is "
         "set), and publish it in etcd under a lease kept alive until SIGTERM/SIGINT, when the "
         "lease is revoked and the worker exits 0.",
+        epilog=examples(
+            (
+                "discovery-mdc worker --model-path /models/Qwen3-0.6B --system-port 8081",
+                "publish a model dir, serving its metadata on port 8081",
+            ),
+            (
+                "discovery-mdc worker --model-path Qwen/Qwen3-0.6B --no-self-host",
+                "a repo from the local HF cache; frontends resolve hf:// paths",
+            ),
+            (
+                "discovery-mdc worker --model-path ./m --instance-transport tcp://10.0.0.5:9000/gen",
+                "also route a Dynamo frontend to this worker",
+            ),
+        ),
     )
     add_env_option(w, "etcd")
     w.add_argument(

@@ -430,12 +430,15 @@ class Registry:
         )
 
     def sources(
-        self, model_name: str, sum_: str
+        self, model_name: str, sum_: str, *, waiting_only: bool = True
     ) -> tuple[ModelDeploymentCard, dict[str, list[str]]] | None:
         """What a pipeline for (model, mdcsum) fetches from: the card of one waiting instance
-        and, for each blob, every waiting replica's URI (in the order the replicas were
-        admitted; the cache decides which one to try first). None when no instance waits."""
-        waiting = [i for i in self.instances_for(model_name, sum_) if not i.ready]
+        (any instance unless ``waiting_only``) and, for each blob, every such replica's URI
+        (in the order the replicas were admitted; the cache decides which one to try first).
+        None when there is none."""
+        waiting = [
+            i for i in self.instances_for(model_name, sum_) if not (i.ready and waiting_only)
+        ]
         if not waiting:
             return None
         alternates: dict[str, list[str]] = {}

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 from discovery_mdc._backoff import Backoff
 from discovery_mdc._clock import Clock, Sleep
 from discovery_mdc._lifecycle import AsyncService
+from discovery_mdc.cache import refresh_last_used
 from discovery_mdc.card import ModelDeploymentCard
 from discovery_mdc.etcd import (
     DEFAULT_RECONCILE_INTERVAL,
@@ -87,6 +88,10 @@ class ModelWatcher(AsyncService):
     Every change to the watch state and the registry happens synchronously, with no ``await``
     in between, so a watch batch, a relist diff and a finished pipeline are each applied
     atomically and in the order they arrive.
+
+    With the default resolver, every ``cache_upkeep_interval`` seconds (default: the reconcile
+    interval, at most 60) :meth:`cache_upkeep` marks the cache directories of the served models
+    as used and fetches again any that were removed from the cache.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class ModelWatcher(AsyncService):
         sleep: Sleep = asyncio.sleep,
         metrics: FrontendMetrics | None = None,
         frontend_id: str | None = None,
+        cache_upkeep_interval: float | None = None,
     ) -> None:
         self._filter = NamespaceFilter.create(namespace, namespace_prefix)
         self._registry = Registry(self._filter)
@@ -124,6 +130,13 @@ class ModelWatcher(AsyncService):
         #: ``resolve_metadata_files(spread=...)``).
         self.frontend_id = frontend_id or default_frontend_id(cache_dir)
         self._resolver = resolver or _cache_resolver(cache_dir, self.frontend_id)
+        # Only cards this watcher cached itself (the default resolver) are kept up.
+        self._by_slug = None if resolver is not None else _cache_by_slug(cache_dir)
+        if cache_upkeep_interval is None:
+            cache_upkeep_interval = (
+                min(reconcile_interval, 60.0) if reconcile_interval > 0 else 60.0
+            )
+        self._upkeep_interval = cache_upkeep_interval
         self._sem = asyncio.Semaphore(max_concurrent_pipelines)
         self._slow_after = slow_pipeline_after
         self._backoff = (backoff_initial, backoff_max)
@@ -144,6 +157,8 @@ class ModelWatcher(AsyncService):
         await self._informer.start()
         self._apply_queued()
         self._tasks.append(asyncio.create_task(self._consume(), name="mdc-apply"))
+        if self._by_slug is not None and self._upkeep_interval > 0:
+            self._tasks.append(asyncio.create_task(self._upkeep_loop(), name="mdc-cache-upkeep"))
 
     async def close(self) -> None:
         """Stop watching, cancel the pipelines and end every ``events()`` stream."""
@@ -264,6 +279,50 @@ class ModelWatcher(AsyncService):
         self._apply_queued()
         return changes
 
+    # ------------------------------------------------------------------ cache upkeep
+
+    async def _upkeep_loop(self) -> None:
+        while True:
+            await self._sleep(self._upkeep_interval)
+            try:
+                await self.cache_upkeep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cache upkeep failed: %s", exc)
+
+    async def cache_upkeep(self) -> None:
+        """Mark the cache directory of every model this watcher serves as used (so ``cache
+        prune --older-than`` keeps it), and fetch again the files of any that someone removed
+        (``cache rm``, ``cache verify --fix``) while it is still served."""
+        by_slug = self._by_slug
+        if by_slug is None:
+            return
+        served = [
+            (m.name, ws.mdcsum, [Path(f) for f in ws.files])
+            for m in self._registry.ready_models()
+            for ws in m.worker_sets
+            if ws.ready and ws.local_dir is not None and ws.local_dir.parent.parent == by_slug
+        ]
+        intact = await asyncio.to_thread(
+            lambda: [refresh_last_used(files) for _, _, files in served]
+        )
+        for (name, sum_, _), ok in zip(served, intact, strict=True):
+            sources = None if ok else self._registry.sources(name, sum_, waiting_only=False)
+            if sources is None:
+                continue
+            log.warning(
+                "cached files of model %r (mdcsum %s) were removed while it is served; "
+                "fetching them again",
+                name,
+                sum_[:12],
+            )
+            card, alternates = sources
+            try:
+                await self._resolver(card, alternates=alternates)
+            except Exception as exc:
+                log.error("could not fetch model %r (mdcsum %s) again: %s", name, sum_[:12], exc)
+
     # ------------------------------------------------------------------ apply
 
     def _handle(self, out: Outcome, *, settle: bool = True) -> None:
@@ -380,6 +439,12 @@ class ModelWatcher(AsyncService):
                 # otherwise join a pipeline that is already on its way out.
                 if not self._closed and self._registry.pending(*ident):
                     self._start_pipeline(req)
+
+
+def _cache_by_slug(cache_dir: str | Path | None) -> Path:
+    from discovery_mdc.cache import CacheLayout, resolve_cache_root
+
+    return CacheLayout(resolve_cache_root(cache_dir)).by_slug
 
 
 def _cache_resolver(cache_dir: str | Path | None, frontend_id: str) -> Resolver:
