@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from discovery_mdc._backoff import Backoff
-from discovery_mdc._clock import Clock, Sleep
+from discovery_mdc._clock import Clock, Sleep, every
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import EtcdCompactedError, EtcdError
 from discovery_mdc.etcd._codec import KeyValue, RangeResult, WatchResponse
@@ -328,15 +328,11 @@ class PrefixInformer(AsyncService):
     # ------------------------------------------------------------------ reconcile
 
     async def _reconcile_loop(self) -> None:
-        while True:
-            await self._sleep(self._interval)
-            try:
-                await self.reconcile()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.stats.reconcile_failures += 1
-                log.warning("reconcile of %s failed: %s", self._prefix, exc)
+        def failed(exc: Exception) -> None:
+            self.stats.reconcile_failures += 1
+            log.warning("reconcile of %s failed: %s", self._prefix, exc)
+
+        await every(self._interval, self._sleep, self.reconcile, failed)
 
     def _charge(self, kind: str, result: RangeResult) -> RangeResult:
         self.stats.checks[kind] += 1

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from discovery_mdc._backoff import Backoff
-from discovery_mdc._clock import Clock, Sleep
+from discovery_mdc._clock import Clock, Sleep, every
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.cache import refresh_last_used
 from discovery_mdc.card import ModelDeploymentCard
@@ -282,14 +282,10 @@ class ModelWatcher(AsyncService):
     # ------------------------------------------------------------------ cache upkeep
 
     async def _upkeep_loop(self) -> None:
-        while True:
-            await self._sleep(self._upkeep_interval)
-            try:
-                await self.cache_upkeep()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("cache upkeep failed: %s", exc)
+        def failed(exc: Exception) -> None:
+            log.warning("cache upkeep failed: %s", exc)
+
+        await every(self._upkeep_interval, self._sleep, self.cache_upkeep, failed)
 
     async def cache_upkeep(self) -> None:
         """Mark the cache directory of every model this watcher serves as used (so ``cache
