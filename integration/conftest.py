@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from discovery_mdc.etcd import EtcdClient, EtcdCluster, EtcdServer
+from integration._faults import CliProcess, Spawn, WorkerProc
 from integration._worker_proc import WorkerSpawner
 
 
@@ -58,6 +59,35 @@ async def etcd_client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
     """An EtcdClient connected to ``etcd_server``."""
     async with EtcdClient([etcd_server.client_url]) as client:
         yield client
+
+
+@pytest.fixture
+async def client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
+    """A client of ``etcd_server`` with short request timeouts (for tests that cut it off)."""
+    async with EtcdClient([etcd_server.client_url], request_timeout=2.0) as c:
+        yield c
+
+
+@pytest.fixture
+def procs() -> Iterator[list[CliProcess]]:
+    """Processes a test started; each is closed (SIGTERM, then SIGKILL) afterwards."""
+    started: list[CliProcess] = []
+    yield started
+    for p in started:
+        p.close()
+
+
+@pytest.fixture
+def spawn_worker(etcd_server: EtcdServer, tmp_path: Path, procs: list[CliProcess]) -> Spawn:
+    """``spawn_worker(model_dir, ttl=3, name="w")``: a worker process on ``etcd_server``."""
+
+    def spawn(model_dir: Path, ttl: int = 3, name: str = "w") -> WorkerProc:
+        log_path = tmp_path / f"{name}-{len(procs)}.log"
+        w = WorkerProc(etcd_server.client_url, model_dir, ttl=ttl, log_path=log_path)
+        procs.append(w)
+        return w
+
+    return spawn
 
 
 async def to_thread(fn: Callable[[], Any]) -> Any:

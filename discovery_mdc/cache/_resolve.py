@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from discovery_mdc.cache._plan import (
     local_path_of,
     plan_card,
     resolve_cache_root,
+    source_label,
 )
 from discovery_mdc.cache._store import (
     BlobStore,
@@ -68,9 +70,12 @@ class CacheStats:
     hits: int = 0
     failures: int = 0
     repairs: int = 0
+    by_source: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(source, "ok" | "failed") -> fetch attempts; the source is ``host:port`` for http(s)."""
 
     def snapshot(self) -> dict[str, int]:
-        return asdict(self)
+        """The scalar counters."""
+        return {k: v for k, v in asdict(self).items() if isinstance(v, int)}
 
 
 _STATS = CacheStats()
@@ -235,6 +240,8 @@ class _Run:
         on_progress = (
             (lambda n: progress(fp.filename, n, fp.size)) if progress is not None else None
         )
+        if len(fp.uris) > 1:
+            log.debug("%s (%s): sources in order %s", fp.filename, fp.hex[:12], list(fp.uris))
         for uri in fp.uris:
             staging = self.store.stage(fp.hex, on_progress)
             try:
@@ -255,12 +262,14 @@ class _Run:
                 self.store.publish(staging)
             except _SOURCE_ERRORS as exc:
                 log.error("rejected %s for %s (%s): %s", uri, fp.filename, fp.slot, exc)
+                self.stats.by_source[source_label(uri), "failed"] += 1
                 errors.append((uri, exc))
                 continue
             finally:
                 staging.discard()
             self.stats.fetches += 1
             self.stats.bytes_fetched += staging.received
+            self.stats.by_source[source_label(uri), "ok"] += 1
             log.info("cached %s (%d bytes) from %s", fp.blob_path, staging.received, uri)
             return staging.received
         if len(errors) == 1:
@@ -388,14 +397,17 @@ async def resolve_metadata_files(
     session: aiohttp.ClientSession | None = None,
     stats: CacheStats | None = None,
     progress: ProgressCallback | None = None,
+    spread: str | None = None,
 ) -> ResolvedCard:
     """Return ``card`` with every slot pointing at a verified local file.
 
     New-format cards go through the cache: each file is fetched from its URI (then each of
-    ``alternates[hex]``), verified against blake3 and size, published to ``blobs/<hex>`` and
-    linked at ``by-slug/<slug>/<mdcsum>/<filename>``. A legacy card whose files all exist
-    locally is used in place; otherwise each file is fetched from ``hf://<source_path>/<file>``
-    and verified against its checksum.
+    ``alternates[hex]``; with ``spread``, a frontend's id, the http(s) sources are tried in
+    an order chosen by rendezvous hashing, so frontends spread their GETs over the replicas
+    and each still makes one GET per blob), verified against blake3 and size, published to
+    ``blobs/<hex>`` and linked at ``by-slug/<slug>/<mdcsum>/<filename>``. A legacy card whose
+    files all exist locally is used in place; otherwise each file is fetched from
+    ``hf://<source_path>/<file>`` and verified against its checksum.
 
     Raises :class:`CardError` (unsafe names), :class:`SizeLimitError`,
     :class:`ChecksumMismatchError`, :class:`FetchError` (:class:`AllSourcesFailedError` when
@@ -414,7 +426,7 @@ async def resolve_metadata_files(
             card.source_path,
         )
     layout = CacheLayout(resolve_cache_root(cache_dir))
-    plan = plan_card(card, layout, alternates=alternates, hf_fallback=hf_fallback)
+    plan = plan_card(card, layout, alternates=alternates, hf_fallback=hf_fallback, spread=spread)
     store = BlobStore(layout)
     store.ensure_dirs()
     config = FetchConfig(

@@ -23,7 +23,7 @@ from discovery_mdc.cli._common import (
     stop_on_signals,
 )
 from discovery_mdc.errors import CardDecodeError
-from discovery_mdc.etcd import KeyValue
+from discovery_mdc.etcd import DEFAULT_RECONCILE_INTERVAL, KeyValue
 from discovery_mdc.frontend import ModelWatcher, build_app, model_id
 
 __all__ = ["register"]
@@ -168,8 +168,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fe.add_argument(
         "--reconcile-interval",
         type=float,
-        default=30.0,
-        help="seconds between full relists that correct any drift (default 30)",
+        default=DEFAULT_RECONCILE_INTERVAL,
+        help="seconds between checks of the registry against etcd; a check reads only what "
+        "changed, repairs what the watch missed and restarts a silent watch; 0 turns them off "
+        "(default %(default)g)",
     )
     fe.add_argument(
         "--port-file", default=None, help="write the bound HTTP port to this file once listening"

@@ -25,9 +25,10 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from discovery_mdc._backoff import Backoff
+from discovery_mdc._clock import Clock, Sleep
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import EtcdError, KeyExistsError
 from discovery_mdc.etcd._store import Store
@@ -103,8 +104,8 @@ class LeaseSession(AsyncService):
         store: Store,
         *,
         ttl: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
         on_state_change: Callable[[SessionState], None] | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
