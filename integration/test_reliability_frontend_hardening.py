@@ -12,8 +12,14 @@ Every wait polls with a deadline; durations are logged, not asserted tightly.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from discovery_mdc.etcd import EtcdClient, EtcdServer
 from integration._faults import (
@@ -78,3 +84,56 @@ async def test_etcd_wiped_and_restarted_frontend_drops_the_dead_and_workers_rere
     assert await live.wait_exit() == 0
     assert await converged(fe, client, DEADLINE) == set()
     assert await fe.model_ids() == set()
+
+
+# --------------------------------------------------------------------------- long outage
+
+
+OUTAGE_S = 35.0
+RECOVERY_DEADLINE_S = 8.0  # the goal is 3 s (docs/reliability.md); main needed ~17 s
+
+
+@pytest.mark.slow
+async def test_after_a_long_etcd_outage_frontend_and_worker_recover_within_seconds(
+    etcd_server: EtcdServer,
+    client: EtcdClient,
+    spawn_worker: Spawn,
+    procs: list[CliProcess],
+    tmp_path: Path,
+) -> None:
+    (model,) = model_dirs(tmp_path, 1)
+    fe = await start_frontend(etcd_server.client_url, tmp_path, procs)  # default settings
+    worker = spawn_worker(model, ttl=10)
+    first, _ = await worker.wait_registered()
+    assert await converged(fe, client) == {first}
+    await asyncio.to_thread(etcd_server.stop)
+    down = time.monotonic()
+    # The outage itself: the frontend must say it is not ready the whole time.
+    while time.monotonic() - down < OUTAGE_S:
+        status, _ = await fe.get_json("/health")
+        assert status == 503, fe.describe()
+        await asyncio.sleep(0.5)
+    await worker.wait_log(r"lease [0-9a-f]+ lost")
+    await asyncio.to_thread(etcd_server.start)  # returns once etcd answers
+    back = time.monotonic()
+
+    async def seconds_until(predicate: Callable[[], Any], proc: CliProcess) -> float:
+        await wait_until(predicate, timeout=DEADLINE, interval=0.05, message=proc.describe)
+        return time.monotonic() - back
+
+    healthy, reregistered = await asyncio.gather(
+        seconds_until(lambda: _healthy(fe), fe),
+        seconds_until(lambda: "re-registered 1 key" in worker.log(), worker),
+    )
+    (key,) = await card_keys(client)
+    assert await converged(fe, client, DEADLINE) == {key} != {first}
+    exact = time.monotonic() - back
+    print(
+        f"after {OUTAGE_S:.0f}s without etcd: frontend healthy {healthy:.2f}s, worker "
+        f"re-registered {reregistered:.2f}s, frontend exact {exact:.2f}s after etcd answered"
+    )
+    assert healthy <= RECOVERY_DEADLINE_S, fe.describe()
+    assert reregistered <= RECOVERY_DEADLINE_S, worker.describe()
+    # No retry loop waited longer than the 2 s cap between attempts (main: up to 30 s).
+    delays = [float(d) for d in re.findall(r"resuming from revision \d+ in ([\d.]+)s", fe.log())]
+    assert delays and max(delays) <= 2.0, delays

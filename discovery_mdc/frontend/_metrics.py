@@ -80,9 +80,11 @@ class _InformerCollector(Collector):
             value=s.reconnects,
         )
         yield _labelled(
-            "discovery_mdc_relists", "full relists (start, compaction or reconcile)", "reason",
+            "discovery_mdc_relists",
+            "full relists (start, compaction, reconcile, history_lost)",
+            "reason",
             s.relists,
-        )  # fmt: skip
+        )
         yield _labelled(
             "discovery_mdc_reconcile_checks",
             "etcd reads by reconciles: quick check, exact (pinned) check, keys-only listing, "

@@ -89,6 +89,9 @@ class ModelWatcher(AsyncService):
     in between, so a watch batch, a relist diff and a finished pipeline are each applied
     atomically and in the order they arrive.
 
+    ``backoff_initial`` and ``backoff_max`` pace the retries of a failing pipeline; the
+    etcd watch reconnects on the informer's own, shorter cap.
+
     With the default resolver, every ``cache_upkeep_interval`` seconds (default: the reconcile
     interval, at most 60) :meth:`cache_upkeep` marks the cache directories of the served models
     as used and fetches again any that were removed from the cache.
@@ -121,7 +124,6 @@ class ModelWatcher(AsyncService):
             self._filter.etcd_prefix(),
             reconcile_interval=reconcile_interval,
             backoff_initial=backoff_initial,
-            backoff_max=backoff_max,
             clock=clock,
             sleep=sleep,
         )
