@@ -12,21 +12,25 @@ Every wait polls with a deadline; durations are logged, not asserted tightly.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
+from discovery_mdc.card import decode_envelope
 from discovery_mdc.etcd import EtcdClient, EtcdServer
 from integration._faults import (
     CliProcess,
     Spawn,
     card_keys,
     converged,
+    envelope_kv,
     model_dirs,
     start_frontend,
 )
@@ -137,3 +141,46 @@ async def test_after_a_long_etcd_outage_frontend_and_worker_recover_within_secon
     # No retry loop waited longer than the 2 s cap between attempts (main: up to 30 s).
     delays = [float(d) for d in re.findall(r"resuming from revision \d+ in ([\d.]+)s", fe.log())]
     assert delays and max(delays) <= 2.0, delays
+
+
+# --------------------------------------------------------------------------- model ids
+
+
+async def test_every_listed_model_id_is_answered_and_unservable_ones_are_rejected(
+    etcd_server: EtcdServer,
+    client: EtcdClient,
+    spawn_worker: Spawn,
+    procs: list[CliProcess],
+    tmp_path: Path,
+) -> None:
+    (model,) = model_dirs(tmp_path, 1)
+    fe = await start_frontend(etcd_server.client_url, tmp_path, procs)
+    worker = spawn_worker(model, ttl=10)
+    key, _ = await worker.wait_registered()
+    assert await converged(fe, client) == {key}
+    served = decode_envelope((await client.get(key)).value).card  # type: ignore[union-attr]
+    # Cards a worker (or a peer) could publish: same files, other model ids.
+    unservable = ["", "two\nlines", "tab\there", "org/../up", "."]
+    odd_but_fine = "org/odd name?#%+;"
+    names = [*unservable, odd_but_fine]
+    for i, name in enumerate(names):
+        await client.put(*envelope_kv(served.replace(display_name=name), 0x5000 + i))
+
+    async def settled() -> bool:
+        listed = await fe.model_ids()
+        rejected = await fe.metric("discovery_mdc_rejected_instances_total")
+        return len(listed & set(names)) + rejected == len(names)
+
+    await wait_until(settled, timeout=DEADLINE, message=fe.describe)
+    listed = await fe.model_ids()
+    for name in listed:
+        for safe in ("", "/"):
+            status, body = await fe.get("/v1/models/" + quote(name, safe=safe))
+            assert status == 200, (name, safe, status, body, fe.describe())
+            assert json.loads(body)["id"] == name
+    assert listed == {"model-0", odd_but_fine}
+    assert await fe.metric("discovery_mdc_rejected_instances_total") == len(unservable)
+    log = fe.log()
+    assert "generate/5000 of model '': the model id is empty" in log
+    assert "of model 'two\\nlines': the model id contains U+000A, a control character" in log
+    assert "of model 'org/../up': the model id has a '.' or '..' path segment" in log

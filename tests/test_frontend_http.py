@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
+from urllib.parse import quote
 
 import pytest
+import yarl
 from _fakes import until
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from test_watcher_driver import FakeResolved, key, make_card, publish
 
 from discovery_mdc.cache import CacheStats
 from discovery_mdc.card import ModelDeploymentCard, mdcsum
 from discovery_mdc.etcd import MemoryStore
 from discovery_mdc.frontend import FrontendMetrics, ModelWatcher, build_app, model_id
+from discovery_mdc.frontend._state import ModelInfo, unservable_model_id
 
 
 async def _resolve(card: ModelDeploymentCard, *, alternates: dict[str, list[str]]) -> FakeResolved:
@@ -93,3 +100,49 @@ async def test_health_and_metrics_report_watch_and_cache_counters(
     text = await (await client.get("/metrics")).text()
     assert 'discovery_mdc_reconcile_checks_total{kind="count"} 1.0' in text
     assert "discovery_mdc_reconcile_read_bytes_total 0.0" not in text
+
+
+class _EveryModel:
+    """Stands in for a watcher that serves a model under any id it is asked for."""
+
+    connected = True
+    revision = 1
+
+    def models(self) -> list[ModelInfo]:
+        return []
+
+    def model(self, name: str) -> ModelInfo:
+        return ModelInfo(name, 0, ())
+
+
+async def _served_ids(name: str) -> list[Any]:
+    app = build_app(cast(ModelWatcher, _EveryModel()))
+    async with TestClient(TestServer(app)) as client:
+        ids = []
+        for safe in ("", "/"):  # fully percent-encoded, and with '/' as is (OpenAI clients)
+            url = yarl.URL("/v1/models/" + quote(name, safe=safe), encoded=True)
+            resp = await client.get(url)
+            ids.append((await resp.json())["id"] if resp.status == 200 else resp.status)
+        return ids
+
+
+_NAME_CHARS = st.one_of(
+    st.characters(), st.sampled_from("%?#+;= \\\n\t\r\x00\x7f\x85"), st.sampled_from("./")
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(_NAME_CHARS, max_size=30))
+@example("Qwen/Qwen3-0.6B")
+@example("a//b/")
+@example("/leading")
+@example("%2e%2e")
+@example(".")
+@example("org/../m")
+@example("org/./m")
+@example("org/..")
+@example("a\nb")
+@example("\U0001f600" * 512)
+def test_every_model_id_admission_accepts_is_answered_by_its_own_url(name: str) -> None:
+    if unservable_model_id(name) is None:
+        assert asyncio.run(_served_ids(name)) == [name, name]

@@ -124,7 +124,9 @@ class FrontendMetrics:
         r = self.registry
         self._informer: PrefixInformer | None = None
         self.rejected = Counter(
-            "discovery_mdc_rejected_instances", "instances rejected by mdcsum", registry=r
+            "discovery_mdc_rejected_instances",
+            "instances rejected by mdcsum or for a model id /v1/models/{id} cannot serve",
+            registry=r,
         )
         self.malformed = Counter(
             "discovery_mdc_malformed_cards", "malformed or non-card keys skipped", registry=r

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,9 @@ __all__ = [
     "NamespaceFilter",
     "Registry",
     "WorkerSetInfo",
+    "MAX_MODEL_ID",
     "model_id",
+    "unservable_model_id",
     "worker_set_key",
 ]
 
@@ -92,6 +95,39 @@ class NamespaceFilter:
 def model_id(card: ModelDeploymentCard) -> str:
     """The name a model is served under: the LoRA name for an adapter, else display_name."""
     return card.lora.name if card.lora is not None else card.display_name
+
+
+#: The longest model id served. Percent-encoded (up to 12 characters for one), its
+#: ``GET /v1/models/{id}`` request line stays under aiohttp's 8 KiB limit.
+MAX_MODEL_ID: Final = 512
+_UNSERVABLE_CATEGORIES: Final = {
+    "Cc": "a control character",
+    "Cs": "a lone surrogate",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+}
+
+
+def unservable_model_id(name: str) -> str | None:
+    """Why ``GET /v1/models/{id}`` could not answer for the model id ``name``, or None.
+
+    A listed id must come back from its own URL, percent-encoded or with ``/`` left as is
+    (the OpenAI clients' way): so it is not empty, holds no control character (a newline
+    cannot be matched in a path), line or paragraph separator or lone surrogate, has no
+    ``.`` or ``..`` path segment (clients and servers resolve those away) and is at most
+    :data:`MAX_MODEL_ID` characters long.
+    """
+    if not name:
+        return "the model id is empty"
+    if len(name) > MAX_MODEL_ID:
+        return f"the model id is {len(name)} characters long, above {MAX_MODEL_ID}"
+    for ch in name:
+        what = _UNSERVABLE_CATEGORIES.get(unicodedata.category(ch))
+        if what is not None:
+            return f"the model id contains U+{ord(ch):04X}, {what}"
+    if any(segment in (".", "..") for segment in name.split("/")):
+        return "the model id has a '.' or '..' path segment"
+    return None
 
 
 def worker_set_key(env: ModelEnvelope) -> str:
@@ -288,6 +324,15 @@ class Registry:
 
     def _add(self, key: str, card_key: CardKey, env: ModelEnvelope, out: Outcome, now: int) -> None:
         name = model_id(env.card)
+        unservable = unservable_model_id(name)
+        if unservable is not None:
+            # Listing it would advertise an id that /v1/models/{id} answers with 404.
+            self._remove(key, out, now)
+            reason = f"{unservable}: /v1/models/{{id}} could not serve it"
+            log.error("rejected instance %s of model %r: %s", key, name, reason)
+            out.events.append(ModelEvent(EventKind.REJECTED, name, key, reason))
+            self._rejected[key] = (card_key, env)
+            return
         sum_ = self._mdcsum(env.card)
         ws_key = worker_set_key(env)
         previous = self._by_key.get(key)

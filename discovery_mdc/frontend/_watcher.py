@@ -202,7 +202,8 @@ class ModelWatcher(AsyncService):
         return self._registry.instance_keys()
 
     def rejected_keys(self) -> set[str]:
-        """Keys of instances rejected by mdcsum (and not admitted since)."""
+        """Keys of instances rejected by mdcsum, or because ``/v1/models/{id}`` could not
+        serve their model id (and not admitted since)."""
         return self._registry.rejected_keys()
 
     @property
