@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
+from discovery_mdc._env import default_cache_root
 from discovery_mdc.card import (
     CheckedFile,
     Checksum,
@@ -53,16 +54,6 @@ EMPTY_SLUG_DIR: Final = "_"
 TEMP_PREFIX: Final = ".tmp-"
 _SLUG_DIR: Final = re.compile(r"[a-z0-9_-]+")
 _NAME_MAX: Final = 255
-
-
-def default_cache_root(env: Mapping[str, str] | None = None) -> Path:
-    """``DYN_MDC_CACHE_DIR``, else ``$HOME/.cache/dynamo/mdc``."""
-    env = os.environ if env is None else env
-    explicit = env.get("DYN_MDC_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    home = env.get("HOME")
-    return (Path(home) if home else Path.home()) / ".cache" / "dynamo" / "mdc"
 
 
 def resolve_cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:

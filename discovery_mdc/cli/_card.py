@@ -16,7 +16,7 @@ from discovery_mdc.card import (
     from_dir,
     mdcsum,
 )
-from discovery_mdc.cli._common import EXIT_OK
+from discovery_mdc.cli._common import EXIT_OK, model_path
 from discovery_mdc.errors import CardDecodeError
 
 __all__ = ["load_card_file", "register"]
@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Print the model deployment card for a model directory, or re-encode a "
         "card/envelope JSON file, as one line of wire JSON.",
     )
-    inspect.add_argument("path", metavar="PATH", help="a model directory or a card/envelope JSON")
+    inspect.add_argument(
+        "path", metavar="PATH", type=model_path, help="a model directory or a card/envelope JSON"
+    )
     inspect.add_argument(
         "--name", default=None, help="display name (default: the directory's base name)"
     )

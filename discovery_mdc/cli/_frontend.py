@@ -15,8 +15,9 @@ from discovery_mdc.cli._common import (
     EXIT_OK,
     add_env_option,
     etcd_client,
-    port_number,
+    seconds,
     stop_on_signals,
+    until_stopped,
 )
 from discovery_mdc.errors import CardDecodeError
 from discovery_mdc.frontend import ModelWatcher, build_app, model_id
@@ -26,32 +27,55 @@ __all__ = ["register"]
 log = logging.getLogger("discovery_mdc.cli")
 
 
+def _scope(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(namespace, namespace prefix): a flag beats the other one's variable; of the two
+    variables DYN_NAMESPACE_PREFIX wins, as in Dynamo."""
+    namespace, prefix = args.namespace, args.namespace_prefix
+    if namespace is not None and prefix is not None:
+        if "namespace_prefix" not in args.from_env:
+            namespace = None  # --namespace-prefix beats DYN_NAMESPACE
+        elif "namespace" not in args.from_env:
+            prefix = None  # --namespace beats DYN_NAMESPACE_PREFIX
+        else:
+            namespace = None
+    return namespace, prefix
+
+
 async def _serve_frontend(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
-    async with (
-        etcd_client(args) as client,
-        ModelWatcher(
+    namespace, prefix = _scope(args)
+    async with etcd_client(args) as client:
+        watcher = ModelWatcher(
             client,
-            namespace=args.namespace,
-            namespace_prefix=args.namespace_prefix,
+            namespace=namespace,
+            namespace_prefix=prefix,
             cache_dir=args.cache_dir,
             reconcile_interval=args.reconcile_interval,
-        ) as watcher,
-    ):
+            startup_timeout=args.startup_timeout,
+        )
         runner = web.AppRunner(build_app(watcher), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, args.http_host, args.http_port)
-        await site.start()
-        port = runner.addresses[0][1] if runner.addresses else args.http_port
-        log.info(
-            "frontend listening on http://%s:%d (watching etcd %s)", args.http_host, port, args.etcd
-        )
-        if args.port_file:
-            Path(args.port_file).write_text(str(port))  # noqa: ASYNC240 (a few bytes, once)
         try:
-            await stop.wait()
+            # Serve first: /live answers (and /health says 503) while etcd is awaited.
+            site = web.TCPSite(runner, args.http_host, args.http_port)
+            await site.start()
+            port = runner.addresses[0][1] if runner.addresses else args.http_port
+            log.info(
+                "frontend listening on http://%s:%d (watching etcd %s)",
+                args.http_host,
+                port,
+                args.etcd,
+            )
+            if args.port_file:
+                Path(args.port_file).write_text(str(port))  # noqa: ASYNC240 (a few bytes, once)
+            started, _ = await until_stopped(watcher.start(), stop)
+            if started:
+                await stop.wait()
+            else:
+                log.info("frontend stopped before its first listing of etcd")
         finally:
             log.info("frontend stopping")
+            await watcher.close()
             await runner.cleanup()
     return EXIT_OK
 
@@ -92,35 +116,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="watch etcd for cards, verify and cache their metadata, serve /v1/models",
         description="Watch v1/mdc/ in etcd, admit workers into worker sets by mdcsum, fetch "
         "and verify every metadata file into the cache, and serve the ready models on "
-        "GET /v1/models (plus /v1/models/{id}, /health and /metrics).",
+        "GET /v1/models (plus /v1/models/{id}, /v1/models/{id}/ready, /health, /live and "
+        "/metrics). While etcd is unreachable at start it waits, up to "
+        "--etcd-startup-timeout.",
     )
-    add_env_option(fe, "etcd")
-    fe.add_argument(
-        "--http-host",
-        default="127.0.0.1",
-        help="address to serve the HTTP API on (default %(default)s)",
-    )
-    fe.add_argument(
-        "--http-port",
-        type=port_number,
-        default=8000,
-        help="port for the HTTP API; 0 picks a free one (default %(default)s)",
-    )
+    for dest in ("etcd", "startup_timeout", "http_host", "http_port"):
+        add_env_option(fe, dest)
     scope = fe.add_mutually_exclusive_group()
-    scope.add_argument(
-        "--namespace",
-        default=None,
-        help="admit only this namespace (exact match; empty or 'dynamo' = all)",
-    )
-    scope.add_argument(
-        "--namespace-prefix", default=None, help="admit namespaces starting with this string"
-    )
+    add_env_option(scope, "namespace")
+    add_env_option(scope, "namespace_prefix")
     add_env_option(fe, "cache_dir")
     fe.add_argument(
         "--reconcile-interval",
-        type=float,
+        type=seconds(minimum=0),
         default=30.0,
-        help="seconds between full relists that correct any drift (default 30)",
+        metavar="S",
+        help="seconds between full relists that correct any drift; 0 turns it off (default 30)",
     )
     fe.add_argument(
         "--port-file", default=None, help="write the bound HTTP port to this file once listening"

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from typing import Any, TypeVar
 import aiohttp
 import tenacity
 
+from discovery_mdc import _env
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import (
     EtcdAuthError,
@@ -87,7 +87,7 @@ __all__ = ["DEFAULT_ENDPOINT", "EtcdClient", "endpoints_from_env"]
 
 log = logging.getLogger("discovery_mdc.etcd")
 
-DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
+DEFAULT_ENDPOINT = _env.DEFAULT_ENDPOINT
 _RETRYABLE_HTTP = frozenset({502, 503, 504})
 _T = TypeVar("_T")
 
@@ -122,10 +122,10 @@ class _Reply:
 
 def endpoints_from_env(env: Mapping[str, str] | None = None) -> list[str]:
     """``ETCD_ENDPOINTS`` split on commas; bare ``host:port`` gets ``http://`` (``https://``
-    when ``ETCD_AUTH_CA`` or ``ETCD_AUTH_CLIENT_CERT`` is set)."""
-    env = os.environ if env is None else env
-    tls = bool(env.get("ETCD_AUTH_CA") or env.get("ETCD_AUTH_CLIENT_CERT"))
-    raw = env.get("ETCD_ENDPOINTS") or DEFAULT_ENDPOINT
+    when ``ETCD_AUTH_CA`` or ``ETCD_AUTH_CLIENT_CERT`` is set). Raises
+    :class:`~discovery_mdc.errors.ConfigError` for a malformed value."""
+    tls = bool(_env.ETCD_AUTH_CA.get(env) or _env.ETCD_AUTH_CLIENT_CERT.get(env))
+    raw = _env.ETCD_ENDPOINTS.get(env)
     return [_normalize_endpoint(e, tls) for e in raw.split(",") if e.strip()]
 
 
@@ -180,13 +180,12 @@ class EtcdClient(AsyncService):
     def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> EtcdClient:
         """A client configured from ``ETCD_ENDPOINTS``, ``ETCD_AUTH_USERNAME``/``_PASSWORD``
         and ``ETCD_AUTH_CA``/``_CLIENT_CERT``/``_CLIENT_KEY``; ``kwargs`` override."""
-        env = os.environ if env is None else env
         opts: dict[str, Any] = {
-            "username": env.get("ETCD_AUTH_USERNAME") or None,
-            "password": env.get("ETCD_AUTH_PASSWORD") or None,
-            "ca_file": env.get("ETCD_AUTH_CA") or None,
-            "cert_file": env.get("ETCD_AUTH_CLIENT_CERT") or None,
-            "key_file": env.get("ETCD_AUTH_CLIENT_KEY") or None,
+            "username": _env.ETCD_AUTH_USERNAME.get(env),
+            "password": _env.ETCD_AUTH_PASSWORD.get(env),
+            "ca_file": _env.ETCD_AUTH_CA.get(env),
+            "cert_file": _env.ETCD_AUTH_CLIENT_CERT.get(env),
+            "key_file": _env.ETCD_AUTH_CLIENT_KEY.get(env),
         }
         if opts["username"] is not None and opts["password"] is None:
             opts["password"] = ""

@@ -17,14 +17,16 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
+from discovery_mdc import _env
 from discovery_mdc._backoff import Backoff
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import EtcdError, KeyExistsError
+from discovery_mdc.etcd._codec import Lease
+from discovery_mdc.etcd._startup import retry_until_reachable
 from discovery_mdc.etcd._store import Store
 
 __all__ = [
@@ -39,7 +41,7 @@ __all__ = [
 
 log = logging.getLogger("discovery_mdc.etcd")
 
-DEFAULT_LEASE_TTL = 10
+DEFAULT_LEASE_TTL = _env.DEFAULT_LEASE_TTL
 
 Registration = Callable[[int], tuple[str, bytes]]
 """Maps a lease id to the (key, value) to create under that lease."""
@@ -70,18 +72,9 @@ class KeyHandle:
 
 
 def lease_ttl_from_env(env: Mapping[str, str] | None = None) -> int:
-    """``ETCD_LEASE_TTL`` in whole seconds (default 10); ValueError if not a positive int."""
-    env = os.environ if env is None else env
-    raw = env.get("ETCD_LEASE_TTL", "").strip()
-    if not raw:
-        return DEFAULT_LEASE_TTL
-    try:
-        ttl = int(raw)
-    except ValueError:
-        raise ValueError(f"ETCD_LEASE_TTL must be a whole number of seconds, got {raw!r}") from None
-    if ttl < 1:
-        raise ValueError(f"ETCD_LEASE_TTL must be at least 1, got {ttl}")
-    return ttl
+    """``ETCD_LEASE_TTL`` in whole seconds (default 10). Raises
+    :class:`~discovery_mdc.errors.ConfigError` (a ValueError) unless it is 1 to etcd's maximum."""
+    return _env.ETCD_LEASE_TTL.get(env)
 
 
 class LeaseSession(AsyncService):
@@ -95,7 +88,8 @@ class LeaseSession(AsyncService):
         self,
         store: Store,
         *,
-        ttl: int | None = None,
+        ttl: int = DEFAULT_LEASE_TTL,
+        startup_timeout: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_state_change: Callable[[SessionState], None] | None = None,
@@ -105,7 +99,10 @@ class LeaseSession(AsyncService):
         close_timeout: float = 5.0,
     ) -> None:
         self._store = store
-        self._ttl = lease_ttl_from_env() if ttl is None else ttl
+        if not 1 <= ttl <= _env.MAX_LEASE_TTL:
+            raise ValueError(f"lease TTL must be 1 to {_env.MAX_LEASE_TTL} seconds, got {ttl}")
+        self._ttl = ttl
+        self._startup_timeout = startup_timeout
         self._clock = clock
         self._sleep = sleep
         self._on_state_change = on_state_change
@@ -147,11 +144,24 @@ class LeaseSession(AsyncService):
         return tuple(self._handles)
 
     async def start(self) -> None:
-        """Grant the lease and start the keepalive task. Raises if etcd is unreachable."""
+        """Grant the lease and start the keepalive task. While etcd is unreachable it retries
+        for up to ``startup_timeout`` seconds, then raises."""
         if self._state is not SessionState.STARTING or self._task is not None:
             raise EtcdError(f"lease session already {self._state.value}")
         sent = self._clock()
-        lease = await self._store.lease_grant(self._ttl)
+
+        async def grant() -> Lease:
+            nonlocal sent
+            sent = self._clock()
+            return await self._store.lease_grant(self._ttl)
+
+        lease = await retry_until_reachable(
+            grant,
+            timeout=self._startup_timeout,
+            what="a lease",
+            clock=self._clock,
+            sleep=self._sleep,
+        )
         self._adopt(lease.id, lease.ttl, sent)
         log.info("granted etcd lease %x (ttl %ds)", lease.id, lease.ttl)
         self._set_state(SessionState.REGISTERED)

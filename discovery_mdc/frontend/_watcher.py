@@ -21,7 +21,7 @@ from discovery_mdc._backoff import Backoff
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.card import ModelDeploymentCard
 from discovery_mdc.errors import EtcdCompactedError, EtcdError
-from discovery_mdc.etcd import Store, WatchResponse
+from discovery_mdc.etcd import Store, WatchResponse, retry_until_reachable
 from discovery_mdc.frontend._metrics import FrontendMetrics
 from discovery_mdc.frontend._prepare import check_json_files
 from discovery_mdc.frontend._state import (
@@ -87,6 +87,7 @@ class ModelWatcher(AsyncService):
         backoff_max: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         metrics: FrontendMetrics | None = None,
+        startup_timeout: float = 0.0,
     ) -> None:
         self._store = store
         self._filter = NamespaceFilter.create(namespace, namespace_prefix)
@@ -96,6 +97,7 @@ class ModelWatcher(AsyncService):
         self._prepare = prepare
         self._resolver = resolver or _cache_resolver(cache_dir)
         self._reconcile_interval = reconcile_interval
+        self._startup_timeout = startup_timeout
         self._sem = asyncio.Semaphore(max_concurrent_pipelines)
         self._slow_after = slow_pipeline_after
         self._backoff = (backoff_initial, backoff_max)
@@ -113,8 +115,14 @@ class ModelWatcher(AsyncService):
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """List the prefix once (raises if etcd is unreachable), then watch in the background."""
-        await self._relist("start")
+        """List the prefix once, then watch in the background. While etcd is unreachable the
+        first listing is retried for up to ``startup_timeout`` seconds; then it raises."""
+        await retry_until_reachable(
+            lambda: self._relist("start"),
+            timeout=self._startup_timeout,
+            what=f"the first listing of {self._prefix}",
+            sleep=self._sleep,
+        )
         self._start_watch()
         if self._reconcile_interval > 0:
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="mdc-reconcile"))

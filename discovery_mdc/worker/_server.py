@@ -30,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from discovery_mdc import _env
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.worker._advertise import advertise_host, format_host_for_url
 from discovery_mdc.worker._registry import MetadataRegistry, RegisteredFile
@@ -44,7 +45,7 @@ __all__ = [
 log = logging.getLogger("discovery_mdc.worker")
 
 METADATA_PREFIX: Final = "/v1/metadata/"
-DEFAULT_SYSTEM_HOST: Final = "0.0.0.0"
+DEFAULT_SYSTEM_HOST: Final = _env.DEFAULT_SYSTEM_HOST
 # Longer than any valid key (6 segments of at most 255 characters), so a cheap first cut.
 _MAX_RAW_PATH: Final = len(METADATA_PREFIX) + 6 * 256
 _FALLBACK_CHUNK: Final = 1 << 18
@@ -65,21 +66,12 @@ def system_server_config(
     ``--system-host`` else ``DYN_SYSTEM_HOST`` else ``0.0.0.0``. Raises ``ValueError`` for a
     port that is not an integer in 0..65535.
     """
-    environ = os.environ if env is None else env
-    port: int | None = port_flag
-    if port is None:
-        raw = environ.get("DYN_SYSTEM_PORT", "").strip()
-        if raw:
-            try:
-                port = int(raw)
-            except ValueError:
-                raise ValueError(f"DYN_SYSTEM_PORT={raw!r} is not a port number") from None
+    port = port_flag if port_flag is not None else _env.SYSTEM_PORT.get(env)
     if port is None:
         return None
     if not 0 <= port <= 65535:
         raise ValueError(f"status server port {port} is outside 0..65535")
-    host = host_flag or environ.get("DYN_SYSTEM_HOST", "").strip() or DEFAULT_SYSTEM_HOST
-    return host, port
+    return host_flag or _env.SYSTEM_HOST.get(env), port
 
 
 def _metadata_key(raw_path: str) -> str | None:
