@@ -47,6 +47,7 @@ from discovery_mdc.errors import (
     EtcdCompactedError,
     EtcdConnectionError,
     EtcdError,
+    EtcdTlsError,
 )
 from discovery_mdc.etcd._codec import (
     GRPC_NOT_FOUND,
@@ -93,11 +94,48 @@ _T = TypeVar("_T")
 
 
 class _Retryable(Exception):
-    """This endpoint failed in a way another endpoint may not: try the next one."""
+    """This endpoint failed in a way another endpoint may not: try the next one.
+
+    ``tls`` marks a TLS handshake refused on certificates: if every endpoint says so, more
+    rounds will not help."""
+
+    def __init__(self, message: str, *, tls: bool = False) -> None:
+        super().__init__(message)
+        self.tls = tls
 
 
 class _RoundFailed(Exception):
     """Every endpoint failed once in this round."""
+
+
+class _TlsRefused(Exception):
+    """Every endpoint refused the TLS handshake on certificates in this round."""
+
+
+def _certificate_problem(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is a TLS handshake failing on certificates: not
+    trusted, refused, missing. Retrying does not fix those."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
+            return True
+        if isinstance(seen, ssl.SSLError):
+            reason = str(getattr(seen, "reason", "") or seen).upper()
+            return "CERTIFICATE" in reason or "UNKNOWN_CA" in reason
+        os_error = getattr(seen, "os_error", None)
+        seen = (
+            os_error
+            if isinstance(os_error, BaseException)
+            else (seen.__cause__ or seen.__context__)
+        )
+    return False
+
+
+#: etcd's gRPC gateway refuses a client certificate with a CommonName when auth is on
+#: (etcd-io/etcd#10366, #17025); etcdctl and Dynamo use gRPC and are not affected.
+_GATEWAY_CN = b"CommonName of client sending a request against gateway"
 
 
 class _InvalidToken(Exception):
@@ -263,7 +301,11 @@ class EtcdClient(AsyncService):
                 status = resp.status
                 raw = await resp.read()
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            raise _Retryable(f"{url}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+            raise _Retryable(
+                f"{url}: {type(exc).__name__}: {exc}".rstrip(": "), tls=_certificate_problem(exc)
+            ) from exc
+        if status == 400 and raw.startswith(_GATEWAY_CN):
+            raise self._gateway_cn_error(endpoint)
         try:
             body = json.loads(raw.splitlines()[0] if raw.strip() else b"{}")
         except ValueError:
@@ -283,6 +325,15 @@ class EtcdClient(AsyncService):
             raise EtcdError(f"etcd {url}: unexpected response {raw[:200]!r}")
         return body
 
+    def _gateway_cn_error(self, endpoint: str) -> EtcdAuthError:
+        return EtcdAuthError(
+            f"etcd {endpoint} refuses the client certificate {self._cert_file}: it has a "
+            "CommonName and etcd auth is on, which etcd's JSON gateway (the API discovery-mdc "
+            "uses) does not support (etcd-io/etcd#10366); use a client certificate without a "
+            "CommonName together with ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD, or "
+            "ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD over TLS without a client certificate"
+        )
+
     async def _failover(
         self, path: str, attempt: Callable[[str], Awaitable[_T]]
     ) -> tuple[_T, str, bool]:
@@ -298,6 +349,7 @@ class EtcdClient(AsyncService):
         async def one_round() -> tuple[_T, str]:
             nonlocal maybe_sent
             start = self._current
+            tls_refusals = 0
             for i in range(n):
                 idx = (start + i) % n
                 endpoint = self._endpoints[idx]
@@ -305,6 +357,7 @@ class EtcdClient(AsyncService):
                     result = await attempt(endpoint)
                 except _Retryable as exc:
                     last.append(exc)
+                    tls_refusals += exc.tls
                     # Only a refused or failed connect proves the request never left.
                     if not isinstance(exc.__cause__, aiohttp.ClientConnectorError):
                         maybe_sent = True
@@ -316,6 +369,8 @@ class EtcdClient(AsyncService):
                     log.info("etcd: now using endpoint %s", endpoint)
                 self._current = idx
                 return result, endpoint
+            if tls_refusals == n:
+                raise _TlsRefused
             raise _RoundFailed
 
         retrying: tenacity.AsyncRetrying = tenacity.AsyncRetrying(
@@ -326,6 +381,12 @@ class EtcdClient(AsyncService):
         )
         try:
             outcome: tuple[_T, str] = await retrying(one_round)
+        except _TlsRefused:
+            raise EtcdTlsError(
+                f"TLS handshake with etcd refused on certificates for {path} (tried "
+                f"{', '.join(self._endpoints)}; check ETCD_AUTH_CA, ETCD_AUTH_CLIENT_CERT and "
+                f"ETCD_AUTH_CLIENT_KEY): {last[-1]}"
+            ) from None
         except _RoundFailed:
             raise EtcdConnectionError(
                 f"no etcd endpoint reachable for {path} (tried {', '.join(self._endpoints)}, "
@@ -576,10 +637,15 @@ class EtcdClient(AsyncService):
                         timeout=timeout,
                     )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                raise _Retryable(f"{endpoint}/v3/watch: {type(exc).__name__}: {exc}") from exc
+                raise _Retryable(
+                    f"{endpoint}/v3/watch: {type(exc).__name__}: {exc}",
+                    tls=_certificate_problem(exc),
+                ) from exc
             if resp.status != 200:
                 raw = await resp.read()
                 resp.close()
+                if resp.status == 400 and raw.startswith(_GATEWAY_CN):
+                    raise self._gateway_cn_error(endpoint)
                 try:
                     err = decode_error(json.loads(raw))
                 except ValueError:
