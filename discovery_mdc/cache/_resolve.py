@@ -9,11 +9,12 @@ import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
+from discovery_mdc._metrics import Durations
 from discovery_mdc.cache._fetch import FetchConfig, fetch_uri
 from discovery_mdc.cache._plan import (
     CacheLayout,
@@ -52,16 +53,24 @@ _SOURCE_ERRORS = (FetchError, ChecksumMismatchError, SizeLimitError)
 
 @dataclass(slots=True)
 class CacheStats:
-    """Counters for metrics; read the attributes (or :meth:`snapshot`) at any time."""
+    """Counters for metrics; read the attributes (or :meth:`snapshot`) at any time.
+    ``fetch_seconds`` holds the duration of every successful blob fetch (all its attempts)."""
 
     bytes_fetched: int = 0
     fetches: int = 0
     hits: int = 0
     failures: int = 0
     repairs: int = 0
+    fetch_seconds: Durations = field(default_factory=Durations)
 
     def snapshot(self) -> dict[str, int]:
-        return asdict(self)
+        return {
+            "bytes_fetched": self.bytes_fetched,
+            "fetches": self.fetches,
+            "hits": self.hits,
+            "failures": self.failures,
+            "repairs": self.repairs,
+        }
 
 
 _STATS = CacheStats()
@@ -217,6 +226,7 @@ class _Run:
 
     async def fetch(self, fp: FilePlan) -> int:
         errors: list[tuple[str, Exception]] = []
+        began = time.monotonic()
         progress = self.progress
         on_progress = (
             (lambda n: progress(fp.filename, n, fp.size)) if progress is not None else None
@@ -240,14 +250,17 @@ class _Run:
                     )
                 self.store.publish(staging)
             except _SOURCE_ERRORS as exc:
-                log.error("rejected %s for %s (%s): %s", uri, fp.filename, fp.slot, exc)
+                log.error("rejected %s for %s (%s): %s", uri, fp.filename, fp.slot, exc,
+                          extra={"uri": uri, "reason": str(exc)})  # fmt: skip
                 errors.append((uri, exc))
                 continue
             finally:
                 staging.discard()
             self.stats.fetches += 1
             self.stats.bytes_fetched += staging.received
-            log.info("cached %s (%d bytes) from %s", fp.blob_path, staging.received, uri)
+            self.stats.fetch_seconds.observe(time.monotonic() - began)
+            log.info("cached %s (%d bytes) from %s", fp.blob_path, staging.received, uri,
+                     extra={"uri": uri})  # fmt: skip
             return staging.received
         if len(errors) == 1:
             raise errors[0][1]

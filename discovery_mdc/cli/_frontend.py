@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -20,7 +21,16 @@ from discovery_mdc.cli._common import (
     until_stopped,
 )
 from discovery_mdc.errors import CardDecodeError
-from discovery_mdc.frontend import ModelWatcher, build_app, model_id
+from discovery_mdc.etcd import KeyValue
+from discovery_mdc.frontend import (
+    Change,
+    ChangeKind,
+    EventKind,
+    ModelWatcher,
+    Registry,
+    build_app,
+    model_id,
+)
 
 __all__ = ["register"]
 
@@ -84,9 +94,28 @@ def _frontend(args: argparse.Namespace) -> int:
     return asyncio.run(_serve_frontend(args))
 
 
+def _rejections(kvs: Sequence[KeyValue]) -> dict[str, str]:
+    """Why a frontend would reject each card it would reject: the same admission, fed the
+    keys in the order etcd wrote them (as a running frontend's watch sees them)."""
+    registry = Registry()
+    reasons: dict[str, str] = {}
+    for kv in sorted(kvs, key=lambda kv: kv.mod_revision):
+        out = registry.apply(Change(ChangeKind.PUT, kv.key, kv.value, kv.mod_revision))
+        reasons.update(
+            (e.key, e.detail) for e in out.events if e.kind is EventKind.REJECTED and e.key
+        )
+    return reasons
+
+
 async def _list_cards(args: argparse.Namespace) -> int:
     async with etcd_client(args) as client:
         result = await client.range_prefix_all("v1/mdc/")
+    # Rejections are logged here too; the table says them once, so keep the log quiet.
+    logging.getLogger("discovery_mdc.frontend").disabled = True
+    try:
+        rejected = _rejections(result.kvs)
+    finally:
+        logging.getLogger("discovery_mdc.frontend").disabled = False
     rows = []
     for kv in result.kvs:
         if parse_card_key(kv.key) is None:
@@ -98,11 +127,12 @@ async def _list_cards(args: argparse.Namespace) -> int:
             rows.append((kv.key, f"(malformed: {exc})", "-", f"{kv.lease:x}"))
             continue
         rows.append((kv.key, model_id(env.card), mdcsum(env.card), f"{kv.lease:x}"))
-    header = ("KEY", "MODEL", "MDCSUM", "LEASE")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    for row in [header, *rows]:
-        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)))
-        sys.stdout.write(f"  {row[3]}\n")
+    table = [("KEY", "MODEL", "MDCSUM", "LEASE", "NOTE" if rejected else "")]
+    table += [(*r, f"REJECTED: {rejected[r[0]]}" if r[0] in rejected else "") for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for row in table:
+        line = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+        sys.stdout.write(f"{line}  {row[4]}".rstrip() + "\n")
     return EXIT_OK
 
 

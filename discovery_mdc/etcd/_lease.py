@@ -163,7 +163,8 @@ class LeaseSession(AsyncService):
             sleep=self._sleep,
         )
         self._adopt(lease.id, lease.ttl, sent)
-        log.info("granted etcd lease %x (ttl %ds)", lease.id, lease.ttl)
+        log.info("granted etcd lease %x (ttl %ds)", lease.id, lease.ttl,
+                 extra={"lease": f"{lease.id:x}"})  # fmt: skip
         self._set_state(SessionState.REGISTERED)
         self._task = asyncio.create_task(self._run(), name=f"lease-keepalive-{lease.id:x}")
 
@@ -195,7 +196,8 @@ class LeaseSession(AsyncService):
                 # Delete before forgetting: if etcd fails, the key is still tracked (and kept
                 # alive), so the caller can retry instead of leaving an untracked key behind.
                 await self._store.delete(key)
-                log.info("deleted etcd key %s (lease %x)", key, self.lease_id)
+                log.info("deleted etcd key %s (lease %x)", key, self.lease_id,
+                         extra={"key": key, "lease": f"{self.lease_id:x}"})  # fmt: skip
             self._handles.remove(handle)
             handle.key = None
 
@@ -232,7 +234,8 @@ class LeaseSession(AsyncService):
             log.warning("could not revoke etcd lease %x on close (%s); its keys expire within "
                         "%ds", lease_id, exc, self._lease_ttl)  # fmt: skip
             return
-        log.info("revoked etcd lease %x%s", lease_id, "" if revoked else " (already gone)")
+        log.info("revoked etcd lease %x%s", lease_id, "" if revoked else " (already gone)",
+                 extra={"lease": f"{lease_id:x}"})  # fmt: skip
 
     # ------------------------------------------------------------------ internals
 
@@ -260,7 +263,8 @@ class LeaseSession(AsyncService):
         if not await self._store.create(key, value, lease=lease_id):
             raise KeyExistsError(key)
         handle.key, handle.value = key, value
-        log.info("created etcd key %s (lease %x)", key, lease_id)
+        log.info("created etcd key %s (lease %x)", key, lease_id,
+                 extra={"key": key, "lease": f"{lease_id:x}"})  # fmt: skip
 
     async def _run(self) -> None:
         while True:
@@ -304,7 +308,8 @@ class LeaseSession(AsyncService):
 
     def _lose(self, reason: str) -> None:
         log.warning("etcd lease %x lost: %s; re-registering %d key(s) once etcd grants a new "
-                    "lease", self._lease_id or 0, reason, len(self._handles))  # fmt: skip
+                    "lease", self._lease_id or 0, reason, len(self._handles),
+                    extra={"lease": f"{self._lease_id or 0:x}", "reason": reason})  # fmt: skip
         self._recover_failures = 0
         self._backoff.reset()
         self._set_state(SessionState.LOST)
@@ -343,7 +348,8 @@ class LeaseSession(AsyncService):
         self._recover_failures = 0
         self._backoff.reset()
         log.info("etcd lease %x replaced by %x; re-registered %d key(s)", old or 0, lease.id,
-                 sum(h.key is not None for h in self._handles))  # fmt: skip
+                 sum(h.key is not None for h in self._handles),
+                 extra={"lease": f"{lease.id:x}"})  # fmt: skip
         self._set_state(SessionState.REGISTERED)
 
     async def _revoke_quietly(self, lease_id: int) -> None:

@@ -4,10 +4,15 @@ from discovery_mdc.frontend._http import build_app, model_details, models_list
 from discovery_mdc.frontend._metrics import FrontendMetrics
 from discovery_mdc.frontend._prepare import check_json_files
 from discovery_mdc.frontend._state import (
+    Change,
+    ChangeKind,
     EventKind,
     ModelEvent,
     ModelInfo,
+    ModelStats,
     NamespaceFilter,
+    Registry,
+    RejectedInstance,
     WorkerSetInfo,
     model_id,
     worker_set_key,
@@ -15,13 +20,18 @@ from discovery_mdc.frontend._state import (
 from discovery_mdc.frontend._watcher import ModelWatcher, PrepareHook, Resolver
 
 __all__ = [
+    "Change",
+    "ChangeKind",
     "EventKind",
     "FrontendMetrics",
     "ModelEvent",
     "ModelInfo",
+    "ModelStats",
     "ModelWatcher",
     "NamespaceFilter",
     "PrepareHook",
+    "Registry",
+    "RejectedInstance",
     "Resolver",
     "WorkerSetInfo",
     "build_app",

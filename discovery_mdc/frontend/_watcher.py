@@ -29,6 +29,7 @@ from discovery_mdc.frontend._state import (
     EventKind,
     ModelEvent,
     ModelInfo,
+    ModelStats,
     NamespaceFilter,
     Outcome,
     PipelineRequest,
@@ -103,6 +104,7 @@ class ModelWatcher(AsyncService):
         self._backoff = (backoff_initial, backoff_max)
         self._sleep = sleep
         self.metrics = metrics or FrontendMetrics()
+        self.metrics.track_models(self._registry.model_stats)
         self._pipelines: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._subscribers: list[asyncio.Queue[ModelEvent | None]] = []
         self._changed = asyncio.Event()
@@ -151,6 +153,10 @@ class ModelWatcher(AsyncService):
     def model(self, name: str) -> ModelInfo | None:
         """One ready model, or None."""
         return self._registry.model(name)
+
+    def model_stats(self) -> list[ModelStats]:
+        """Counts for every known model, ready or not (readiness and per-model metrics)."""
+        return self._registry.model_stats()
 
     def instance_keys(self) -> set[str]:
         """Keys of every admitted instance (ready or still being prepared)."""
@@ -345,7 +351,7 @@ class ModelWatcher(AsyncService):
             self._start_pipeline(req)
         for event in out.events:
             if event.kind is EventKind.REJECTED:
-                self.metrics.rejected.inc()
+                self.metrics.rejected.labels(event.model).inc()
             for queue in self._subscribers:
                 queue.put_nowait(event)
         ready, admitted = self._registry.counts()
@@ -361,7 +367,8 @@ class ModelWatcher(AsyncService):
         task = self._pipelines.get(ident)
         if task is None or task.done():
             self._pipelines[ident] = asyncio.create_task(
-                self._run_pipeline(req), name=f"mdc-pipeline-{req.model}-{req.mdcsum[:12]}"
+                self._run_pipeline(req, time.monotonic()),
+                name=f"mdc-pipeline-{req.model}-{req.mdcsum[:12]}",
             )
 
     def _sources(
@@ -418,7 +425,7 @@ class ModelWatcher(AsyncService):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _run_pipeline(self, req: PipelineRequest) -> None:
+    async def _run_pipeline(self, req: PipelineRequest, seen: float) -> None:
         ident = (req.model, req.mdcsum)
         backoff = Backoff(*self._backoff)
         try:
@@ -442,10 +449,12 @@ class ModelWatcher(AsyncService):
                         type(exc).__name__,
                         exc,
                         delay,
+                        extra={"model": req.model, "mdcsum": req.mdcsum, "reason": str(exc)},
                     )
                     await self._sleep(delay)
                     continue
                 self.metrics.pipelines.labels("ok").inc()
+                self.metrics.pipeline_seconds.observe(time.monotonic() - seen)
                 self._handle(
                     self._registry.pipeline_done(
                         req.model, req.mdcsum, resolved.card, resolved.local_dir, int(time.time())

@@ -6,10 +6,13 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from prometheus_client import Histogram
 
 from discovery_mdc import _env
 from discovery_mdc._env import (
@@ -18,6 +21,7 @@ from discovery_mdc._env import (
     DEFAULT_SYSTEM_HOST,
 )
 from discovery_mdc._lifecycle import AsyncService
+from discovery_mdc._metrics import SECONDS_BUCKETS
 from discovery_mdc.card import (
     ModelDeploymentCard,
     ModelEnvelope,
@@ -111,6 +115,18 @@ class Worker(AsyncService):
             store, ttl=lease_ttl, startup_timeout=startup_timeout, close_timeout=revoke_budget
         )
         self._self_host = self_host_metadata
+        # Exported on the status server's /metrics (without a server there is no /metrics).
+        self._registration_seconds = (
+            None
+            if self.server is None
+            else Histogram(
+                "discovery_mdc_worker_registration_seconds",
+                "from register_model() to its card in etcd (hashing, self-hosting, lease, "
+                "put), seconds",
+                buckets=SECONDS_BUCKETS,
+                registry=self.server.metrics,
+            )
+        )
         self._published: list[PublishedModel] = []
         self._lease_lock = asyncio.Lock()
         self._publish_lock = asyncio.Lock()
@@ -190,6 +206,7 @@ class Worker(AsyncService):
         ``instance_transport`` (e.g. ``tcp://host:port/path``) also publishes the Dynamo
         endpoint-instance record on the same lease, so a Dynamo frontend routes to it.
         """
+        began = time.monotonic()
         # Bad input fails before any hashing or etcd traffic.
         transport = (
             None if instance_transport is None else parse_instance_transport(instance_transport)
@@ -277,11 +294,20 @@ class Worker(AsyncService):
             )
             self._published.append(published)
         if handle.key is not None:
+            if self._registration_seconds is not None:
+                self._registration_seconds.observe(time.monotonic() - began)
             log.info(
                 "registered model %r at %s (lease %x)",
                 card.display_name,
                 handle.key,
                 self.session.lease_id,
+                extra={
+                    "model": card.display_name,
+                    "key": handle.key,
+                    "lease": f"{self.session.lease_id:x}",
+                    "namespace": namespace,
+                    "endpoint": f"{namespace}/{component}/{endpoint}",
+                },
             )
         else:
             log.info(
@@ -328,4 +354,8 @@ class Worker(AsyncService):
             await self.session.remove(record)
         self._published.remove(published)
         self.registry.unregister_model(self._ref(published))
-        log.info("unregistered model %r", published.card.display_name)
+        log.info(
+            "unregistered model %r",
+            published.card.display_name,
+            extra={"model": published.card.display_name, "namespace": published.namespace},
+        )

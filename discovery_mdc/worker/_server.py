@@ -4,7 +4,8 @@ Routes::
 
     GET|HEAD /v1/metadata/<slug>/<filename>
     GET|HEAD /v1/metadata/<namespace>/<component>/<endpoint>/<slug>/<suffix>/<filename>
-    GET      /health, /live     {"status": "ready"} 200, or {"status": "notready"} 503
+    GET      /health            {"status": "ready"} 200, or {"status": "notready"} 503
+    GET      /live              {"status": "live"} 200 while the process serves requests
     GET      /metrics           Prometheus text (a per-server CollectorRegistry)
 
 A metadata request is answered only when its *raw* request path (exactly as received, before
@@ -27,11 +28,11 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any, Final
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from discovery_mdc import _env
 from discovery_mdc._lifecycle import AsyncService
+from discovery_mdc._metrics import add_standard_collectors, metrics_response
 from discovery_mdc.worker._advertise import advertise_host, format_host_for_url
 from discovery_mdc.worker._registry import MetadataRegistry, RegisteredFile
 
@@ -106,7 +107,7 @@ def _open_checked(registered: RegisteredFile) -> IO[bytes]:
 class StatusServer(AsyncService):
     """The worker's status server. ``await start()`` binds it; ``await stop()`` shuts it down.
 
-    ``health`` decides /health and /live (``None`` means always ready); it may be replaced
+    ``health`` decides /health (``None`` means always ready); it may be replaced
     at any time, e.g. once the publisher exists. ``advertise`` overrides the host put in
     :attr:`base_url` (default: :func:`advertise_host` of the bind host). Usable as
     ``async with``.
@@ -147,10 +148,11 @@ class StatusServer(AsyncService):
         )
         registered = Gauge(
             "discovery_mdc_metadata_registered_files",
-            "Metadata keys currently registered.",
+            "Metadata files currently registered for self-hosting.",
             registry=self.metrics,
         )
-        registered.set_function(lambda: float(len(self.registry)))
+        registered.set_function(lambda: float(self.registry.file_count()))
+        add_standard_collectors(self.metrics)
 
     @classmethod
     def from_env(
@@ -198,7 +200,7 @@ class StatusServer(AsyncService):
         app = web.Application(middlewares=[self._count_metadata])
         app.router.add_get(METADATA_PREFIX + "{tail:.*}", self._metadata)  # also HEAD
         app.router.add_get("/health", self._health)
-        app.router.add_get("/live", self._health)
+        app.router.add_get("/live", self._live)
         app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
@@ -369,7 +371,9 @@ class StatusServer(AsyncService):
             content_type="application/json",
         )
 
+    async def _live(self, request: web.Request) -> web.Response:
+        # Liveness follows this process only: an etcd outage must not restart every worker.
+        return web.json_response({"status": "live"})
+
     async def _metrics(self, request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(self.metrics))
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return response
+        return metrics_response(self.metrics)
