@@ -1,6 +1,7 @@
 """Fixtures for real etcd: a fresh server or 3-member cluster per test, and a client.
 
-Other integration modules get these by name. ``etcd_server_factory`` starts servers with
+Other integration modules get these by name, and ``spawn``/``procs`` for worker and other CLI
+processes. ``etcd_server_factory`` starts servers with
 custom flags (``etcd_server_factory(extra_args=["--max-request-bytes=4194304"])``).
 """
 
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from discovery_mdc.etcd import EtcdClient, EtcdCluster, EtcdServer
+from integration._faults import CliProcess
+from integration._worker_proc import WorkerSpawner
 
 
 @pytest.fixture
@@ -53,3 +57,20 @@ async def etcd_client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
 async def to_thread(fn: Callable[[], Any]) -> Any:
     """Run a blocking server operation (restart, stop) without stalling the event loop."""
     return await asyncio.to_thread(fn)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[WorkerSpawner]:
+    """Start ``discovery-mdc worker`` processes; the ones still running are stopped after."""
+    spawner = WorkerSpawner(tmp_path)
+    yield spawner
+    spawner.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[CliProcess]]:
+    """Append the CLI processes a test starts; each is stopped (by PID) after the test."""
+    started: list[CliProcess] = []
+    yield started
+    for p in started:
+        p.close()

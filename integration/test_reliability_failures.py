@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -43,14 +43,6 @@ DEADLINE = 60.0
 async def client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
     async with EtcdClient([etcd_server.client_url], request_timeout=2.0) as c:
         yield c
-
-
-@pytest.fixture
-def procs() -> Iterator[list[CliProcess]]:
-    started: list[CliProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 Spawn = Callable[..., WorkerProc]

@@ -10,7 +10,7 @@ import json
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,14 +28,6 @@ USER, PASSWORD = "mdc", "s3cret-pw"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def procs() -> Iterator[list[CliProcess]]:
-    started: list[CliProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 async def works_end_to_end(

@@ -27,13 +27,6 @@ PREFIX = "v1/mdc/dynamo/backend/generate/"
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[WorkerSpawner]:
-    spawner = WorkerSpawner(tmp_path)
-    yield spawner
-    spawner.close()
-
-
-@pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     return write_sample_model(tmp_path / "models" / "fault-model")
 

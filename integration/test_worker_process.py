@@ -45,13 +45,6 @@ async def client(shared_etcd: EtcdServer) -> AsyncIterator[EtcdClient]:
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[WorkerSpawner]:
-    spawner = WorkerSpawner(tmp_path)
-    yield spawner
-    spawner.close()
-
-
-@pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     return write_sample_model(tmp_path / "models" / "Tiny-Llama-1.1")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -88,7 +89,7 @@ def seconds(*, minimum: float = 0.0, above: bool = False) -> Callable[[str], flo
     if ``above``): ``nan``, ``inf`` and negative values are refused."""
 
     def parse(text: str) -> float:
-        value = _env.parse_seconds(text, minimum=minimum)
+        value = _env.parse_seconds(text, minimum=-math.inf if above else minimum)
         if above and value <= minimum:
             raise ValueError(f"must be more than {minimum:g} seconds, got {text.strip()}")
         return value

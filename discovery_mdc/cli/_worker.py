@@ -112,7 +112,12 @@ async def _run_worker(args: argparse.Namespace, endpoint_id: tuple[str, str, str
             log.info("worker stopped before its model was registered")
             return EXIT_OK
         await stop.wait()
-        log.info("worker stopping: revoking lease %x", worker.session.lease_id)
+        log.info(
+            "worker stopping: revoking lease %x (graceful shutdown within %gs)",
+            worker.session.lease_id,
+            args.shutdown_timeout,
+            extra={"lease": f"{worker.session.lease_id:x}"},
+        )
     return EXIT_OK
 
 
