@@ -116,6 +116,7 @@ async def test_per_model_readiness_is_200_when_ready_and_503_when_not_or_unknown
     assert ready.status == 200
     body = await ready.json()
     assert (body["model"], body["ready"], body["instances"]) == ("org/m", True, 1)
+    assert body["namespaces"] == {"dynamo": {"worker_types": {"aggregated": {"workers": 1}}}}
     await store.delete(key(1))
     await until(lambda: watcher.model("org/m") is None)
     assert (await client.get("/v1/models/org/m/ready")).status == 503

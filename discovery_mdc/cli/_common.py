@@ -346,13 +346,12 @@ def etcd_client(args: argparse.Namespace, env: Mapping[str, str] | None = None) 
     Raises :class:`UsageError` for a TLS file that cannot be read or a password without a
     user, before any connection is tried.
     """
-    environ = os.environ if env is None else env
     for var in (_env.ETCD_AUTH_CA, _env.ETCD_AUTH_CLIENT_CERT, _env.ETCD_AUTH_CLIENT_KEY):
-        path = var.get(environ)
+        path = var.get(env)
         if path and not os.access(path, os.R_OK):
             raise UsageError(f"{var.name}={path!r}: no such readable file")
     try:
-        return EtcdClient.from_env({**environ, _env.ETCD_ENDPOINTS.name: args.etcd})
+        return EtcdClient.from_env(env, endpoints=args.etcd)
     except ValueError as exc:
         raise UsageError(f"ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD: {exc}") from None
 

@@ -217,7 +217,8 @@ class EtcdClient(AsyncService):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> EtcdClient:
         """A client configured from ``ETCD_ENDPOINTS``, ``ETCD_AUTH_USERNAME``/``_PASSWORD``
-        and ``ETCD_AUTH_CA``/``_CLIENT_CERT``/``_CLIENT_KEY``; ``kwargs`` override."""
+        and ``ETCD_AUTH_CA``/``_CLIENT_CERT``/``_CLIENT_KEY``; ``kwargs`` (``endpoints`` too)
+        override."""
         opts: dict[str, Any] = {
             "username": _env.ETCD_AUTH_USERNAME.get(env),
             "password": _env.ETCD_AUTH_PASSWORD.get(env),
@@ -228,7 +229,8 @@ class EtcdClient(AsyncService):
         if opts["username"] is not None and opts["password"] is None:
             opts["password"] = ""
         opts.update(kwargs)
-        return cls(endpoints_from_env(env), **opts)
+        endpoints = opts.pop("endpoints", None)
+        return cls(endpoints if endpoints is not None else endpoints_from_env(env), **opts)
 
     # ------------------------------------------------------------------ lifecycle
 

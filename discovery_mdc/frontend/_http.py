@@ -75,10 +75,19 @@ def model_not_found(name: str) -> dict[str, Any]:
     }
 
 
-def readiness(name: str, stats: ModelStats | None) -> dict[str, Any]:
-    """``{"model": ..., "ready": bool, ...}``, the shape of Dynamo's per-model readiness."""
+def readiness(name: str, stats: ModelStats | None, info: ModelInfo | None) -> dict[str, Any]:
+    """``{"model": ..., "ready": bool, "namespaces": {ns: {"worker_types": {type:
+    {"workers": n}}}}, ...}``, the shape of Dynamo's per-model readiness."""
     if stats is None:
         return {"model": name, "ready": False, "status": "unknown", "instances": 0}
+    namespaces: dict[str, Any] = {}
+    for ws in info.worker_sets if info is not None else ():
+        if ws.ready:
+            # The worker-set key is "{namespace}:{model_type}:{worker_type}".
+            namespace, worker_type = ws.key.split(":")[0], ws.key.split(":")[-1]
+            types = namespaces.setdefault(namespace, {"worker_types": {}})["worker_types"]
+            entry = types.setdefault(worker_type, {"workers": 0})
+            entry["workers"] += len(ws.instances)
     return {
         "model": name,
         "ready": stats.ready,
@@ -86,6 +95,7 @@ def readiness(name: str, stats: ModelStats | None) -> dict[str, Any]:
         "instances": stats.instances,
         "ready_instances": stats.ready_instances,
         "rejected_instances": stats.rejected,
+        "namespaces": namespaces,
     }
 
 
@@ -103,7 +113,7 @@ def build_app(watcher: ModelWatcher) -> web.Application:
     async def model_ready(request: web.Request) -> web.Response:
         name = request.match_info["id"]
         stats = next((s for s in watcher.model_stats() if s.name == name), None)
-        body = readiness(name, stats)
+        body = readiness(name, stats, watcher.model(name))
         return web.json_response(body, status=200 if body["ready"] else 503)
 
     async def health(_: web.Request) -> web.Response:
