@@ -195,14 +195,14 @@ def _leases(etcd: EtcdServer) -> list[Any]:
         return list(json.loads(resp.read()).get("leases") or [])
 
 
-def _bad_input_cases(tmp: Path) -> list[tuple[str, list[str | bytes], dict[str, str], str]]:
+def _bad_input_cases(tmp: Path) -> dict[str, tuple[list[str | bytes], dict[str, str], str]]:
     model = str(write_sample_model(tmp / "m"))
     a_file = tmp / "a-file"
     a_file.write_text("not a directory")
     w = ["worker", "--model-path", model, "--system-port", "0", "--system-host", "127.0.0.1"]
     card = tmp / "card.json"
     card.write_text("{}")
-    return [
+    cases = [
         ("lease TTL above etcd's maximum", [*w, "--lease-ttl", "9000000001"], {}, "9000000000"),
         ("ETCD_LEASE_TTL above etcd's maximum", w, {"ETCD_LEASE_TTL": "9000000001"},
          "ETCD_LEASE_TTL='9000000001'"),
@@ -233,25 +233,48 @@ def _bad_input_cases(tmp: Path) -> list[tuple[str, list[str | bytes], dict[str, 
         ("card fetch --timeout -1", ["card", "fetch", str(card), "--timeout", "-1"], {},
          "more than 0"),
     ]  # fmt: skip
+    assert tuple(name for name, *_ in cases) == BAD_INPUT
+    return {name: (argv, env, needle) for name, argv, env, needle in cases}
 
 
+BAD_INPUT = (
+    "lease TTL above etcd's maximum",
+    "ETCD_LEASE_TTL above etcd's maximum",
+    "--system-host that does not resolve",
+    "DYN_SYSTEM_HOST that does not resolve",
+    "--http-host that does not resolve",
+    "a model path that is not UTF-8",
+    "a cache dir that is a file",
+    "DYN_MDC_CACHE_DIR inside a file",
+    "card fetch into a cache dir that is a file",
+    "worker --namespace a/b",
+    "frontend --namespace a/b",
+    "DYN_NAMESPACE a/b",
+    "--endpoint dyn:// with two parts",
+    "--endpoint dyn:// against --namespace",
+    "--reconcile-interval nan",
+    "--reconcile-interval -1",
+    "card fetch --timeout -1",
+)
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
 def test_bad_input_exits_2_with_one_line_before_any_side_effect(
-    shared_etcd: EtcdServer, tmp_path: Path
+    case: str, shared_etcd: EtcdServer, tmp_path: Path
 ) -> None:
-    for name, argv, extra_env, needle in _bad_input_cases(tmp_path):
-        env = child_env(ETCD_ENDPOINTS=shared_etcd.client_url, **extra_env)
-        proc = subprocess.run(
-            [os.fsencode(sys.executable), b"-m", b"discovery_mdc",
-             *(a if isinstance(a, bytes) else os.fsencode(a) for a in argv)],
-            capture_output=True, text=True, timeout=DEADLINE, check=False, env=env,
-            cwd=tmp_path,
-        )  # fmt: skip
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2, (name, proc.returncode, proc.stderr)
-        assert len(lines) == 1 and "error" in lines[0], (name, proc.stderr)
-        assert "Traceback" not in proc.stderr, (name, proc.stderr)
-        assert needle in lines[0], (name, lines[0])
-        print(f"{name}: {lines[0]}")
-    # Nothing was granted or written: every one of them stopped before contacting etcd.
+    argv, extra_env, needle = _bad_input_cases(tmp_path)[case]
+    env = child_env(ETCD_ENDPOINTS=shared_etcd.client_url, **extra_env)
+    proc = subprocess.run(
+        [os.fsencode(sys.executable), b"-m", b"discovery_mdc",
+         *(a if isinstance(a, bytes) else os.fsencode(a) for a in argv)],
+        capture_output=True, text=True, timeout=DEADLINE, check=False, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and "error" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert needle in lines[0], lines[0]
+    print(f"\n{case}: {lines[0]}")
+    # Nothing was granted or written: it stopped before contacting etcd.
     assert _leases(shared_etcd) == []
     assert not (tmp_path / "a-file").is_dir()
