@@ -1,8 +1,9 @@
 """Every environment variable discovery-mdc reads, with its parser and its default.
 
 This is the only module that reads the environment (the Hugging Face variables ``HF_HOME``,
-``HF_HUB_CACHE``, ``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``XDG_CACHE_HOME``
-excepted: the HF resolver reads those, as huggingface_hub does). Library objects take plain
+``HF_HUB_CACHE``, ``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``XDG_CACHE_HOME`` and
+the like excepted: the HF resolver, :mod:`discovery_mdc._hf`, reads those as huggingface_hub
+does). Library objects take plain
 values; only the ``from_env()`` constructors and the CLI read the environment, through the
 :class:`EnvVar` objects below.
 

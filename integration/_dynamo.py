@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -51,6 +52,7 @@ __all__ = [
     "free_port_below_32768",
     "http_json",
     "in_ci",
+    "install_lock_path",
     "list_models",
     "oracle_local_dir",
     "oracle_local_dirs",
@@ -122,6 +124,18 @@ def _venv_works(python: Path) -> bool:
     return True
 
 
+def install_lock_path(venv: Path) -> Path:
+    """The lock that serialises installs into ``venv``: beside it (``.<name>.lock``), unless
+    that is inside this repository (CI's ``<repo>/.venv-dynamo-ci`` made a stray
+    ``<repo>/..venv-dynamo-ci.lock``); then in the temp dir, keyed by the venv's path."""
+    venv = venv.absolute()
+    beside = venv.parent / f".{venv.name}.lock"
+    if _REPO not in beside.parents:
+        return beside
+    key = hashlib.sha256(os.fsencode(venv)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"discovery-mdc-{venv.name.lstrip('.')}-{key}.lock"
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path, timeout: float) -> Iterator[None]:
     """An exclusive ``flock`` with a deadline (a lock with no timeout hangs after a crash;
@@ -159,7 +173,7 @@ def ensure_dynamo_venv(venv: Path | None = None, *, fresh: bool = False) -> Path
     fresh = fresh and venv not in _FRESH_DONE
     if not fresh and _venv_works(python):
         return python
-    with _file_lock(venv.parent / f".{venv.name}.lock", _LOCK_TIMEOUT):
+    with _file_lock(install_lock_path(venv), _LOCK_TIMEOUT):
         if not fresh and _venv_works(python):  # another process installed it meanwhile
             return python
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "card_keys",
     "envelope_kv",
     "model_dirs",
+    "parse_metrics",
     "peak_rss_kib",
     "tcp_peer_ports",
 ]
@@ -55,6 +56,17 @@ def peak_rss_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> ``name`` or ``name{labels}`` -> value."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if m:
+            labels = f"{{{m['labels']}}}" if m["labels"] else ""
+            out[m["name"] + labels] = float(m["value"])
+    return out
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -79,6 +91,7 @@ class CliProcess:
         log_path: Path,
         env: Mapping[str, str] | None,
         cwd: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
@@ -89,6 +102,7 @@ class CliProcess:
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else child_env(),
             cwd=cwd,
+            preexec_fn=preexec_fn,
         )
 
     @property
@@ -250,13 +264,7 @@ class FrontendProcess(CliProcess):
         """Prometheus samples: ``name`` or ``name{labels}`` -> value."""
         status, body = await asyncio.to_thread(self._get, "/metrics")
         assert status == 200, status
-        out: dict[str, float] = {}
-        for line in body.decode().splitlines():
-            m = _METRIC.match(line)
-            if m:
-                labels = f"{{{m['labels']}}}" if m["labels"] else ""
-                out[m["name"] + labels] = float(m["value"])
-        return out
+        return parse_metrics(body.decode())
 
     async def counter_at_least(self, name: str, n: float) -> bool:
         """True once the metric sample ``name`` (e.g. ``x_total{a="b"}``) reaches ``n``."""

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from integration._faults import CliProcess, child_env
 
-__all__ = ["Registered", "WorkerProcess", "WorkerSpawner", "worker_env"]
+__all__ = ["Registered", "WorkerProcess", "WorkerSpawner", "status_env", "worker_env"]
 
 _REGISTERED = re.compile(
     r"registered model '(?P<name>[^']*)' at (?P<key>\S+) \(lease (?P<lease>[0-9a-f]+)\)"
@@ -29,13 +30,26 @@ class Registered:
 worker_env = child_env
 
 
+def status_env() -> dict[str, str]:
+    """A worker environment with the status server on a free loopback port."""
+    return worker_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1")
+
+
 class WorkerProcess(CliProcess):
     """One ``discovery-mdc worker`` process; only this process is ever signalled, by its PID."""
 
     def __init__(
-        self, args: list[str], *, env: dict[str, str], log_path: Path, cwd: Path | None = None
+        self,
+        args: list[str],
+        *,
+        env: dict[str, str],
+        log_path: Path,
+        cwd: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(["worker", *args], log_path=log_path, env=env, cwd=cwd)
+        super().__init__(
+            ["worker", *args], log_path=log_path, env=env, cwd=cwd, preexec_fn=preexec_fn
+        )
 
     def registered_lines(self) -> list[Registered]:
         return [
@@ -61,13 +75,18 @@ class WorkerSpawner:
         self._procs: list[WorkerProcess] = []
 
     def __call__(
-        self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> WorkerProcess:
         proc = WorkerProcess(
             list(args),
             env=worker_env() if env is None else env,
             log_path=self._log_dir / f"worker-{len(self._procs)}.log",
             cwd=cwd,
+            preexec_fn=preexec_fn,
         )
         self._procs.append(proc)
         return proc

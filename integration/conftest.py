@@ -41,6 +41,14 @@ def etcd_server(etcd_server_factory: Callable[..., EtcdServer]) -> EtcdServer:
 
 
 @pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[WorkerSpawner]:
+    """Start ``discovery-mdc worker`` processes (logs in ``tmp_path``); killed after the test."""
+    spawner = WorkerSpawner(tmp_path)
+    yield spawner
+    spawner.close()
+
+
+@pytest.fixture
 def etcd_cluster() -> Iterator[EtcdCluster]:
     """A fresh 3-member etcd cluster on loopback."""
     with EtcdCluster(3) as cluster:
@@ -57,14 +65,6 @@ async def etcd_client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
 async def to_thread(fn: Callable[[], Any]) -> Any:
     """Run a blocking server operation (restart, stop) without stalling the event loop."""
     return await asyncio.to_thread(fn)
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[WorkerSpawner]:
-    """Start ``discovery-mdc worker`` processes; the ones still running are stopped after."""
-    spawner = WorkerSpawner(tmp_path)
-    yield spawner
-    spawner.close()
 
 
 @pytest.fixture

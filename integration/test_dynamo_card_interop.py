@@ -12,15 +12,18 @@ tests; this module pins only the card bytes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
+from discovery_mdc.cache import resolve_metadata_files
 from discovery_mdc.card import (
     ModelEnvelope,
     WorkerType,
     card_key,
+    decode_envelope,
     encode_card,
     encode_envelope,
     endpoint_key,
@@ -28,16 +31,21 @@ from discovery_mdc.card import (
     mdcsum,
 )
 from discovery_mdc.etcd import EtcdServer
+from discovery_mdc.worker._registry import url_segment
 from integration._dynamo import (
     dynamo_env,
     ensure_dynamo_venv,
+    etcd_get_prefix,
     etcd_lease_grant,
     etcd_lease_revoke,
     etcd_put,
     free_port,
+    free_port_below_32768,
     oracle_local_dirs,
     start_dynamo_frontend,
+    start_dynamo_worker,
     stop,
+    wait_for,
     wait_for_models,
     write_dynamo_sample_model,
 )
@@ -125,3 +133,32 @@ def test_dynamo_frontend_lists_our_card_and_drops_it_with_the_lease(
         wait_for_models(port, ["ours-local"], present=False, proc=frontend)
     finally:
         stop(frontend)
+
+
+def test_a_file_name_that_needs_encoding_is_encoded_as_dynamo_does_and_cached_by_name(
+    peer: Path, etcd_url: str, tmp_path: Path
+) -> None:
+    """Dynamo 1.6.1 self-hosts a custom template named ``my template (v2).jinja`` at
+    ``.../my%20template%20(v2).jinja``: the URL segment our worker uses for that name. Our
+    frontend fetches it from Dynamo's status server and stores it under its real name."""
+    model = write_dynamo_sample_model(tmp_path / "m", vocab_size=50)
+    template = tmp_path / "my template (v2).jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    home = tmp_path / "worker-home"
+    home.mkdir()
+    env = dynamo_env(etcd_url, home, system_port=free_port_below_32768())
+    worker = start_dynamo_worker(
+        peer, env, model, "encoded", register_kwargs={"custom_template_path": str(template)},
+        log=tmp_path / "worker.log",
+    )  # fmt: skip
+    try:
+        values = wait_for(lambda: etcd_get_prefix(etcd_url, "v1/mdc/"), what="card", proc=worker)
+        [card] = [decode_envelope(v).card for v in values.values()]
+        slot = card.chat_template_file
+        assert slot is not None and slot.file.is_url
+        assert slot.file.path.rsplit("/", 1)[1] == url_segment(template.name)
+        resolved = asyncio.run(resolve_metadata_files(card, cache_dir=tmp_path / "cache"))
+        assert resolved.local_dir is not None
+        assert (resolved.local_dir / template.name).read_bytes() == template.read_bytes()
+    finally:
+        stop(worker)

@@ -31,7 +31,8 @@ async def _download(session: aiohttp.ClientSession, url: str) -> tuple[int, int,
 
 async def test_200_concurrent_downloads_of_a_10mb_file_are_all_whole(tmp_path: Path) -> None:
     model_dir = write_sample_model(tmp_path / "big-model")
-    (model_dir / "tokenizer.json").write_bytes(os.urandom(SIZE))
+    (model_dir / "tokenizer.json").unlink()  # a JSON tokenizer must parse; this one is opaque
+    (model_dir / "tiktoken.model").write_bytes(os.urandom(SIZE))
     card = from_dir(model_dir)
     async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as server:
         hosted = move_to_self_host(

@@ -19,7 +19,7 @@ from discovery_mdc.card import decode_envelope
 from discovery_mdc.errors import EtcdError
 from discovery_mdc.etcd import EtcdClient, EtcdCluster, EtcdServer
 from integration._util import wait_until
-from integration._worker_proc import Registered, WorkerProcess, WorkerSpawner, worker_env
+from integration._worker_proc import Registered, WorkerProcess, WorkerSpawner, status_env
 
 # Generous bounds for things that are not behavioural (process start-up, etcd start-up).
 START = 60.0
@@ -35,10 +35,6 @@ def model_dir(tmp_path: Path) -> Path:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-def status_env() -> dict[str, str]:
-    return worker_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1")
 
 
 async def health(http: aiohttp.ClientSession, worker: WorkerProcess) -> int:

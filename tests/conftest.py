@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -7,6 +8,10 @@ from typing import Any
 import pytest
 
 from discovery_mdc._sample import write_sample_model
+from discovery_mdc.card import hash_bytes
+
+#: The commit every generated HF cache entry is stored under.
+HF_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
@@ -15,5 +20,31 @@ def make_model_dir(tmp_path: Path) -> Callable[..., Path]:
 
     def make(name: str = "sample-model", **kwargs: Any) -> Path:
         return write_sample_model(tmp_path / "models" / name, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def make_hf_repo() -> Callable[..., Path]:
+    """Factory: ``make_hf_repo(hub, repo, model_dir, revision="main", ref=True)`` lays out
+    ``model_dir`` as huggingface_hub caches a repo (``refs/<revision>`` naming a commit,
+    ``snapshots/<commit>/`` entries linking into ``blobs/``) and returns the snapshot dir."""
+
+    def make(
+        hub: Path, repo: str, model_dir: Path, revision: str = "main", *, ref: bool = True
+    ) -> Path:
+        repo_dir = hub / ("models--" + repo.replace("/", "--"))
+        snapshot = repo_dir / "snapshots" / HF_COMMIT
+        snapshot.mkdir(parents=True)
+        (repo_dir / "blobs").mkdir(exist_ok=True)
+        for f in sorted(model_dir.iterdir()):
+            data = f.read_bytes()
+            blob = repo_dir / "blobs" / hash_bytes(data).hex
+            blob.write_bytes(data)
+            (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+        if ref:
+            (repo_dir / "refs").mkdir(exist_ok=True)
+            (repo_dir / "refs" / revision).write_text(HF_COMMIT)
+        return snapshot
 
     return make

@@ -110,6 +110,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT", "HF_HOME", "DYN_MDC_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "hf-token"))
 
 
 def read(path: str | Path) -> bytes:
@@ -198,21 +199,6 @@ async def test_cache_root_comes_from_env(
     assert_cached(resolved, card, CacheLayout(tmp_path / "envcache"))
 
 
-def make_hf_cache(hub: Path, repo: str, model_dir: Path, revision: str = "main") -> None:
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = hub / ("models--" + repo.replace("/", "--"))
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / revision).write_text(commit)
-    snapshot = repo_dir / "snapshots" / commit
-    (repo_dir / "blobs").mkdir()
-    snapshot.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        # Like the real HF cache: snapshot entries are symlinks into blobs/.
-        blob = repo_dir / "blobs" / hash_bytes(f.read_bytes()).hex
-        blob.write_bytes(f.read_bytes())
-        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
-
-
 def hf_card(card: ModelDeploymentCard, repo: str) -> ModelDeploymentCard:
     return card.with_paths(lambda _, f: f"hf://{repo}/{f.basename}")
 
@@ -222,8 +208,9 @@ async def test_hf_resolves_from_local_hf_cache_offline(
     cache: CacheLayout,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    make_hf_repo: Callable[..., Path],
 ) -> None:
-    make_hf_cache(tmp_path / "hf-hub", "org/tiny", Path(card.source_path or ""))
+    make_hf_repo(tmp_path / "hf-hub", "org/tiny", Path(card.source_path or ""))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # never contacted
     remote = hf_card(card, "org/tiny")
@@ -236,8 +223,9 @@ async def test_hf_revision_is_looked_up_in_refs(
     cache: CacheLayout,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    make_hf_repo: Callable[..., Path],
 ) -> None:
-    make_hf_cache(tmp_path / "hf-hub", "org/tiny", Path(card.source_path or ""), "v1")
+    make_hf_repo(tmp_path / "hf-hub", "org/tiny", Path(card.source_path or ""), "v1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     resolved = await resolve_metadata_files(hf_card(card, "org/tiny@v1"), cache_dir=cache.root)
     assert resolved.local_dir is not None and resolved.local_dir.is_dir()
@@ -253,16 +241,25 @@ async def test_hf_offline_and_not_cached_is_a_connection_error(
     assert_nothing_published(cache)
 
 
+@pytest.mark.parametrize("source", ["HF_TOKEN", "the file `hf auth login` writes"])
 async def test_hf_downloads_from_endpoint_with_token(
     server: MetaServer,
     card: ModelDeploymentCard,
     cache: CacheLayout,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    source: str,
 ) -> None:
     for _, f in card.files():
         server.files[f"/org/tiny/resolve/main/{f.basename}"] = read(f.path)
     monkeypatch.setenv("HF_ENDPOINT", server.url(""))
-    monkeypatch.setenv("HF_TOKEN", "secret")
+    if source == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", "secret")
+    else:
+        monkeypatch.delenv("HF_TOKEN_PATH")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        (tmp_path / "hf-home").mkdir()
+        (tmp_path / "hf-home" / "token").write_text("secret\n")
     remote = hf_card(card, "org/tiny")
     resolved = await resolve_metadata_files(remote, cache_dir=cache.root)
     assert_cached(resolved, remote, cache)
@@ -758,8 +755,9 @@ async def test_legacy_card_with_missing_files_falls_back_to_hf(
     cache: CacheLayout,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    make_hf_repo: Callable[..., Path],
 ) -> None:
-    make_hf_cache(tmp_path / "hf-hub", "org/tiny", Path(card.source_path or ""))
+    make_hf_repo(tmp_path / "hf-hub", "org/tiny", Path(card.source_path or ""))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     old = legacy(card.with_paths(lambda _, f: f"/elsewhere/{f.basename}")).replace(
         source_path="org/tiny"

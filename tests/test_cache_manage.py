@@ -1,23 +1,38 @@
-"""`card fetch` and `cache ls|verify|prune` through the real CLI entry point."""
+"""`card fetch` and `cache ls|verify|prune|rm` through the real CLI (a `python -m
+discovery_mdc` process; `--json` output is parsed, not grepped)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
+import pty
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from discovery_mdc import cli
-from discovery_mdc.cache import CacheLayout, plan_prune, resolve_metadata_files, scan_cache
+from discovery_mdc.cache import (
+    CacheLayout,
+    ResolvedCard,
+    plan_prune,
+    resolve_metadata_files,
+    scan_cache,
+)
 from discovery_mdc.cache._store import forget_verified
 from discovery_mdc.card import CheckedFile, ModelDeploymentCard, encode_card, from_dir
+from discovery_mdc.errors import ChecksumMismatchError
+
+DAY = 86400.0
+_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "HF_"))}
 
 
 @pytest.fixture(autouse=True)
@@ -31,13 +46,38 @@ def cache(tmp_path: Path) -> CacheLayout:
     return CacheLayout(tmp_path / "cache")
 
 
-def run(*argv: str) -> int:
-    return cli.main(list(argv))
+def cli_run(
+    *argv: str, stdin: int | None = subprocess.DEVNULL, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child process (stdin is not a terminal unless a pty is passed)."""
+    return subprocess.run(
+        [sys.executable, "-m", "discovery_mdc", "--log-level", "warning", *argv],
+        stdin=stdin, capture_output=True, text=True, timeout=60, check=False,
+        env={**_ENV, **(env or {})},
+    )  # fmt: skip
+
+
+def cli_main(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The same CLI entry point in this process (faster); for runs that need no stdin."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["--log-level", "warning", *argv])
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def cli_json(*argv: str, code: int = 0) -> Any:
+    proc = cli_main(*argv, "--json")
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    return json.loads(proc.stdout)
 
 
 def write_card(path: Path, card: ModelDeploymentCard) -> Path:
     path.write_bytes(encode_card(card))
     return path
+
+
+def resolve(card: ModelDeploymentCard, cache: CacheLayout) -> ResolvedCard:
+    return asyncio.run(resolve_metadata_files(card, cache_dir=cache.root))
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -59,21 +99,40 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def backdate(card_dir: Path, seconds_ago: float) -> float:
+    """Make a card look last used ``seconds_ago`` (its links' own mtimes, and the dir's)."""
+    when = time.time() - seconds_ago
+    for link in card_dir.iterdir():
+        os.utime(link, (when, when), follow_symlinks=False)
+    os.utime(card_dir, (when, when))
+    return when
+
+
+def cards_by_id(cache: CacheLayout) -> dict[str, Any]:
+    return {c["id"]: c for c in cli_json("cache", "ls", "--cache-dir", str(cache.root))["cards"]}
+
+
 # --------------------------------------------------------------------------- card fetch
 
 
-def test_card_fetch_prints_the_local_dir(
-    make_model_dir: Callable[..., Path],
-    cache: CacheLayout,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+def test_card_fetch_prints_the_local_dir_or_json(
+    make_model_dir: Callable[..., Path], cache: CacheLayout, tmp_path: Path
 ) -> None:
     card = from_dir(make_model_dir())
     path = write_card(tmp_path / "card.json", card)
-    assert run("card", "fetch", str(path), "--cache-dir", str(cache.root)) == 0
-    local = Path(capsys.readouterr().out.strip())
+    proc = cli_run("card", "fetch", str(path), "--cache-dir", str(cache.root))
+    assert proc.returncode == 0, proc.stderr
+    local = Path(proc.stdout.strip())
     assert local.parent.parent == cache.by_slug
     assert sorted(p.name for p in local.iterdir()) == sorted(f.basename for _, f in card.files())
+    doc = cli_json("card", "fetch", str(path), "--cache-dir", str(cache.root))
+    assert set(doc) == {"model", "slug", "mdcsum", "local_dir", "in_place", "files"}
+    assert (doc["model"], doc["slug"], doc["local_dir"]) == ("sample-model", "sample-model",
+                                                             str(local))  # fmt: skip
+    assert local.name == doc["mdcsum"] and doc["in_place"] is False
+    expected = {slot: (f.basename, f.checksum.hex, f.size) for slot, f in card.files()}
+    assert {f["slot"]: (f["name"], f["blake3"], f["size"]) for f in doc["files"]} == expected
+    assert all(Path(f["path"]).parent == local for f in doc["files"])
 
 
 def test_card_fetch_accepts_an_envelope(
@@ -90,7 +149,7 @@ def test_card_fetch_accepts_an_envelope(
     }
     path = tmp_path / "env.json"
     path.write_text(json.dumps(envelope))
-    assert run("card", "fetch", str(path), "--cache-dir", str(cache.root)) == 0
+    assert cli.main(["card", "fetch", str(path), "--cache-dir", str(cache.root)]) == 0
 
 
 def test_card_fetch_bad_input_exits_2(
@@ -98,8 +157,8 @@ def test_card_fetch_bad_input_exits_2(
 ) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
-    assert run("card", "fetch", str(bad), "--cache-dir", str(cache.root)) == 2
-    assert run("card", "fetch", str(tmp_path / "missing.json")) == 2
+    assert cli.main(["card", "fetch", str(bad), "--cache-dir", str(cache.root)]) == 2
+    assert cli.main(["card", "fetch", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 2
 
@@ -108,149 +167,330 @@ def test_card_fetch_unsafe_name_exits_2(
     make_model_dir: Callable[..., Path], tmp_path: Path, cache: CacheLayout
 ) -> None:
     card = from_dir(make_model_dir()).with_paths(lambda _, f: "http://127.0.0.1:9/%2E%2E")
-    assert (
-        run(
-            "card",
-            "fetch",
-            str(write_card(tmp_path / "c.json", card)),
-            "--cache-dir",
-            str(cache.root),
-        )
-        == 2
-    )
+    path = write_card(tmp_path / "c.json", card)
+    assert cli.main(["card", "fetch", str(path), "--cache-dir", str(cache.root)]) == 2
     assert not cache.blobs.exists() or not list(cache.blobs.iterdir())
 
 
 def test_card_fetch_failure_exits_1_with_one_line(
-    make_model_dir: Callable[..., Path],
-    tmp_path: Path,
-    cache: CacheLayout,
-    capsys: pytest.CaptureFixture[str],
+    make_model_dir: Callable[..., Path], tmp_path: Path, cache: CacheLayout
 ) -> None:
     model = make_model_dir()
     card = from_dir(model)
     (model / "config.json").write_text("{}")  # the file no longer matches the card
-    path = write_card(tmp_path / "c.json", card)
-    assert (
-        run("--log-level", "error", "card", "fetch", str(path), "--cache-dir", str(cache.root)) == 1
-    )
-    err = [line for line in capsys.readouterr().err.splitlines() if "discovery-mdc: error" in line]
+    proc = cli_run("card", "fetch", str(write_card(tmp_path / "c.json", card)),
+                   "--cache-dir", str(cache.root))  # fmt: skip
+    assert proc.returncode == 1
+    err = [line for line in proc.stderr.splitlines() if "discovery-mdc: error" in line]
     assert len(err) == 1 and "checksum mismatch" in err[0]
+
+
+# --------------------------------------------------------------------------- cache hygiene
+
+
+def test_a_card_that_never_verifies_leaves_no_card_directory(
+    make_model_dir: Callable[..., Path], cache: CacheLayout
+) -> None:
+    model = make_model_dir("never")
+    card = from_dir(model)
+    (model / "tokenizer_config.json").write_text("{}")  # one of the files no longer verifies
+    with pytest.raises(ChecksumMismatchError):
+        resolve(card, cache)
+    # The files that did verify are cached as blobs, but no by-slug/<slug>/<mdcsum>/ with
+    # some of the files exists: `cache ls` shows no card, and no staging dir is left.
+    assert list(cache.by_slug.rglob("*")) in ([], [cache.by_slug / "never"])
+    assert len(list(cache.blobs.iterdir())) == len(list(card.files())) - 1
+    doc = cli_json("cache", "ls", "--cache-dir", str(cache.root))
+    assert doc["cards"] == [] and doc["incomplete"] == []
+    # prune cleans up after it: the orphaned blobs and the empty model dir go.
+    assert cli_main("cache", "prune", "-y", "--cache-dir", str(cache.root)).returncode == 0
+    assert list(cache.blobs.iterdir()) == [] and list(cache.by_slug.iterdir()) == []
+
+
+def test_a_staging_dir_left_by_a_killed_process_is_incomplete_and_pruned(
+    make_model_dir: Callable[..., Path], cache: CacheLayout
+) -> None:
+    card = from_dir(make_model_dir("killed"))
+    done = resolve(card, cache)
+    assert done.local_dir is not None
+    # What a frontend killed between its 4th and 5th link leaves: a staging dir.
+    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{dead_pid()}.{uuid.uuid4().hex}"
+    done.local_dir.rename(staging)
+    next(staging.iterdir()).unlink()
+    doc = cli_json("cache", "ls", "--cache-dir", str(cache.root))
+    assert doc["cards"] == []
+    [inc] = doc["incomplete"]
+    assert (inc["path"], inc["model"], inc["mdcsum"]) == (str(staging), "killed", done.mdcsum)
+    assert inc["owner_alive"] is False
+    plan = cli_json("cache", "prune", "--dry-run", "--cache-dir", str(cache.root))
+    assert [i["kind"] for i in plan["items"]].count("incomplete") == 1
+    result = cli_json("cache", "prune", "-y", "--cache-dir", str(cache.root))["result"]
+    assert {i["kind"] for i in result["removed"]} == {"incomplete", "blob", "dir"}
+    assert not staging.exists() and list(cache.blobs.iterdir()) == []
+    # And the card resolves again from scratch.
+    assert resolve(card, cache).local_dir == done.local_dir
+
+
+def test_prune_removes_a_card_with_a_broken_link_as_a_whole(
+    make_model_dir: Callable[..., Path], cache: CacheLayout
+) -> None:
+    broken = from_dir(make_model_dir("broken", seed=2))
+    keep = from_dir(make_model_dir("keep", seed=1))
+    bad = resolve(broken, cache)
+    resolve(keep, cache)
+    _, tok = list(broken.files())[1]
+    cache.blob(tok.checksum.hex).unlink()
+    assert cards_by_id(cache)[f"broken/{bad.mdcsum}"]["broken"] is True
+    doc = cli_json("cache", "prune", "-y", "--cache-dir", str(cache.root))
+    removed = {(i["kind"], i["path"]) for i in doc["result"]["removed"]}
+    assert ("card", str(bad.local_dir)) in removed
+    assert not (cache.by_slug / "broken").exists()  # never a card dir with 4 of 5 links
+    assert list(cards_by_id(cache)) == [f"keep/{resolve(keep, cache).mdcsum}"]
 
 
 # --------------------------------------------------------------------------- ls / verify
 
 
-def test_cache_ls_lists_cards_files_and_sizes(
-    make_model_dir: Callable[..., Path], cache: CacheLayout, capsys: pytest.CaptureFixture[str]
+def test_cache_ls_table_quiet_and_json(
+    make_model_dir: Callable[..., Path], cache: CacheLayout
 ) -> None:
     card = from_dir(make_model_dir("ls-model"))
-    resolved = asyncio.run(resolve_metadata_files(card, cache_dir=cache.root))
-    capsys.readouterr()
-    assert run("cache", "ls", "--cache-dir", str(cache.root)) == 0
-    out = capsys.readouterr().out
-    assert "ls-model" in out and resolved.mdcsum in out and "last used" in out
+    resolved = resolve(card, cache)
+    proc = cli_run("cache", "ls", "--cache-dir", str(cache.root))
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["ID", "FILES", "SIZE", "LAST", "USED"]
+    ident = f"ls-model/{resolved.mdcsum}"
+    assert lines[1].split()[0] == ident
     for _, f in card.files():
-        assert f.basename in out and f.checksum.hex in out
+        assert any(f.basename in line and f.checksum.hex in line for line in lines)
+    quiet = cli_main("cache", "ls", "-q", "--cache-dir", str(cache.root))
+    assert quiet.stdout.splitlines() == [ident]
+    doc = cli_json("cache", "ls", "--cache-dir", str(cache.root))
+    assert set(doc) == {"cache_dir", "cards", "incomplete", "blobs", "size_on_disk", "warnings"}
+    [entry] = doc["cards"]
+    assert set(entry) == {"id", "model", "mdcsum", "path", "size", "last_used",
+                          "last_used_unix", "broken", "files"}  # fmt: skip
+    assert (entry["id"], entry["model"], entry["mdcsum"]) == (ident, "ls-model", resolved.mdcsum)
+    assert entry["path"] == str(resolved.local_dir) and entry["broken"] is False
+    assert entry["size"] == sum(f.size or 0 for _, f in card.files())
+    assert entry["last_used"].endswith("Z") and abs(entry["last_used_unix"] - time.time()) < 120
+    assert sorted((f["name"], f["blake3"]) for f in entry["files"]) == sorted(
+        (f.basename, f.checksum.hex) for _, f in card.files()
+    )
+    assert doc["blobs"] == len(list(card.files())) and doc["cache_dir"] == str(cache.root)
 
 
-def test_cache_ls_of_a_missing_cache_is_empty(
-    cache: CacheLayout, capsys: pytest.CaptureFixture[str]
+def test_cache_ls_of_a_missing_cache_is_empty(cache: CacheLayout) -> None:
+    assert "no cached cards" in cli_main("cache", "ls", "--cache-dir", str(cache.root)).stdout
+    assert cli_json("cache", "ls", "--cache-dir", str(cache.root))["cards"] == []
+
+
+def test_last_used_is_the_last_resolve_not_a_dir_mtime_prune_moves(
+    make_model_dir: Callable[..., Path], cache: CacheLayout
 ) -> None:
-    assert run("cache", "ls", "--cache-dir", str(cache.root)) == 0
-    assert "no cached cards" in capsys.readouterr().out
+    card = from_dir(make_model_dir("used"))
+    resolved = resolve(card, cache)
+    assert resolved.local_dir is not None
+    when = backdate(resolved.local_dir, 40 * DAY)
+    # A dead writer's temp link in the card dir: prune removes it, which moves the dir's mtime.
+    stray = resolved.local_dir / f".tmp-link.{dead_pid()}.{uuid.uuid4().hex}"
+    os.symlink("nowhere", stray)
+    os.utime(resolved.local_dir, (when, when))
+    assert cli_main("cache", "prune", "-y", "--cache-dir", str(cache.root)).returncode == 0
+    assert not os.path.lexists(stray)
+    [entry] = cards_by_id(cache).values()
+    assert abs(entry["last_used_unix"] - when) < 2
+    # Using the card is what moves it.
+    forget_verified()
+    resolve(card, cache)
+    [entry] = cards_by_id(cache).values()
+    assert abs(entry["last_used_unix"] - time.time()) < 120
 
 
 def test_cache_verify_reports_corrupt_blobs(
-    make_model_dir: Callable[..., Path], cache: CacheLayout, capsys: pytest.CaptureFixture[str]
+    make_model_dir: Callable[..., Path], cache: CacheLayout
 ) -> None:
     card = from_dir(make_model_dir())
-    asyncio.run(resolve_metadata_files(card, cache_dir=cache.root))
-    assert run("cache", "verify", "--cache-dir", str(cache.root)) == 0
+    resolve(card, cache)
+    assert cli_main("cache", "verify", "--cache-dir", str(cache.root)).returncode == 0
     _, config = next(card.files())
     cache.blob(config.checksum.hex).write_bytes(b"garbage")
-    assert run("cache", "verify", "--cache-dir", str(cache.root)) == 1
-    out = capsys.readouterr().out
-    assert f"CORRUPT {cache.blob(config.checksum.hex)}" in out
+    proc = cli_main("cache", "verify", "--cache-dir", str(cache.root))
+    assert proc.returncode == 1
+    assert f"CORRUPT {cache.blob(config.checksum.hex)}" in proc.stdout
+    doc = cli_json("cache", "verify", "--cache-dir", str(cache.root), code=1)
+    assert set(doc) == {"cache_dir", "checked", "ok", "corrupt", "broken_links", "fix"}
+    assert doc["ok"] is False and doc["fix"] is None
+    assert doc["checked"] == len(list(card.files()))
+    [bad] = doc["corrupt"]
+    assert (bad["blake3"], bad["path"]) == (config.checksum.hex,
+                                            str(cache.blob(config.checksum.hex)))  # fmt: skip
 
 
-def test_cache_dir_defaults_to_env(
-    make_model_dir: Callable[..., Path],
-    cache: CacheLayout,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+def test_verify_fix_removes_corrupt_blobs_and_their_cards_then_verify_passes(
+    make_model_dir: Callable[..., Path], cache: CacheLayout
 ) -> None:
-    monkeypatch.setenv("DYN_MDC_CACHE_DIR", str(cache.root))
-    asyncio.run(resolve_metadata_files(from_dir(make_model_dir("env-model"))))
-    assert run("cache", "ls") == 0
-    assert "env-model" in capsys.readouterr().out
+    sick = from_dir(make_model_dir("sick", seed=1))
+    well = from_dir(make_model_dir("well", seed=2))
+    sick_dir = resolve(sick, cache).local_dir
+    well_files = snapshot(resolve(well, cache).local_dir or cache.root)
+    _, config = next(sick.files())
+    cache.blob(config.checksum.hex).write_bytes(b"garbage")
+    # prune alone does not hash, so it cannot see the corruption (the issue's report).
+    assert cli_main("cache", "prune", "-y", "--cache-dir", str(cache.root)).returncode == 0
+    assert cli_main("cache", "verify", "--cache-dir", str(cache.root)).returncode == 1
+    doc = cli_json("cache", "verify", "--fix", "--cache-dir", str(cache.root), code=0)
+    removed = {(i["kind"], i["path"]) for i in doc["fix"]["result"]["removed"]}
+    assert ("blob", str(cache.blob(config.checksum.hex))) in removed
+    assert ("card", str(sick_dir)) in removed
+    assert cli_main("cache", "verify", "--cache-dir", str(cache.root)).returncode == 0
+    # The healthy card is untouched; the sick one is fetched and verified anew when needed.
+    assert snapshot(resolve(well, cache).local_dir or cache.root) == well_files
+    forget_verified()
+    assert resolve(sick, cache).local_dir == sick_dir
 
 
 # --------------------------------------------------------------------------- prune
 
 
 @pytest.fixture
-def messy_cache(make_model_dir: Callable[..., Path], cache: CacheLayout) -> ModelDeploymentCard:
-    """A cache with a live card, a card whose blob vanished (broken link), blobs of a card
-    whose links were removed (unreferenced), a dead writer's temp file and a live one."""
-    keep = from_dir(make_model_dir("keep", seed=1))
-    broken = from_dir(make_model_dir("broken", seed=2))
-    orphan = from_dir(make_model_dir("orphan", seed=3))
-    for card in (keep, broken, orphan):
-        asyncio.run(resolve_metadata_files(card, cache_dir=cache.root))
-    _, tok = list(broken.files())[1]
-    cache.blob(tok.checksum.hex).unlink()
-    orphan_dir = next(cache.by_slug.glob("orphan/*"))
-    for link in orphan_dir.iterdir():
-        link.unlink()
-    orphan_dir.rmdir()
-    (cache.tmp / f"{'d' * 64}.{dead_pid()}.{uuid.uuid4().hex}.part").write_bytes(b"x" * 10)
-    (cache.tmp / f"{'e' * 64}.{os.getpid()}.{uuid.uuid4().hex}.part").write_bytes(b"y" * 10)
-    return keep
+def revisions(make_model_dir: Callable[..., Path], cache: CacheLayout) -> list[ResolvedCard]:
+    """Three revisions of one model (different config, same tokenizer), last used 40, 20
+    and 0 days ago, and another model used 40 days ago."""
+    out = []
+    for i, age in enumerate((40, 20, 0)):
+        model = make_model_dir(f"rev{i}", seed=7)
+        (model / "config.json").write_text(json.dumps({"model_type": "llama", "rev": i}))
+        resolved = resolve(from_dir(model, display_name="Org/Model"), cache)
+        assert resolved.local_dir is not None
+        backdate(resolved.local_dir, age * DAY)
+        out.append(resolved)
+    other = resolve(from_dir(make_model_dir("other", seed=9)), cache)
+    assert other.local_dir is not None
+    backdate(other.local_dir, 40 * DAY)
+    out.append(other)
+    return out
 
 
-def test_prune_dry_run_changes_nothing(
-    messy_cache: ModelDeploymentCard, cache: CacheLayout, capsys: pytest.CaptureFixture[str]
+def _card_paths(items: list[dict[str, Any]]) -> set[str]:
+    return {i["path"] for i in items if i["kind"] == "card"}
+
+
+def test_prune_older_than_evicts_unused_cards_and_the_blobs_only_they_link(
+    revisions: list[ResolvedCard], cache: CacheLayout
 ) -> None:
+    old, mid, new, other = revisions
+    root = str(cache.root)
     before = snapshot(cache.root)
-    assert run("cache", "prune", "--dry-run", "--cache-dir", str(cache.root)) == 0
+    plan = cli_json("cache", "prune", "--older-than", "30d", "--dry-run", "--cache-dir", root)
     assert snapshot(cache.root) == before
-    out = capsys.readouterr().out
-    assert "to free" in out and "broken link" in out and "no link refers to it" in out
+    assert plan["dry_run"] is True and plan["result"] is None
+    assert set(plan) == {"cache_dir", "dry_run", "items", "bytes_to_free", "result",
+                         "older_than_seconds", "keep"}  # fmt: skip
+    assert all(set(i) == {"kind", "path", "size", "reason", "model", "mdcsum", "blake3"}
+               for i in plan["items"])  # fmt: skip
+    assert plan["older_than_seconds"] == 30 * DAY
+    assert _card_paths(plan["items"]) == {str(old.local_dir), str(other.local_dir)}
+    assert all(i["reason"].startswith("last used 40d") for i in plan["items"]
+               if i["kind"] == "card")  # fmt: skip
+    # Only blobs no surviving card links: old's config and the other model's files; the
+    # tokenizer old shares with the newer revisions stays.
+    shared = {f.checksum.hex for _, f in new.card.files()} | {
+        f.checksum.hex for _, f in mid.card.files()
+    }
+    planned_blobs = {i["blake3"] for i in plan["items"] if i["kind"] == "blob"}
+    assert planned_blobs and not planned_blobs & shared
+    assert plan["bytes_to_free"] == sum(i["size"] for i in plan["items"])
+    doc = cli_json("cache", "prune", "--older-than", "30d", "-y", "--cache-dir", root)
+    assert doc["dry_run"] is False
+    assert _card_paths(doc["result"]["removed"]) == _card_paths(plan["items"])
+    assert doc["result"]["skipped"] == [] and doc["result"]["failed"] == []
+    assert doc["result"]["freed_bytes"] == plan["bytes_to_free"]
+    assert set(doc["result"]) == {"removed", "skipped", "failed", "freed_bytes"}
+    assert set(cards_by_id(cache)) == {f"org_model/{mid.mdcsum}", f"org_model/{new.mdcsum}"}
+    assert cli_main("cache", "verify", "--cache-dir", root).returncode == 0
 
 
-def test_prune_without_yes_on_a_non_tty_changes_nothing(
-    messy_cache: ModelDeploymentCard,
-    cache: CacheLayout,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+def test_prune_keep_n_keeps_the_most_recently_used_mdcsums_per_model(
+    revisions: list[ResolvedCard], cache: CacheLayout
 ) -> None:
-    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    old, mid, new, other = revisions
+    doc = cli_json("cache", "prune", "--keep", "1", "-y", "--cache-dir", str(cache.root))
+    assert _card_paths(doc["result"]["removed"]) == {str(old.local_dir), str(mid.local_dir)}
+    assert set(cards_by_id(cache)) == {f"org_model/{new.mdcsum}", f"other/{other.mdcsum}"}
+    combined = cli_json("cache", "prune", "--keep", "1", "--older-than", "30d", "--dry-run",
+                        "--cache-dir", str(cache.root))  # fmt: skip
+    assert _card_paths(combined["items"]) == {str(other.local_dir)}
+
+
+def test_prune_and_rm_without_yes_and_without_a_terminal_exit_1_and_delete_nothing(
+    revisions: list[ResolvedCard], cache: CacheLayout
+) -> None:
+    root = str(cache.root)
     before = snapshot(cache.root)
-    assert run("cache", "prune", "--cache-dir", str(cache.root)) == 0
+    for argv in (
+        ("cache", "prune", "--older-than", "30d"),
+        ("cache", "rm", "Org/Model"),
+        ("cache", "prune", "--older-than", "30d", "--json"),
+    ):
+        proc = cli_run(*argv, "--cache-dir", root)
+        assert proc.returncode == 1, (argv, proc.stdout, proc.stderr)
+        assert "nothing deleted" in proc.stderr and "-y" in proc.stderr
+        assert snapshot(cache.root) == before
+    doc = json.loads(cli_run("cache", "rm", "other", "--json", "--cache-dir", root).stdout)
+    assert doc["result"] is None and doc["items"]
+    assert cli_run("cache", "prune", "--older-than", "30d", "--dry-run",
+                   "--cache-dir", root).returncode == 0  # fmt: skip
     assert snapshot(cache.root) == before
-    assert "pass -y" in capsys.readouterr().out
 
 
-def test_prune_yes_removes_exactly_the_plan(
-    messy_cache: ModelDeploymentCard, cache: CacheLayout
+@pytest.mark.parametrize(("answer", "code"), [("n\n", 1), ("y\n", 0)])
+def test_on_a_terminal_prune_asks_first(
+    revisions: list[ResolvedCard], cache: CacheLayout, answer: str, code: int
 ) -> None:
-    plan = plan_prune(scan_cache(cache))
-    kinds = sorted({i.kind for i in plan.items})
-    assert kinds == ["blob", "dir", "link", "temp"]
-    planned = {str(i.path) for i in plan.items}
+    primary, secondary = pty.openpty()
+    try:
+        os.write(primary, answer.encode())
+        proc = cli_run("cache", "prune", "--older-than", "30d", "--cache-dir", str(cache.root),
+                       stdin=secondary)  # fmt: skip
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert proc.returncode == code, proc.stderr
+    assert "Delete these? [y/N]" in proc.stderr
+    remaining = set(cards_by_id(cache))
+    assert len(remaining) == (4 if code else 2)
+
+
+# --------------------------------------------------------------------------- rm
+
+
+def test_rm_a_model_or_one_mdcsum(revisions: list[ResolvedCard], cache: CacheLayout) -> None:
+    old, mid, new, other = revisions
+    root = str(cache.root)
+    # One mdcsum, by a unique prefix.
+    doc = cli_json("cache", "rm", f"org_model/{mid.mdcsum[:10]}", "-y", "--cache-dir", root)
+    assert doc["models"] == [f"org_model/{mid.mdcsum[:10]}"]
+    assert _card_paths(doc["result"]["removed"]) == {str(mid.local_dir)}
+    # mid's config went with it, the tokenizer the others share stayed.
+    blobs = {i["blake3"] for i in doc["result"]["removed"] if i["kind"] == "blob"}
+    mid_only = {f.checksum.hex for _, f in mid.card.files()} - {
+        f.checksum.hex for r in (old, new) for _, f in r.card.files()
+    }
+    assert blobs == mid_only
+    # A whole model, by its name (or its slug).
+    plan = cli_json("cache", "rm", "Org/Model", "--dry-run", "--cache-dir", root)
+    assert _card_paths(plan["items"]) == {str(old.local_dir), str(new.local_dir)}
+    assert cli_main("cache", "rm", "Org/Model", "-y", "--cache-dir", root).returncode == 0
+    assert set(cards_by_id(cache)) == {f"other/{other.mdcsum}"}
+    assert not (cache.by_slug / "org_model").exists()
+    assert cli_main("cache", "verify", "--cache-dir", root).returncode == 0
+    # Naming nothing in the cache is an error that deletes nothing.
     before = snapshot(cache.root)
-    assert run("cache", "prune", "-y", "--cache-dir", str(cache.root)) == 0
-    after = snapshot(cache.root)
-    assert set(before) - set(after) == planned
-    assert all(after[p] == before[p] for p in after)
-    # The live card is intact and still verifies; the live writer's temp file is kept.
-    assert run("cache", "verify", "--cache-dir", str(cache.root)) == 0
-    assert len(list(cache.tmp.iterdir())) == 1
-    resolved = asyncio.run(resolve_metadata_files(messy_cache, cache_dir=cache.root))
-    assert all(Path(f.path).is_file() for _, f in resolved.card.files())
-    # A second prune finds nothing.
-    assert plan_prune(scan_cache(cache)).empty
+    proc = cli_main("cache", "rm", "other", "Org/Nope", "-y", "--cache-dir", root)
+    assert proc.returncode == 1 and "'Org/Nope'" in proc.stderr
+    assert snapshot(cache.root) == before
 
 
 def test_prune_of_legacy_in_place_paths_is_not_touched(
@@ -258,7 +498,82 @@ def test_prune_of_legacy_in_place_paths_is_not_touched(
 ) -> None:
     model = make_model_dir()
     legacy = from_dir(model).map_files(lambda _, f: CheckedFile(f.path, f.checksum))
-    resolved = asyncio.run(resolve_metadata_files(legacy, cache_dir=cache.root))
+    resolved = resolve(legacy, cache)
     assert resolved.in_place and resolved.local_dir == model
-    assert run("cache", "prune", "-y", "--cache-dir", str(cache.root)) == 0
+    assert cli_main("cache", "prune", "-y", "--cache-dir", str(cache.root)).returncode == 0
     assert (model / "config.json").is_file()
+
+
+def test_cache_dir_defaults_to_env(
+    make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DYN_MDC_CACHE_DIR", str(cache.root))
+    asyncio.run(resolve_metadata_files(from_dir(make_model_dir("env-model"))))
+    ids = cli_main("cache", "ls", "-q").stdout
+    assert ids.startswith("env-model/")
+
+
+def test_prune_plan_is_empty_after_a_prune(
+    make_model_dir: Callable[..., Path], cache: CacheLayout
+) -> None:
+    resolve(from_dir(make_model_dir()), cache)
+    (cache.tmp / f"{'d' * 64}.{dead_pid()}.{uuid.uuid4().hex}.part").write_bytes(b"x" * 10)
+    live = cache.tmp / f"{'e' * 64}.{os.getpid()}.{uuid.uuid4().hex}.part"
+    live.write_bytes(b"y")
+    assert cli_main("cache", "prune", "-y", "--cache-dir", str(cache.root)).returncode == 0
+    assert list(cache.tmp.iterdir()) == [live]  # a live writer's temp file is kept
+    assert plan_prune(scan_cache(cache)).empty
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_a_reference_scan_sees_links_whose_dir_is_renamed_during_the_scan(
+    make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staging dir renamed onto its card dir mid-scan: the scan starts over and still counts
+    its links (else prune could delete a blob a just-published card links)."""
+    from discovery_mdc.cache import _manage
+
+    done = resolve(from_dir(make_model_dir("moving")), cache)
+    assert done.local_dir is not None
+    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
+    done.local_dir.rename(staging)
+    expected = {f.checksum.hex for _, f in done.card.files()}
+    real_scandir = _manage._scandir
+    renamed = []
+
+    def scandir_then_publish(path: Path) -> list[os.DirEntry[str]]:
+        entries = real_scandir(path)
+        if path == staging.parent and not renamed:
+            staging.rename(done.local_dir)  # the publish lands right after the listing
+            renamed.append(True)
+        return entries
+
+    monkeypatch.setattr(_manage, "_scandir", scandir_then_publish)
+    assert _manage.referenced_hexes(cache) == expected
+    assert renamed
+
+
+async def test_prune_racing_resolves_never_leaves_a_card_with_a_missing_blob(
+    make_model_dir: Callable[..., Path], cache: CacheLayout
+) -> None:
+    from discovery_mdc.cache import execute_plan
+    from discovery_mdc.cache._store import remove_link_dir
+
+    cards = [from_dir(make_model_dir(f"race{i}", seed=i)) for i in range(4)]
+    for _ in range(12):
+        # Every blob orphaned: what a prune wants to delete and a resolve wants to link.
+        for card in cards:
+            done = await resolve_metadata_files(card, cache_dir=cache.root)
+            assert done.local_dir is not None
+            remove_link_dir(done.local_dir)
+        forget_verified()
+        pruning = asyncio.to_thread(lambda: execute_plan(plan_prune(scan_cache(cache))))
+        results = await asyncio.gather(
+            pruning, *(resolve_metadata_files(c, cache_dir=cache.root) for c in cards)
+        )
+        assert not results[0].failed
+        scan = scan_cache(cache)
+        assert len(scan.cards) == len(cards) and not any(c.broken for c in scan.cards)
+        assert scan.incomplete == ()

@@ -15,11 +15,17 @@ from discovery_mdc.cache import (
     CachedFile,
     CacheLayout,
     CacheScan,
+    CorruptBlob,
+    IncompleteCard,
     TempFile,
+    VerifyReport,
     default_cache_root,
     parse_hf_uri,
     plan_card,
+    plan_fix,
     plan_prune,
+    plan_removal,
+    select_cards,
 )
 from discovery_mdc.cache._plan import link_name, local_path_of, source_uri, validate_link_name
 from discovery_mdc.card import CheckedFile, Checksum, ModelDeploymentCard, Slot, SlotVariant, mdcsum
@@ -202,48 +208,125 @@ def test_parse_hf_uri_rejects_malformed(uri: str) -> None:
 
 # --------------------------------------------------------------------------- prune planning
 
+HEX_C = "c" * 64
+NOW = 1000.0 + 60 * 86400
+
+
+def _card(
+    slug: str, sum_: str, last_used: float, *files: tuple[str, str, int | None]
+) -> CachedCard:
+    d = Path("/c/by-slug") / slug / (sum_ * 64)
+    links = tuple(CachedFile(n, d / n, h, size) for n, h, size in files)
+    return CachedCard(slug, sum_ * 64, d, links, last_used)
+
 
 def _scan() -> CacheScan:
     root = Path("/c")
-    layout = CacheLayout(root)
-    d1 = root / "by-slug/m" / ("1" * 64)
-    d2 = root / "by-slug/gone" / ("2" * 64)
-    good = CachedFile("config.json", d1 / "config.json", HEX_A, 10)
-    broken = CachedFile("tok.json", d2 / "tok.json", HEX_B, None)
     return CacheScan(
-        layout=layout,
+        layout=CacheLayout(root),
         cards=(
-            CachedCard("m", "1" * 64, d1, (good,), 0.0),
-            CachedCard("gone", "2" * 64, d2, (broken,), 0.0),
+            _card("m", "1", NOW - 40 * 86400, ("config.json", HEX_A, 10)),
+            _card("m", "3", NOW - 10 * 86400, ("config.json", HEX_A, 10), ("x.json", HEX_C, 30)),
+            _card("m", "4", NOW, ("config.json", HEX_A, 10)),
+            _card("gone", "2", NOW, ("tok.json", HEX_B, None)),
         ),
         blobs=(
             CachedBlob(HEX_A, root / "blobs" / HEX_A, 10, 0.0, referenced=True),
-            CachedBlob("c" * 64, root / "blobs" / ("c" * 64), 30, 0.0, referenced=False),
+            CachedBlob(HEX_C, root / "blobs" / HEX_C, 30, 0.0, referenced=True),
+            CachedBlob("d" * 64, root / "blobs" / ("d" * 64), 50, 0.0, referenced=False),
         ),
         temp_files=(
-            TempFile(root / "tmp/dead.part", 5, 1000.0, owner_pid=1, owner_alive=False),
-            TempFile(root / "tmp/live.part", 7, 1000.0, owner_pid=2, owner_alive=True),
+            TempFile(root / "tmp/dead.part", 5, NOW - 60, owner_pid=1, owner_alive=False),
+            TempFile(root / "tmp/live.part", 7, NOW - 60, owner_pid=2, owner_alive=True),
             TempFile(root / "tmp/old.part", 9, 0.0, owner_pid=3, owner_alive=True),
         ),
         empty_dirs=(),
         warnings=(),
+        incomplete=(
+            IncompleteCard(
+                "m",
+                root / "by-slug/m/.tmp-card.x.5.y",
+                "5" * 64,
+                (HEX_C,),
+                NOW - 60,
+                owner_pid=5,
+                owner_alive=False,
+            ),
+            IncompleteCard(
+                "m",
+                root / "by-slug/m/.tmp-card.x.6.y",
+                "6" * 64,
+                (),
+                NOW - 60,
+                owner_pid=6,
+                owner_alive=True,
+            ),
+        ),
     )
 
 
-def test_prune_plan_lists_broken_links_dead_temps_unreferenced_blobs_and_emptied_dirs() -> None:
-    plan = plan_prune(_scan(), now=1000.0 + 60, stale_after=3600)
-    assert [i.path.name for i in plan.links] == ["tok.json"]
-    assert [i.path.name for i in plan.temp_files] == ["dead.part"]
-    assert [i.hex for i in plan.blobs] == ["c" * 64]
-    assert [i.path for i in plan.dirs] == [
-        Path("/c/by-slug/gone") / ("2" * 64),
-        Path("/c/by-slug/gone"),
+def test_prune_plan_lists_broken_cards_dead_staging_temps_unreferenced_blobs_and_dirs() -> None:
+    plan = plan_prune(_scan(), now=NOW, stale_after=3600)
+    assert [(i.kind, i.path.name) for i in plan.cards] == [
+        ("card", "2" * 64),
+        ("incomplete", ".tmp-card.x.5.y"),
     ]
-    assert plan.expected_freed_bytes == 5 + 30
-    # Execution order: links, temp files, blobs, dirs.
-    assert [i.kind for i in plan.items] == ["link", "temp", "blob", "dir", "dir"]
+    assert plan.cards[0].broken == (HEX_B,) and "1 of 1 links broken" in plan.cards[0].reason
+    assert [i.path.name for i in plan.temp_files] == ["dead.part", "old.part"]
+    assert [i.hex for i in plan.blobs] == ["d" * 64]
+    assert [i.path for i in plan.dirs] == [Path("/c/by-slug/gone")]
+    assert plan.expected_freed_bytes == 5 + 9 + 50
+    # Execution order: cards, temp files, blobs, dirs.
+    assert [i.kind for i in plan.items] == ["card", "incomplete", "temp", "temp", "blob", "dir"]
 
 
 def test_prune_plan_removes_old_temp_files_even_if_owner_pid_looks_alive() -> None:
-    plan = plan_prune(_scan(), now=1000.0 + 7200, stale_after=3600)
+    plan = plan_prune(_scan(), now=NOW, stale_after=10 * 86400)
+    assert [i.path.name for i in plan.temp_files] == ["dead.part", "old.part"]
+    plan = plan_prune(_scan(), now=NOW + 7200, stale_after=3600)
     assert sorted(i.path.name for i in plan.temp_files) == ["dead.part", "live.part", "old.part"]
+    assert [i.kind for i in plan.cards].count("incomplete") == 2
+
+
+def test_prune_older_than_and_keep_select_by_last_use_per_model() -> None:
+    old = plan_prune(_scan(), now=NOW, older_than=30 * 86400)
+    assert [i.path.name for i in old.cards if i.kind == "card"] == ["2" * 64, "1" * 64]
+    unused = next(i for i in old.cards if i.path.name == "1" * 64)
+    assert unused.unused_since == NOW - 40 * 86400 and unused.reason == "last used 40d ago"
+    # HEX_A is still linked by the cards that stay: only the link of card 1 goes.
+    assert [i.hex for i in old.blobs] == ["d" * 64]
+    keep = plan_prune(_scan(), now=NOW, keep=1)
+    assert sorted(i.path.name for i in keep.cards if i.kind == "card") == [
+        "1" * 64, "2" * 64, "3" * 64,
+    ]  # fmt: skip
+    # Card 3 and a dead writer's staging dir (pruned too) were all that linked HEX_C.
+    assert sorted(i.hex or "" for i in keep.blobs) == [HEX_C, "d" * 64]
+
+
+def test_removal_plan_takes_only_blobs_no_other_card_links() -> None:
+    scan = _scan()
+    plan = plan_removal(scan, [c for c in scan.cards if c.mdcsum == "3" * 64])
+    assert [i.reason for i in plan.cards] == ["requested"]
+    assert plan.temp_files == () and plan.dirs == ()
+    # HEX_C is linked by the dead staging dir too, which a removal leaves alone.
+    assert plan.blobs == ()
+    everything = plan_removal(scan, [c for c in scan.cards if c.slug == "gone"])
+    assert [i.path for i in everything.dirs] == [Path("/c/by-slug/gone")]
+
+
+def test_select_cards_by_name_slug_and_mdcsum_prefix() -> None:
+    scan = _scan()
+    assert {c.mdcsum[0] for c in select_cards(scan, "m")} == {"1", "3", "4"}
+    assert {c.mdcsum[0] for c in select_cards(scan, "M")} == {"1", "3", "4"}
+    assert [c.mdcsum[0] for c in select_cards(scan, "m/3333")] == ["3"]
+    assert select_cards(scan, "m/33") == []  # shorter than 4 hex digits: a model name
+    assert select_cards(scan, "nope") == []
+
+
+def test_fix_plan_takes_corrupt_blobs_and_the_cards_linking_them() -> None:
+    scan = _scan()
+    report = VerifyReport(3, (CorruptBlob(HEX_C, scan.blobs[1].path, "f" * 64),), ())
+    plan = plan_fix(scan, report)
+    assert [i.path.name for i in plan.cards] == ["3" * 64]
+    [blob] = plan.blobs
+    assert blob.hex == HEX_C and blob.corrupt and "f" * 64 in blob.reason

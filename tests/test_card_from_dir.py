@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import blake3
 import pytest
 
-from discovery_mdc.card import SlotVariant, from_dir, hash_file, is_new_format
-from discovery_mdc.card._checksum import MMAP_THRESHOLD
+from discovery_mdc.card import (
+    MAX_FILE_SIZE,
+    HashCancelled,
+    ModelDeploymentCard,
+    SlotVariant,
+    from_dir,
+    hash_file,
+    is_new_format,
+    model_root,
+)
+from discovery_mdc.card._checksum import HASH_CHUNK, MMAP_THRESHOLD
 from discovery_mdc.errors import CardError, ModelDirError
+from discovery_mdc.frontend import check_json_files
 
 MakeDir = Callable[..., Path]
 
@@ -218,3 +230,146 @@ def test_chunked_reading_hashes_like_the_mmap_path(tmp_path: Path) -> None:
     mapped = hash_file(big)
     read = hash_file(big, use_mmap=False)
     assert read == mapped and read[1] == 21 << 20 and read[2] is None
+
+
+# ---------------------------------------------------------------- cards every frontend takes
+
+
+def _extras(card: ModelDeploymentCard) -> set[str]:
+    return {f.basename for f in card.extra_files}
+
+
+def test_a_stray_non_json_extra_is_published_and_the_default_prepare_hook_accepts_it(
+    make_model_dir: MakeDir,
+) -> None:
+    model = make_model_dir()
+    (model / "results.json").write_text("accuracy: 0.93")
+    card = from_dir(model, include_extra_files=True)
+    assert "results.json" in _extras(card)
+    asyncio.run(check_json_files(card, None))  # would raise if it parsed extras
+
+
+def test_the_default_prepare_hook_still_refuses_a_typed_slot_that_is_not_json(
+    make_model_dir: MakeDir,
+) -> None:
+    card = from_dir(make_model_dir())
+    assert card.gen_config is not None
+    Path(card.gen_config.file.path).write_text("{oops")
+    with pytest.raises(CardError, match=r"gen_config file .*generation_config\.json"):
+        asyncio.run(check_json_files(card, None))
+
+
+@pytest.mark.parametrize("name", ["model.onnx_data", "model.ckpt", "model.nemo", "rank0.engine"])
+def test_extra_files_above_the_frontend_ceiling_are_skipped_with_a_warning(
+    make_model_dir: MakeDir, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = make_model_dir()
+    with (model / name).open("wb") as fh:
+        fh.truncate(MAX_FILE_SIZE + 1)  # sparse
+    (model / "small.ckpt").write_bytes(b"x")
+    card = from_dir(model, include_extra_files=True)
+    assert "small.ckpt" in _extras(card) and name not in _extras(card)
+    assert f"not publishing extra file {model / name}: {MAX_FILE_SIZE + 1} bytes" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("tokenizer.json", b"", "tokenizer.json is empty"),
+        ("tokenizer.json", b"  \n", "tokenizer.json is empty"),
+        ("tokenizer_config.json", b"{", "tokenizer_config.json is not valid JSON"),
+        ("generation_config.json", b"nope", "generation_config.json is not valid JSON"),
+        ("chat_template.json", b"[", "chat_template.json is not valid JSON"),
+    ],
+)
+def test_typed_json_slots_that_do_not_parse_are_refused(
+    make_model_dir: MakeDir, name: str, content: bytes, match: str
+) -> None:
+    model = make_model_dir(chat_template=False)
+    (model / name).write_bytes(content)
+    with pytest.raises(CardError, match=match):
+        from_dir(model)
+
+
+def test_a_typed_slot_above_the_frontend_ceiling_is_refused_before_hashing(
+    make_model_dir: MakeDir,
+) -> None:
+    model = make_model_dir()
+    (model / "tokenizer.json").unlink()
+    with (model / "tokenizer.json").open("wb") as fh:
+        fh.truncate(MAX_FILE_SIZE + 1)
+    with pytest.raises(CardError, match=f"tokenizer.json is {MAX_FILE_SIZE + 1} bytes, above"):
+        from_dir(model)
+
+
+def test_symlinked_extras_out_of_the_model_are_skipped_and_inside_ones_kept(
+    make_model_dir: MakeDir, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = make_model_dir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cr3t")
+    os.symlink("/etc/passwd", model / "passwd")
+    os.symlink(secret, model / "secret.txt")
+    (model / "sub").mkdir()
+    (model / "sub" / "notes.txt").write_text("inside")
+    os.symlink("sub/notes.txt", model / "notes.txt")
+    card = from_dir(model, include_extra_files=True)
+    assert "notes.txt" in _extras(card)
+    assert not {"passwd", "secret.txt"} & _extras(card)
+    for name in ("passwd", "secret.txt"):
+        assert f"not publishing extra file {model / name}: it resolves to" in caplog.text
+
+
+def test_a_symlinked_model_dir_is_its_own_root(make_model_dir: MakeDir, tmp_path: Path) -> None:
+    model = make_model_dir()
+    (model / "notes.txt").write_text("inside")
+    link = tmp_path / "current"
+    os.symlink(model, link)
+    card = from_dir(link, include_extra_files=True)
+    assert "notes.txt" in _extras(card)
+    assert card.model_info is not None and card.model_info.file.path == str(link / "config.json")
+
+
+def test_a_typed_slot_linking_out_of_the_model_is_refused(
+    make_model_dir: MakeDir, tmp_path: Path
+) -> None:
+    model = make_model_dir()
+    shared = tmp_path / "shared-tokenizer.json"
+    (model / "tokenizer.json").rename(shared)
+    os.symlink(shared, model / "tokenizer.json")
+    with pytest.raises(ModelDirError, match=r"tokenizer\.json cannot be published: it resolves to"):
+        from_dir(model)
+
+
+def test_an_hf_snapshot_given_as_a_path_may_link_into_its_repo_blobs_only(
+    make_model_dir: MakeDir, tmp_path: Path
+) -> None:
+    src = make_model_dir()
+    repo = tmp_path / "models--org--m"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        blob = blobs / _blake(f)
+        blob.write_bytes(f.read_bytes())
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    other = tmp_path / "models--org--other" / "blobs" / "abc"
+    other.parent.mkdir(parents=True)
+    other.write_text("another repo's blob")
+    os.symlink(os.path.relpath(other, snap), snap / "other-repo-file.txt")
+    assert model_root(snap) == repo.resolve()
+    card = from_dir(snap, include_extra_files=True)
+    assert "other-repo-file.txt" not in _extras(card)
+    assert card.tokenizer is not None
+
+
+def test_cancelled_hashing_stops_with_hash_cancelled(tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    with big.open("wb") as fh:
+        fh.truncate(3 * HASH_CHUNK)
+    stop = threading.Event()
+    stop.set()
+    for use_mmap in (True, False):
+        with pytest.raises(HashCancelled, match=r"big\.bin"):
+            hash_file(big, use_mmap=use_mmap, cancel=stop)
+    assert hash_file(big, cancel=threading.Event())[1] == 3 * HASH_CHUNK

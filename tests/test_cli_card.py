@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,10 +16,11 @@ from discovery_mdc.card._envelope import ModelEnvelope
 from discovery_mdc.cli import main
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "discovery_mdc", *args],
         capture_output=True, text=True, timeout=60, check=False,
+        env=None if env is None else {**os.environ, **env},
     )  # fmt: skip
 
 
@@ -94,3 +96,24 @@ def test_json_envelope_card_json_survives(
         namespace="n", component="c", endpoint="e", instance_id=1, card=card)))  # fmt: skip
     proc = _run("card", "inspect", str(env))
     assert json.loads(proc.stdout) == json.loads(encode_card(card))
+
+
+def test_inspect_takes_an_hf_repo_id_like_the_worker(
+    tmp_path: Path, make_model_dir: Callable[..., Path], make_hf_repo: Callable[..., Path]
+) -> None:
+    hub = tmp_path / "hub"
+    snapshot = make_hf_repo(hub, "Org/Tiny", make_model_dir())
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    proc = _run("card", "inspect", "Org/Tiny", env=env)
+    assert proc.returncode == 0, proc.stderr
+    card = decode_card(proc.stdout)
+    assert (card.display_name, card.source_path) == ("Org/Tiny", "Org/Tiny")
+    assert {Path(f.path).parent for _, f in card.files()} == {snapshot}
+    expected = from_dir(snapshot, display_name="Org/Tiny", source_path="Org/Tiny")
+    assert _run("card", "inspect", "Org/Tiny", "--mdcsum", env=env).stdout.strip() == mdcsum(
+        expected
+    )
+    missing = _run("card", "inspect", "Org/Absent", env=env)
+    assert missing.returncode == 2
+    assert "(hf download Org/Absent)" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1

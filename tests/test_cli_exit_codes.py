@@ -57,6 +57,11 @@ BAD_USAGE = [
     ("bad-http-port", ["frontend", "--http-port", "-1"]),
     ("bad-demo-timeout", ["demo", "--timeout", "0"]),
     ("cache-unknown", ["cache", "frob"]),
+    ("prune-age-without-unit", ["cache", "prune", "--older-than", "30"]),
+    ("prune-bad-age", ["cache", "prune", "--older-than", "soon"]),
+    ("prune-keep-0", ["cache", "prune", "--keep", "0"]),
+    ("rm-nothing", ["cache", "rm"]),
+    ("ls-json-and-quiet", ["cache", "ls", "--json", "-q"]),
     ("card-fetch-no-file", ["card", "fetch"]),
 ]
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +45,7 @@ def test_every_expected_subcommand_exists() -> None:
         "cache ls",
         "cache verify",
         "cache prune",
+        "cache rm",
     } <= names
 
 
@@ -59,6 +62,26 @@ def test_help_exits_0_and_lists_every_option(
     for action in parser._actions:
         for flag in action.option_strings:
             assert flag in out, f"{flag} missing from `{' '.join(path)} --help`"
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "root")
+def test_every_help_ends_with_two_or_three_examples(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([*path, "--help"])
+    out = capsys.readouterr().out
+    _, sep, tail = out.rpartition("\nexamples:\n")
+    assert sep, f"`{' '.join(path)} --help` has no examples section"
+    lines = tail.rstrip("\n").splitlines()
+    commands = [ln for ln in lines if ln.startswith("  ") and not ln.startswith("   ")]
+    explained = [ln for ln in lines if ln.startswith("      ")]
+    assert 2 <= len(commands) <= 3 and len(explained) == len(commands), tail
+    assert len(commands) + len(explained) == len(lines), "the examples are the last thing"
+    # Each example runs this command (or feeds or follows it).
+    assert all("discovery-mdc" in c or "curl" in c for c in commands), commands
+    if path:
+        assert any(f"discovery-mdc {' '.join(path)}" in c for c in commands), commands
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "root")
@@ -106,3 +129,32 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"discovery-mdc {discovery_mdc.__version__}"
+
+
+def _readme_rows() -> dict[str, str]:
+    """README's command table: the command cell of each row, keyed by its subcommand path."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `discovery-mdc "):
+            cell = line.split("`", 2)[1]
+            words = cell.split()[1:]
+            path = " ".join(w for w in words[:2] if re.fullmatch(r"[a-z][a-z-]*", w))
+            rows[path] = cell
+    return rows
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "root")
+def test_the_readme_command_table_lists_every_command_and_flag(path: tuple[str, ...]) -> None:
+    parser = dict(ALL)[path]
+    if any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+        return  # a group (root, card, cache): its subcommands have the rows
+    rows = _readme_rows()
+    key = " ".join(path)
+    assert key in rows, f"README's command table has no row for `discovery-mdc {' '.join(path)}`"
+    global_flags = {"-h", "--help", "--log-level", "--log-format"}
+    for action in parser._actions:
+        flags = [f for f in action.option_strings if f not in global_flags]
+        if flags:
+            assert any(f in rows[key] for f in flags), (path, flags, rows[key])

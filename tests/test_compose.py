@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from discovery_mdc._env import VARIABLES
 from discovery_mdc.cli import build_parser
@@ -18,6 +20,8 @@ from discovery_mdc.cli._common import apply_env_options
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
+LOCK = ROOT / "requirements.lock"
+PYPROJECT = ROOT / "pyproject.toml"
 # CI lays shared/ beside the clone; the spec's environment table is checked when it is there.
 WIRE_FORMAT = ROOT.parent / "shared" / "spec" / "wire-format.md"
 
@@ -47,11 +51,23 @@ def _healthcheck_cmd(service: dict[str, Any]) -> list[str]:
     return [str(t) for t in test[1:]]
 
 
-def _published(service: dict[str, Any]) -> dict[int, int]:
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's `${VAR:-default}` substitution (the only form compose.yaml uses)."""
+
+    def sub(m: re.Match[str]) -> str:
+        return env.get(m["name"]) or m["default"]
+
+    out = re.sub(r"\$\{(?P<name>[A-Z0-9_]+):-(?P<default>[^}]*)\}", sub, text)
+    assert "$" not in out, f"unsupported interpolation in {text!r}"
+    return out
+
+
+def _published(service: dict[str, Any], env: dict[str, str] | None = None) -> dict[int, str]:
+    """Container port -> `host_ip:host_port` it is published on."""
     out = {}
     for spec in service.get("ports", []):
-        host, container = str(spec).rsplit(":", 1)
-        out[int(container)] = int(host.rsplit(":", 1)[-1])
+        host_ip, host_port, container = _interpolate(str(spec), env or {}).split(":")
+        out[int(container)] = f"{host_ip}:{host_port}"
     return out
 
 
@@ -70,7 +86,7 @@ def test_etcd_is_the_official_v3_5_image_with_a_health_check(compose: dict[str, 
     flags = dict(f.split("=", 1) for f in etcd["command"][1:])
     assert flags["--listen-client-urls"] == "http://0.0.0.0:2379"
     assert flags["--advertise-client-urls"] == "http://etcd:2379"
-    assert _published(etcd) == {2379: 2379}
+    assert _published(etcd) == {2379: "127.0.0.1:2379"}
 
 
 @pytest.mark.parametrize("name", ["model-init", "worker", "frontend"])
@@ -103,7 +119,7 @@ def test_worker_serves_the_generated_model_on_its_status_port(compose: dict[str,
     assert env["DYN_SYSTEM_HOST"] == "0.0.0.0"  # advertised as the container's routable IP
     assert args.system_port == int(env["DYN_SYSTEM_PORT"]) == 9090
     assert args.self_host is True
-    assert _published(worker) == {9090: 9090}
+    assert _published(worker) == {9090: "127.0.0.1:9090"}
     cmd = _healthcheck_cmd(worker)
     assert "http://127.0.0.1:9090/health" in cmd[-1]
     # model-init writes the sample model into the volume the worker reads.
@@ -121,11 +137,37 @@ def test_frontend_serves_http_and_caches_in_a_volume(compose: dict[str, Any]) ->
     args = _parse(frontend)
     assert args.command == "frontend"
     assert args.http_host == "0.0.0.0"
-    assert _published(frontend) == {args.http_port: args.http_port}
+    assert _published(frontend) == {args.http_port: f"127.0.0.1:{args.http_port}"}
     assert f"http://127.0.0.1:{args.http_port}/health" in _healthcheck_cmd(frontend)[-1]
     mounts = dict(v.split(":")[:2] for v in frontend["volumes"])
     assert args.cache_dir in mounts.values()
     assert set(mounts) <= set(compose["volumes"])
+
+
+def test_ports_are_published_on_loopback_unless_overridden(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    env = {
+        "DMDC_PUBLISH_HOST": "0.0.0.0",
+        "DMDC_ETCD_PORT": "12379",
+        "DMDC_WORKER_PORT": "19090",
+        "DMDC_FRONTEND_PORT": "18000",
+    }
+    published = {name: _published(s, env) for name, s in services.items() if "ports" in s}
+    assert published == {
+        "etcd": {2379: "0.0.0.0:12379"},
+        "worker": {9090: "0.0.0.0:19090"},
+        "frontend": {8000: "0.0.0.0:18000"},
+    }
+    assert all(
+        h.startswith("127.0.0.1:") for s in services.values() for h in _published(s).values()
+    )
+
+
+@pytest.mark.parametrize("name", ["etcd", "worker", "frontend"])
+def test_healthcheck_arguments_have_no_whitespace(compose: dict[str, Any], name: str) -> None:
+    """Podman's Docker API (4.3 in Debian 12) splits exec-form arguments at whitespace."""
+    for arg in _healthcheck_cmd(_services(compose)[name]):
+        assert not re.search(r"\s", arg), arg
 
 
 @pytest.mark.parametrize("name", ["worker", "frontend"])
@@ -156,14 +198,47 @@ def test_the_cli_reads_every_wire_format_variable() -> None:
     assert spec <= _documented_variables(), spec - _documented_variables()
 
 
-def test_dockerfile_installs_the_package_with_the_cli_as_entrypoint() -> None:
+def test_dockerfile_installs_the_locked_package_with_the_cli_as_entrypoint() -> None:
     text = DOCKERFILE.read_text()
-    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
-    assert re.search(r"^RUN pip install \.", text, re.M)
+    # A pinned base: a full Python version and the Debian release.
+    bases = re.findall(r"^FROM (\S+)$", text, re.M)
+    assert len(bases) == 1 and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", bases[0]), bases
+    assert re.search(r"^RUN pip install --no-deps -r requirements\.lock$", text, re.M)
+    assert re.search(
+        r"^RUN pip install --no-deps --no-build-isolation \. \\\n\s+&& pip check", text, re.M
+    )
     assert re.search(r'^ENTRYPOINT \["discovery-mdc"\]$', text, re.M)
-    # The build context keeps only what `pip install .` needs.
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {"*", "!pyproject.toml", "!README.md", "!discovery_mdc/"} <= set(ignored)
+    # The build context keeps only what the install needs.
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {
+        "*",
+        "!requirements.lock",
+        "!pyproject.toml",
+        "!README.md",
+        "!discovery_mdc/",
+    } <= ignored
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==" and not req.extras and not req.marker, line
+            pins[req.name.lower().replace("_", "-")] = spec.version
+    return pins
+
+
+def test_the_lock_pins_every_runtime_and_build_requirement() -> None:
+    meta = tomllib.loads(PYPROJECT.read_text())
+    pins = _lock()
+    wanted = [*meta["project"]["dependencies"], *meta["build-system"]["requires"]]
+    for text in wanted:
+        req = Requirement(text)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in {LOCK.name}"
+        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} violates {text!r}"
 
 
 def _compose_tool() -> list[str] | None:

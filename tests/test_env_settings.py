@@ -20,7 +20,7 @@ from discovery_mdc.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 # The Hugging Face variables are read by the HF resolver, as huggingface_hub reads them.
-HF_READERS = {"cache/_fetch.py", "worker/_source.py"}
+HF_READERS = {"_hf.py"}
 
 
 def test_only_the_settings_module_reads_the_environment() -> None:

@@ -284,3 +284,56 @@ def test_lease_ttl_from_env(env: dict[str, str], ttl: int) -> None:
 def test_lease_ttl_from_env_rejects_bad_values(bad: str) -> None:
     with pytest.raises(ValueError, match="ETCD_LEASE_TTL"):
         lease_ttl_from_env({"ETCD_LEASE_TTL": bad})
+
+
+async def test_a_key_deleted_while_the_lease_lives_is_created_again_once() -> None:
+    recreated: list[str] = []
+    session, store, _, states = make(ttl=9)
+    session.on_key_recreated = recreated.append
+    async with session:
+        handle = await session.add(card_key)
+        key, lease_id = handle.key, session.lease_id
+        assert key is not None
+        await store.delete("v1/", prefix=True)  # an operator's `etcdctl del --prefix v1/`
+        await spin_until(lambda: store.get(key) is not None)
+        kv = store.get(key)
+        assert kv is not None and kv.lease == lease_id and kv.value == b"card"
+        assert session.lease_id == lease_id and handle.key == key
+        assert session.keys_recreated == 1 and recreated == [key]
+        # Present again: later checks leave it alone.
+        await spin_until(lambda: store.calls.count("lease_time_to_live") >= 3)
+        assert session.keys_recreated == 1
+    assert states == [SessionState.REGISTERED, SessionState.CLOSED]
+
+
+async def test_a_key_someone_else_rewrote_is_never_overwritten_and_is_retaken_once_gone() -> None:
+    session, store, _, _ = make(ttl=9)
+    async with session:
+        handle = await session.add(card_key)
+        key = handle.key
+        assert key is not None
+        await store.put(key, b"theirs")  # no lease: no longer ours
+        await spin_until(lambda: handle.key is None)
+        assert store.get(key).value == b"theirs"  # type: ignore[union-attr]
+        assert session.keys_recreated == 0
+        await store.delete(key)
+        await spin_until(lambda: handle.key == key)
+        kv = store.get(key)
+        assert kv is not None and kv.value == b"card" and kv.lease == session.lease_id
+        assert session.keys_recreated == 1
+
+
+async def test_key_checks_run_every_few_keepalives_and_can_be_turned_off() -> None:
+    session, store, _, _ = make(ttl=9)
+    async with session:
+        await session.add(card_key)
+        await spin_until(lambda: store.calls.count("lease_keepalive") >= 6)
+        assert store.calls.count("lease_time_to_live") in (1, 2)
+    store = MemoryStore()
+    fake = FakeTime(store)
+    quiet = LeaseSession(store, ttl=9, clock=fake.clock, sleep=fake.sleep, key_check_every=0)
+    async with quiet:
+        handle = await quiet.add(card_key)
+        await store.delete(handle.key or "")
+        await spin_until(lambda: store.calls.count("lease_keepalive") >= 6)
+        assert "lease_time_to_live" not in store.calls and store.keys() == []

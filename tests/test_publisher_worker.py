@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from discovery_mdc.cache import resolve_metadata_files
 from discovery_mdc.card import decode_envelope
 from discovery_mdc.etcd import KeyExistsError, LeaseSession, MemoryStore, SessionState
 from discovery_mdc.worker import Worker
@@ -407,3 +408,63 @@ def test_worker_from_env_reads_dynamos_variables_and_keywords_win() -> None:
     # Without DYN_SYSTEM_PORT there is no status server; the constructor reads no variable.
     assert Worker.from_env(MemoryStore(), env={}).server is None
     assert Worker(MemoryStore()).server is None
+
+
+@pytest.mark.parametrize("worker_default", [True, False])
+async def test_self_host_metadata_is_chosen_per_model(
+    make_model_dir: Callable[..., Path], worker_default: bool
+) -> None:
+    store = MemoryStore()
+    async with Worker(
+        store,
+        lease_ttl=10,
+        system_port=0,
+        system_host="127.0.0.1",
+        self_host_metadata=worker_default,
+    ) as worker:
+        default = await worker.register_model(make_model_dir("a"), endpoint="a")
+        hosted = await worker.register_model(
+            make_model_dir("b"), endpoint="b", self_host_metadata=True
+        )
+        local = await worker.register_model(
+            make_model_dir("c"), endpoint="c", self_host_metadata=False
+        )
+        base = f"http://127.0.0.1:{worker.server.port}/v1/metadata/" if worker.server else "?"
+
+        def self_hosted(p: Any) -> bool:
+            return all(f.path.startswith(base) for _, f in p.card.files())
+
+        # Per model, whatever the Worker says; None falls back to the Worker's setting.
+        assert self_hosted(default) is worker_default
+        assert self_hosted(hosted) and hosted.card.extra_files
+        assert not any(f.path.startswith("http") for _, f in local.card.files())
+        assert local.card.extra_files == ()
+        keys = worker.registry.keys()
+        assert {k.split("/")[0] for k in keys if k.count("/") == 1} == (
+            {"a", "b"} if worker_default else {"b"}
+        )
+
+
+async def test_a_custom_template_whose_name_needs_encoding_is_served(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    template = tmp_path / "my template.jinja"
+    template.write_text("{{ messages }}")
+    async with Worker(
+        MemoryStore(), lease_ttl=10, system_port=0, system_host="127.0.0.1"
+    ) as worker:
+        published = await worker.register_model(make_model_dir("t"), custom_template=template)
+        slot = published.card.chat_template_file
+        assert slot is not None
+        assert slot.file.path.endswith("/v1/metadata/t/my%20template.jinja")
+        async with aiohttp.ClientSession() as session, session.get(slot.file.path) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"{{ messages }}"
+        # A frontend decodes the name and stores the file under it.
+        resolved = await resolve_metadata_files(published.card, cache_dir=tmp_path / "cache")
+        assert resolved.local_dir is not None
+        assert _read(resolved.local_dir / "my template.jinja") == b"{{ messages }}"
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()

@@ -14,6 +14,7 @@ from discovery_mdc.worker._registry import (
     ModelRef,
     Registration,
     is_safe_name,
+    url_segment,
 )
 
 MODEL_A = ModelRef("dynamo", "backend", "generate", "m")
@@ -90,6 +91,45 @@ def test_unsafe_keys_are_rejected(tmp_path: Path, key: str) -> None:
     checksum = write(tmp_path / "f", b"x")
     with pytest.raises(RegistryError, match="invalid metadata key"):
         MetadataRegistry().register(key, tmp_path / "f", checksum)
+
+
+@pytest.mark.parametrize(
+    ("name", "segment"),
+    [
+        ("config.json", "config.json"),
+        ("my template.jinja", "my%20template.jinja"),
+        ("ü.json", "%C3%BC.json"),
+        ("100%.txt", "100%25.txt"),
+        ("a?b#c.json", "a%3Fb%23c.json"),
+        ("a(b)+c=d@e:f!.json", "a(b)+c=d@e:f!.json"),  # what a WHATWG URL parser keeps
+        ("[x]{y}|z^`.json", "%5Bx%5D%7By%7D%7Cz%5E%60.json"),
+        ("", None),
+        (".", None),
+        ("..", None),
+        (".hidden", None),
+        ("a/b", None),
+        ("a\\b", None),
+        ("tab\there", None),
+        ("nul\x00", None),
+        ("del\x7f", None),
+        ("bad\udcff.json", None),  # a non-UTF-8 name as os.listdir decodes it
+        ("é" * 128, None),  # 256 bytes
+    ],
+)
+def test_url_segment_percent_encodes_what_a_url_cannot_hold(name: str, segment: str | None) -> None:
+    assert url_segment(name) == segment
+
+
+@pytest.mark.parametrize("name", ["my template.jinja", "ü.json", "100%.txt"])
+def test_encoded_file_names_can_be_registered(tmp_path: Path, name: str) -> None:
+    checksum = write(tmp_path / "f", b"x")
+    key = f"m/{url_segment(name)}"
+    MetadataRegistry().register(key, tmp_path / "f", checksum)
+    # Any other spelling of the same name is not the key.
+    for other in (f"m/{name}", "m/" + "".join(f"%{b:02X}" for b in name.encode())):
+        if other != key:
+            with pytest.raises(RegistryError, match="invalid metadata key"):
+                MetadataRegistry().register(other, tmp_path / "f", checksum)
 
 
 def test_missing_file_cannot_be_registered(tmp_path: Path) -> None:

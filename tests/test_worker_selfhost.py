@@ -138,19 +138,26 @@ def test_empty_slug_cannot_be_self_hosted(make_model_dir: Callable[..., Path]) -
         move_to_self_host(card, MetadataRegistry(), BASE, **ENDPOINT)
 
 
-def test_extra_with_unsafe_name_is_dropped_with_a_warning(
+def test_extra_names_are_percent_encoded_and_unservable_ones_dropped(
     make_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     model_dir = make_model_dir("tiny")
     (model_dir / "notes for you.txt").write_text("hi")
+    (model_dir / "tab\there.txt").write_text("no")  # a control character: no URL form
     card = card_of(model_dir)
-    hosted = move_to_self_host(card, MetadataRegistry(), BASE, **ENDPOINT)
+    registry = MetadataRegistry()
+    hosted = move_to_self_host(card, registry, BASE, **ENDPOINT)
     assert [f.basename for f in card.extra_files] == [
         "notes for you.txt",
         "special_tokens_map.json",
+        "tab\there.txt",
     ]
-    assert [f.basename for f in hosted.extra_files] == ["special_tokens_map.json"]
-    assert "notes for you.txt" in caplog.text
+    assert [f.path for f in hosted.extra_files] == [
+        f"{BASE}/v1/metadata/tiny/notes%20for%20you.txt",
+        f"{BASE}/v1/metadata/tiny/special_tokens_map.json",
+    ]
+    assert "tiny/notes%20for%20you.txt" in registry
+    assert "tab\\there.txt" in caplog.text and "dropping it" in caplog.text
 
 
 @pytest.mark.parametrize(

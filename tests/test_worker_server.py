@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from discovery_mdc.card import ModelDeploymentCard, from_dir
 from discovery_mdc.worker._registry import MetadataRegistry
 from discovery_mdc.worker._selfhost import move_to_self_host
-from discovery_mdc.worker._server import StatusServer, system_server_config
+from discovery_mdc.worker._server import StatusServer, _ConnectionGuard, system_server_config
 
 ENDPOINT = {"namespace": "dynamo", "component": "backend", "endpoint": "generate"}
 
@@ -218,6 +218,21 @@ async def test_file_that_changed_size_gives_500(
     assert status == 500
 
 
+async def test_a_registered_file_swapped_for_a_symlink_of_the_same_size_is_not_followed(
+    server: StatusServer, make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    model_dir = make_model_dir("tiny")
+    card = self_hosted(server, model_dir)
+    assert card.model_info is not None
+    config = model_dir / "config.json"
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"S" * config.stat().st_size)
+    config.unlink()
+    config.symlink_to(secret)
+    status, _, body = await raw_request(server.port, url_path(card.model_info.file.path))
+    assert status == 500 and b"SSS" not in body
+
+
 def _samples(text: str, name: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         if family.name == name:
@@ -364,3 +379,78 @@ async def test_from_env_starts_only_when_a_port_is_configured() -> None:
     assert srv is not None and srv.host == "127.0.0.1" and srv.registry is registry
     async with srv:
         assert (await raw_request(srv.port, "/v1/metadata/a/b"))[0] == 404
+
+
+# ---------------------------------------------------------------- slowloris guard
+
+
+def closed_metric(srv: StatusServer, reason: str) -> float:
+    value = srv.metrics.get_sample_value(
+        "discovery_mdc_status_connections_closed_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+async def stalled_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_connection_that_never_completes_its_request_head_is_closed() -> None:
+    async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry(), header_timeout=0.3) as srv:
+        reader, writer = await stalled_connection(srv.port)
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # closed by the server, no response
+        writer.close()
+        assert closed_metric(srv, "header_timeout") == 1
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_too() -> None:
+    async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry(), header_timeout=0.3) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            while await reader.read(65536):
+                pass  # the rest of the response, then EOF once the server closes
+        writer.close()
+        assert closed_metric(srv, "header_timeout") == 1
+
+
+async def test_at_the_cap_the_longest_waiting_connection_makes_room_for_a_new_one() -> None:
+    async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry(), max_connections=3) as srv:
+        stalled = [await stalled_connection(srv.port) for _ in range(3)]
+        status, _, body = await raw_request(srv.port, "/health")
+        assert status == 200 and b"ready" in body
+        async with asyncio.timeout(10):
+            assert await stalled[0][0].read() == b""  # the oldest one was closed
+        assert closed_metric(srv, "evicted") == 1
+        for _, writer in stalled:
+            writer.close()
+
+
+class FakeHandler:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def force_close(self) -> None:
+        self.closed = True
+
+
+async def test_at_the_cap_with_every_connection_busy_the_new_one_is_refused() -> None:
+    reasons: list[str] = []
+    guard = _ConnectionGuard(2, 30.0, reasons.append)
+    a, b, c = FakeHandler(), FakeHandler(), FakeHandler()
+    for h in (a, b):
+        guard.opened(h)  # type: ignore[arg-type]
+        guard.busy(h)  # type: ignore[arg-type]
+    guard.opened(c)  # type: ignore[arg-type]
+    assert (a.closed, b.closed, c.closed) == (False, False, True) and reasons == ["refused"]
+    guard.done(a)  # type: ignore[arg-type]  # a waits for its next request head again
+    guard.opened(c)  # type: ignore[arg-type]
+    assert a.closed and reasons == ["refused", "evicted"] and len(guard) == 2
+    for h in (b, c):
+        guard.closed(h)  # type: ignore[arg-type]
+    assert len(guard) == 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,6 @@ from discovery_mdc.worker._registry import MetadataRegistry
 from discovery_mdc.worker._selfhost import build_worker_card, prepare_card
 from discovery_mdc.worker._server import StatusServer
 from discovery_mdc.worker._source import (
-    hf_hub_cache_dir,
     is_hf_repo_id,
     resolve_model_source,
 )
@@ -27,22 +24,16 @@ ENDPOINT = {"namespace": "dynamo", "component": "backend", "endpoint": "generate
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
-def make_hf_cache(cache: Path, repo: str, *, ref: bool = True) -> Path:
-    """Lay out ``repo`` like huggingface_hub does: blobs/<sha256> + snapshot symlinks."""
-    repo_dir = cache / ("models--" + repo.replace("/", "--"))
-    staging = write_sample_model(cache.parent / "staging" / repo.replace("/", "_"))
-    snapshot = repo_dir / "snapshots" / REVISION
-    snapshot.mkdir(parents=True)
-    (repo_dir / "blobs").mkdir()
-    for source in sorted(staging.iterdir()):
-        data = source.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        (repo_dir / "blobs" / sha).write_bytes(data)
-        os.symlink(f"../../blobs/{sha}", snapshot / source.name)
-    if ref:
-        (repo_dir / "refs").mkdir()
-        (repo_dir / "refs" / "main").write_text(REVISION)
-    return snapshot
+@pytest.fixture
+def make_hf_cache(make_hf_repo: Callable[..., Path], tmp_path: Path) -> Callable[..., Path]:
+    """``make_hf_cache(hub, repo, ref=True)``: a sample model cached as HF caches ``repo``."""
+
+    def make(hub: Path, repo: str, *, ref: bool = True) -> Path:
+        model = write_sample_model(tmp_path / "staging" / repo.replace("/", "_"))
+        snapshot: Path = make_hf_repo(hub, repo, model, ref=ref)
+        return snapshot
+
+    return make
 
 
 @pytest.fixture
@@ -63,7 +54,10 @@ def test_local_dir_resolves_to_itself(make_model_dir: Callable[..., Path]) -> No
 
 
 def test_local_dir_wins_over_a_repo_id_of_the_same_name(
-    make_model_dir: Callable[..., Path], hf_cache: Path, monkeypatch: pytest.MonkeyPatch
+    make_model_dir: Callable[..., Path],
+    hf_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_hf_cache: Callable[..., Path],
 ) -> None:
     model_dir = make_model_dir("Org/Name")
     make_hf_cache(hf_cache, "Org/Name")
@@ -72,7 +66,9 @@ def test_local_dir_wins_over_a_repo_id_of_the_same_name(
     assert source.hf_repo is None and source.local_dir == Path("Org/Name")
 
 
-def test_hf_repo_id_resolves_through_refs_main(hf_cache: Path) -> None:
+def test_hf_repo_id_resolves_through_refs_main(
+    hf_cache: Path, make_hf_cache: Callable[..., Path]
+) -> None:
     snapshot = make_hf_cache(hf_cache, "Qwen/Qwen3-0.6B")
     source = resolve_model_source("Qwen/Qwen3-0.6B")
     assert source.local_dir == snapshot
@@ -81,17 +77,21 @@ def test_hf_repo_id_resolves_through_refs_main(hf_cache: Path) -> None:
     assert source.source_path == "Qwen/Qwen3-0.6B"
 
 
-def test_hf_repo_without_refs_main_uses_its_only_snapshot(hf_cache: Path) -> None:
+def test_hf_repo_without_refs_main_uses_its_only_snapshot(
+    hf_cache: Path, make_hf_cache: Callable[..., Path]
+) -> None:
     snapshot = make_hf_cache(hf_cache, "gpt2", ref=False)
     assert resolve_model_source("gpt2").local_dir == snapshot
 
 
 def test_missing_repo_is_a_clear_error_without_network(hf_cache: Path) -> None:
-    with pytest.raises(ModelDirError, match=r"not in the HF cache.*huggingface-cli download"):
+    with pytest.raises(ModelDirError, match=r"not in the HF cache.*\(hf download Org/Absent\)"):
         resolve_model_source("Org/Absent")
 
 
-def test_refs_main_naming_a_missing_snapshot_is_an_error(hf_cache: Path) -> None:
+def test_refs_main_naming_a_missing_snapshot_is_an_error(
+    hf_cache: Path, make_hf_cache: Callable[..., Path]
+) -> None:
     make_hf_cache(hf_cache, "Org/Broken")
     (hf_cache / "models--Org--Broken" / "refs" / "main").write_text("f" * 40)
     with pytest.raises(ModelDirError, match="broken"):
@@ -109,17 +109,9 @@ def test_repo_id_shape() -> None:
     assert not any(is_hf_repo_id(r) for r in ("a/b/c", "-a/b", "a/b.", "a--b/c", "a/../b", ""))
 
 
-def test_hf_cache_dir_precedence(tmp_path: Path) -> None:
-    home = Path("~").expanduser()
-    assert hf_hub_cache_dir({}) == home / ".cache/huggingface/hub"
-    assert hf_hub_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/huggingface/hub")
-    assert hf_hub_cache_dir({"HF_HOME": "/h", "XDG_CACHE_HOME": "/x"}) == Path("/h/hub")
-    assert hf_hub_cache_dir({"HUGGINGFACE_HUB_CACHE": "/l", "HF_HOME": "/h"}) == Path("/l")
-    assert hf_hub_cache_dir({"HF_HUB_CACHE": "/c", "HUGGINGFACE_HUB_CACHE": "/l"}) == Path("/c")
-
-
 async def test_hf_snapshot_symlinks_keep_real_names_in_urls_and_are_served(
     hf_cache: Path,
+    make_hf_cache: Callable[..., Path],
 ) -> None:
     make_hf_cache(hf_cache, "Org/Snap")
     source = resolve_model_source("Org/Snap")
@@ -153,7 +145,9 @@ async def test_hf_snapshot_symlinks_keep_real_names_in_urls_and_are_served(
 
 
 def test_hf_repo_not_self_hosted_gets_hf_urls(
-    hf_cache: Path, monkeypatch: pytest.MonkeyPatch
+    hf_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_hf_cache: Callable[..., Path],
 ) -> None:
     make_hf_cache(hf_cache, "Org/Snap")
     monkeypatch.setenv("DYN_SELF_HOST_METADATA", "0")

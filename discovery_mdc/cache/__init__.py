@@ -2,18 +2,21 @@
 
 Layers: ``_plan`` is pure (layout, what to fetch, where to link, name validation);
 ``_fetch`` streams one URI per scheme under a byte cap; ``_store`` owns staging, publishing,
-verification, locks and links; ``_resolve`` runs the pipeline for a card; ``_manage`` scans,
-verifies and prunes a cache.
+verification, locks, links and the last-use mark; ``_resolve`` runs the pipeline for a card;
+``_manage`` scans and verifies a cache and plans, then executes, removals (prune, rm, fix).
 
 Cache layout under the root (``cache_dir``, else ``DYN_MDC_CACHE_DIR``, else
 ``$HOME/.cache/dynamo/mdc``)::
 
     blobs/<blake3-hex>                        verified bytes
     by-slug/<slug>/<mdcsum>/<filename>        relative symlink to ../../../blobs/<hex>
+    by-slug/<slug>/.tmp-card.<mdcsum>.<pid>.<uuid>/   a card being staged (renamed into place
+                                              once complete, so <mdcsum>/ is never partial)
     .locks/<blake3-hex>.lock                  per-blob flock
     tmp/<hex>.<pid>.<uuid>.part               staging files
 
-An empty slug uses the directory ``_`` (:data:`EMPTY_SLUG_DIR`).
+An empty slug uses the directory ``_`` (:data:`EMPTY_SLUG_DIR`). A card's last use is the
+newest mtime of its links (not of the directory, which removing a link would move).
 """
 
 from discovery_mdc.cache._fetch import FetchConfig, HfOfflineError, HfRef, parse_hf_uri
@@ -23,14 +26,18 @@ from discovery_mdc.cache._manage import (
     CachedFile,
     CacheScan,
     CorruptBlob,
+    IncompleteCard,
     PruneItem,
     PrunePlan,
     PruneResult,
     TempFile,
     VerifyReport,
-    execute_prune,
+    execute_plan,
+    plan_fix,
     plan_prune,
+    plan_removal,
     scan_cache,
+    select_cards,
     verify_cache,
 )
 from discovery_mdc.cache._plan import (
@@ -51,6 +58,7 @@ from discovery_mdc.cache._resolve import (
     cache_stats,
     resolve_metadata_files,
 )
+from discovery_mdc.cache._store import refresh_last_used
 
 __all__ = [
     "EMPTY_SLUG_DIR",
@@ -68,6 +76,7 @@ __all__ = [
     "FilePlan",
     "HfOfflineError",
     "HfRef",
+    "IncompleteCard",
     "ProgressCallback",
     "PruneItem",
     "PrunePlan",
@@ -77,12 +86,16 @@ __all__ = [
     "VerifyReport",
     "cache_stats",
     "default_cache_root",
-    "execute_prune",
+    "execute_plan",
     "parse_hf_uri",
     "plan_card",
+    "plan_fix",
     "plan_prune",
+    "plan_removal",
+    "refresh_last_used",
     "resolve_cache_root",
     "resolve_metadata_files",
     "scan_cache",
+    "select_cards",
     "verify_cache",
 ]

@@ -13,12 +13,12 @@ import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final, Protocol
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import aiohttp
 
+from discovery_mdc._hf import HfEnv, download_hint
 from discovery_mdc.errors import FetchError, HfOfflineError, SizeLimitError, UnsupportedSchemeError
 
 __all__ = [
@@ -27,15 +27,11 @@ __all__ = [
     "HfRef",
     "Sink",
     "fetch_uri",
-    "hf_hub_cache",
-    "hf_local_file",
     "parse_hf_uri",
 ]
 
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
-_TRUTHY: Final = frozenset({"1", "true", "yes", "on"})
 _HF_SEGMENT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_COMMIT: Final = re.compile(r"[0-9a-f]{40}")
 COPY_CHUNK: Final = 1 << 20
 
 
@@ -90,7 +86,7 @@ async def fetch_uri(
     elif scheme == "file":
         await _copy_in_thread(_file_path(uri), sink, cap, uri)
     elif scheme == "hf":
-        await _fetch_hf(uri, sink, cap, session, config, os.environ if env is None else env)
+        await _fetch_hf(uri, sink, cap, session, config, env)
     else:
         raise UnsupportedSchemeError(f"cannot fetch {uri}: unsupported scheme {scheme!r}")
 
@@ -289,7 +285,6 @@ class HfRef:
 # A branch, tag, ``refs/pr/N`` or commit: relative, no empty or dot segments, no NUL. The
 # revision names a file under ``refs/``, so an absolute or odd one must never reach the path.
 _HF_REVISION = re.compile(r"[A-Za-z0-9_.-][A-Za-z0-9_./-]{0,199}")
-_REF_FILE_MAX = 256
 
 
 def parse_hf_uri(uri: str) -> HfRef:
@@ -316,69 +311,27 @@ def parse_hf_uri(uri: str) -> HfRef:
     return HfRef(repo, revision, filename)
 
 
-def hf_hub_cache(env: Mapping[str, str]) -> Path:
-    """``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
-    if env.get("HF_HUB_CACHE"):
-        return Path(env["HF_HUB_CACHE"])
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]) / "hub"
-    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
-    return home / ".cache" / "huggingface" / "hub"
-
-
-def hf_local_file(ref: HfRef, env: Mapping[str, str]) -> Path | None:
-    """The file in the local HF cache (``models--org--name/snapshots/<commit>/<file>``)."""
-    repo_dir = hf_hub_cache(env) / ("models--" + ref.repo.replace("/", "--"))
-    commit = ref.revision
-    if not _COMMIT.fullmatch(commit):
-        resolved = _read_ref(repo_dir / "refs" / ref.revision)
-        if resolved is None or not _COMMIT.fullmatch(resolved):
-            return None
-        commit = resolved
-    candidate = repo_dir / "snapshots" / commit / ref.filename
-    return candidate if candidate.is_file() else None
-
-
-def _read_ref(path: Path) -> str | None:
-    """A ``refs/<rev>`` file's commit: a small regular file, read without following a FIFO."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.read(fd, _REF_FILE_MAX).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 async def _fetch_hf(
     uri: str,
     sink: Sink,
     cap: int,
     session: aiohttp.ClientSession | None,
     config: FetchConfig,
-    env: Mapping[str, str],
+    env: Mapping[str, str] | None,
 ) -> None:
     ref = parse_hf_uri(uri)
-    local = await asyncio.to_thread(hf_local_file, ref, env)
+    hf = HfEnv.from_env(env)
+    local = await asyncio.to_thread(hf.local_file, ref.repo, ref.revision, ref.filename)
     if local is not None:
         await _copy_in_thread(os.fspath(local), sink, cap, uri)
         return
-    if env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY:
+    if hf.offline:
         raise HfOfflineError(
-            f"cannot fetch {uri}: not in the local HF cache ({hf_hub_cache(env)}) and "
-            "HF_HUB_OFFLINE is set"
+            f"cannot fetch {uri}: not in the local HF cache ({hf.hub_cache}) and "
+            f"HF_HUB_OFFLINE is set; run {download_hint(ref.repo)} where the network is "
+            "reachable"
         )
-    endpoint = (env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    url = (
-        f"{endpoint}/{ref.repo}/resolve/{quote(ref.revision, safe='')}/"
-        f"{quote(ref.filename, safe='')}"
-    )
-    headers = {}
-    if env.get("HF_TOKEN"):
-        headers["Authorization"] = f"Bearer {env['HF_TOKEN']}"
+    url = hf.resolve_url(ref.repo, ref.revision, ref.filename)
+    token = await asyncio.to_thread(hf.token)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     await _fetch_http(url, sink, cap, _need(session, uri), config, headers, label=uri)

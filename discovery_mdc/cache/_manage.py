@@ -1,11 +1,17 @@
-"""Cache management: scan (ls), verify and prune.
+"""Cache management: scan (ls), verify, and plan-then-execute removal (prune, rm, verify --fix).
 
 A scan describes the cache as frozen dataclasses and collects oddities as warnings instead of
-failing. Prune is planned from a scan by a pure function; the plan can be printed, then
-executed. Execution removes links first, then temp files, then blobs, then empty directories,
-so an interrupted prune never leaves a link without its blob. A blob is removed only while its
-lock is held and after re-checking, under that lock, that no link refers to it (resolves create
-links under the same lock).
+failing. Every removal is planned from a scan by a pure function (:func:`plan_prune`,
+:func:`plan_removal`, :func:`plan_fix`); the plan can be printed, then executed by
+:func:`execute_plan`, which re-checks every item first and skips what changed since the scan.
+
+Execution removes card directories first, then temp files, then blobs, then empty
+directories, so an interrupted run never leaves a link without its blob. A card directory is
+first renamed out of ``by-slug/`` (to ``.tmp-rm.<pid>.<uuid>``), so a frontend sees it whole
+or not at all. A blob is removed only while its lock is held and after re-checking, under that
+lock, that no link refers to it (resolves create links under the same lock). All of this is
+safe while frontends use the same cache: what a running frontend still serves, it touches
+(its last use) and re-creates if it is removed anyway.
 """
 
 from __future__ import annotations
@@ -16,42 +22,66 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
 import filelock
 
-from discovery_mdc.cache._plan import TEMP_PREFIX, CacheLayout
-from discovery_mdc.cache._store import PART_SUFFIX
-from discovery_mdc.card import hash_file
+from discovery_mdc.cache._plan import TEMP_PREFIX, CacheLayout, slug_dir_name
+from discovery_mdc.cache._store import (
+    CARD_STAGING_PREFIX,
+    PART_SUFFIX,
+    REMOVAL_PREFIX,
+    last_used,
+    remove_link_dir,
+    unique_name,
+)
+from discovery_mdc.card import hash_file, slugify
+from discovery_mdc.errors import CacheError
 
 __all__ = [
+    "STALE_TEMP_AGE",
     "CacheScan",
     "CachedBlob",
     "CachedCard",
     "CachedFile",
     "CorruptBlob",
+    "IncompleteCard",
     "PruneItem",
     "PrunePlan",
     "PruneResult",
     "TempFile",
     "VerifyReport",
-    "execute_prune",
+    "execute_plan",
+    "plan_fix",
     "plan_prune",
+    "plan_removal",
+    "referenced_hexes",
     "scan_cache",
+    "select_cards",
     "verify_cache",
 ]
 
 _HEX: Final = re.compile(r"[0-9a-f]{64}")
-#: A temp file whose owner looks alive is still removed once it is this old (seconds).
+#: A temp file or staging directory whose owner looks alive is still removed once it is this
+#: old (seconds): a pid can be reused, and no fetch takes a day.
 STALE_TEMP_AGE: Final = 24 * 3600.0
 _PART: Final = re.compile(
     r"(?P<hex>[0-9a-f]{64})\.(?P<pid>\d+)\.[0-9a-f]+" + re.escape(PART_SUFFIX)
 )
 _TEMP_LINK: Final = re.compile(re.escape(TEMP_PREFIX) + r"link\.(?P<pid>\d+)\.[0-9a-f]+")
+_INCOMPLETE: Final = re.compile(
+    rf"(?:{re.escape(CARD_STAGING_PREFIX)}(?P<sum>[0-9a-f]{{64}})\.|{re.escape(REMOVAL_PREFIX)})"
+    r"(?P<pid>\d+)\.[0-9a-f]+"
+)
 _LOCK_BATCH: Final = 256
+# How often a reference scan is retried when a card directory is renamed under it.
+_RESCANS: Final = 50
+
+
+# --------------------------------------------------------------------------- scan
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +100,8 @@ class CachedFile:
 
 @dataclass(frozen=True, slots=True)
 class CachedCard:
-    """One ``by-slug/<slug>/<mdcsum>`` directory. ``last_used`` is its mtime, which every
-    resolve of the card touches."""
+    """One published ``by-slug/<slug>/<mdcsum>`` directory. ``last_used`` is its newest
+    link's mtime, which every resolve of the card, and a frontend serving it, moves."""
 
     slug: str
     mdcsum: str
@@ -80,8 +110,31 @@ class CachedCard:
     last_used: float
 
     @property
+    def id(self) -> str:
+        """``<slug>/<mdcsum>``, as ``cache rm`` takes it."""
+        return f"{self.slug}/{self.mdcsum}"
+
+    @property
     def size(self) -> int:
         return sum(f.size or 0 for f in self.files)
+
+    @property
+    def broken(self) -> tuple[CachedFile, ...]:
+        return tuple(f for f in self.files if f.broken)
+
+
+@dataclass(frozen=True, slots=True)
+class IncompleteCard:
+    """A card directory being staged (``.tmp-card.<mdcsum>...``) or left half deleted
+    (``.tmp-rm...``); never a usable card. ``owner_alive`` is whether its writer still runs."""
+
+    slug: str
+    path: Path
+    mdcsum: str | None
+    hexes: tuple[str, ...]
+    mtime: float
+    owner_pid: int | None
+    owner_alive: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +168,7 @@ class CacheScan:
     temp_files: tuple[TempFile, ...]
     empty_dirs: tuple[Path, ...]
     warnings: tuple[str, ...]
+    incomplete: tuple[IncompleteCard, ...] = ()
 
     @property
     def size_on_disk(self) -> int:
@@ -135,7 +189,7 @@ def _scandir(path: Path) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(path) as it:
             return sorted(it, key=lambda e: e.name)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 
@@ -151,22 +205,43 @@ def _link_hex(layout: CacheLayout, link: Path) -> str | None:
     return resolved.name
 
 
-def _iter_link_dirs(layout: CacheLayout) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    for slug in _scandir(layout.by_slug):
-        if slug.is_dir(follow_symlinks=False):
-            for sums in _scandir(Path(slug.path)):
-                yield slug.name, sums
+class _Vanished(Exception):
+    """A directory listed a moment ago was renamed away during a reference scan."""
 
 
-def referenced_hexes(layout: CacheLayout) -> set[str]:
-    """Every blob hex some link in ``by-slug/`` points at."""
+def _referenced_once(layout: CacheLayout) -> set[str]:
     out = set()
-    for _, sums in _iter_link_dirs(layout):
-        if sums.is_dir(follow_symlinks=False):
-            for entry in _scandir(Path(sums.path)):
+    for slug in _scandir(layout.by_slug):
+        if not slug.is_dir(follow_symlinks=False):
+            continue
+        for sums in _scandir(Path(slug.path)):
+            if not sums.is_dir(follow_symlinks=False):
+                continue
+            try:
+                with os.scandir(sums.path) as it:
+                    entries = list(it)
+            except FileNotFoundError:
+                # Renamed (staging -> published, or out for deletion): its links now live
+                # under a name this pass may already have listed past. Start over.
+                raise _Vanished(sums.path) from None
+            for entry in entries:
                 if entry.is_symlink() and (h := _link_hex(layout, Path(entry.path))):
                     out.add(h)
     return out
+
+
+def referenced_hexes(layout: CacheLayout) -> set[str]:
+    """Every blob hex some link in ``by-slug/`` points at (staging directories included).
+
+    Links are never moved between directories except by renaming a whole directory, so a
+    pass that saw no directory vanish saw every link that existed before it started.
+    """
+    for _ in range(_RESCANS):
+        try:
+            return _referenced_once(layout)
+        except _Vanished:
+            continue
+    raise CacheError(f"card directories under {layout.by_slug} kept moving during a scan")
 
 
 def _temp_file(entry: os.DirEntry[str], pattern: re.Pattern[str]) -> TempFile:
@@ -184,52 +259,70 @@ def _temp_file(entry: os.DirEntry[str], pattern: re.Pattern[str]) -> TempFile:
     )
 
 
+def _card_links(
+    layout: CacheLayout, path: Path, warnings: list[str], temps: list[TempFile]
+) -> list[CachedFile]:
+    files = []
+    for entry in _scandir(path):
+        link = Path(entry.path)
+        if _TEMP_LINK.fullmatch(entry.name):
+            temps.append(_temp_file(entry, _TEMP_LINK))
+            continue
+        if not entry.is_symlink():
+            warnings.append(f"unexpected entry {link} (not a symlink)")
+            continue
+        hexdigest = _link_hex(layout, link)
+        if hexdigest is None:
+            warnings.append(f"link {link} does not point into {layout.blobs}")
+            continue
+        try:
+            size: int | None = os.stat(link).st_size
+        except OSError:
+            size = None
+        files.append(CachedFile(entry.name, link, hexdigest, size))
+    return files
+
+
 def scan_cache(layout: CacheLayout) -> CacheScan:
     """Describe the cache. Never raises for odd entries; they become ``warnings``."""
     warnings: list[str] = []
     cards: list[CachedCard] = []
+    incomplete: list[IncompleteCard] = []
     temps: list[TempFile] = []
     empty: list[Path] = []
     referenced: set[str] = set()
-    for slug, sums in _iter_link_dirs(layout):
-        if not sums.is_dir(follow_symlinks=False) or not _HEX.fullmatch(sums.name):
-            warnings.append(f"unexpected entry {sums.path}")
+    for slug in _scandir(layout.by_slug):
+        if not slug.is_dir(follow_symlinks=False):
+            warnings.append(f"unexpected entry {slug.path}")
             continue
-        files = []
-        entries = _scandir(Path(sums.path))
-        for entry in entries:
-            path = Path(entry.path)
-            if _TEMP_LINK.fullmatch(entry.name):
-                temps.append(_temp_file(entry, _TEMP_LINK))
-                continue
-            if not entry.is_symlink():
-                warnings.append(f"unexpected entry {path} (not a symlink)")
-                continue
-            hexdigest = _link_hex(layout, path)
-            if hexdigest is None:
-                warnings.append(f"link {path} does not point into {layout.blobs}")
-                continue
-            try:
-                size: int | None = os.stat(path).st_size
-            except OSError:
-                size = None
-            else:
-                referenced.add(hexdigest)
-            files.append(CachedFile(entry.name, path, hexdigest, size))
+        entries = _scandir(Path(slug.path))
         if not entries:
-            empty.append(Path(sums.path))
-        cards.append(
-            CachedCard(
-                slug=slug,
-                mdcsum=sums.name,
-                path=Path(sums.path),
-                files=tuple(files),
-                last_used=sums.stat(follow_symlinks=False).st_mtime,
-            )
-        )
-    for slug_entry in _scandir(layout.by_slug):
-        if slug_entry.is_dir(follow_symlinks=False) and not _scandir(Path(slug_entry.path)):
-            empty.append(Path(slug_entry.path))
+            empty.append(Path(slug.path))
+        for sums in entries:
+            path = Path(sums.path)
+            partial = _INCOMPLETE.fullmatch(sums.name)
+            if not sums.is_dir(follow_symlinks=False) or not (partial or _HEX.fullmatch(sums.name)):
+                warnings.append(f"unexpected entry {path}")
+                continue
+            files = _card_links(layout, path, warnings, temps)
+            referenced.update(f.hex for f in files if f.hex and not f.broken)
+            if partial:
+                pid = int(partial["pid"])
+                incomplete.append(
+                    IncompleteCard(
+                        slug=slug.name,
+                        path=path,
+                        mdcsum=partial["sum"],
+                        hexes=tuple(f.hex for f in files if f.hex),
+                        mtime=sums.stat(follow_symlinks=False).st_mtime,
+                        owner_pid=pid,
+                        owner_alive=_pid_alive(pid),
+                    )
+                )
+            elif not files and not _scandir(path):
+                empty.append(path)
+            else:
+                cards.append(CachedCard(slug.name, sums.name, path, tuple(files), last_used(path)))
     blobs = []
     for entry in _scandir(layout.blobs):
         if not _HEX.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
@@ -254,6 +347,7 @@ def scan_cache(layout: CacheLayout) -> CacheScan:
         temp_files=tuple(temps),
         empty_dirs=tuple(empty),
         warnings=tuple(warnings),
+        incomplete=tuple(incomplete),
     )
 
 
@@ -278,49 +372,68 @@ class VerifyReport:
         return not self.corrupt
 
 
-def verify_cache(layout: CacheLayout) -> VerifyReport:
+def _content_hex(path: Path) -> str:
+    try:
+        checksum, _, _ = hash_file(path)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    return checksum.hex
+
+
+def verify_cache(layout: CacheLayout, scan: CacheScan | None = None) -> VerifyReport:
     """Re-hash every blob; report blobs whose content no longer matches their name."""
-    scan = scan_cache(layout)
+    scan = scan_cache(layout) if scan is None else scan
     corrupt = []
     for blob in scan.blobs:
-        try:
-            checksum, _, _ = hash_file(blob.path)
-            actual = checksum.hex
-        except OSError as exc:
-            actual = f"unreadable ({exc.strerror})"
+        actual = _content_hex(blob.path)
         if actual != blob.hex:
             corrupt.append(CorruptBlob(blob.hex, blob.path, actual))
-    broken = tuple(f.path for c in scan.cards for f in c.files if f.broken)
+    broken = tuple(f.path for c in scan.cards for f in c.broken)
     return VerifyReport(checked=len(scan.blobs), corrupt=tuple(corrupt), broken_links=broken)
 
 
-# --------------------------------------------------------------------------- prune
+# --------------------------------------------------------------------------- plans
 
-PruneKind = Literal["link", "temp", "blob", "dir"]
+PruneKind = Literal["card", "incomplete", "temp", "blob", "dir"]
 
 
 @dataclass(frozen=True, slots=True)
 class PruneItem:
+    """One thing a plan deletes, and the condition re-checked before deleting it.
+
+    ``kind`` is ``card`` (a published card directory: its links go, never the blobs they
+    point at), ``incomplete`` (a staging or half-deleted card directory), ``temp`` (a staging
+    file or temp link), ``blob`` or ``dir`` (an empty directory). A card planned because it
+    was unused (``unused_since`` set) is kept if it was used after that; one planned for
+    broken links (``broken``) is kept if they were repaired; a ``corrupt`` blob is re-hashed.
+    """
+
     kind: PruneKind
     path: Path
     size: int
     reason: str
     hex: str | None = None
+    slug: str | None = None
+    mdcsum: str | None = None
+    unused_since: float | None = None
+    broken: tuple[str, ...] = ()
+    corrupt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class PrunePlan:
-    """What prune will delete, in order: links, temp files, blobs, then empty directories."""
+    """What a run will delete, in order: cards, incomplete cards, temp files, blobs, then
+    empty directories."""
 
     layout: CacheLayout
-    links: tuple[PruneItem, ...]
+    cards: tuple[PruneItem, ...]
     temp_files: tuple[PruneItem, ...]
     blobs: tuple[PruneItem, ...]
     dirs: tuple[PruneItem, ...]
 
     @property
     def items(self) -> tuple[PruneItem, ...]:
-        return self.links + self.temp_files + self.blobs + self.dirs
+        return self.cards + self.temp_files + self.blobs + self.dirs
 
     @property
     def expected_freed_bytes(self) -> int:
@@ -331,53 +444,170 @@ class PrunePlan:
         return not self.items
 
 
-def plan_prune(
-    scan: CacheScan, *, now: float | None = None, stale_after: float = STALE_TEMP_AGE
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{max(seconds, 0):.0f}s ago"
+
+
+def _card_item(
+    card: CachedCard,
+    reason: str,
+    *,
+    unused_since: float | None = None,
+    broken: tuple[str, ...] = (),
+) -> PruneItem:
+    return PruneItem("card", card.path, 0, reason, slug=card.slug, mdcsum=card.mdcsum,
+                     unused_since=unused_since, broken=broken)  # fmt: skip
+
+
+def _finish(
+    scan: CacheScan,
+    cards: Mapping[Path, PruneItem],
+    temps: Sequence[PruneItem] = (),
+    *,
+    blobs: Literal["unreferenced", "orphaned", "corrupt"],
+    corrupt: Mapping[str, str] | None = None,
 ) -> PrunePlan:
-    """Plan a prune from a scan (pure): broken links, unreferenced blobs, temp files whose
-    writer is gone (or older than ``stale_after``), and directories left empty."""
-    now = time.time() if now is None else now
-    links = tuple(
-        PruneItem("link", f.path, 0, "broken link", f.hex)
-        for c in scan.cards
-        for f in c.files
-        if f.broken
-    )
-    temps = tuple(
-        PruneItem("temp", t.path, t.size, "leftover temp file", t.lock_hex)
-        for t in scan.temp_files
-        if not t.owner_alive or now - t.mtime > stale_after
-    )
-    blobs = tuple(
-        PruneItem("blob", b.path, b.size, "no link refers to it", b.hex)
-        for b in scan.blobs
-        if not b.referenced
-    )
-    removed = {i.path for i in links + temps}
-    emptied = set(scan.empty_dirs)
-    for c in scan.cards:
-        remaining = [f for f in c.files if f.path not in removed]
-        others = [t for t in scan.temp_files if t.path.parent == c.path and t.path not in removed]
-        if not remaining and not others:
-            emptied.add(c.path)
+    """Add blobs (every unreferenced one, those only the removed cards link, or the corrupt
+    ones with their reasons) and the directories left empty."""
+    removed = set(cards)
+    kept = {f.hex for c in scan.cards if c.path not in removed for f in c.files if f.hex}
+    kept |= {h for i in scan.incomplete if i.path not in removed for h in i.hexes}
+    orphaned = {f.hex for c in scan.cards if c.path in removed for f in c.files} - kept
+    blob_items = []
+    for b in scan.blobs:
+        if blobs == "corrupt":
+            if corrupt and b.hex in corrupt:
+                blob_items.append(
+                    PruneItem("blob", b.path, b.size, corrupt[b.hex], b.hex, corrupt=True)
+                )
+        elif b.hex in orphaned:
+            blob_items.append(
+                PruneItem("blob", b.path, b.size, "only removed cards link it", b.hex)
+            )
+        elif blobs == "unreferenced" and b.hex not in kept:
+            blob_items.append(PruneItem("blob", b.path, b.size, "no link refers to it", b.hex))
+    emptied = set(scan.empty_dirs) if blobs == "unreferenced" else set()
     by_slug: dict[Path, list[Path]] = {}
-    for c in scan.cards:
-        by_slug.setdefault(c.path.parent, []).append(c.path)
-    for slug_dir, sums in by_slug.items():
-        if all(s in emptied for s in sums):
+    for entry in [*(c.path for c in scan.cards), *(i.path for i in scan.incomplete)]:
+        by_slug.setdefault(entry.parent, []).append(entry)
+    for slug_dir, entries in by_slug.items():
+        if all(e in removed for e in entries):
             emptied.add(slug_dir)
     # Children before parents, so each rmdir finds its directory empty.
     dirs = tuple(
         PruneItem("dir", d, 0, "empty directory")
         for d in sorted(emptied, key=lambda p: (-len(p.parts), p))
     )
-    return PrunePlan(scan.layout, links, temps, blobs, dirs)
+    ordered = sorted(cards.values(), key=lambda i: (i.kind != "card", i.path))
+    return PrunePlan(scan.layout, tuple(ordered), tuple(temps), tuple(blob_items), dirs)
+
+
+def plan_prune(
+    scan: CacheScan,
+    *,
+    now: float | None = None,
+    stale_after: float = STALE_TEMP_AGE,
+    older_than: float | None = None,
+    keep: int | None = None,
+) -> PrunePlan:
+    """Plan a prune from a scan (pure).
+
+    Always: cards with broken links, incomplete cards and temp files whose writer is gone (or
+    older than ``stale_after``), blobs no link refers to, and directories left empty. With
+    ``older_than`` (seconds), cards last used longer ago than that; with ``keep``, all but
+    the ``keep`` most recently used cards of each model (slug).
+    """
+    now = time.time() if now is None else now
+    cards: dict[Path, PruneItem] = {}
+    for c in scan.cards:
+        if c.broken:
+            cards[c.path] = _card_item(
+                c,
+                f"{len(c.broken)} of {len(c.files)} links broken",
+                broken=tuple(f.hex for f in c.broken if f.hex),
+            )
+    if older_than is not None:
+        for c in scan.cards:
+            if c.path not in cards and now - c.last_used > older_than:
+                cards[c.path] = _card_item(
+                    c, f"last used {_ago(now - c.last_used)}", unused_since=c.last_used
+                )
+    if keep is not None:
+        per_model: dict[str, list[CachedCard]] = {}
+        for c in scan.cards:
+            per_model.setdefault(c.slug, []).append(c)
+        for slug, group in per_model.items():
+            group.sort(key=lambda c: (-c.last_used, c.mdcsum))
+            for c in group[keep:]:
+                if c.path not in cards:
+                    cards[c.path] = _card_item(
+                        c,
+                        f"not among the {keep} most recently used of {slug}",
+                        unused_since=c.last_used,
+                    )
+    for i in scan.incomplete:
+        stale = now - i.mtime > stale_after
+        if not i.owner_alive or stale:
+            why = "stale" if i.owner_alive else f"pid {i.owner_pid} is gone"
+            cards[i.path] = PruneItem(
+                "incomplete", i.path, 0, f"incomplete card ({why})", slug=i.slug, mdcsum=i.mdcsum
+            )
+    temps = [
+        PruneItem("temp", t.path, t.size, "leftover temp file", t.lock_hex)
+        for t in scan.temp_files
+        if not t.owner_alive or now - t.mtime > stale_after
+    ]
+    return _finish(scan, cards, temps, blobs="unreferenced")
+
+
+def select_cards(scan: CacheScan, spec: str) -> list[CachedCard]:
+    """The cards ``spec`` names: ``MODEL`` (a model name or its slug) or ``MODEL/MDCSUM``
+    (the mdcsum, or a unique prefix of at least 4 hex digits). Empty when nothing matches."""
+
+    def of_model(model: str) -> list[CachedCard]:
+        names = {model, slugify(model)}
+        with contextlib.suppress(Exception):
+            names.add(slug_dir_name(slugify(model)))
+        return [c for c in scan.cards if c.slug in names]
+
+    whole = of_model(spec)
+    model, sep, prefix = spec.rpartition("/")
+    if whole or not sep or not re.fullmatch(r"[0-9a-fA-F]{4,64}", prefix):
+        return whole
+    return [c for c in of_model(model) if c.mdcsum.startswith(prefix.lower())]
+
+
+def plan_removal(scan: CacheScan, cards: Iterable[CachedCard]) -> PrunePlan:
+    """Plan ``cache rm`` (pure): these cards, the blobs only they link, and the model
+    directories they leave empty."""
+    items = {c.path: _card_item(c, "requested") for c in cards}
+    return _finish(scan, items, blobs="orphaned")
+
+
+def plan_fix(scan: CacheScan, report: VerifyReport) -> PrunePlan:
+    """Plan ``verify --fix`` (pure): every corrupt blob, and every card linking one (a
+    frontend that needs such a card again fetches and verifies it anew)."""
+    bad = {c.hex: c for c in report.corrupt}
+    items = {
+        c.path: _card_item(c, "links a corrupt blob")
+        for c in scan.cards
+        if any(f.hex in bad for f in c.files)
+    }
+    reasons = {h: f"corrupt: content hashes to {c.actual}" for h, c in bad.items()}
+    return _finish(scan, items, blobs="corrupt", corrupt=reasons)
+
+
+# --------------------------------------------------------------------------- execute
 
 
 @dataclass(frozen=True, slots=True)
 class PruneResult:
     removed: tuple[PruneItem, ...]
     skipped: tuple[tuple[PruneItem, str], ...] = field(default=())
+    failed: tuple[tuple[PruneItem, str], ...] = field(default=())
 
     @property
     def freed_bytes(self) -> int:
@@ -392,6 +622,9 @@ def _try_lock(path: Path) -> Iterator[bool]:
     except filelock.Timeout:
         yield False
         return
+    except FileNotFoundError:
+        yield True  # no .locks/ directory: nobody can hold a lock
+        return
     except OSError as exc:
         if exc.errno != errno.ENOSYS:
             raise
@@ -403,63 +636,110 @@ def _try_lock(path: Path) -> Iterator[bool]:
         lock.release()
 
 
-def execute_prune(plan: PrunePlan) -> PruneResult:
-    """Delete what ``plan`` lists, re-checking each item first; items that changed since the
-    scan (a link repaired, a blob linked again, a lock held) are skipped, never deleted."""
-    layout = plan.layout
-    removed: list[PruneItem] = []
-    skipped: list[tuple[PruneItem, str]] = []
+class _Run:
+    def __init__(self, plan: PrunePlan) -> None:
+        self.layout = plan.layout
+        self.removed: list[PruneItem] = []
+        self.skipped: list[tuple[PruneItem, str]] = []
+        self.failed: list[tuple[PruneItem, str]] = []
 
-    def unlink(item: PruneItem) -> None:
+    def unlink(self, item: PruneItem) -> None:
         try:
             item.path.unlink()
         except FileNotFoundError:
-            skipped.append((item, "already gone"))
+            self.skipped.append((item, "already gone"))
         except OSError as exc:
-            skipped.append((item, exc.strerror or str(exc)))
+            self.failed.append((item, exc.strerror or str(exc)))
         else:
-            removed.append(item)
+            self.removed.append(item)
 
-    for item in plan.links:
-        lock = layout.lock(item.hex) if item.hex else None
+    def card(self, item: PruneItem) -> None:
         with contextlib.ExitStack() as stack:
-            if (
-                lock is not None
-                and lock.parent.is_dir()
-                and not stack.enter_context(_try_lock(lock))
+            for h in item.broken:
+                if not stack.enter_context(_try_lock(self.layout.lock(h))):
+                    self.skipped.append((item, "a frontend is repairing it"))
+                    return
+            if not item.path.is_dir():
+                self.skipped.append((item, "already gone"))
+                return
+            if item.broken and not any(
+                os.path.lexists(item.path / n) and not os.path.exists(item.path / n)
+                for n in os.listdir(item.path)
             ):
-                skipped.append((item, "blob is locked"))
-                continue
-            if not item.path.is_symlink() or item.path.exists():
-                skipped.append((item, "no longer broken"))
-                continue
-            unlink(item)
-    for item in plan.temp_files:
-        unlink(item)
-    for start in range(0, len(plan.blobs), _LOCK_BATCH):
-        batch = plan.blobs[start : start + _LOCK_BATCH]
-        with contextlib.ExitStack() as stack:
-            held = []
-            for item in batch:
-                assert item.hex is not None
-                if stack.enter_context(_try_lock(layout.lock(item.hex))):
-                    held.append(item)
-                else:
-                    skipped.append((item, "blob is locked"))
-            # Rescan only once every lock in the batch is held: links appear only under them.
-            referenced = referenced_hexes(layout)
-            for item in held:
-                if item.hex in referenced:
-                    skipped.append((item, "linked again"))
-                else:
-                    unlink(item)
-    for item in plan.dirs:
+                self.skipped.append((item, "repaired since the plan"))
+                return
+            if item.unused_since is not None and last_used(item.path) > item.unused_since:
+                self.skipped.append((item, "used since the plan"))
+                return
+            # Out of by-slug/ in one step: a frontend finds the card whole or not at all.
+            away = item.path.parent / unique_name(REMOVAL_PREFIX[:-1])
+            try:
+                os.rename(item.path, away)
+            except FileNotFoundError:
+                self.skipped.append((item, "already gone"))
+                return
+            except OSError as exc:
+                self.failed.append((item, exc.strerror or str(exc)))
+                return
+        self._remove_dir(item, away)
+
+    def _remove_dir(self, item: PruneItem, path: Path) -> None:
+        try:
+            remove_link_dir(path)
+        except OSError as exc:
+            self.failed.append((item, exc.strerror or str(exc)))
+        else:
+            self.removed.append(item)
+
+    def blobs(self, items: Sequence[PruneItem]) -> None:
+        for start in range(0, len(items), _LOCK_BATCH):
+            batch = items[start : start + _LOCK_BATCH]
+            with contextlib.ExitStack() as stack:
+                held = []
+                for item in batch:
+                    assert item.hex is not None
+                    if stack.enter_context(_try_lock(self.layout.lock(item.hex))):
+                        held.append(item)
+                    else:
+                        self.skipped.append((item, "blob is locked"))
+                # Rescan only once every lock in the batch is held: links appear only under
+                # them.
+                referenced = referenced_hexes(self.layout) if held else set()
+                for item in held:
+                    if item.corrupt:
+                        if _content_hex(item.path) == item.hex:
+                            self.skipped.append((item, "replaced by a good copy since"))
+                            continue
+                    elif item.hex in referenced:
+                        self.skipped.append((item, "linked again"))
+                        continue
+                    self.unlink(item)
+
+    def dir(self, item: PruneItem) -> None:
         try:
             item.path.rmdir()
         except FileNotFoundError:
-            skipped.append((item, "already gone"))
+            self.skipped.append((item, "already gone"))
         except OSError as exc:
-            skipped.append((item, exc.strerror or str(exc)))
+            reason = "no longer empty" if exc.errno == errno.ENOTEMPTY else exc.strerror
+            self.skipped.append((item, reason or str(exc)))
         else:
-            removed.append(item)
-    return PruneResult(tuple(removed), tuple(skipped))
+            self.removed.append(item)
+
+
+def execute_plan(plan: PrunePlan) -> PruneResult:
+    """Delete what ``plan`` lists, re-checking each item first; items that changed since the
+    scan (a card used or repaired, a blob linked again, a lock held) are skipped, never
+    deleted."""
+    run = _Run(plan)
+    for item in plan.cards:
+        if item.kind == "card":
+            run.card(item)
+        else:
+            run._remove_dir(item, item.path)
+    for item in plan.temp_files:
+        run.unlink(item)
+    run.blobs(plan.blobs)
+    for item in plan.dirs:
+        run.dir(item)
+    return PruneResult(tuple(run.removed), tuple(run.skipped), tuple(run.failed))

@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from discovery_mdc._env import default_cache_root
 from discovery_mdc.card import (
+    MAX_FILE_SIZE,
     CheckedFile,
     Checksum,
     ModelDeploymentCard,
@@ -45,8 +46,9 @@ __all__ = [
     "validate_link_name",
 ]
 
-#: The absolute ceiling on one metadata file, whatever the card declares.
-MAX_BLOB_SIZE: Final = 1 << 30
+#: The absolute ceiling on one metadata file, whatever the card declares (a worker never
+#: publishes a larger one).
+MAX_BLOB_SIZE: Final = MAX_FILE_SIZE
 #: The directory used for a card whose slug is empty (``日本語`` slugifies to ``""``).
 #: ``slugify`` strips leading ``_``, so no derived slug is ever exactly ``_``.
 EMPTY_SLUG_DIR: Final = "_"

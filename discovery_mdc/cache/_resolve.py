@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -24,10 +24,17 @@ from discovery_mdc.cache._plan import (
     plan_card,
     resolve_cache_root,
 )
-from discovery_mdc.cache._store import BlobStore, blob_lock, verify_file
+from discovery_mdc.cache._store import (
+    BlobStore,
+    blob_lock,
+    refresh_last_used,
+    remove_link_dir,
+    verify_file,
+)
 from discovery_mdc.card import ModelDeploymentCard, is_new_format, mdcsum
 from discovery_mdc.errors import (
     AllSourcesFailedError,
+    CacheError,
     ChecksumMismatchError,
     FetchError,
     SizeLimitError,
@@ -46,6 +53,9 @@ log = logging.getLogger("discovery_mdc.cache")
 
 #: ``progress(filename, bytes_received, declared_size_or_None)``
 ProgressCallback = Callable[[str, int, int | None], None]
+# A published card directory that keeps vanishing under us is given up on after this many
+# rounds (each round either repairs it in place or stages and publishes it again).
+_PUBLISH_ATTEMPTS = 5
 # Errors that say "this source is bad": try the next alternate. Anything else (a full disk,
 # a lock timeout, cancellation) stops at once.
 _SOURCE_ERRORS = (FetchError, ChecksumMismatchError, SizeLimitError)
@@ -187,12 +197,16 @@ class _Run:
     stats: CacheStats
     progress: ProgressCallback | None
 
-    async def ensure_file(self, fp: FilePlan) -> None:
-        """Make ``fp.link_path`` point at a verified blob; concurrent callers share one run."""
-        key = (os.fspath(self.store.layout.root), fp.hex, fp.size, os.fspath(fp.link_path))
-        await _single_flight(key, lambda: self._ensure_file(fp))
+    async def ensure_file(self, fp: FilePlan, *, in_place: bool = False) -> None:
+        """Make ``fp.link_path`` point at a verified blob; concurrent callers share one run.
 
-    async def _ensure_file(self, fp: FilePlan) -> None:
+        ``in_place`` repairs a published card directory: it is never re-created, and
+        :class:`_DirGone` says it vanished (a prune or ``cache rm`` took it).
+        """
+        key = (os.fspath(self.store.layout.root), fp.hex, fp.size, os.fspath(fp.link_path))
+        await _single_flight(key, lambda: self._ensure_file(fp, in_place))
+
+    async def _ensure_file(self, fp: FilePlan, in_place: bool) -> None:
         # Warm path, no lock: the link is already right and the blob verifies.
         if self.store.links_to(fp.hex, fp.link_path):
             state = await self.store.check(fp.hex)
@@ -214,7 +228,8 @@ class _Run:
                     self.stats.repairs += 1
                 size = await self.fetch(fp)
             self._check_size(fp, size)
-            self.store.link(fp.hex, fp.link_path)
+            if not self.store.link(fp.hex, fp.link_path, create_dir=not in_place):
+                raise _DirGone(fp.link_path.parent)
 
     @staticmethod
     def _check_size(fp: FilePlan, size: int) -> None:
@@ -275,25 +290,69 @@ def _describe(hexdigest: str, size: int | None) -> str:
     return f"blake3:{hexdigest}" + (f" ({size} bytes)" if size is not None else "")
 
 
-LAST_USE_RESOLUTION = 60.0  # seconds
+class _DirGone(Exception):
+    """A published card directory vanished while it was being repaired in place."""
 
 
-async def _run_plan(plan: CardPlan, run: _Run) -> None:
+async def _ensure_all(files: Sequence[FilePlan], run: _Run, *, in_place: bool) -> None:
     results = await asyncio.gather(
-        *(run.ensure_file(fp) for fp in plan.files), return_exceptions=True
+        *(run.ensure_file(fp, in_place=in_place) for fp in files), return_exceptions=True
     )
-    for fp, result in zip(plan.files, results, strict=True):
+    gone = [r for r in results if isinstance(r, _DirGone)]
+    if gone:
+        raise gone[0]
+    for fp, result in zip(files, results, strict=True):
         if isinstance(result, BaseException):
             run.stats.failures += 1
             if not isinstance(result, Exception):
                 raise result
             log.error("cannot cache %s of card slot %s: %s", fp.filename, fp.slot, result)
             raise result
-    # The directory's mtime records the last use, for `cache ls`. A minute's precision is
-    # plenty, and skipping the metadata write keeps a busy disk's journal off the event loop.
-    with contextlib.suppress(OSError):
-        if time.time() - os.stat(plan.link_dir).st_mtime > LAST_USE_RESOLUTION:
-            os.utime(plan.link_dir)
+
+
+async def _stage_and_publish(plan: CardPlan, run: _Run) -> bool:
+    """Link every file in a staging directory, then rename it onto the card directory.
+    False when another process published the card first."""
+    staging = run.store.stage_dir(plan.link_dir)
+    try:
+        files = [dataclasses.replace(fp, link_path=staging / fp.filename) for fp in plan.files]
+        await _ensure_all(files, run, in_place=False)
+        return run.store.publish_dir(staging, plan.link_dir)
+    finally:
+        remove_link_dir(staging)  # gone already once published; never half a card left
+
+
+async def _run_plan(plan: CardPlan, run: _Run) -> None:
+    """Make ``plan.link_dir`` a complete, verified card directory.
+
+    A published directory is checked (and repaired) in place. Otherwise the card is staged
+    and renamed into place, so ``by-slug/`` only ever holds complete cards: a card whose files
+    never verify leaves nothing there. Concurrent callers in one process share one staging.
+    """
+    root = os.fspath(run.store.layout.root)
+    for _ in range(_PUBLISH_ATTEMPTS):
+        if plan.link_dir.is_dir():
+            try:
+                await _ensure_all(plan.files, run, in_place=True)
+            except _DirGone:
+                log.info("%s was removed while in use; staging it again", plan.link_dir)
+                continue
+            refresh_last_used(fp.link_path for fp in plan.files)
+            return
+        published: list[bool] = []
+
+        async def attempt(published: list[bool] = published) -> None:
+            published.append(await _stage_and_publish(plan, run))
+
+        # Concurrent callers in this process join one staging; a joiner (or the loser of a
+        # race with another process) goes round again and finds the published directory.
+        await _single_flight((root, plan.mdcsum, None, os.fspath(plan.link_dir)), attempt)
+        if published == [True]:
+            return
+    raise CacheError(
+        f"{plan.link_dir} kept vanishing while it was being published (is something deleting "
+        "the cache in a loop?)"
+    )
 
 
 def _existing_local_files(card: ModelDeploymentCard) -> dict[str, str] | None:

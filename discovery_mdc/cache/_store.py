@@ -3,6 +3,12 @@
 Correctness never depends on the lock: a blob only ever appears by an atomic rename of a
 fully written, verified, fsynced temp file with a name unique to this process and call. The
 lock (``flock``, released by the kernel when its holder dies) only avoids duplicate fetches.
+
+A card's ``by-slug/<slug>/<mdcsum>/`` directory appears the same way: its links are made in a
+staging directory next to it (``.tmp-card.<mdcsum>.<pid>.<uuid>``) and the directory is renamed
+into place once every file verified, so a card directory is never seen half made. The last use
+of a card is the newest modification time of its links (``lutimes``), which only resolving or
+serving the card moves; removing a link elsewhere in the directory does not.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -28,11 +34,18 @@ from discovery_mdc.card import hash_file
 from discovery_mdc.errors import CacheError, LockTimeoutError
 
 __all__ = [
+    "CARD_STAGING_PREFIX",
+    "LAST_USE_RESOLUTION",
+    "REMOVAL_PREFIX",
     "BlobState",
     "BlobStore",
     "Staging",
     "blob_lock",
     "forget_verified",
+    "last_used",
+    "refresh_last_used",
+    "remove_link_dir",
+    "unique_name",
     "verify_file",
 ]
 
@@ -42,6 +55,13 @@ log = logging.getLogger("discovery_mdc.cache")
 PART_SUFFIX: Final = ".part"
 #: Prefix of temporary symlinks next to their final name.
 LINK_TEMP_PREFIX: Final = TEMP_PREFIX + "link."
+#: Prefix of a card directory being staged: ``.tmp-card.<mdcsum>.<pid>.<uuid>``.
+CARD_STAGING_PREFIX: Final = TEMP_PREFIX + "card."
+#: Prefix of a card directory taken out of service to be deleted: ``.tmp-rm.<pid>.<uuid>``.
+REMOVAL_PREFIX: Final = TEMP_PREFIX + "rm."
+#: A card's last use is recorded at most this often (seconds): a minute's precision is
+#: plenty, and skipping the metadata writes keeps a busy disk's journal off the event loop.
+LAST_USE_RESOLUTION: Final = 60.0
 _DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 # Hash small blobs on the event loop; hand bigger ones to a thread.
 _INLINE_HASH_MAX: Final = 1 << 20
@@ -63,7 +83,8 @@ def _memo_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _unique(prefix: str) -> str:
+def unique_name(prefix: str) -> str:
+    """``<prefix>.<pid>.<uuid>``: a temporary name no other process or call can pick."""
     return f"{prefix}.{os.getpid()}.{uuid.uuid4().hex}"
 
 
@@ -194,7 +215,8 @@ class BlobStore:
                 raise _cache_error("create cache directory", d, exc) from None
 
     def stage(self, hexdigest: str, on_progress: Callable[[int], None] | None = None) -> Staging:
-        return Staging(self.layout.tmp / (_unique(hexdigest) + PART_SUFFIX), hexdigest, on_progress)
+        path = self.layout.tmp / (unique_name(hexdigest) + PART_SUFFIX)
+        return Staging(path, hexdigest, on_progress)
 
     def publish(self, staging: Staging) -> Path:
         """fsync the staging file and atomically rename it onto ``blobs/<hex>``."""
@@ -228,20 +250,95 @@ class BlobStore:
         except OSError:
             return False
 
-    def link(self, hexdigest: str, link_path: Path) -> None:
-        """Point ``link_path`` at the blob with a relative symlink, atomically."""
+    def link(self, hexdigest: str, link_path: Path, *, create_dir: bool = True) -> bool:
+        """Point ``link_path`` at the blob with a relative symlink, atomically.
+
+        With ``create_dir=False`` (repairing a published card directory in place) a missing
+        directory is not re-created, so a card directory removed meanwhile never comes back
+        half made: returns False instead.
+        """
         if self.links_to(hexdigest, link_path):
-            return
+            return True
         target = self.link_target(hexdigest, link_path)
-        tmp = link_path.parent / _unique(LINK_TEMP_PREFIX.rstrip("."))
+        tmp = link_path.parent / unique_name(LINK_TEMP_PREFIX.rstrip("."))
         try:
-            link_path.parent.mkdir(parents=True, exist_ok=True)
+            if create_dir:
+                link_path.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(target, tmp)
             os.replace(tmp, link_path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            if not create_dir and not link_path.parent.is_dir():
+                return False
             raise _cache_error("create link", link_path, exc) from None
+        return True
+
+    def stage_dir(self, link_dir: Path) -> Path:
+        """A new, empty staging directory next to the card directory ``link_dir``."""
+        path = link_dir.parent / unique_name(CARD_STAGING_PREFIX + link_dir.name)
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise _cache_error("create card directory", path, exc) from None
+        return path
+
+    def publish_dir(self, staging: Path, link_dir: Path) -> bool:
+        """Rename a complete staging directory onto ``link_dir``; False when another process
+        published that card first (its directory is complete too)."""
+        try:
+            os.rename(staging, link_dir)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise _cache_error("publish card directory", link_dir, exc) from None
+        _fsync_dir(link_dir.parent)
+        return True
+
+
+def remove_link_dir(path: Path) -> None:
+    """Delete a card directory: its links (never what they point at), then the directory."""
+    try:
+        with os.scandir(path) as it:
+            names = [e.name for e in it]
+    except FileNotFoundError:
+        return
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / name)
+    with contextlib.suppress(FileNotFoundError):
+        path.rmdir()
+
+
+def last_used(link_dir: Path) -> float:
+    """When the card in ``link_dir`` was last used: its newest link's mtime (temp links
+    aside; the directory's own mtime when it has no links)."""
+    newest = None
+    with contextlib.suppress(FileNotFoundError), os.scandir(link_dir) as it:
+        for entry in it:
+            if entry.is_symlink() and not entry.name.startswith(TEMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                    newest = mtime if newest is None else max(newest, mtime)
+    return newest if newest is not None else os.stat(link_dir).st_mtime
+
+
+def refresh_last_used(
+    links: Iterable[Path], *, now: float | None = None, resolution: float = LAST_USE_RESOLUTION
+) -> bool:
+    """Record a use of the card whose links are ``links``: each link's own mtime moves to now
+    unless it moved within ``resolution`` seconds. False (nothing touched after the first
+    problem) when a link is missing or no longer reaches its blob."""
+    now = time.time() if now is None else now
+    for link in links:
+        try:
+            if not stat.S_ISLNK(os.lstat(link).st_mode) or not os.path.exists(link):
+                return False
+            if now - os.lstat(link).st_mtime > resolution:
+                os.utime(link, (now, now), follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

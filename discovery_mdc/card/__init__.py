@@ -1,7 +1,16 @@
 """The pure core: the model deployment card, its wire format, slug, mdcsum and keys."""
 
-from discovery_mdc.card._build import WEIGHT_PATTERNS, from_dir, list_extra_files
-from discovery_mdc.card._checksum import Checksum, hash_bytes, hash_file
+from discovery_mdc.card._build import (
+    MAX_FILE_SIZE,
+    MAX_PARSED_JSON,
+    WEIGHT_PATTERNS,
+    from_dir,
+    json_slot_files,
+    list_extra_files,
+    load_json,
+    model_root,
+)
+from discovery_mdc.card._checksum import Checksum, HashCancelled, hash_bytes, hash_file
 from discovery_mdc.card._diff import CardFieldDiff, card_diff, explain_card_diff
 from discovery_mdc.card._envelope import (
     INSTANCES_PREFIX,
@@ -35,6 +44,8 @@ from discovery_mdc.card._slug import slugify, validate_slug
 
 __all__ = [
     "INSTANCES_PREFIX",
+    "MAX_FILE_SIZE",
+    "MAX_PARSED_JSON",
     "MDC_PREFIX",
     "MODEL_TYPE_FLAGS",
     "WEIGHT_PATTERNS",
@@ -42,6 +53,7 @@ __all__ = [
     "CardKey",
     "CheckedFile",
     "Checksum",
+    "HashCancelled",
     "LoraInfo",
     "ModelDeploymentCard",
     "ModelEnvelope",
@@ -63,8 +75,11 @@ __all__ = [
     "hash_file",
     "is_new_format",
     "is_url",
+    "json_slot_files",
     "list_extra_files",
+    "load_json",
     "mdcsum",
+    "model_root",
     "parse_card_key",
     "parse_model_type",
     "slugify",

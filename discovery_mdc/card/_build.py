@@ -1,11 +1,31 @@
-"""Build a card from an HF-style model directory. The only I/O in the card package: hashing."""
+"""Build a card from an HF-style model directory. The only I/O in the card package: hashing.
+
+What a worker publishes, every frontend must accept, so a model dir that would give a card
+no frontend takes is refused here, with one line naming the file (the CLI exits 2), and
+optional extra files a frontend could not take are left out with a warning:
+
+* A typed slot (config, tokenizer, tokenizer_config, chat template, generation_config) that
+  cannot be read, is above :data:`MAX_FILE_SIZE`, is a ``*.json`` that does not parse (an
+  empty file included), or is a symlink out of the model: refused.
+* An extra file that cannot be read, is above :data:`MAX_FILE_SIZE`, is not a regular file,
+  or is a symlink whose target is outside the model: skipped with a warning. Extras are
+  opaque: their content is never parsed, on either side.
+
+"Inside the model" means inside the real path of the model dir, or for an HF cache snapshot
+(``<repo>/snapshots/<rev>`` next to ``<repo>/blobs/``, which its files link into) inside the
+repo's cache dir ``<repo>``. A custom chat template is named by the operator and may live
+anywhere.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
-from collections.abc import Iterable
+import stat
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,31 +43,90 @@ from discovery_mdc.card._model import (
 from discovery_mdc.card._slug import slugify
 from discovery_mdc.errors import CardError, ModelDirError
 
-__all__ = ["WEIGHT_PATTERNS", "from_dir", "list_extra_files"]
+__all__ = [
+    "MAX_FILE_SIZE",
+    "MAX_PARSED_JSON",
+    "WEIGHT_PATTERNS",
+    "from_dir",
+    "json_slot_files",
+    "list_extra_files",
+    "load_json",
+    "model_root",
+]
+
+log = logging.getLogger("discovery_mdc.card")
 
 WEIGHT_PATTERNS: Final = (
     "*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth", "*.onnx", "*.h5", "*.msgpack",
     "*.tflite",
 )  # fmt: skip
 
+#: The largest metadata file a frontend accepts (its cache's ceiling), so the largest a
+#: worker publishes.
+MAX_FILE_SIZE: Final = 1 << 30
+#: ``*.json`` slots above this are not parsed by the default checks (worker and frontend):
+#: parsing builds objects several times the file's size; the host's loader decides.
+MAX_PARSED_JSON: Final = 64 << 20
+
+
+def load_json(data: bytes, where: str) -> Any:
+    """Parse metadata JSON as every check here does (stdlib: NaN/Infinity, as some HF configs
+    contain, are accepted). Raises :class:`CardError` naming ``where``."""
+    if not data.strip():
+        raise CardError(f"{where} is empty ({len(data)} bytes); it must hold JSON")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise CardError(f"{where} is not valid JSON: {exc}") from None
+
+
+def json_slot_files(card: ModelDeploymentCard) -> Iterator[tuple[str, CheckedFile]]:
+    """The files a frontend parses: typed slots named ``*.json`` (never ``extra_files``)."""
+    for name, slot in card.slots():
+        if slot.file.basename.endswith(".json"):
+            yield name, slot.file
+
+
+def model_root(model_dir: str | os.PathLike[str]) -> Path:
+    """The real directory a model's files must stay in: the model dir's real path, or for an
+    HF cache snapshot the repo's cache dir (the snapshot's files link into its ``blobs/``)."""
+    real = Path(os.path.realpath(model_dir))
+    repo = real.parent.parent
+    if real.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        return repo
+    return real
+
+
+def _outside(path: Path, root: Path) -> str | None:
+    """Why ``path`` may not be published from a model rooted at ``root``, or None."""
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, root]) != os.fspath(root):
+        return f"it resolves to {real}, outside the model ({root})"
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        return f"cannot stat it: {exc.strerror or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    return None
+
 
 class _Hashed:
     """A file hashed once; ``data`` is kept for small files so JSON parsing needs no re-read."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cancel: threading.Event | None = None) -> None:
         self.path = path
-        self.checksum, self.size, self.data = hash_file(path)
+        self.checksum, self.size, self.data = hash_file(path, cancel=cancel)
 
     def checked(self) -> CheckedFile:
         return CheckedFile(str(self.path), self.checksum, self.size)
 
     def json(self) -> Any:
-        raw = self.data if self.data is not None else self.path.read_bytes()
         try:
-            # The stdlib parser accepts NaN/Infinity, which some HF configs contain.
-            return json.loads(raw)
-        except ValueError as exc:
-            raise CardError(f"{self.path} is not valid JSON: {exc}") from None
+            raw = self.data if self.data is not None else self.path.read_bytes()
+        except OSError as exc:
+            raise ModelDirError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        return load_json(raw, str(self.path))
 
 
 def _context_field(obj: Any, dotted: str, source: Path) -> int | None:
@@ -61,22 +140,56 @@ def _context_field(obj: Any, dotted: str, source: Path) -> int | None:
     return node
 
 
-def _tokenizer(model_dir: Path) -> Slot | None:
-    tokenizer_json = model_dir / "tokenizer.json"
-    if tokenizer_json.is_file():
-        return Slot(SlotVariant.HF_TOKENIZER_JSON, _Hashed(tokenizer_json).checked())
-    tiktoken_model = model_dir / "tiktoken.model"
-    if tiktoken_model.is_file():
-        return Slot(SlotVariant.TIK_TOKEN_MODEL, _Hashed(tiktoken_model).checked())
-    candidates = sorted(p for p in model_dir.glob("*.tiktoken") if p.is_file())
-    if len(candidates) > 1:
-        raise CardError(
-            f"{model_dir}: several *.tiktoken files ({[p.name for p in candidates]}); "
-            "keep exactly one"
-        )
-    if candidates:
-        return Slot(SlotVariant.TIK_TOKEN_MODEL, _Hashed(candidates[0]).checked())
-    return None
+class _Reader:
+    """Hashes the typed-slot files of one model dir, refusing what no frontend would take."""
+
+    def __init__(self, model_dir: Path, root: Path, cancel: threading.Event | None) -> None:
+        self.model_dir = model_dir
+        self.root = root
+        self.cancel = cancel
+        self.hashed: dict[Path, _Hashed] = {}
+
+    def slot(self, path: Path, *, contained: bool = True) -> _Hashed:
+        if contained and (why := _outside(path, self.root)) is not None:
+            raise ModelDirError(f"{path} cannot be published: {why}; copy the file into the model")
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_SIZE:
+                raise CardError(
+                    f"{path} is {size} bytes, above the {MAX_FILE_SIZE}-byte ceiling a frontend "
+                    "accepts for one metadata file"
+                )
+            hashed = self.hashed[path] = _Hashed(path, self.cancel)
+            return hashed
+        except OSError as exc:
+            raise ModelDirError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def check_json(self, slots: Iterable[Slot | None], parsed: set[Path]) -> None:
+        """Parse every ``*.json`` typed slot a frontend parses (``parsed``: done already)."""
+        for slot in slots:
+            if slot is None or not slot.file.basename.endswith(".json"):
+                continue
+            hashed = self.hashed[Path(slot.file.path)]
+            if hashed.path not in parsed and hashed.size <= MAX_PARSED_JSON:
+                hashed.json()
+
+    def tokenizer(self) -> Slot | None:
+        model_dir = self.model_dir
+        tokenizer_json = model_dir / "tokenizer.json"
+        if tokenizer_json.is_file():
+            return Slot(SlotVariant.HF_TOKENIZER_JSON, self.slot(tokenizer_json).checked())
+        tiktoken_model = model_dir / "tiktoken.model"
+        if tiktoken_model.is_file():
+            return Slot(SlotVariant.TIK_TOKEN_MODEL, self.slot(tiktoken_model).checked())
+        candidates = sorted(p for p in model_dir.glob("*.tiktoken") if p.is_file())
+        if len(candidates) > 1:
+            raise CardError(
+                f"{model_dir}: several *.tiktoken files ({[p.name for p in candidates]}); "
+                "keep exactly one"
+            )
+        if candidates:
+            return Slot(SlotVariant.TIK_TOKEN_MODEL, self.slot(candidates[0]).checked())
+        return None
 
 
 # Dynamo 1.6.1 leaves exactly this name out of extra_files (case-sensitive: readme.md and
@@ -90,17 +203,43 @@ def _is_weight_or_hidden(name: str) -> bool:
     return name.startswith(".") or any(fnmatch.fnmatchcase(name, p) for p in WEIGHT_PATTERNS)
 
 
-def list_extra_files(model_dir: Path, exclude: Iterable[str]) -> list[Path]:
+def list_extra_files(
+    model_dir: Path, exclude: Iterable[str], *, root: Path | None = None
+) -> list[Path]:
     """Non-weight, non-hidden regular files directly in ``model_dir``, minus ``exclude`` and
-    ``README.md`` (the files Dynamo publishes as ``extra_files``)."""
+    ``README.md`` (the files Dynamo publishes as ``extra_files``), minus (with a warning) any
+    a frontend could not take: above :data:`MAX_FILE_SIZE`, or resolving outside ``root``
+    (default :func:`model_root` of ``model_dir``)."""
     skip = set(exclude)
+    root = model_root(model_dir) if root is None else root
     out = []
     for entry in sorted(os.scandir(model_dir), key=lambda e: e.name):
         if entry.name in skip or entry.name in _NOT_EXTRA or _is_weight_or_hidden(entry.name):
             continue
-        if entry.is_file():  # follows symlinks, as HF cache snapshots need
-            out.append(model_dir / entry.name)
+        if not entry.is_file():  # follows symlinks, as HF cache snapshots need
+            continue
+        path = model_dir / entry.name
+        why = _outside(path, root)
+        if why is None:
+            size = entry.stat().st_size
+            if size > MAX_FILE_SIZE:
+                why = f"{size} bytes is above the {MAX_FILE_SIZE}-byte ceiling a frontend accepts"
+        if why is not None:
+            log.warning("not publishing extra file %s: %s", path, why)
+            continue
+        out.append(path)
     return out
+
+
+def _hash_extras(paths: list[Path], cancel: threading.Event | None) -> tuple[CheckedFile, ...]:
+    out = []
+    for path in paths:
+        try:
+            out.append(_Hashed(path, cancel).checked())
+        except OSError as exc:
+            log.warning("not publishing extra file %s: cannot read it: %s", path,
+                        exc.strerror or exc)  # fmt: skip
+    return tuple(out)
 
 
 def from_dir(
@@ -115,12 +254,15 @@ def from_dir(
     kv_cache_block_size: int = 16,
     migration_limit: int = 0,
     include_extra_files: bool = False,
+    cancel: threading.Event | None = None,
 ) -> ModelDeploymentCard:
     """Build a new-format card (every slot has ``size``) from an HF-style model directory.
 
     ``display_name`` defaults to the directory's base name; ``source_path`` to the path as
     given. Slot paths are the paths as given joined with the file name (not resolved), so an
-    HF cache snapshot keeps its real file names.
+    HF cache snapshot keeps its real file names. Files no frontend would accept are refused
+    or skipped as the module docstring says. Setting ``cancel`` stops hashing within a chunk
+    (:class:`~discovery_mdc.card.HashCancelled`).
     """
     given = os.fspath(model_dir)
     path = Path(given)
@@ -130,20 +272,18 @@ def from_dir(
     if not config_path.is_file():
         raise ModelDirError(f"model directory {given!r} has no config.json")
 
-    config = _Hashed(config_path)
+    reader = _Reader(path, model_root(path), cancel)
+    config = reader.slot(config_path)
     config_json = config.json()
-    tokenizer = _tokenizer(path)
+    tokenizer = reader.tokenizer()
 
     prompt_formatter = None
     tokenizer_config_json: Any = None
     tc_path = path / "tokenizer_config.json"
     if tc_path.is_file():
-        tc = _Hashed(tc_path)
+        tc = reader.slot(tc_path)
         prompt_formatter = Slot(SlotVariant.HF_TOKENIZER_CONFIG_JSON, tc.checked())
-        try:
-            tokenizer_config_json = tc.json()
-        except CardError:
-            tokenizer_config_json = None
+        tokenizer_config_json = tc.json()
 
     chat_template = None
     if custom_template is not None:
@@ -155,21 +295,22 @@ def from_dir(
             if custom.suffix == ".json"
             else SlotVariant.HF_CHAT_TEMPLATE
         )
-        chat_template = Slot(variant, _Hashed(custom).checked(), is_custom=True)
+        custom_file = reader.slot(custom, contained=False).checked()
+        chat_template = Slot(variant, custom_file, is_custom=True)
     elif (path / "chat_template.jinja").is_file():
         chat_template = Slot(
-            SlotVariant.HF_CHAT_TEMPLATE, _Hashed(path / "chat_template.jinja").checked()
+            SlotVariant.HF_CHAT_TEMPLATE, reader.slot(path / "chat_template.jinja").checked()
         )
     elif (path / "chat_template.json").is_file():
         chat_template = Slot(
-            SlotVariant.HF_CHAT_TEMPLATE_JSON, _Hashed(path / "chat_template.json").checked()
+            SlotVariant.HF_CHAT_TEMPLATE_JSON, reader.slot(path / "chat_template.json").checked()
         )
 
     gen_config = None
     if (path / "generation_config.json").is_file():
         gen_config = Slot(
             SlotVariant.HF_GENERATION_CONFIG_JSON,
-            _Hashed(path / "generation_config.json").checked(),
+            reader.slot(path / "generation_config.json").checked(),
         )
 
     context_length = _context_field(
@@ -188,10 +329,11 @@ def from_dir(
         "chat_template_file": chat_template,
         "gen_config": gen_config,
     }
+    reader.check_json(slots.values(), parsed={config_path, tc_path})
     extra_files: tuple[CheckedFile, ...] = ()
     if include_extra_files:
         used = {s.file.basename for s in slots.values() if s is not None}
-        extra_files = tuple(_Hashed(p).checked() for p in list_extra_files(path, used))
+        extra_files = _hash_extras(list_extra_files(path, used, root=reader.root), cancel)
 
     name = display_name if display_name is not None else path.resolve().name
     return ModelDeploymentCard(

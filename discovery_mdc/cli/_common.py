@@ -38,11 +38,13 @@ __all__ = [
     "LOG_FORMATS",
     "CliParser",
     "EnvOption",
+    "HelpFormatter",
     "UsageError",
     "add_env_option",
     "apply_env_options",
     "argtype",
     "etcd_client",
+    "examples",
     "model_path",
     "port_number",
     "seconds",
@@ -63,6 +65,23 @@ _T = TypeVar("_T")
 
 class UsageError(Exception):
     """Bad flags, variables or input detected by the CLI itself: exit 2 with one line."""
+
+
+_EXAMPLES: Final = "examples:\n"
+
+
+def examples(*commands: tuple[str, str]) -> str:
+    """An ``--help`` epilog: ``(command, what it does)`` pairs, shown as written."""
+    return _EXAMPLES + "".join(f"  {cmd}\n      {what}\n" for cmd, what in commands)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual but prints an :func:`examples` epilog line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(_EXAMPLES):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 # --------------------------------------------------------------------------- value types
@@ -146,6 +165,7 @@ class CliParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, root: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument(
             "--log-level",

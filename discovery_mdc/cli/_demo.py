@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.cache import cache_stats
 from discovery_mdc.card import decode_envelope
-from discovery_mdc.cli._common import EXIT_INTERRUPTED, EXIT_OK, model_path
+from discovery_mdc.cli._common import EXIT_INTERRUPTED, EXIT_OK, examples, model_path
 from discovery_mdc.errors import CardDecodeError, DiscoveryError
 from discovery_mdc.etcd import EtcdClient, EtcdServer
 from discovery_mdc.frontend import ModelWatcher, build_app, model_id
@@ -443,6 +443,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "everything and remove the temporary directory (also on Ctrl-C). ETCD_* variables "
         "are ignored: the demo brings its own etcd. Exit 0 done, 1 failed, 2 bad input, "
         "130 interrupted.",
+        epilog=examples(
+            ("discovery-mdc demo", "the whole system on loopback with a generated model"),
+            ("discovery-mdc demo --model-path Qwen/Qwen3-0.6B", "with a model from the HF cache"),
+            ("discovery-mdc demo --keep-running", "keep it up to explore the printed URLs"),
+        ),
     )
     demo.add_argument(
         "--model-path",
@@ -481,6 +486,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "template), generation_config.json, special_tokens_map.json and a tiny weights file "
         "into DIR (created if missing; existing files are overwritten), and print DIR. The "
         "demo, compose.yaml and the tests serve this model.",
+        epilog=examples(
+            ("discovery-mdc sample-model /tmp/tiny", "write the sample model"),
+            (
+                'discovery-mdc worker --model-path "$(discovery-mdc sample-model /tmp/tiny)"',
+                "and publish it",
+            ),
+        ),
     )
     sample.add_argument("dir", metavar="DIR", help="the directory to write")
     sample.set_defaults(func=_sample_model)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -16,6 +18,7 @@ from discovery_mdc.cli._common import (
     EXIT_OK,
     add_env_option,
     etcd_client,
+    examples,
     seconds,
     stop_on_signals,
     until_stopped,
@@ -26,6 +29,7 @@ from discovery_mdc.frontend import (
     Change,
     ChangeKind,
     EventKind,
+    ModelEvent,
     ModelWatcher,
     Registry,
     build_app,
@@ -94,45 +98,97 @@ def _frontend(args: argparse.Namespace) -> int:
     return asyncio.run(_serve_frontend(args))
 
 
-def _rejections(kvs: Sequence[KeyValue]) -> dict[str, str]:
-    """Why a frontend would reject each card it would reject: the same admission, fed the
-    keys in the order etcd wrote them (as a running frontend's watch sees them)."""
+def _rejections(kvs: Sequence[KeyValue]) -> dict[str, ModelEvent]:
+    """The Rejected event a frontend would emit for each card it would reject: the same
+    admission, fed the keys in the order etcd wrote them (as a running frontend's watch sees
+    them)."""
     registry = Registry()
-    reasons: dict[str, str] = {}
-    for kv in sorted(kvs, key=lambda kv: kv.mod_revision):
-        out = registry.apply(Change(ChangeKind.PUT, kv.key, kv.value, kv.mod_revision))
-        reasons.update(
-            (e.key, e.detail) for e in out.events if e.kind is EventKind.REJECTED and e.key
-        )
-    return reasons
+    rejected: dict[str, ModelEvent] = {}
+    # The registry logs each rejection; `ls` reports them in its output instead.
+    quiet = logging.getLogger("discovery_mdc.frontend")
+    quiet.disabled = True
+    try:
+        for kv in sorted(kvs, key=lambda kv: kv.mod_revision):
+            out = registry.apply(Change(ChangeKind.PUT, kv.key, kv.value, kv.mod_revision))
+            rejected.update(
+                (e.key, e) for e in out.events if e.kind is EventKind.REJECTED and e.key
+            )
+    finally:
+        quiet.disabled = False
+    return rejected
+
+
+def _card_rows(kvs: Sequence[KeyValue]) -> list[dict[str, Any]]:
+    """One row per key under ``v1/mdc/``: what it is and, for a card, its model and mdcsum.
+    ``status`` is ``ok``, ``malformed``, ``not_a_card_key`` or ``rejected`` (a frontend would
+    refuse it for an mdcsum mismatch); ``reason`` says why, and for a rejected card ``diff``
+    lists each differing field with the worker set's and this card's value."""
+    rejected = _rejections(kvs)
+    rows = []
+    for kv in kvs:
+        parsed = parse_card_key(kv.key)
+        row: dict[str, Any] = {
+            "key": kv.key,
+            "namespace": parsed.namespace if parsed else None,
+            "component": parsed.component if parsed else None,
+            "endpoint": parsed.endpoint if parsed else None,
+            "model": None,
+            "mdcsum": None,
+            "lease": f"{kv.lease:x}",
+            "status": "ok",
+            "reason": None,
+            "diff": None,
+        }
+        if parsed is None:
+            row.update(
+                status="not_a_card_key", reason="not v1/mdc/{ns}/{component}/{endpoint}/{id:x}"
+            )
+        else:
+            try:
+                env = decode_envelope(kv.value)
+            except CardDecodeError as exc:
+                row.update(status="malformed", reason=str(exc))
+            else:
+                row.update(model=model_id(env.card), mdcsum=mdcsum(env.card))
+                event = rejected.get(kv.key)
+                if event is not None:
+                    row.update(
+                        status="rejected",
+                        reason=event.detail,
+                        diff=[
+                            {"field": d.field, "worker_set": d.first, "instance": d.second}
+                            for d in event.diff
+                        ],
+                    )
+        rows.append(row)
+    return rows
 
 
 async def _list_cards(args: argparse.Namespace) -> int:
     async with etcd_client(args) as client:
         result = await client.range_prefix_all("v1/mdc/")
-    # Rejections are logged here too; the table says them once, so keep the log quiet.
-    logging.getLogger("discovery_mdc.frontend").disabled = True
-    try:
-        rejected = _rejections(result.kvs)
-    finally:
-        logging.getLogger("discovery_mdc.frontend").disabled = False
-    rows = []
-    for kv in result.kvs:
-        if parse_card_key(kv.key) is None:
-            rows.append((kv.key, "(not a card key)", "-", f"{kv.lease:x}"))
-            continue
-        try:
-            env = decode_envelope(kv.value)
-        except CardDecodeError as exc:
-            rows.append((kv.key, f"(malformed: {exc})", "-", f"{kv.lease:x}"))
-            continue
-        rows.append((kv.key, model_id(env.card), mdcsum(env.card), f"{kv.lease:x}"))
-    table = [("KEY", "MODEL", "MDCSUM", "LEASE", "NOTE" if rejected else "")]
-    table += [(*r, f"REJECTED: {rejected[r[0]]}" if r[0] in rejected else "") for r in rows]
+    rows = _card_rows(result.kvs)
+    if args.json:
+        sys.stdout.write(json.dumps({"revision": result.revision, "cards": rows}, indent=2) + "\n")
+        return EXIT_OK
+    if args.quiet:
+        for row in rows:
+            sys.stdout.write(row["key"] + "\n")
+        return EXIT_OK
+    notes = any(row["status"] == "rejected" for row in rows)
+    table = [("KEY", "MODEL", "MDCSUM", "LEASE", "NOTE" if notes else "")]
+    for row in rows:
+        if row["status"] in ("ok", "rejected"):
+            note = f"REJECTED: {row['reason']}" if row["status"] == "rejected" else ""
+            table.append((row["key"], row["model"], row["mdcsum"], row["lease"], note))
+        else:
+            what = "not a card key" if row["status"] == "not_a_card_key" else "malformed"
+            label = f"({what}: {row['reason']})" if row["status"] == "malformed" else f"({what})"
+            table.append((row["key"], label, "-", row["lease"], ""))
     widths = [max(len(r[i]) for r in table) for i in range(4)]
-    for row in table:
-        line = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
-        sys.stdout.write(f"{line}  {row[4]}".rstrip() + "\n")
+    for cells in table:
+        line = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))
+        sys.stdout.write(f"{line}  {cells[4]}".rstrip() + "\n")
     return EXIT_OK
 
 
@@ -149,6 +205,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "GET /v1/models (plus /v1/models/{id}, /v1/models/{id}/ready, /health, /live and "
         "/metrics). While etcd is unreachable at start it waits, up to "
         "--etcd-startup-timeout.",
+        epilog=examples(
+            ("discovery-mdc frontend --http-port 8000", "every namespace, on 127.0.0.1:8000"),
+            (
+                "discovery-mdc frontend --namespace prod --cache-dir /var/cache/mdc",
+                "one namespace, a shared cache",
+            ),
+            ("curl -s localhost:8000/v1/models | jq '.data[].id'", "what it serves"),
+        ),
     )
     for dest in ("etcd", "startup_timeout", "http_host", "http_port"):
         add_env_option(fe, dest)
@@ -171,7 +235,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls = sub.add_parser(
         "ls",
         help="list the cards in etcd without downloading anything",
-        description="List every key under v1/mdc/ with its model, mdcsum and lease.",
+        description="List every key under v1/mdc/ with its model, mdcsum and lease (a "
+        "malformed value or a key that is not a card key is listed with the reason, and a "
+        "card a frontend would reject for an mdcsum mismatch with the fields that differ).",
+        epilog=examples(
+            ("discovery-mdc ls --etcd http://etcd-0:2379", "a table: KEY MODEL MDCSUM LEASE"),
+            ("discovery-mdc ls -q", "only the keys, one per line"),
+            ("discovery-mdc ls --json | jq '.cards[] | select(.status != \"ok\")'", "problems"),
+        ),
     )
     add_env_option(ls, "etcd")
+    shape = ls.add_mutually_exclusive_group()
+    shape.add_argument("-q", "--quiet", action="store_true", help="print only the keys")
+    shape.add_argument(
+        "--json",
+        action="store_true",
+        help="print the revision and every key as one JSON document (fields in docs/operations.md)",
+    )
     ls.set_defaults(func=_ls)

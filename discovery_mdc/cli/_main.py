@@ -22,6 +22,7 @@ from discovery_mdc.cli._common import (
     CliParser,
     UsageError,
     apply_env_options,
+    examples,
 )
 from discovery_mdc.cli._logging import configure_logging, final_line, guess_format
 from discovery_mdc.errors import (
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="discovery-mdc",
         description="Publish and discover LLM model deployment cards through etcd. "
         "Exit codes: 0 ok, 1 failed, 2 usage or bad input, 130 interrupted.",
+        epilog=examples(
+            ("discovery-mdc demo", "see the whole system work on loopback"),
+            ("discovery-mdc worker --model-path /models/m --system-port 8081", "publish a model"),
+            ("discovery-mdc frontend --http-port 8000", "discover, verify, cache and serve"),
+        ),
         root=True,
     )
     parser.add_argument(

@@ -14,6 +14,7 @@ from discovery_mdc.cli._common import (
     UsageError,
     add_env_option,
     etcd_client,
+    examples,
     model_path,
     stop_on_signals,
     until_stopped,
@@ -152,6 +153,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "set), and publish it in etcd under a lease kept alive until SIGTERM/SIGINT, when the "
         "lease is revoked and the worker exits 0. While etcd is unreachable at start it "
         "waits, up to --etcd-startup-timeout.",
+        epilog=examples(
+            (
+                "discovery-mdc worker --model-path /models/Qwen3-0.6B --system-port 8081",
+                "publish a model dir, serving its metadata on port 8081",
+            ),
+            (
+                "discovery-mdc worker --model-path Qwen/Qwen3-0.6B --no-self-host",
+                "a repo from the local HF cache; frontends resolve hf:// paths",
+            ),
+            (
+                "discovery-mdc worker --model-path ./m --endpoint dyn://prod.backend.generate "
+                "--instance-transport tcp://10.0.0.5:9000/gen",
+                "in namespace prod (Dynamo's endpoint form); a Dynamo frontend routes to it",
+            ),
+        ),
     )
     add_env_option(w, "etcd")
     w.add_argument(

@@ -8,6 +8,11 @@ every registered key again under it. A registration is a function of the lease i
 that embeds the instance id gets a new name with the new lease. The background task never
 dies from an error; it logs and carries on until :meth:`LeaseSession.close`.
 
+A key can also vanish while its lease lives (``etcdctl del`` by an operator). Every
+``key_check_every`` keepalives the session asks etcd which keys the lease holds
+(``timetolive`` with ``keys``) and re-creates any missing one, create-if-absent, so a key
+someone else wrote in the meantime is never overwritten.
+
 Time is injected (``clock`` and ``sleep``), so tests can run deadlines and backoff instantly.
 """
 
@@ -81,7 +86,9 @@ class LeaseSession(AsyncService):
     """Holds one lease for a set of keys and re-registers them when the lease is lost.
 
     ``async with LeaseSession(store) as s: handle = await s.add(reg)``; leaving the block
-    revokes the lease, so the keys vanish at once.
+    revokes the lease, so the keys vanish at once. Every ``key_check_every`` keepalives (0:
+    never) keys missing from the live lease are created again; ``on_key_recreated(key)`` is
+    called for each.
     """
 
     def __init__(
@@ -97,6 +104,8 @@ class LeaseSession(AsyncService):
         backoff_max: float = 30.0,
         rng: Callable[[], float] = random.random,
         close_timeout: float = 5.0,
+        key_check_every: int = 3,
+        on_key_recreated: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
         if not 1 <= ttl <= _env.MAX_LEASE_TTL:
@@ -118,6 +127,10 @@ class LeaseSession(AsyncService):
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._waiters: list[tuple[SessionState, asyncio.Future[None]]] = []
+        self._key_check_every = key_check_every
+        self._keepalives = 0
+        self._keys_recreated = 0
+        self.on_key_recreated = on_key_recreated
 
     # ------------------------------------------------------------------ public
 
@@ -137,6 +150,11 @@ class LeaseSession(AsyncService):
     def ttl(self) -> int:
         """The TTL etcd granted for the current lease."""
         return self._lease_ttl
+
+    @property
+    def keys_recreated(self) -> int:
+        """How many keys were found missing while their lease lived, and re-created."""
+        return self._keys_recreated
 
     @property
     def handles(self) -> tuple[KeyHandle, ...]:
@@ -305,6 +323,50 @@ class LeaseSession(AsyncService):
             return
         self._deadline = sent + ttl
         self._next_delay = self._lease_ttl / 3
+        self._keepalives += 1
+        if self._key_check_every > 0 and self._keepalives % self._key_check_every == 0:
+            await self._check_keys()
+
+    async def _check_keys(self) -> None:
+        """Create again, if absent, every key the live lease should hold but does not."""
+        async with self._lock:
+            if self._state is not SessionState.REGISTERED or not self._handles:
+                return
+            lease_id = self.lease_id
+            try:
+                async with asyncio.timeout(max(0.05, self._deadline - self._clock())):
+                    info = await self._store.lease_time_to_live(lease_id, keys=True)
+            except (EtcdError, OSError, TimeoutError) as exc:
+                log.debug("listing the keys of etcd lease %x failed: %s", lease_id, exc)
+                return
+            if info.ttl <= 0:
+                return  # gone: the next keepalive notices and re-registers everything
+            attached = set(info.keys)
+            for handle in self._handles:
+                if handle.key is not None and handle.key in attached:
+                    continue
+                key, value = handle.registration(lease_id)
+                try:
+                    created = await self._store.create(key, value, lease=lease_id)
+                except (EtcdError, OSError) as exc:
+                    log.warning("re-creating etcd key %s (lease %x) failed: %s; will retry",
+                                key, lease_id, exc)  # fmt: skip
+                    return
+                if created:
+                    handle.key, handle.value = key, value
+                    self._keys_recreated += 1
+                    log.warning("etcd key %s was missing while lease %x lives (deleted by "
+                                "someone else?); re-created it", key, lease_id)  # fmt: skip
+                    if self.on_key_recreated is not None:
+                        try:
+                            self.on_key_recreated(key)
+                        except Exception:
+                            log.exception("lease session on_key_recreated callback failed")
+                elif handle.key is not None:
+                    log.error("etcd key %s is held by someone else, not by lease %x; not "
+                              "overwriting it (it is created again once it is gone)",
+                              key, lease_id)  # fmt: skip
+                    handle.key = None
 
     def _lose(self, reason: str) -> None:
         log.warning("etcd lease %x lost: %s; re-registering %d key(s) once etcd grants a new "

@@ -60,6 +60,10 @@ class Store(Protocol):
         """Revoke a lease and delete its keys; False if it was unknown."""
         ...
 
+    async def lease_time_to_live(self, lease_id: int, *, keys: bool = True) -> LeaseInfo:
+        """(remaining TTL, granted TTL, attached keys); TTL is -1 for an unknown lease."""
+        ...
+
     def watch(
         self,
         key: str,
@@ -266,6 +270,14 @@ class MemoryStore:
             return False
         self.expire_lease(lease_id)
         return True
+
+    async def lease_time_to_live(self, lease_id: int, *, keys: bool = True) -> LeaseInfo:
+        """(remaining TTL, granted TTL, attached keys); TTL is -1 for an unknown lease."""
+        self._check("lease_time_to_live")
+        info = self.leases().get(lease_id)
+        if info is None:
+            return LeaseInfo(-1, 0, ())
+        return info if keys else info._replace(keys=())
 
     async def watch(
         self,

@@ -1,29 +1,26 @@
-"""The default prepare hook: every JSON metadata file must parse."""
+"""The default prepare hook: every JSON file a frontend needs must parse.
+
+Only the typed slots (config, tokenizer, tokenizer_config, chat template, generation_config)
+are checked; ``extra_files`` are opaque to a frontend, so a stray extra ``results.json`` that
+is not JSON never keeps a model from being listed. A worker refuses to publish a card whose
+typed ``*.json`` slots do not parse (:func:`discovery_mdc.card.from_dir`), by the same rule.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 
-from discovery_mdc.card import ModelDeploymentCard
-from discovery_mdc.errors import CardError
+from discovery_mdc.card import MAX_PARSED_JSON, ModelDeploymentCard, json_slot_files, load_json
 
 __all__ = ["check_json_files"]
-
-
-# Parsing builds Python objects several times the file's size; metadata JSON is far smaller
-# than this, and a bigger (verified, but hostile or odd) file is left to the host's loader.
-MAX_PARSED_JSON = 64 << 20
 
 log = logging.getLogger("discovery_mdc.frontend")
 
 
 def _check(card: ModelDeploymentCard) -> None:
-    for slot, f in card.files():
-        if not f.basename.endswith(".json"):
-            continue
+    for slot, f in json_slot_files(card):
         path = Path(f.path)
         size = path.stat().st_size
         if size > MAX_PARSED_JSON:
@@ -31,12 +28,9 @@ def _check(card: ModelDeploymentCard) -> None:
                 "not parsing %s file %s: %d bytes is above %d", slot, path, size, MAX_PARSED_JSON
             )
             continue
-        try:
-            json.loads(path.read_bytes())
-        except (ValueError, RecursionError) as exc:
-            raise CardError(f"{slot} file {f.path} does not parse as JSON: {exc}") from None
+        load_json(path.read_bytes(), f"{slot} file {f.path}")
 
 
 async def check_json_files(card: ModelDeploymentCard, local_dir: Path | None) -> None:
-    """Parse each ``*.json`` slot of the resolved card (in a thread: tokenizers are big)."""
+    """Parse each ``*.json`` typed slot of the resolved card (in a thread: tokenizers are big)."""
     await asyncio.to_thread(_check, card)

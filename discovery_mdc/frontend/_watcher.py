@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from discovery_mdc._backoff import Backoff
 from discovery_mdc._lifecycle import AsyncService
+from discovery_mdc.cache import refresh_last_used
 from discovery_mdc.card import ModelDeploymentCard
 from discovery_mdc.errors import EtcdCompactedError, EtcdError
 from discovery_mdc.etcd import Store, WatchResponse, retry_until_reachable
@@ -70,6 +71,10 @@ class ModelWatcher(AsyncService):
     Every change to the watch state and the registry happens synchronously, with no ``await``
     in between, so a watch batch, a relist diff and a finished pipeline are each applied
     atomically and in the order they arrive.
+
+    With the default resolver, every ``cache_upkeep_interval`` seconds (default: the reconcile
+    interval, at most 60) :meth:`cache_upkeep` marks the cache directories of the served models
+    as used and fetches again any that were removed from the cache.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class ModelWatcher(AsyncService):
         backoff_max: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         metrics: FrontendMetrics | None = None,
+        cache_upkeep_interval: float | None = None,
         startup_timeout: float = 0.0,
     ) -> None:
         self._store = store
@@ -97,6 +103,13 @@ class ModelWatcher(AsyncService):
         self._state = WatchState()
         self._prepare = prepare
         self._resolver = resolver or _cache_resolver(cache_dir)
+        # Only cards this watcher cached itself (the default resolver) are kept up.
+        self._by_slug = None if resolver is not None else _cache_by_slug(cache_dir)
+        if cache_upkeep_interval is None:
+            cache_upkeep_interval = (
+                min(reconcile_interval, 60.0) if reconcile_interval > 0 else 60.0
+            )
+        self._upkeep_interval = cache_upkeep_interval
         self._reconcile_interval = reconcile_interval
         self._startup_timeout = startup_timeout
         self._sem = asyncio.Semaphore(max_concurrent_pipelines)
@@ -128,6 +141,8 @@ class ModelWatcher(AsyncService):
         self._start_watch()
         if self._reconcile_interval > 0:
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="mdc-reconcile"))
+        if self._by_slug is not None and self._upkeep_interval > 0:
+            self._tasks.append(asyncio.create_task(self._upkeep_loop(), name="mdc-cache-upkeep"))
 
     async def close(self) -> None:
         """Stop watching, cancel the pipelines and end every ``events()`` stream."""
@@ -338,6 +353,50 @@ class ModelWatcher(AsyncService):
         """Relist now and apply the diff (the periodic reconcile, on demand)."""
         await self._relist("reconcile")
 
+    # ------------------------------------------------------------------ cache upkeep
+
+    async def _upkeep_loop(self) -> None:
+        while True:
+            await self._sleep(self._upkeep_interval)
+            try:
+                await self.cache_upkeep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cache upkeep failed: %s", exc)
+
+    async def cache_upkeep(self) -> None:
+        """Mark the cache directory of every model this watcher serves as used (so ``cache
+        prune --older-than`` keeps it), and fetch again the files of any that someone removed
+        (``cache rm``, ``cache verify --fix``) while it is still served."""
+        by_slug = self._by_slug
+        if by_slug is None:
+            return
+        served = [
+            (m.name, ws.mdcsum, [Path(f) for f in ws.files])
+            for m in self._registry.ready_models()
+            for ws in m.worker_sets
+            if ws.ready and ws.local_dir is not None and ws.local_dir.parent.parent == by_slug
+        ]
+        intact = await asyncio.to_thread(
+            lambda: [refresh_last_used(files) for _, _, files in served]
+        )
+        for (name, sum_, _), ok in zip(served, intact, strict=True):
+            sources = None if ok else self._sources(name, sum_, waiting_only=False)
+            if sources is None:
+                continue
+            log.warning(
+                "cached files of model %r (mdcsum %s) were removed while it is served; "
+                "fetching them again",
+                name,
+                sum_[:12],
+            )
+            card, alternates = sources
+            try:
+                await self._resolver(card, alternates=alternates)
+            except Exception as exc:
+                log.error("could not fetch model %r (mdcsum %s) again: %s", name, sum_[:12], exc)
+
     # ------------------------------------------------------------------ apply
 
     def _handle(self, out: Outcome) -> None:
@@ -372,11 +431,13 @@ class ModelWatcher(AsyncService):
             )
 
     def _sources(
-        self, model: str, sum_: str
+        self, model: str, sum_: str, *, waiting_only: bool = True
     ) -> tuple[ModelDeploymentCard, dict[str, list[str]]] | None:
-        """The card of one waiting instance and every waiting replica's URI for each blob, or
-        None when no instance waits any more."""
-        waiting = [i for i in self._registry.instances_for(model, sum_) if not i.ready]
+        """The card of one waiting instance (any instance unless ``waiting_only``) and every
+        such replica's URI for each blob, or None when there is none."""
+        waiting = [
+            i for i in self._registry.instances_for(model, sum_) if not (i.ready and waiting_only)
+        ]
         if not waiting:
             return None
         alternates: dict[str, list[str]] = {}
@@ -468,6 +529,12 @@ class ModelWatcher(AsyncService):
                 # otherwise join a pipeline that is already on its way out.
                 if not self._closed and self._registry.pending(*ident):
                     self._start_pipeline(req)
+
+
+def _cache_by_slug(cache_dir: str | Path | None) -> Path:
+    from discovery_mdc.cache import CacheLayout, resolve_cache_root
+
+    return CacheLayout(resolve_cache_root(cache_dir)).by_slug
 
 
 def _cache_resolver(cache_dir: str | Path | None) -> Resolver:

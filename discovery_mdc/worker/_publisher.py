@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from discovery_mdc import _env
 from discovery_mdc._env import (
@@ -22,6 +22,7 @@ from discovery_mdc._env import (
 )
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc._metrics import SECONDS_BUCKETS
+from discovery_mdc._threads import run_cancellable
 from discovery_mdc.card import (
     ModelDeploymentCard,
     ModelEnvelope,
@@ -114,6 +115,14 @@ class Worker(AsyncService):
         self.session = session or LeaseSession(
             store, ttl=lease_ttl, startup_timeout=startup_timeout, close_timeout=revoke_budget
         )
+        if self.server is not None:
+            recreated = Counter(
+                "discovery_mdc_etcd_keys_recreated",
+                "Keys of this worker found missing from etcd while their lease lived "
+                "(deleted by someone else) and created again.",
+                registry=self.server.metrics,
+            )
+            self.session.on_key_recreated = lambda _key: recreated.inc()
         self._self_host = self_host_metadata
         # Exported on the status server's /metrics (without a server there is no /metrics).
         self._registration_seconds = (
@@ -199,12 +208,16 @@ class Worker(AsyncService):
         kv_cache_block_size: int = 16,
         lora_name: str | None = None,
         instance_transport: str | None = None,
+        self_host_metadata: bool | None = None,
     ) -> PublishedModel:
         """Build the card for ``model`` (a local dir or a cached HF repo id), self-host its
         files when enabled, and publish it create-if-absent under the lease.
 
-        ``instance_transport`` (e.g. ``tcp://host:port/path``) also publishes the Dynamo
-        endpoint-instance record on the same lease, so a Dynamo frontend routes to it.
+        ``self_host_metadata`` opts this one model in or out of self-hosting, as the
+        reference's ``register_model(..., self_host_metadata=False)`` does; ``None`` (the
+        default) uses the ``Worker``'s setting. ``instance_transport`` (e.g.
+        ``tcp://host:port/path``) also publishes the Dynamo endpoint-instance record on the
+        same lease, so a Dynamo frontend routes to it.
         """
         began = time.monotonic()
         # Bad input fails before any hashing or etcd traffic.
@@ -215,21 +228,26 @@ class Worker(AsyncService):
         if instance_transport is not None:
             self._shared_record(endpoint_id, instance_transport)  # a conflict fails early
         server = self.server if self.server is not None and self.server.is_running else None
-        card = await asyncio.to_thread(
-            build_worker_card,
-            os.fspath(model),
-            server=server,
-            self_host=self._self_host,
-            namespace=namespace,
-            component=component,
-            endpoint=endpoint,
-            display_name=model_name,
-            custom_template=custom_template,
-            lora_name=lora_name,
-            model_type=model_type,
-            model_input=model_input,
-            worker_type=worker_type,
-            kv_cache_block_size=kv_cache_block_size,
+        # Hashing a large file can take seconds: cancelling this call (SIGTERM) stops it
+        # within one chunk, and nothing waits for the thread.
+        card = await run_cancellable(
+            lambda stop: build_worker_card(
+                os.fspath(model),
+                server=server,
+                self_host=self._self_host if self_host_metadata is None else self_host_metadata,
+                namespace=namespace,
+                component=component,
+                endpoint=endpoint,
+                display_name=model_name,
+                custom_template=custom_template,
+                lora_name=lora_name,
+                model_type=model_type,
+                model_input=model_input,
+                worker_type=worker_type,
+                kv_cache_block_size=kv_cache_block_size,
+                cancel=stop,
+            ),
+            name="build-card",
         )
         suffix = card.lora_slug
 

@@ -5,10 +5,12 @@ A key is a URL path below ``/v1/metadata/``, in one of the two route forms::
     <slug>/<filename>
     <namespace>/<component>/<endpoint>/<slug>/<suffix>/<filename>
 
-Every segment must be a plain, URL-safe name (RFC 3986 unreserved characters, not ``.`` or
-``..``, not starting with ``.``). The server compares the *raw* request path with these keys
-byte for byte, so nothing that needs percent-encoding can ever be registered and nothing that
-was percent-encoded, normalised or traversed can ever match.
+Every segment but the file name must be a plain, URL-safe name (RFC 3986 unreserved
+characters, not ``.`` or ``..``, not starting with ``.``). The file name is the real name
+percent-encoded by :func:`url_segment`, as the reference (NVIDIA Dynamo) encodes it in its
+self-hosted URLs: ``my template.jinja`` is served as ``my%20template.jinja``. The server
+compares the *raw* request path with these keys byte for byte, so nothing that was encoded
+differently, normalised or traversed can ever match.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote, unquote
 
 from discovery_mdc.card import Checksum
 from discovery_mdc.errors import RegistryError
@@ -32,12 +35,16 @@ __all__ = [
     "RegisteredFile",
     "Registration",
     "is_safe_name",
+    "url_segment",
 ]
 
 BASE_SUFFIX: Final = "_base"
 MAX_NAME_LENGTH: Final = 255
 _SAFE_NAME: Final = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
 _KEY_SEGMENTS: Final = (2, 6)
+# Kept as they are in a file name's URL segment besides the unreserved characters: RFC 3986
+# sub-delims, ':' and '@', which a WHATWG URL parser (the reference's) also leaves alone.
+_URL_KEEP: Final = "!$&'()*+,;=:@"
 
 
 def is_safe_name(name: str) -> bool:
@@ -49,6 +56,35 @@ def is_safe_name(name: str) -> bool:
     return len(name) <= MAX_NAME_LENGTH and _SAFE_NAME.fullmatch(name) is not None
 
 
+def url_segment(name: str) -> str | None:
+    """The percent-encoded URL path segment for a real file name, or ``None`` when the name
+    cannot be served: empty, ``.``/``..`` or another leading ``.``, ``/``, ``\\`` or a control
+    character, not valid UTF-8, or longer than :data:`MAX_NAME_LENGTH` bytes."""
+    if (
+        not name
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+    ):
+        return None
+    try:
+        raw = name.encode("utf-8")  # a non-UTF-8 name (surrogate escapes) has no URL form
+    except UnicodeEncodeError:
+        return None
+    if len(raw) > MAX_NAME_LENGTH:
+        return None
+    return quote(raw, safe=_URL_KEEP)
+
+
+def _is_file_segment(segment: str) -> bool:
+    try:
+        name = unquote(segment, errors="strict")
+    except UnicodeDecodeError:
+        return False
+    return url_segment(name) == segment
+
+
 def _check_key(key: str) -> None:
     segments = key.split("/")
     if len(segments) not in _KEY_SEGMENTS:
@@ -56,11 +92,16 @@ def _check_key(key: str) -> None:
             f"invalid metadata key {key!r}: expected <slug>/<filename> or "
             "<namespace>/<component>/<endpoint>/<slug>/<suffix>/<filename>"
         )
-    bad = [s for s in segments if not is_safe_name(s)]
+    bad = [s for s in segments[:-1] if not is_safe_name(s)]
     if bad:
         raise RegistryError(
             f"invalid metadata key {key!r}: segment(s) {bad} are not plain URL-safe names "
             "([A-Za-z0-9._~-], no leading '.', at most 255 characters)"
+        )
+    if not _is_file_segment(segments[-1]):
+        raise RegistryError(
+            f"invalid metadata key {key!r}: the file name {segments[-1]!r} is not a "
+            "percent-encoded plain file name (see url_segment)"
         )
 
 

@@ -11,9 +11,12 @@ Decisions the spec leaves open:
 * Two files of one card with the same base name but different content (say, a custom chat
   template called ``tokenizer_config.json``) cannot share one URL: :class:`RegistryError`,
   and nothing of that card is registered. The same file under two slots is fine.
-* Extra files whose names are not plain URL-safe names are dropped from the card with a
-  warning (they are optional); a typed slot with such a name is a :class:`RegistryError`.
-  So is an empty slug or LoRA slug (a display name with no ``[a-z0-9]`` characters).
+* A file name that is not URL-safe is percent-encoded in its URL, as the reference does
+  (``my template.jinja`` -> ``my%20template.jinja``); a frontend decodes it and stores the
+  file under its real name. Names that cannot be served at all (a leading ``.``, a ``\\`` or
+  control character, not UTF-8; see :func:`url_segment`) are dropped from the card with a
+  warning for extra files (they are optional) and are a :class:`RegistryError` for a typed
+  slot. So is an empty slug or LoRA slug (a display name with no ``[a-z0-9]`` characters).
 * Slots that are already URLs are left as they are.
 * As in the reference (NVIDIA Dynamo), ``extra_files`` are published only with
   self-hosting; :func:`prepare_card` drops them otherwise, and :func:`will_self_host` tells a
@@ -36,6 +39,7 @@ from discovery_mdc.worker._registry import (
     ModelRef,
     Registration,
     is_safe_name,
+    url_segment,
 )
 from discovery_mdc.worker._server import METADATA_PREFIX, StatusServer
 from discovery_mdc.worker._source import resolve_model_source
@@ -105,11 +109,11 @@ def move_to_self_host(
 
     kept_extras = []
     for extra in card.extra_files:
-        if extra.is_url or is_safe_name(extra.basename):
+        if extra.is_url or url_segment(extra.basename) is not None:
             kept_extras.append(extra)
         else:
             log.warning(
-                "not self-hosting extra file %s of %s: its name is not URL-safe; "
+                "not self-hosting extra file %r of %s: its name cannot be served in a URL; "
                 "dropping it from the card",
                 extra.path,
                 card.display_name,
@@ -123,11 +127,12 @@ def move_to_self_host(
     def rewrite(slot: str, file: CheckedFile) -> CheckedFile:
         if file.is_url:
             return file
-        name = file.basename
-        if not is_safe_name(name):
+        name = url_segment(file.basename)
+        if name is None:
             raise RegistryError(
-                f"cannot self-host {slot} of {card.display_name!r}: file name {name!r} is "
-                "not a plain URL-safe name ([A-Za-z0-9._~-], no leading '.')"
+                f"cannot self-host {slot} of {card.display_name!r}: file name "
+                f"{file.basename!r} cannot be served in a URL (a leading '.', '\\', a control "
+                "character, or not UTF-8)"
             )
         for key in (f"{owner.slug}/{name}", f"{owner.prefix}/{name}"):
             entries.append(Registration(key, file.path, file.checksum, file.size))

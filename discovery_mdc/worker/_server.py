@@ -12,6 +12,14 @@ A metadata request is answered only when its *raw* request path (exactly as rece
 any percent-decoding or dot-segment normalisation) names a key in the
 :class:`MetadataRegistry`. Registered names are plain URL-safe names, so traversal, encoded
 slashes, absolute names and anything else simply never match: 404.
+
+Slowloris: a connection that has not sent a complete request head ``header_timeout`` seconds
+after it was accepted, or after its previous response, is closed. At most
+``max_connections`` are open (by default about half the file descriptors the process may
+still open, after room for the accept bursts the listen backlog allows, so accepting never
+fails with EMFILE). A new connection beyond that closes the one that has waited longest for
+a request head (a stalled attacker, never a client being served), or is itself closed when
+every connection is busy.
 """
 
 from __future__ import annotations
@@ -22,12 +30,15 @@ import json
 import logging
 import mimetypes
 import os
+import resource
 import socket
 import stat
+import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Final
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from discovery_mdc import _env
@@ -37,9 +48,12 @@ from discovery_mdc.worker._advertise import advertise_host, format_host_for_url
 from discovery_mdc.worker._registry import MetadataRegistry, RegisteredFile
 
 __all__ = [
+    "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_SYSTEM_HOST",
     "METADATA_PREFIX",
     "StatusServer",
+    "default_backlog",
+    "default_max_connections",
     "system_server_config",
 ]
 
@@ -47,9 +61,18 @@ log = logging.getLogger("discovery_mdc.worker")
 
 METADATA_PREFIX: Final = "/v1/metadata/"
 DEFAULT_SYSTEM_HOST: Final = _env.DEFAULT_SYSTEM_HOST
-# Longer than any valid key (6 segments of at most 255 characters), so a cheap first cut.
-_MAX_RAW_PATH: Final = len(METADATA_PREFIX) + 6 * 256
+# Longer than any valid key (5 segments of at most 255 characters and a file name of at most
+# 255 bytes, each percent-encoded to 3 characters), so a cheap first cut.
+_MAX_RAW_PATH: Final = len(METADATA_PREFIX) + 5 * 256 + 3 * 256
 _FALLBACK_CHUNK: Final = 1 << 18
+#: Seconds a connection may take to send a request head (after accept or after a response).
+#: Above an HTTP client's usual 15 s keep-alive, so clients close idle connections first.
+DEFAULT_HEADER_TIMEOUT: Final = 20.0
+# Descriptors kept for everything but client connections (etcd, logs, the event loop).
+_FD_RESERVE: Final = 64
+_MAX_CONNECTIONS: Final = 4096
+_MAX_BACKLOG: Final = 1024
+_CAP_LOG_INTERVAL: Final = 60.0
 
 HealthCheck = Callable[[], bool]
 
@@ -83,12 +106,131 @@ def _metadata_key(raw_path: str) -> str | None:
     return path[len(METADATA_PREFIX) :]
 
 
+def _fd_budget() -> int | None:
+    """Descriptors this process may open for connections (None: unlimited)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else max(0, soft - _FD_RESERVE)
+
+
+def default_backlog() -> int:
+    """The listen backlog: an eighth of :func:`_fd_budget`, 16 to 1024.
+
+    asyncio accepts up to ``backlog`` connections in one turn of the loop, before any of them
+    reaches the connection cap, so a backlog near the descriptor limit would let a burst of
+    connections end in EMFILE.
+    """
+    budget = _fd_budget()
+    return _MAX_BACKLOG if budget is None else max(16, min(_MAX_BACKLOG, budget // 8))
+
+
+def default_max_connections() -> int:
+    """The connection cap: what is left of the descriptors after three accept bursts (the
+    loop turns before an evicted connection's descriptor is closed), halved because each
+    connection may hold a file open while it is served; 8 to 4096."""
+    budget = _fd_budget()
+    if budget is None:
+        return _MAX_CONNECTIONS
+    return max(8, min(_MAX_CONNECTIONS, (budget - 3 * default_backlog()) // 2))
+
+
+class _ConnectionGuard:
+    """Header-read timeout and connection cap for one aiohttp server (see the module doc).
+
+    A connection is *waiting* from its accept, and again from the end of each response, until
+    a request head arrives (the app's first middleware calls :meth:`busy`/:meth:`done`).
+    ``waiting`` keeps insertion order, so its first entry has waited longest.
+    """
+
+    def __init__(self, limit: int, header_timeout: float, on_close: Callable[[str], None]) -> None:
+        self.limit = limit
+        self.header_timeout = header_timeout
+        self._on_close = on_close
+        self._waiting: dict[RequestHandler, asyncio.TimerHandle] = {}
+        self._busy: set[RequestHandler] = set()
+        self._capped = 0
+        self._capped_logged_at = -_CAP_LOG_INTERVAL
+
+    def __len__(self) -> int:
+        return len(self._waiting) + len(self._busy)
+
+    def install(self, server: web.Server) -> None:
+        """Hook the server's connection callbacks (aiohttp has no public hook for them)."""
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            self.opened(handler)
+
+        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+            self.closed(handler)
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def opened(self, handler: RequestHandler) -> None:
+        if len(self) >= self.limit:
+            victim = next(iter(self._waiting), None)
+            self._note_cap()
+            if victim is None:
+                self._close(handler, "refused")  # every connection is being served
+                return
+            self._close(victim, "evicted")
+        self._wait(handler)
+
+    def busy(self, handler: RequestHandler) -> None:
+        timer = self._waiting.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+            self._busy.add(handler)
+
+    def done(self, handler: RequestHandler) -> None:
+        if handler in self._busy:
+            self._busy.discard(handler)
+            self._wait(handler)
+
+    def closed(self, handler: RequestHandler) -> None:
+        self._busy.discard(handler)
+        timer = self._waiting.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _wait(self, handler: RequestHandler) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiting[handler] = loop.call_later(self.header_timeout, self._expire, handler)
+
+    def _expire(self, handler: RequestHandler) -> None:
+        if handler in self._waiting:
+            self._close(handler, "header_timeout")
+
+    def _close(self, handler: RequestHandler, reason: str) -> None:
+        self.closed(handler)
+        handler.force_close()
+        self._on_close(reason)
+
+    def _note_cap(self) -> None:
+        # One line a minute at most: an attack must not fill the log.
+        self._capped += 1
+        now = time.monotonic()
+        if now - self._capped_logged_at >= _CAP_LOG_INTERVAL:
+            log.warning(
+                "status server: %d connections open (the cap); %d new connection(s) made "
+                "room by closing the longest-waiting one (or were refused)",
+                self.limit,
+                self._capped,
+            )
+            self._capped, self._capped_logged_at = 0, now
+
+
 def _open_checked(registered: RegisteredFile) -> IO[bytes]:
     """Open a registered file and check it is still the regular file of the registered size.
 
     Runs in a thread. Raises ``OSError`` with a message naming the file on any problem.
+    The registered path is already resolved, so a symlink there now (a file swapped for a
+    link to, say, ``/etc/passwd``) is refused rather than followed.
     """
-    fobj = open(registered.path, "rb")  # noqa: SIM115 - closed by the caller
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fobj = os.fdopen(os.open(registered.path, flags), "rb")
     try:
         st = os.fstat(fobj.fileno())
         if not stat.S_ISREG(st.st_mode):
@@ -122,6 +264,8 @@ class StatusServer(AsyncService):
         health: HealthCheck | None = None,
         advertise: str | None = None,
         shutdown_timeout: float = 5.0,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        max_connections: int | None = None,
     ) -> None:
         self.host = host
         self.registry = registry
@@ -153,6 +297,23 @@ class StatusServer(AsyncService):
         )
         registered.set_function(lambda: float(self.registry.file_count()))
         add_standard_collectors(self.metrics)
+        closed = Counter(
+            "discovery_mdc_status_connections_closed",
+            "Connections the status server closed itself, by reason: header_timeout (no "
+            "request head in time), evicted or refused (at the connection cap).",
+            ["reason"],
+            registry=self.metrics,
+        )
+        self._guard = _ConnectionGuard(
+            default_max_connections() if max_connections is None else max_connections,
+            header_timeout,
+            lambda reason: closed.labels(reason).inc(),
+        )
+        Gauge(
+            "discovery_mdc_status_connections",
+            "Connections open to the status server.",
+            registry=self.metrics,
+        ).set_function(lambda: float(len(self._guard)))
 
     @classmethod
     def from_env(
@@ -197,13 +358,15 @@ class StatusServer(AsyncService):
         """Bind and start serving; returns the bound port."""
         if self._runner is not None:
             return self.port
-        app = web.Application(middlewares=[self._count_metadata])
+        app = web.Application(middlewares=[self._track_busy, self._count_metadata])
         app.router.add_get(METADATA_PREFIX + "{tail:.*}", self._metadata)  # also HEAD
         app.router.add_get("/health", self._health)
         app.router.add_get("/live", self._live)
         app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
+        assert runner.server is not None
+        self._guard.install(runner.server)
         try:
             site = self._site(runner)
             await site.start()
@@ -241,9 +404,9 @@ class StatusServer(AsyncService):
                     raise  # e.g. the port is taken: an IPv4-only fallback would hide that
                 log.warning("cannot bind dual-stack [::]: %s; binding 0.0.0.0 instead", exc)
             else:
-                return web.SockSite(runner, sock, backlog=1024)
+                return web.SockSite(runner, sock, backlog=default_backlog())
             bind = DEFAULT_SYSTEM_HOST
-        return web.TCPSite(runner, bind, self._requested_port, backlog=1024)
+        return web.TCPSite(runner, bind, self._requested_port, backlog=default_backlog())
 
     async def close(self) -> None:
         """Same as :meth:`stop` (what ``async with`` calls)."""
@@ -257,6 +420,20 @@ class StatusServer(AsyncService):
             log.info("status server on port %s stopped", self._port)
 
     # ------------------------------------------------------------------ handlers
+
+    @web.middleware
+    async def _track_busy(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Any],
+    ) -> web.StreamResponse:
+        protocol = request.protocol
+        self._guard.busy(protocol)
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        finally:
+            self._guard.done(protocol)
 
     @web.middleware
     async def _count_metadata(

@@ -1,0 +1,62 @@
+"""A frontend keeps what it serves in the cache: it marks it used and fetches it again when it
+is removed (``cache rm``, ``cache verify --fix``) while still served."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from discovery_mdc.cache import CacheLayout, scan_cache
+from discovery_mdc.cache._store import remove_link_dir
+from discovery_mdc.card import ModelEnvelope, encode_envelope, from_dir
+from discovery_mdc.etcd import MemoryStore
+from discovery_mdc.frontend import ModelWatcher
+
+DAY = 86400.0
+
+
+def _last_used(cache: CacheLayout) -> float:
+    [card] = scan_cache(cache).cards
+    return card.last_used
+
+
+def _backdate(local_dir: Path, seconds_ago: float) -> None:
+    when = time.time() - seconds_ago
+    for link in local_dir.iterdir():
+        os.utime(link, (when, when), follow_symlinks=False)
+
+
+def _names(local_dir: Path) -> list[str]:
+    return sorted(p.name for p in local_dir.iterdir() if p.exists())
+
+
+async def test_served_cards_are_marked_used_and_fetched_again_when_removed(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    cache = CacheLayout(tmp_path / "cache")
+    card = from_dir(make_model_dir("served"))
+    env = ModelEnvelope(
+        namespace="dynamo", component="backend", endpoint="generate", instance_id=7, card=card
+    )
+    store = MemoryStore()
+    await store.put(env.key, encode_envelope(env))
+    async with ModelWatcher(
+        store, cache_dir=cache.root, reconcile_interval=0, cache_upkeep_interval=0
+    ) as watcher:
+        info = await watcher.wait_for_model("served", timeout=30)
+        local_dir = info.worker_sets[0].local_dir
+        assert local_dir is not None
+        names = _names(local_dir)
+        assert names == sorted(f.basename for _, f in card.files())
+
+        _backdate(local_dir, 40 * DAY)
+        assert time.time() - _last_used(cache) > 39 * DAY
+        await watcher.cache_upkeep()
+        assert time.time() - _last_used(cache) < 120
+
+        remove_link_dir(local_dir)  # what `cache rm` does to a card it removes
+        await watcher.cache_upkeep()
+        assert _names(local_dir) == names
+        assert watcher.model("served") is not None
