@@ -132,14 +132,22 @@ async def test_live_is_200_whatever_etcd_does(
     assert live.status == 200 and await live.json() == {"status": "live"}
 
 
-async def test_rejected_instances_are_listed_with_the_fields_that_differ(
+async def _with_a_rejected_replica(
     served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
-) -> None:
+) -> TestClient:  # type: ignore[type-arg]
+    """org/m ready from instance 1; instance 2 (another tokenizer) rejected."""
     store, watcher, client = served
     await publish(store, 1, make_card("org/m"))
     await until(lambda: watcher.model("org/m") is not None)
     await publish(store, 2, make_card("org/m", tok="3"))
     await until(lambda: watcher.rejected_keys() == {key(2)})
+    return client
+
+
+async def test_rejected_instances_are_listed_with_the_fields_that_differ(
+    served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
+) -> None:
+    client = await _with_a_rejected_replica(served)
     [rejected] = (await (await client.get("/v1/models/org/m")).json())["rejected_instances"]
     assert rejected["key"] == key(2)
     assert rejected["mdcsum"] == mdcsum(make_card("org/m", tok="3"))
@@ -157,11 +165,7 @@ async def test_rejected_instances_are_listed_with_the_fields_that_differ(
 async def test_metrics_an_sre_alerts_on(
     served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
 ) -> None:
-    store, watcher, client = served
-    await publish(store, 1, make_card("org/m"))
-    await until(lambda: watcher.model("org/m") is not None)
-    await publish(store, 2, make_card("org/m", tok="3"))
-    await until(lambda: watcher.rejected_keys() == {key(2)})
+    client = await _with_a_rejected_replica(served)
     response = await client.get("/metrics")
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     text = await response.text()
