@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -280,3 +282,19 @@ async def test_a_rejected_replica_is_explained_naming_the_differing_slot(
     assert "REJECTED" in row and expected in row
     (ok_row,) = [ln for ln in ls.log().splitlines() if ln.startswith(reg.key)]
     assert "REJECTED" not in ok_row
+    # ... and `ls --json`, field by field.
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "discovery_mdc", "ls", "--etcd", url, "--json"],
+        capture_output=True, text=True, timeout=DEADLINE, check=True, env=child_env(),
+    )  # fmt: skip
+    cards = {c["key"]: c for c in json.loads(listed.stdout)["cards"]}
+    assert (cards[reg.key]["status"], cards[reg.key]["diff"]) == ("ok", None)
+    assert cards[reg2.key]["status"] == "rejected" and expected in cards[reg2.key]["reason"]
+    assert cards[reg2.key]["diff"] == [
+        {
+            "field": "tokenizer",
+            "worker_set": f"{before.file.checksum} ({before.file.size} bytes)",
+            "instance": f"{after.file.checksum} ({after.file.size} bytes)",
+        }
+    ]

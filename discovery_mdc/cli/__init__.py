@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import collections.abc
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "forget_handled_interrupt", "main"]
 
 _INTERRUPTED = 130
 
@@ -24,8 +24,19 @@ def main(argv: collections.abc.Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         from discovery_mdc.cli._logging import final_line
 
+        forget_handled_interrupt()
         final_line("interrupted", _INTERRUPTED, prefix="")
         return _INTERRUPTED
+
+
+def forget_handled_interrupt() -> None:
+    """Let the process exit with its own code after a Ctrl-C it handled.
+
+    CPython remembers a KeyboardInterrupt that escaped code run from a string (namedtuple and
+    dataclass creation run such code, so an import can be hit there) and, at exit, kills the
+    process with SIGINT even though the interrupt was caught. Running any string resets it.
+    """
+    exec("")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     except KeyboardInterrupt:
+        from discovery_mdc.cli import forget_handled_interrupt
+
+        forget_handled_interrupt()
         final_line("interrupted", EXIT_INTERRUPTED, prefix="")
         return EXIT_INTERRUPTED
     except Exception as exc:
