@@ -177,6 +177,7 @@ class LeaseSession(AsyncService):
             grant,
             timeout=self._startup_timeout,
             what="a lease",
+            endpoints=getattr(self._store, "endpoints", ()),
             clock=self._clock,
             sleep=self._sleep,
         )

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from discovery_mdc._backoff import Backoff
 from discovery_mdc.errors import EtcdConnectionError
 
 __all__ = ["retry_until_reachable"]
+
+
+class _AttemptTimedOut(EtcdConnectionError):
+    """One attempt outlived the wait's deadline (etcd accepts but does not answer)."""
+
 
 log = logging.getLogger("discovery_mdc.etcd")
 
@@ -23,6 +28,7 @@ async def retry_until_reachable(
     *,
     timeout: float,  # noqa: ASYNC109 - a retry budget, not a cancel scope
     what: str,
+    endpoints: Sequence[str] = (),
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     backoff: Backoff | None = None,
@@ -32,11 +38,13 @@ async def retry_until_reachable(
 
     ``timeout`` 0 means one attempt. Every other error (credentials, TLS certificates, a
     refused request) is raised at once: waiting would not fix it. After the deadline the last
-    connection error is raised, with how long it waited.
+    connection error is raised, with how long it waited (and ``endpoints``, to name them
+    even when the last attempt only timed out).
     """
     deadline = clock() + timeout
     backoff = backoff or Backoff(0.5, 5.0)
     attempt = 0
+    last: EtcdConnectionError | None = None  # the last error etcd's client itself raised
     while True:
         attempt += 1
         try:
@@ -49,15 +57,19 @@ async def retry_until_reachable(
                 async with asyncio.timeout(bound):
                     return await op()
             except TimeoutError:
-                raise EtcdConnectionError(f"no answer from etcd within {bound:.1f}s") from None
+                raise _AttemptTimedOut(f"no answer from etcd within {bound:.1f}s") from None
         except EtcdConnectionError as exc:
+            if not isinstance(exc, _AttemptTimedOut):
+                last = exc
             left = deadline - clock()
             if left <= 0:
                 if timeout <= 0:
                     raise
+                where = f" ({', '.join(endpoints)})" if endpoints else ""
+                cause = exc if last is None else f"{exc}; last error: {last}"
                 raise EtcdConnectionError(
-                    f"etcd still unreachable after waiting {timeout:g}s for {what} "
-                    f"({attempt} attempts; ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS): {exc}"
+                    f"etcd{where} still unreachable after waiting {timeout:g}s for {what} "
+                    f"({attempt} attempts; ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS): {cause}"
                 ) from None
             delay = min(backoff.next_delay(), left)
             log.warning(

@@ -136,6 +136,7 @@ class ModelWatcher(AsyncService):
             lambda: self._relist("start"),
             timeout=self._startup_timeout,
             what=f"the first listing of {self._prefix}",
+            endpoints=getattr(self._store, "endpoints", ()),
             sleep=self._sleep,
         )
         self._start_watch()
