@@ -35,6 +35,9 @@ SCENARIOS: dict[str, str] = {
     "P4": "bench.p4_streaming",
     "P5": "bench.p5_serving",
     "P6": "bench.p6_watch",
+    "P7": "bench.p7_fleet",
+    "P8": "bench.p8_reconcile",
+    "P9": "bench.p9_silent",
 }
 DOC = ROOT / "docs" / "benchmarks.md"
 OUT = ROOT / "bench" / "out"
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("what", nargs="+", help="all | P1..P6 | profile P?")
+    parser.add_argument("what", nargs="+", help="all | P1..P9 | profile P?")
     parser.add_argument("--quick", action="store_true", help="small iteration counts")
     parser.add_argument(
         "--out",
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = None
     if what[0] == "profile":
         if len(what) != 2 or what[1] not in SCENARIOS:
-            parser.error("usage: python -m bench profile P1|P2|P3|P4|P5|P6")
+            parser.error(f"usage: python -m bench profile {'|'.join(SCENARIOS)}")
         profile = what[1]
         names = [profile]
     elif what == ["all"]:

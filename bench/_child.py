@@ -374,8 +374,41 @@ async def _watch_ours(args: argparse.Namespace) -> None:
     )
 
 
+async def _watch_informer(args: argparse.Namespace) -> None:
+    """The informer alone: the same stream, as batches of changes, with no registry."""
+    from discovery_mdc.etcd import EtcdClient, PrefixInformer
+
+    async with EtcdClient(args.etcd) as client:
+        informer = PrefixInformer(_PinnedStore(client, args.rev), args.prefix, reconcile_interval=0)
+        await informer.start()
+        t_listed = time.perf_counter()
+        changes = 0
+        keys: set[str] = set()
+        try:
+            async with asyncio.timeout(args.timeout):
+                async for batch in informer.batches():
+                    changes += len(batch.changes)
+                    for c in batch.changes:
+                        (keys.add if c.kind.value == "put" else keys.discard)(c.key)
+                    if informer.revision >= args.until_rev and not keys:
+                        break
+            t1 = time.perf_counter()
+        finally:
+            await informer.close()
+    stats = informer.stats
+    _emit(
+        {
+            "elapsed": t1 - t_listed,
+            "events": stats.events_put + stats.events_delete,
+            "changes": changes,
+            "revision": informer.revision,
+        }
+    )
+
+
 async def _watch_raw(args: argparse.Namespace) -> None:
-    """A bare gateway watch: read lines, parse JSON, base64-decode keys and values."""
+    """A bare gateway watch: read lines, parse JSON, base64-decode keys and values. It opens
+    the same watch as the informer (from a revision, progress notifications, no prev_kv)."""
     import aiohttp
 
     prefix = args.prefix.encode()
@@ -385,7 +418,7 @@ async def _watch_raw(args: argparse.Namespace) -> None:
             "key": base64.b64encode(prefix).decode(),
             "range_end": base64.b64encode(end).decode(),
             "start_revision": args.rev + 1,
-            "prev_kv": True,
+            "progress_notify": True,
         }
     }
     events = 0
@@ -440,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     ld.add_argument("--url", required=True)
     ld.add_argument("--connections", type=int, default=32)
     ld.add_argument("--duration", type=float, default=5.0)
-    for name in ("watch-ours", "watch-raw"):
+    for name in ("watch-ours", "watch-informer", "watch-raw"):
         wp = sub.add_parser(name)
         wp.add_argument("--etcd", required=True)
         wp.add_argument("--rev", type=int, required=True)
@@ -462,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         "fetch": _fetch,
         "load": _load,
         "watch-ours": _watch_ours,
+        "watch-informer": _watch_informer,
         "watch-raw": _watch_raw,
     }
     try:

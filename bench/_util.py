@@ -443,6 +443,20 @@ def start_our_frontend(
 ) -> tuple[Proc, int]:
     """``discovery-mdc frontend`` on 127.0.0.1 with a fresh cache (and HOME) under ``work``;
     returns the process and its HTTP port once /health answers."""
+    launched = launch_our_frontend(etcd_url, work, name, profile_to=profile_to, log_level=log_level)
+    return launched[0], wait_our_frontend(*launched)
+
+
+def launch_our_frontend(
+    etcd_url: str,
+    work: Path,
+    name: str = "frontend",
+    *,
+    profile_to: Path | None = None,
+    log_level: str = "info",
+) -> tuple[Proc, Path, str]:
+    """Start a frontend (see :func:`start_our_frontend`) without waiting for it; returns
+    the process, its port file and its name, for :func:`wait_our_frontend`."""
     home = work / f"{name}-home"
     home.mkdir(parents=True, exist_ok=True)
     port_file = work / f"{name}.port"
@@ -465,6 +479,11 @@ def start_our_frontend(
         profile_to=profile_to,
     )
     proc = Proc(name, args, log=work / f"{name}.log", env=child_env(HOME=str(home)))
+    return proc, port_file, name
+
+
+def wait_our_frontend(proc: Proc, port_file: Path, name: str) -> int:
+    """The HTTP port of a launched frontend, once /health answers."""
     port = int(
         wait_for(
             lambda: port_file.read_text().strip() if port_file.exists() else None,
@@ -479,4 +498,57 @@ def start_our_frontend(
         what=f"{name} /health",
         proc=proc.popen,
     )
-    return proc, port
+    return port
+
+
+def start_publisher(
+    etcd_url: str, work: Path, name: str, *, index: int, instances: int, models: Sequence[Path]
+) -> Proc:
+    """A ``bench._child publisher``: a status server hosting ``models`` that, on ``{"op":
+    "go"}``, grants ``instances`` leases and creates one card per lease (``{"op": "revoke"}``
+    revokes them). Read its ready line with ``proc.recv()``."""
+    return Proc(
+        name,
+        child_args(
+            "bench._child",
+            "publisher",
+            "--etcd",
+            etcd_url,
+            "--index",
+            str(index),
+            "--instances",
+            str(instances),
+            *map(str, models),
+        ),
+        log=work / f"{name}.log",
+        env=child_env(),
+        stdin=subprocess.PIPE,
+        stdout_pipe=True,
+    )
+
+
+def start_publishers(
+    etcd_url: str, work: Path, tag: str, *, total: int, models: Sequence[Path], count: int = 4
+) -> tuple[list[Proc], list[dict[str, Any]]]:
+    """``count`` publishers sharing ``total`` leases over ``models``, and their ready lines
+    (``base_url``, ``blobs``, ``models``)."""
+    procs = [
+        start_publisher(
+            etcd_url, work, f"publisher-{tag}-{i}", index=i, instances=total // count, models=models
+        )
+        for i in range(count)
+    ]
+    return procs, [p.recv(300) for p in procs]
+
+
+def call_all(procs: Sequence[Proc], cmd: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
+    """Send ``cmd`` to every process at once; their replies, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(procs)) as pool:
+        return [f.result() for f in [pool.submit(p.call, cmd, timeout) for p in procs]]
+
+
+def prom_get(base: str, name: str, labels: str | None = None) -> float:
+    """One metric of the Prometheus endpoint at ``base`` (see :func:`prom_value`)."""
+    return prom_value(http_get(f"{base}/metrics").decode(), name, labels)

@@ -21,6 +21,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,15 @@ __all__ = [
     "child_env",
     "FileServer",
     "FrontendProcess",
+    "Spawn",
     "card_keys",
+    "converged",
     "envelope_kv",
     "model_dirs",
     "parse_metrics",
     "peak_rss_kib",
+    "start_frontend",
+    "tcp_connections",
     "tcp_peer_ports",
 ]
 
@@ -155,6 +160,7 @@ class CliProcess:
 
 
 _CREATED = re.compile(r"created etcd key (?P<key>v1/mdc/\S+) \(lease (?P<lease>[0-9a-f]+)\)")
+STATUS_LISTENING = re.compile(r"status server listening on \S+:(?P<port>\d+)")
 
 
 class WorkerProc(CliProcess):
@@ -191,6 +197,30 @@ class WorkerProc(CliProcess):
     def reregistrations(self) -> int:
         return len(re.findall(r"re-registered \d+ key", self.log()))
 
+    def status_port(self) -> int:
+        m = STATUS_LISTENING.search(self.log())
+        assert m is not None, f"no status server line: {self.describe()}"
+        return int(m["port"])
+
+    async def metadata_gets(self) -> float:
+        """Metadata requests this worker answered 200 (its own Prometheus counter)."""
+        url = f"http://127.0.0.1:{self.status_port()}/metrics"
+
+        def get() -> str:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return str(resp.read().decode())
+
+        samples = parse_metrics(await asyncio.to_thread(get))
+        return sum(
+            v
+            for k, v in samples.items()
+            if k.startswith("discovery_mdc_metadata_requests_total{") and 'status="200"' in k
+        )
+
+
+Spawn = Callable[..., WorkerProc]
+"""The ``spawn_worker`` fixture: ``spawn_worker(model_dir, ttl=3, name="w")``."""
+
 
 class FrontendProcess(CliProcess):
     """``python -m discovery_mdc frontend`` on a free port, logging to a file."""
@@ -201,7 +231,7 @@ class FrontendProcess(CliProcess):
         *,
         tmp: Path,
         cache_dir: Path | None = None,
-        reconcile_interval: float = 30.0,
+        reconcile_interval: float | None = None,
         env: Mapping[str, str] | None = None,
         extra_args: tuple[str, ...] = (),
         name: str = "frontend",
@@ -216,7 +246,8 @@ class FrontendProcess(CliProcess):
             "--http-port", "0",
             "--port-file", str(self._port_file),
             "--cache-dir", str(self.cache_dir),
-            "--reconcile-interval", str(reconcile_interval),
+            *(["--reconcile-interval", str(reconcile_interval)]
+              if reconcile_interval is not None else []),
             *extra_args,
         ]  # fmt: skip
         super().__init__(args, log_path=tmp / f"{name}.log", env=child_env(**(env or {})))
@@ -272,6 +303,44 @@ class FrontendProcess(CliProcess):
 
     def peak_rss_kib(self) -> int:
         return peak_rss_kib(self.pid)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """One sample by name and labels, whatever order the labels are printed in (0 if
+        absent)."""
+        want = {f'{k}="{v}"' for k, v in labels.items()}
+        for key, value in (await self.metrics()).items():
+            base, _, rest = key.partition("{")
+            if base == name and set(filter(None, rest.rstrip("}").split(","))) == want:
+                return value
+        return 0.0
+
+
+async def start_frontend(
+    etcd: str, tmp_path: Path, procs: list[CliProcess], **kw: Any
+) -> FrontendProcess:
+    """A :class:`FrontendProcess` (kept in ``procs`` for clean-up), once it listens."""
+    fe = FrontendProcess(etcd, tmp=tmp_path, **kw)
+    procs.append(fe)
+    await fe.wait_listening()
+    return fe
+
+
+async def converged(fe: FrontendProcess, client: EtcdClient, deadline: float = 60.0) -> set[str]:
+    """Wait until the frontend's ready instances equal the card keys in etcd, and none is
+    pending; returns them."""
+    last: list[object] = []
+
+    async def check() -> list[set[str]]:  # a list: an empty set of keys is a valid answer
+        live = await card_keys(client)
+        ready = await fe.ready_instances()
+        gauge = (await fe.metrics()).get("discovery_mdc_instances")
+        last[:] = [live, ready, gauge]
+        return [live] if ready == live and gauge == len(live) else []
+
+    (got,) = await wait_until(
+        check, timeout=deadline, message=lambda: f"etcd/ready/gauge = {last}\n{fe.describe()}"
+    )
+    return got
 
 
 # --------------------------------------------------------------------------- data
@@ -374,8 +443,19 @@ class FileServer:
         await self._runner.cleanup()
 
 
-def tcp_peer_ports(pid: int) -> set[int]:
-    """Remote ports of the ESTABLISHED TCP connections (IPv4) that process ``pid`` holds."""
+@dataclass(frozen=True, slots=True)
+class TcpConnection:
+    """One ESTABLISHED IPv4 TCP connection of a process, from ``/proc/<pid>/net/tcp``."""
+
+    remote_port: int
+    timer: str  # the armed kernel timer: "off", "retransmit", "keepalive", ...
+
+
+_TCP_TIMERS = {"00": "off", "01": "retransmit", "02": "keepalive", "03": "time-wait", "04": "probe"}
+
+
+def tcp_connections(pid: int) -> list[TcpConnection]:
+    """The ESTABLISHED TCP connections (IPv4) that process ``pid`` holds."""
     inodes = set()
     fd_dir = Path(f"/proc/{pid}/fd")
     for fd in fd_dir.iterdir():
@@ -383,9 +463,17 @@ def tcp_peer_ports(pid: int) -> set[int]:
             target = os.readlink(fd)
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
-    ports = set()
+    conns = []
     for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         if fields[3] == "01" and fields[9] in inodes:  # 01 = ESTABLISHED
-            ports.add(int(fields[2].rsplit(":", 1)[1], 16))
-    return ports
+            timer = fields[5].split(":", 1)[0]
+            conns.append(
+                TcpConnection(int(fields[2].rsplit(":", 1)[1], 16), _TCP_TIMERS.get(timer, timer))
+            )
+    return conns
+
+
+def tcp_peer_ports(pid: int) -> set[int]:
+    """Remote ports of the ESTABLISHED TCP connections (IPv4) that process ``pid`` holds."""
+    return {c.remote_port for c in tcp_connections(pid)}

@@ -1,4 +1,5 @@
-"""A loopback TCP proxy that a test can cut and restore, to partition a process from etcd.
+"""A loopback TCP proxy that a test can cut, freeze and restore, to partition a process
+from etcd or leave it with silently dead connections.
 
 It runs its own event loop in a thread, so it keeps forwarding whatever the test's loop is
 doing (blocking on a subprocess, say)::
@@ -7,6 +8,9 @@ doing (blocking on a subprocess, say)::
         ... start a process with --etcd proxy.url ...
         proxy.cut()      # abort every connection; new ones are accepted and closed at once
         proxy.restore()  # forward again
+        proxy.freeze()   # open connections stop forwarding, without closing; new ones pass
+
+``bytes_down`` / ``bytes_up`` count what it forwarded from / to the target.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ class TcpProxy:
         self.port = 0
         self.accepted = 0  # connections accepted while forwarding
         self.refused = 0  # connections closed at once because the proxy was cut
+        self.bytes_down = 0  # forwarded from the target to clients
+        self.bytes_up = 0  # forwarded from clients to the target
         self._cut = False
+        self._flowing: set[asyncio.Event] = set()  # one per open connection pair
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -62,6 +69,16 @@ class TcpProxy:
     def restore(self) -> None:
         """Forward new connections again."""
         self._cut = False
+
+    def freeze(self) -> None:
+        """Stop forwarding on every open connection, in both directions, without closing it
+        (a half-open path: the peers see no error, just silence). New connections pass."""
+
+        async def freeze() -> None:
+            for flowing in self._flowing:
+                flowing.clear()
+
+        self._call(freeze())
 
     def close(self) -> None:
         if not self._thread.is_alive():
@@ -106,6 +123,8 @@ class TcpProxy:
         for writer in list(self._conns):
             writer.transport.abort()
         self._conns.clear()
+        for flowing in self._flowing:
+            flowing.set()  # wake frozen pipes, so they see the aborted transports and end
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -132,18 +151,40 @@ class TcpProxy:
             return
         self.accepted += 1
         self._conns.update((writer, up_writer))
+        flowing = asyncio.Event()
+        flowing.set()
+        self._flowing.add(flowing)
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(
+                self._pipe(reader, up_writer, flowing, up=True),
+                self._pipe(up_reader, writer, flowing, up=False),
+            )
         finally:
+            self._flowing.discard(flowing)
             for w in (writer, up_writer):
                 self._conns.discard(w)
                 w.transport.abort()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        flowing: asyncio.Event,
+        *,
+        up: bool,
+    ) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(_CHUNK):
+            while True:
+                await flowing.wait()  # frozen: stop reading, so bytes stay where they are
+                data = await reader.read(_CHUNK)
+                if not data:
+                    break
+                await flowing.wait()
                 writer.write(data)
+                if up:
+                    self.bytes_up += len(data)
+                else:
+                    self.bytes_down += len(data)
                 await writer.drain()
         # One side finished: end the other, so a closed stream closes the pair.
         writer.transport.abort()

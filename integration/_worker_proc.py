@@ -8,14 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from integration._faults import CliProcess, child_env
+from integration._faults import STATUS_LISTENING, CliProcess, child_env
 
 __all__ = ["Registered", "WorkerProcess", "WorkerSpawner", "status_env", "worker_env"]
 
 _REGISTERED = re.compile(
     r"registered model '(?P<name>[^']*)' at (?P<key>\S+) \(lease (?P<lease>[0-9a-f]+)\)"
 )
-_LISTENING = re.compile(r"status server listening on \S+:(?P<port>\d+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +61,7 @@ class WorkerProcess(CliProcess):
         return self.registered_lines()[0]
 
     def status_port(self) -> int:
-        m = _LISTENING.search(self.log())
+        m = STATUS_LISTENING.search(self.log())
         assert m is not None, f"no status server line: {self.describe()}"
         return int(m["port"])
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from discovery_mdc.etcd import EtcdClient, EtcdCluster, EtcdServer
-from integration._faults import CliProcess
+from integration._faults import CliProcess, Spawn, WorkerProc
 from integration._worker_proc import WorkerSpawner
 
 
@@ -62,15 +62,35 @@ async def etcd_client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
         yield client
 
 
-async def to_thread(fn: Callable[[], Any]) -> Any:
-    """Run a blocking server operation (restart, stop) without stalling the event loop."""
-    return await asyncio.to_thread(fn)
+@pytest.fixture
+async def client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
+    """A client of ``etcd_server`` with short request timeouts (for tests that cut it off)."""
+    async with EtcdClient([etcd_server.client_url], request_timeout=2.0) as c:
+        yield c
 
 
 @pytest.fixture
 def procs() -> Iterator[list[CliProcess]]:
-    """Append the CLI processes a test starts; each is stopped (by PID) after the test."""
+    """Processes a test started; each is closed (SIGTERM, then SIGKILL) afterwards."""
     started: list[CliProcess] = []
     yield started
     for p in started:
         p.close()
+
+
+@pytest.fixture
+def spawn_worker(etcd_server: EtcdServer, tmp_path: Path, procs: list[CliProcess]) -> Spawn:
+    """``spawn_worker(model_dir, ttl=3, name="w")``: a worker process on ``etcd_server``."""
+
+    def spawn(model_dir: Path, ttl: int = 3, name: str = "w") -> WorkerProc:
+        log_path = tmp_path / f"{name}-{len(procs)}.log"
+        w = WorkerProc(etcd_server.client_url, model_dir, ttl=ttl, log_path=log_path)
+        procs.append(w)
+        return w
+
+    return spawn
+
+
+async def to_thread(fn: Callable[[], Any]) -> Any:
+    """Run a blocking server operation (restart, stop) without stalling the event loop."""
+    return await asyncio.to_thread(fn)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -14,17 +15,21 @@ from discovery_mdc.errors import (
     EtcdAuthError,
     EtcdCompactedError,
     EtcdConnectionError,
+    EtcdError,
 )
 from discovery_mdc.etcd import (
     EtcdClient,
     EtcdCluster,
     EtcdServer,
     LeaseSession,
+    MemoryStore,
     SessionState,
+    Store,
     WatchEvent,
     WatchResponse,
 )
 from discovery_mdc.etcd._server import free_port
+from integration._faults import tcp_connections
 from integration._util import wait_until
 
 
@@ -100,6 +105,75 @@ async def test_range_prefix_all_pins_later_pages_to_the_first_revision(
 
 
 # ------------------------------------------------------------------ leases
+
+
+@pytest.mark.parametrize("kind", ["etcd", "memory"])
+async def test_range_options_answer_as_the_informer_relies_on(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The semantics the informer's cheap reconcile is built on (etcd 3.5 gateway), and the
+    unit tests' MemoryStore answering the same."""
+    if kind == "memory":
+        await _range_semantics(MemoryStore())
+        return
+    server: EtcdServer = request.getfixturevalue("etcd_server")
+    async with EtcdClient([server.client_url]) as client:
+        await _range_semantics(client)
+
+
+async def _range_semantics(store: Store) -> None:
+    p = "v1/mdc/"
+    revs = [await store.put(f"{p}k{i}", b"x" * 100) for i in range(5)]
+    await store.put("v1/other", b"not under the prefix")
+    counted = await store.range(p, prefix=True, count_only=True)
+    assert (counted.kvs, counted.count) == ((), 5)
+    # keys_only + min_mod_revision: only keys modified at or after it, without values; the
+    # count is of every key in the range, not of the ones returned.
+    newer = await store.range(p, prefix=True, keys_only=True, min_mod_revision=revs[3])
+    assert [(kv.key, kv.mod_revision, kv.value) for kv in newer.kvs] == [
+        (f"{p}k3", revs[3], b""),
+        (f"{p}k4", revs[4], b""),
+    ]
+    assert newer.count == 5 and newer.revision == revs[4] + 1
+    idle = await store.range(p, prefix=True, keys_only=True, min_mod_revision=revs[4] + 2)
+    assert (idle.kvs, idle.count) == ((), 5)
+    assert 0 < idle.size < 300  # the cheap check: a constant few hundred bytes
+    limited = await store.range(p, prefix=True, keys_only=True, min_mod_revision=revs[1], limit=1)
+    assert [kv.key for kv in limited.kvs] == [f"{p}k1"] and limited.more and limited.count == 5
+    # A read pinned at an older revision sees that revision; the header is the current one.
+    await store.delete(f"{p}k0")
+    now = (await store.range(p, prefix=True, count_only=True)).revision
+    pinned = await store.range(p, prefix=True, count_only=True, revision=revs[4])
+    assert (pinned.count, pinned.revision) == (5, now)
+    listing = await store.range_prefix_all(p, keys_only=True, revision=revs[4])
+    assert [kv.key for kv in listing.kvs] == [f"{p}k{i}" for i in range(5)]
+    assert listing.revision == revs[4] and all(kv.value == b"" for kv in listing.kvs)
+    with pytest.raises(EtcdError, match="future revision"):
+        await store.range(p, prefix=True, revision=now + 100)
+    if isinstance(store, MemoryStore):
+        store.compact(now)
+    else:
+        assert isinstance(store, EtcdClient)
+        await store.compact(now)
+    with pytest.raises(EtcdCompactedError):
+        await store.range(p, prefix=True, count_only=True, revision=revs[4])
+    assert (await store.range(p, prefix=True, count_only=True, revision=now)).count == 4
+
+
+async def test_etcd_connections_have_tcp_keepalive(
+    etcd_server: EtcdServer, etcd_client: EtcdClient
+) -> None:
+    stream = etcd_client.watch("v1/", start_revision=1)
+    try:
+        await anext(stream)  # created: the watch connection is open and idle
+        await etcd_client.range("v1/", prefix=True)  # and a pooled unary one
+        conns = [
+            c for c in tcp_connections(os.getpid()) if c.remote_port == etcd_server.client_port
+        ]
+        assert len(conns) >= 2
+        assert all(c.timer == "keepalive" for c in conns), conns
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
 
 
 async def test_lease_ttl_lists_keys_and_revoke_removes_them(etcd_client: EtcdClient) -> None:

@@ -22,7 +22,14 @@ from discovery_mdc.card import (
     hash_bytes,
 )
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import FileServer, FrontendProcess, envelope_kv, model_dirs
+from integration._faults import (
+    CliProcess,
+    FileServer,
+    FrontendProcess,
+    envelope_kv,
+    model_dirs,
+    start_frontend,
+)
 from integration._util import wait_until
 
 DEADLINE = 60.0
@@ -69,7 +76,11 @@ async def test_endless_metadata_stream_is_cut_and_memory_stays_bounded(
 
 
 async def test_watch_values_at_the_etcd_size_limit_keep_memory_bounded_and_others_served(
-    etcd_client: EtcdClient, frontend: FrontendProcess, tmp_path: Path
+    etcd_server: EtcdServer,
+    etcd_client: EtcdClient,
+    frontend: FrontendProcess,
+    procs: list[CliProcess],
+    tmp_path: Path,
 ) -> None:
     good = [from_dir(d) for d in model_dirs(tmp_path / "models", 2)]
     await etcd_client.put(*envelope_kv(good[0], 0x1))
@@ -77,24 +88,25 @@ async def test_watch_values_at_the_etcd_size_limit_keep_memory_bounded_and_other
     await wait_until(lambda: _listed(frontend, {"model-0"}), timeout=DEADLINE)
     garbage = os.urandom(NEAR_LIMIT)
     # Arriving live on the watch, and several revisions of it, plus a near-limit JSON value
-    # shaped like an envelope: each one is skipped and counted, and the relists (every
-    # second) carry them too.
+    # shaped like an envelope: each one is skipped and counted; the reconciles (every second)
+    # check them, and a frontend started afterwards lists them all at once.
     for i in range(8):
         await etcd_client.put(f"v1/mdc/dynamo/backend/generate/{0xB16 + i:x}", garbage)
     padded = envelope_kv(good[1], 0xB00)[1][:-1] + b',"pad":"' + b"x" * NEAR_LIMIT + b'"}'
     await etcd_client.put("v1/mdc/dynamo/backend/generate/b00", padded)
     await etcd_client.put(*envelope_kv(good[1], 0x2))
     await wait_until(lambda: _listed(frontend, {"model-0", "model-1"}), timeout=DEADLINE)
-    await wait_until(
-        lambda: frontend.counter_at_least('discovery_mdc_relists_total{reason="reconcile"}', 3),
-        timeout=DEADLINE,
-    )
-    peak = frontend.peak_rss_kib()
-    print(f"\nnear-limit watch values: peak RSS {peak // 1024} MiB")
-    assert peak < RSS_LIMIT_KIB, f"frontend peak RSS {peak} KiB"
-    metrics = await frontend.metrics()
-    assert metrics["discovery_mdc_malformed_cards_total"] >= 8
-    assert await frontend.model_ids() == {"model-0", "model-1"}
+    checks = 'discovery_mdc_reconcile_checks_total{kind="count"}'
+    await wait_until(lambda: frontend.counter_at_least(checks, 3), timeout=DEADLINE)
+    late = await start_frontend(etcd_server.client_url, tmp_path, procs, name="late")
+    await wait_until(lambda: _listed(late, {"model-0", "model-1"}), timeout=DEADLINE)
+    for fe in (frontend, late):
+        peak = fe.peak_rss_kib()
+        print(f"\nnear-limit watch values: peak RSS {peak // 1024} MiB")
+        assert peak < RSS_LIMIT_KIB, f"frontend peak RSS {peak} KiB"
+        metrics = await fe.metrics()
+        assert metrics["discovery_mdc_malformed_cards_total"] >= 8
+        assert await fe.model_ids() == {"model-0", "model-1"}
 
 
 async def _listed(fe: FrontendProcess, want: set[str]) -> bool:

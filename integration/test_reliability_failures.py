@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-
-import pytest
 
 from discovery_mdc.card import (
     CheckedFile,
@@ -28,62 +25,17 @@ from integration._faults import (
     CliProcess,
     FileServer,
     FrontendProcess,
-    WorkerProc,
+    Spawn,
     card_keys,
+    converged,
     envelope_kv,
     model_dirs,
+    start_frontend,
 )
 from integration._proxy import TcpProxy
 from integration._util import wait_until
 
 DEADLINE = 60.0
-
-
-@pytest.fixture
-async def client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
-    async with EtcdClient([etcd_server.client_url], request_timeout=2.0) as c:
-        yield c
-
-
-Spawn = Callable[..., WorkerProc]
-
-
-@pytest.fixture
-def spawn_worker(etcd_server: EtcdServer, tmp_path: Path, procs: list[CliProcess]) -> Spawn:
-    def spawn(model_dir: Path, ttl: int = 3, name: str = "w") -> WorkerProc:
-        log_path = tmp_path / f"{name}-{len(procs)}.log"
-        w = WorkerProc(etcd_server.client_url, model_dir, ttl=ttl, log_path=log_path)
-        procs.append(w)
-        return w
-
-    return spawn
-
-
-async def start_frontend(
-    etcd: str, tmp_path: Path, procs: list[CliProcess], **kw: object
-) -> FrontendProcess:
-    fe = FrontendProcess(etcd, tmp=tmp_path, **kw)  # type: ignore[arg-type]
-    procs.append(fe)
-    await fe.wait_listening()
-    return fe
-
-
-async def converged(fe: FrontendProcess, client: EtcdClient) -> set[str]:
-    """Wait until the frontend's ready instances equal the card keys in etcd, and none is
-    pending; returns them."""
-    last: list[object] = []
-
-    async def check() -> list[set[str]]:  # a list: an empty set of keys is a valid answer
-        live = await card_keys(client)
-        ready = await fe.ready_instances()
-        gauge = (await fe.metrics()).get("discovery_mdc_instances")
-        last[:] = [live, ready, gauge]
-        return [live] if ready == live and gauge == len(live) else []
-
-    (got,) = await wait_until(
-        check, timeout=DEADLINE, message=lambda: f"etcd/ready/gauge = {last}\n{fe.describe()}"
-    )
-    return got
 
 
 async def _keys_are(client: EtcdClient, want: set[str]) -> bool:
@@ -147,9 +99,15 @@ async def test_etcd_restart_shorter_than_ttl_changes_nothing_visible(
     assert await converged(fe, client) == {key}
     before = await fe.metrics()
     await asyncio.to_thread(etcd_server.restart)
-    # The frontend notices the outage (its watch reconnects) and relists at least once more.
+    # The frontend notices the outage (its watch reconnects) and checks etcd again after it.
     await wait_until(
-        lambda: _counter_above(fe, "discovery_mdc_relists_total", before), timeout=DEADLINE
+        lambda: _counter_above(fe, "discovery_mdc_watch_reconnects_total", before),
+        timeout=DEADLINE,
+    )
+    after_restart = await fe.metrics()
+    await wait_until(
+        lambda: _counter_above(fe, "discovery_mdc_reconcile_checks_total", after_restart),
+        timeout=DEADLINE,
     )
     assert await converged(fe, client) == {key}
     after = await fe.metrics()

@@ -504,6 +504,28 @@ async def test_failed_fetch_tries_the_next_alternate(
     assert read(resolved.files[0]) == GOOD
 
 
+async def test_spread_fetches_each_blob_once_from_the_ranked_replica_and_counts_sources(
+    server: MetaServer, cache: CacheLayout
+) -> None:
+    from discovery_mdc.cache._plan import rank_sources
+
+    dead = "http://127.0.0.1:1/v1/metadata/m/config.json"  # nothing listens: refused
+    server.files["/w2/config.json"] = GOOD
+    live = server.url("/w2/config.json")
+    blob = hash_bytes(GOOD).hex
+    # A frontend id that ranks the dead replica first, so the failover is exercised.
+    spread = next(
+        f"fe-{n}" for n in range(100) if rank_sources([dead, live], blob, f"fe-{n}")[0] == dead
+    )
+    stats = CacheStats()
+    card = one_file_card(live, GOOD)
+    await resolve_metadata_files(
+        card, cache_dir=cache.root, alternates={blob: [dead]}, spread=spread, stats=stats
+    )
+    assert server.gets["/w2/config.json"] == 1
+    assert stats.by_source == {("127.0.0.1:1", "failed"): 1, (f"127.0.0.1:{server.port}", "ok"): 1}
+
+
 async def test_all_alternates_failing_lists_every_uri(
     server: MetaServer, cache: CacheLayout
 ) -> None:

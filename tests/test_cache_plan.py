@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,14 @@ from discovery_mdc.cache import (
     plan_removal,
     select_cards,
 )
-from discovery_mdc.cache._plan import link_name, local_path_of, source_uri, validate_link_name
+from discovery_mdc.cache._plan import (
+    link_name,
+    local_path_of,
+    rank_sources,
+    source_label,
+    source_uri,
+    validate_link_name,
+)
 from discovery_mdc.card import CheckedFile, Checksum, ModelDeploymentCard, Slot, SlotVariant, mdcsum
 from discovery_mdc.errors import CardError, FetchError, SizeLimitError
 
@@ -80,6 +88,45 @@ def test_alternates_follow_the_slot_uri_without_duplicates() -> None:
         alternates={HEX_A: ["http://b/config.json", "http://a/config.json"], HEX_B: ["x"]},
     )
     assert plan.files[0].uris == ("http://a/config.json", "http://b/config.json")
+
+
+REPLICAS = [f"http://10.0.0.{i}:8081/v1/metadata/m/tokenizer.json" for i in range(4)]
+
+
+def test_spread_ranks_self_hosted_sources_and_keeps_the_others_in_place() -> None:
+    uris = ["hf://org/m/tokenizer.json", REPLICAS[0], REPLICAS[1], "file:///m/t.json", REPLICAS[2]]
+    ranked = rank_sources(uris, HEX_A, "frontend-1")
+    assert (ranked[0], ranked[3]) == (uris[0], uris[3])
+    assert sorted(ranked[i] for i in (1, 2, 4)) == sorted(REPLICAS[:3])
+    # The order among replicas depends on (frontend, blob, replica) only, not on input order.
+    again = rank_sources(list(reversed(uris)), HEX_A, "frontend-1")
+    assert [u for u in again if u.startswith("http")] == [u for u in ranked if u.startswith("http")]
+    assert rank_sources(uris[:2], HEX_A, "frontend-1") == uris[:2]  # one replica: as given
+
+
+def test_spread_picks_each_replica_first_for_a_fair_share_of_frontends_and_blobs() -> None:
+    fleet = Counter(rank_sources(REPLICAS, HEX_A, f"frontend-{n}")[0] for n in range(1200))
+    assert set(fleet) == set(REPLICAS)
+    assert max(fleet.values()) < 1.15 * 300  # fair share 300 each
+    blobs = Counter(rank_sources(REPLICAS, f"{n:064x}", "frontend-1")[0] for n in range(1200))
+    assert max(blobs.values()) < 1.15 * 300
+
+
+def test_plan_with_spread_ranks_every_file_for_that_frontend() -> None:
+    card = card_with(CheckedFile(REPLICAS[0], Checksum(HEX_A), 1))
+    plan = plan_card(card, LAYOUT, alternates={HEX_A: REPLICAS[1:]}, spread="fe")
+    assert plan.files[0].uris == tuple(rank_sources(REPLICAS, HEX_A, "fe"))
+    assert plan_card(card, LAYOUT, alternates={HEX_A: REPLICAS[1:]}).files[0].uris == tuple(
+        REPLICAS
+    )
+
+
+def test_source_labels_are_host_port_or_the_scheme() -> None:
+    assert source_label("http://W1.example:8081/v1/x") == "w1.example:8081"
+    assert source_label("https://h/x") == "h:443"
+    assert source_label("http://h/x") == "h:80"
+    assert source_label("file:///m/config.json") == "file"
+    assert source_label("hf://org/m/config.json") == "hf"
 
 
 def test_empty_slug_uses_placeholder_dir() -> None:

@@ -21,6 +21,7 @@ from discovery_mdc.etcd._codec import (
     decode_range,
     decode_status,
     decode_txn,
+    decode_watch_line,
     decode_watch_message,
     delete_request,
     int64,
@@ -192,6 +193,38 @@ def test_unknown_event_type_is_rejected() -> None:
 )  # fmt: skip
 def test_error_bodies(body: dict[str, object], expected: GatewayError) -> None:
     assert decode_error(body) == expected
+
+
+_LINES = [
+    {"result": {"header": HEADER, "events": [
+        {"kv": {"key": b64("new1"), "create_revision": "5", "mod_revision": "7",
+                "version": "2", "value": b64("v2"), "lease": "7587888745474578185"},
+         "prev_kv": {"key": b64("new1"), "mod_revision": "5", "value": b64("bar")}},
+        {"type": "DELETE", "kv": {"key": b64(b"\xffraw"), "mod_revision": "8"}}]}},
+    {"result": {"header": HEADER, "created": True}},
+    {"result": {"header": HEADER}},
+    {"result": {"header": {"cluster_id": "1"}, "canceled": True, "compact_revision": "3"}},
+    {"result": {"header": HEADER, "created": True, "canceled": True, "cancel_reason": "no"}},
+    {"header": HEADER, "events": [{"kv": {"key": b64("bare"), "mod_revision": "9"}}]},
+    {"error": {"grpc_code": 14, "http_code": 503, "message": "etcdserver: no leader"}},
+    {"error": "etcdserver: invalid auth token", "code": 16, "message": "invalid auth token"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body", _LINES)
+def test_the_fast_watch_line_decoder_agrees_with_the_general_one(body: dict[str, object]) -> None:
+    expected = decode_error(body) or decode_watch_message(body)
+    assert decode_watch_line(json.dumps(body).encode()) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"{not json", b'{"result":{"events":[{"type":"BOGUS","kv":{}}]}}',
+     b'{"result":{"events":[{"kv":{"key":"%%%"}}]}}'],
+)  # fmt: skip
+def test_a_watch_line_that_is_not_a_watch_message_is_a_value_error(line: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_watch_line(line)
 
 
 def test_success_bodies_are_not_errors() -> None:

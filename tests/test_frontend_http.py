@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from _fakes import until
 from aiohttp.test_utils import TestClient, TestServer
-from test_watcher_driver import FakeResolved, key, make_card, publish, until
+from test_watcher_driver import FakeResolved, key, make_card, publish
 
 from discovery_mdc.cache import CacheStats
 from discovery_mdc.card import ModelDeploymentCard, mdcsum
@@ -23,6 +24,7 @@ async def _resolve(card: ModelDeploymentCard, *, alternates: dict[str, list[str]
 async def served() -> AsyncIterator[tuple[MemoryStore, ModelWatcher, TestClient]]:  # type: ignore[type-arg]
     store = MemoryStore()
     stats = CacheStats(bytes_fetched=1234, fetches=3, hits=2)
+    stats.by_source["10.0.0.1:8081", "ok"] = 3
     async with (
         ModelWatcher(
             store,
@@ -86,8 +88,16 @@ async def test_health_and_metrics_report_watch_and_cache_counters(
         'discovery_mdc_relists_total{reason="compaction"} 0.0',
         "discovery_mdc_watch_reconnects_total 0.0",
         "discovery_mdc_models_ready 1.0",
+        'discovery_mdc_source_fetches_total{result="ok",source="10.0.0.1:8081"} 3.0',
+        'discovery_mdc_reconcile_repairs_total{kind="delete"} 0.0',
+        "discovery_mdc_reconcile_read_bytes_total 0.0",
     ):
         assert line in text, line
+    assert "discovery_mdc_watch_silence_seconds " in text
+    await watcher.reconcile()
+    text = await (await client.get("/metrics")).text()
+    assert 'discovery_mdc_reconcile_checks_total{kind="count"} 1.0' in text
+    assert "discovery_mdc_reconcile_read_bytes_total 0.0" not in text
 
 
 async def test_models_carry_the_context_window_of_their_card(
@@ -126,7 +136,7 @@ async def test_live_is_200_whatever_etcd_does(
     served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
 ) -> None:
     _, watcher, client = served
-    watcher.connected = False  # what a lost watch looks like
+    watcher.informer.connected = False  # what a lost watch looks like
     assert (await client.get("/health")).status == 503
     live = await client.get("/live")
     assert live.status == 200 and await live.json() == {"status": "live"}

@@ -1,4 +1,4 @@
-"""The frontend's pure bookkeeping: watch state diffs, admission by mdcsum, filtering."""
+"""The frontend's pure bookkeeping: admission by mdcsum, filtering, pipeline sources."""
 
 from __future__ import annotations
 
@@ -19,15 +19,8 @@ from discovery_mdc.card import (
     encode_envelope,
     mdcsum,
 )
-from discovery_mdc.frontend._state import (
-    CREATED_MEMORY,
-    Change,
-    ChangeKind,
-    EventKind,
-    NamespaceFilter,
-    Registry,
-    WatchState,
-)
+from discovery_mdc.etcd import Change, ChangeKind
+from discovery_mdc.frontend._state import CREATED_MEMORY, EventKind, NamespaceFilter, Registry
 
 
 def _card(name: str = "org/m", tok: str = "2") -> ModelDeploymentCard:
@@ -218,52 +211,6 @@ def test_exact_filter_narrows_the_etcd_prefix_on_a_slash_boundary() -> None:
     assert NamespaceFilter.create().etcd_prefix() == "v1/mdc/"
 
 
-def test_watch_state_ignores_replays_and_tracks_revision() -> None:
-    st = WatchState()
-    assert st.on_put("a", b"1", 5) is not None
-    assert st.on_put("a", b"1", 5) is None
-    assert st.on_put("a", b"2", 4) is None
-    assert st.revision == 5
-    assert st.on_delete("missing", 7) is None and st.revision == 7
-    assert st.on_delete("a", 8) is not None and st.known == {}
-
-
-def test_relist_diff_emits_deletes_for_vanished_keys_and_upserts_for_changes() -> None:
-    st = WatchState()
-    for key, rev in (("gone", 1), ("same", 2), ("changed", 3)):
-        st.on_put(key, b"v", rev)
-    changes = st.diff({"same": (b"v", 2), "changed": (b"w", 10), "new": (b"n", 11)}, revision=12)
-    assert [(c.kind, c.key) for c in changes] == [
-        (ChangeKind.DELETE, "gone"),
-        (ChangeKind.PUT, "changed"),
-        (ChangeKind.PUT, "new"),
-    ]
-    assert st.known == {"same": 2, "changed": 10, "new": 11} and st.revision == 12
-    assert st.diff({"same": (b"v", 2), "changed": (b"w", 10), "new": (b"n", 11)}, 12) == []
-
-
-def test_watch_events_at_or_below_the_last_snapshot_are_already_applied() -> None:
-    st = WatchState()
-    assert st.diff({"a": (b"v", 5)}, revision=10) == [Change(ChangeKind.PUT, "a", b"v", 5)]
-    # A lagging watch delivers what the snapshot already holds: nothing to do.
-    assert st.on_delete("a", 4) is None and st.on_put("b", b"x", 9) is None
-    assert st.known == {"a": 5}
-    assert st.on_delete("a", 11) is not None and st.known == {}
-
-
-def test_a_stale_snapshot_never_undoes_newer_watch_events() -> None:
-    st = WatchState()
-    st.diff({"old": (b"v", 3)}, revision=10)
-    st.on_put("new", b"n", 12)
-    st.on_delete("old", 13)
-    # A relist that started before those events answers at revision 11.
-    assert st.diff({"old": (b"v", 3)}, revision=11) == []
-    assert st.known == {"new": 12}
-    # One older than the last snapshot applied is ignored outright.
-    assert st.diff({}, revision=9) == []
-    assert st.known == {"new": 12}
-
-
 def test_deleting_one_of_two_pending_worker_sets_keeps_the_shared_pipeline() -> None:
     reg = Registry()
     reg.apply(_put(1, ns="ns1"))
@@ -305,3 +252,23 @@ def test_replicas_share_one_decoded_card_and_same_bytes_are_skipped() -> None:
     assert len(cards) == 1  # card_json decoded once for both replicas
     again = reg.apply(_put(1, rev=7))
     assert again.pipelines == [] and again.events == []
+
+
+def test_sources_are_the_waiting_replicas_uris_per_blob() -> None:
+    def served_by(host: str) -> ModelDeploymentCard:
+        return _card().with_paths(lambda _, f: f"http://{host}:8081/v1/metadata/m/{f.basename}")
+
+    reg = Registry()
+    reg.apply(_put(1, served_by("w1")))
+    reg.apply(_put(2, served_by("w2")))
+    reg.apply(_put(3, served_by("w1")))  # same URLs as instance 1: listed once
+    got = reg.sources("org/m", mdcsum(_card()))
+    assert got is not None
+    card, alternates = got
+    assert card.model_info is not None and "w1" in card.model_info.file.path
+    assert alternates["2" * 64] == [
+        "http://w1:8081/v1/metadata/m/tokenizer.json",
+        "http://w2:8081/v1/metadata/m/tokenizer.json",
+    ]
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    assert reg.sources("org/m", mdcsum(_card())) is None  # nobody waits any more

@@ -2,19 +2,21 @@
 
 Nothing here opens a socket or sleeps for real: the fake sleep records every delay and either
 returns at once or waits for the test to release it, and conditions are awaited by polling
-under a generous deadline.
+under a generous deadline. The informer underneath has its own tests
+(``test_etcd_informer.py``); these check that its batches reach the registry as model events.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _fakes import DEADLINE, RecordingStore, until
 
 from discovery_mdc.card import (
     CheckedFile,
@@ -29,11 +31,10 @@ from discovery_mdc.card import (
     mdcsum,
 )
 from discovery_mdc.errors import FetchError
-from discovery_mdc.etcd import MemoryStore, RangeResult, WatchEvent, WatchResponse
+from discovery_mdc.etcd import MemoryStore
 from discovery_mdc.frontend import EventKind, ModelEvent, ModelWatcher, model_id
 
 RECONCILE = 1234.0  # the reconcile interval; the fake sleep blocks on it until tick()
-DEADLINE = 10.0
 
 
 # --------------------------------------------------------------------------- fakes
@@ -133,46 +134,6 @@ class FakeSleep:
 
     def tick(self) -> None:
         self._ticks.put_nowait(None)
-
-
-class RecordingStore(MemoryStore):
-    """A MemoryStore that records watch start revisions, can hide commits from watches
-    (drift only a relist can see), and can hold a range until released."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.watch_starts: list[int | None] = []
-        self.muted = False
-        self.range_gate: asyncio.Event | None = None
-        self.ranges_started = 0
-
-    def _commit(self, events: list[WatchEvent]) -> None:
-        if not self.muted:
-            super()._commit(events)
-            return
-        for e in events:
-            self._history.append((self.revision, e))
-
-    async def range_prefix_all(self, prefix: str, *, page_size: int = 500) -> RangeResult:
-        result = await super().range_prefix_all(prefix, page_size=page_size)
-        self.ranges_started += 1
-        if self.range_gate is not None:
-            await self.range_gate.wait()
-        return result
-
-    def watch(self, key: str, **kwargs: Any) -> AsyncIterator[WatchResponse]:
-        self.watch_starts.append(kwargs.get("start_revision"))
-        return super().watch(key, **kwargs)
-
-
-async def until(predicate: Callable[[], object], timeout: float = DEADLINE) -> None:  # noqa: ASYNC109
-    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():  # noqa: ASYNC110 - polls a plain predicate
-                await asyncio.sleep(0.002)
-    except TimeoutError:
-        raise AssertionError(f"condition not met within {timeout}s") from None
 
 
 class Collector:
@@ -337,23 +298,30 @@ async def test_compacted_watch_relists_and_emits_deletes_and_upserts(
         assert store.watch_starts[-1] == store.revision + 1
 
 
-async def test_periodic_reconcile_repairs_drift_the_watch_never_saw(
+async def test_periodic_reconcile_repairs_events_the_watch_lost(
     store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
 ) -> None:
     async with running(store, resolver, sleep) as h:
         await publish_models(store, [(1, "org/a"), (2, "org/b")])
         await until(lambda: names(h.watcher) == ["org/a", "org/b"])
-        store.muted = True
+        seen = Collector(h.watcher)
+        store.dropped = {key(1), key(3)}  # lost by the watch; later events arrive
         await store.delete(key(1))
         await publish_models(store, [(3, "org/c")])
-        store.muted = False
-        assert names(h.watcher) == ["org/a", "org/b"]  # the watch saw nothing
+        store.dropped = set()
+        await publish_models(store, [(4, "org/b")])
+        await until(lambda: key(4) in h.watcher.instance_keys())
+        assert names(h.watcher) == ["org/a", "org/b"]  # the watch never said
 
         await until(lambda: RECONCILE in sleep.delays)
         sleep.tick()
         await until(lambda: names(h.watcher) == ["org/b", "org/c"])
         assert all_instances(h.watcher) == h.keys_in_etcd()
-        assert h.metric("discovery_mdc_relists_total", reason="reconcile") == 1
+        assert seen.kinds("org/a") == [EventKind.REMOVED]
+        assert h.metric("discovery_mdc_relists_total", reason="reconcile") == 0
+        assert h.metric("discovery_mdc_reconcile_repairs_total", kind="put") == 1
+        assert h.metric("discovery_mdc_reconcile_repairs_total", kind="delete") == 1
+        assert h.metric("discovery_mdc_reconcile_read_bytes_total") > 0
 
 
 async def test_reconcile_restarts_a_watch_that_stays_silent_while_etcd_changes(
@@ -366,14 +334,16 @@ async def test_reconcile_restarts_a_watch_that_stays_silent_while_etcd_changes(
         assert len(store.watch_starts) == 1
 
         store.muted = True  # the connection goes half-open: etcd changes, the watch is silent
+        silent_from = h.watcher.revision
         await publish_models(store, [(1, "org/a")])
         sleep.tick()
-        await until(lambda: names(h.watcher) == ["org/a"])
         await until(lambda: len(store.watch_starts) == 2)
-        assert store.watch_starts[1] == store.revision + 1
-        assert h.metric("discovery_mdc_watch_reconnects_total") == 1
-
+        assert store.watch_starts[1] == silent_from + 1  # resumed where it went quiet
         store.muted = False
+        await until(lambda: names(h.watcher) == ["org/a"])
+        assert h.metric("discovery_mdc_watch_reconnects_total") == 1
+        assert h.metric("discovery_mdc_relists_total", reason="reconcile") == 0
+
         await publish_models(store, [(2, "org/b")])
         await until(lambda: names(h.watcher) == ["org/a", "org/b"])  # the new watch delivers
 
@@ -386,7 +356,7 @@ async def test_a_stale_relist_never_undoes_newer_watch_events(
         await until(lambda: names(h.watcher) == ["org/a"])
         store.range_gate = asyncio.Event()
         started = store.ranges_started
-        reconcile = asyncio.create_task(h.watcher.reconcile())
+        reconcile = asyncio.create_task(h.watcher.relist())
         await until(lambda: store.ranges_started == started + 1)  # snapshot taken, held
         await store.delete(key(1))
         await publish_models(store, [(2, "org/b")])

@@ -115,8 +115,9 @@ async def _fetch_http(
     *,
     label: str,
 ) -> None:
+    # sock_connect, not connect: waiting for a pooled connection is not a dead host.
     per_request = aiohttp.ClientTimeout(
-        total=None, connect=config.connect_timeout, sock_read=config.read_timeout
+        total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
     )
     hdrs = {"Accept-Encoding": "identity", **headers}
     current = url

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
+import blake3
+
 from discovery_mdc._env import default_cache_root
 from discovery_mdc.card import (
     MAX_FILE_SIZE,
@@ -39,9 +41,11 @@ __all__ = [
     "link_name",
     "local_path_of",
     "plan_card",
+    "rank_sources",
     "resolve_cache_root",
     "size_cap",
     "slug_dir_name",
+    "source_label",
     "source_uri",
     "validate_link_name",
 ]
@@ -145,6 +149,47 @@ def source_uri(path: str) -> str:
     return Path(os.path.abspath(path)).as_uri()
 
 
+def _http_origin(uri: str) -> str | None:
+    """``scheme://host:port`` of an http(s) URI (the replica serving it), else None."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    port = parts.port or (443 if scheme == "https" else 80)
+    return f"{scheme}://{parts.hostname.lower()}:{port}"
+
+
+def source_label(uri: str) -> str:
+    """What a per-source metric calls ``uri``'s source: ``host:port`` for http(s), else the
+    scheme (``file``, ``hf``)."""
+    origin = _http_origin(uri)
+    if origin is not None:
+        return origin.split("://", 1)[1]
+    return urlsplit(uri).scheme.lower() or "file"
+
+
+def rank_sources(uris: Sequence[str], blob_hex: str, spread: str) -> list[str]:
+    """``uris`` with the self-hosted (http/https) ones reordered by rendezvous hashing.
+
+    Each http(s) source is weighted by blake3 of (``spread``, ``blob_hex``, its
+    ``scheme://host:port``), highest first, so one frontend (one ``spread``) always tries the
+    same replica first for a blob, and a fleet of frontends spreads its GETs evenly over the
+    replicas. Other sources (``file://``, ``hf://``) keep their positions.
+    """
+    slots = [i for i, u in enumerate(uris) if _http_origin(u) is not None]
+    if len(slots) < 2:
+        return list(uris)
+
+    def weight(uri: str) -> bytes:
+        return blake3.blake3(f"{spread}\0{blob_hex}\0{_http_origin(uri)}".encode()).digest(8)
+
+    ranked = sorted((uris[i] for i in slots), key=weight, reverse=True)
+    out = list(uris)
+    for i, uri in zip(slots, ranked, strict=True):
+        out[i] = uri
+    return out
+
+
 def hf_fallback_uri(card: ModelDeploymentCard, file: CheckedFile) -> str:
     """``hf://<source_path>/<filename>``, the legacy fallback for a file."""
     if not card.source_path:
@@ -200,11 +245,13 @@ def plan_card(
     *,
     alternates: Mapping[str, Sequence[str]] | None = None,
     hf_fallback: bool = False,
+    spread: str | None = None,
 ) -> CardPlan:
     """Plan the cache work for ``card``.
 
     Each file's URIs are its own (or, with ``hf_fallback``, the legacy ``hf://`` one) followed
-    by ``alternates[hex]``, without duplicates. Raises :class:`CardError` for an unsafe slug or
+    by ``alternates[hex]``, without duplicates; with ``spread`` (a frontend's id) the http(s)
+    ones are then ordered by :func:`rank_sources`. Raises :class:`CardError` for an unsafe slug or
     file name, or two different files under one name, and :class:`SizeLimitError` for a
     declared size above the ceiling.
     """
@@ -219,6 +266,8 @@ def plan_card(
         first = hf_fallback_uri(card, f) if hf_fallback else source_uri(f.path)
         extra = [source_uri(u) for u in alternates.get(f.checksum.hex, ())] if alternates else []
         uris = tuple(dict.fromkeys([first, *extra]))
+        if spread is not None:
+            uris = tuple(rank_sources(uris, f.checksum.hex, spread))
         files.append(
             FilePlan(
                 slot=slot,

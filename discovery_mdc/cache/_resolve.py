@@ -8,6 +8,7 @@ import logging
 import os
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from discovery_mdc.cache._plan import (
     local_path_of,
     plan_card,
     resolve_cache_root,
+    source_label,
 )
 from discovery_mdc.cache._store import (
     BlobStore,
@@ -71,9 +73,12 @@ class CacheStats:
     hits: int = 0
     failures: int = 0
     repairs: int = 0
+    by_source: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(source, "ok" | "failed") -> fetch attempts; the source is ``host:port`` for http(s)."""
     fetch_seconds: Durations = field(default_factory=Durations)
 
     def snapshot(self) -> dict[str, int]:
+        """The scalar counters."""
         return {
             "bytes_fetched": self.bytes_fetched,
             "fetches": self.fetches,
@@ -246,6 +251,8 @@ class _Run:
         on_progress = (
             (lambda n: progress(fp.filename, n, fp.size)) if progress is not None else None
         )
+        if len(fp.uris) > 1:
+            log.debug("%s (%s): sources in order %s", fp.filename, fp.hex[:12], list(fp.uris))
         for uri in fp.uris:
             staging = self.store.stage(fp.hex, on_progress)
             try:
@@ -267,12 +274,14 @@ class _Run:
             except _SOURCE_ERRORS as exc:
                 log.error("rejected %s for %s (%s): %s", uri, fp.filename, fp.slot, exc,
                           extra={"uri": uri, "reason": str(exc)})  # fmt: skip
+                self.stats.by_source[source_label(uri), "failed"] += 1
                 errors.append((uri, exc))
                 continue
             finally:
                 staging.discard()
             self.stats.fetches += 1
             self.stats.bytes_fetched += staging.received
+            self.stats.by_source[source_label(uri), "ok"] += 1
             self.stats.fetch_seconds.observe(time.monotonic() - began)
             log.info("cached %s (%d bytes) from %s", fp.blob_path, staging.received, uri,
                      extra={"uri": uri})  # fmt: skip
@@ -402,14 +411,17 @@ async def resolve_metadata_files(
     session: aiohttp.ClientSession | None = None,
     stats: CacheStats | None = None,
     progress: ProgressCallback | None = None,
+    spread: str | None = None,
 ) -> ResolvedCard:
     """Return ``card`` with every slot pointing at a verified local file.
 
     New-format cards go through the cache: each file is fetched from its URI (then each of
-    ``alternates[hex]``), verified against blake3 and size, published to ``blobs/<hex>`` and
-    linked at ``by-slug/<slug>/<mdcsum>/<filename>``. A legacy card whose files all exist
-    locally is used in place; otherwise each file is fetched from ``hf://<source_path>/<file>``
-    and verified against its checksum.
+    ``alternates[hex]``; with ``spread``, a frontend's id, the http(s) sources are tried in
+    an order chosen by rendezvous hashing, so frontends spread their GETs over the replicas
+    and each still makes one GET per blob), verified against blake3 and size, published to
+    ``blobs/<hex>`` and linked at ``by-slug/<slug>/<mdcsum>/<filename>``. A legacy card whose
+    files all exist locally is used in place; otherwise each file is fetched from
+    ``hf://<source_path>/<file>`` and verified against its checksum.
 
     Raises :class:`CardError` (unsafe names), :class:`SizeLimitError`,
     :class:`ChecksumMismatchError`, :class:`FetchError` (:class:`AllSourcesFailedError` when
@@ -428,7 +440,7 @@ async def resolve_metadata_files(
             card.source_path,
         )
     layout = CacheLayout(resolve_cache_root(cache_dir))
-    plan = plan_card(card, layout, alternates=alternates, hf_fallback=hf_fallback)
+    plan = plan_card(card, layout, alternates=alternates, hf_fallback=hf_fallback, spread=spread)
     store = BlobStore(layout)
     store.ensure_dirs()
     config = FetchConfig(

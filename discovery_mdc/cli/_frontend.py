@@ -24,10 +24,8 @@ from discovery_mdc.cli._common import (
     until_stopped,
 )
 from discovery_mdc.errors import CardDecodeError
-from discovery_mdc.etcd import KeyValue
+from discovery_mdc.etcd import DEFAULT_RECONCILE_INTERVAL, Change, ChangeKind, KeyValue
 from discovery_mdc.frontend import (
-    Change,
-    ChangeKind,
     EventKind,
     ModelEvent,
     ModelWatcher,
@@ -223,9 +221,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fe.add_argument(
         "--reconcile-interval",
         type=seconds(minimum=0),
-        default=30.0,
+        default=DEFAULT_RECONCILE_INTERVAL,
         metavar="S",
-        help="seconds between full relists that correct any drift; 0 turns it off (default 30)",
+        help="seconds between checks of the registry against etcd; a check reads only what "
+        "changed, repairs what the watch missed and restarts a silent watch; 0 turns them off "
+        "(default %(default)g)",
     )
     fe.add_argument(
         "--port-file", default=None, help="write the bound HTTP port to this file once listening"

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,11 +75,10 @@ from discovery_mdc.etcd._codec import (
     decode_range,
     decode_status,
     decode_txn,
-    decode_watch_message,
+    decode_watch_line,
     delete_request,
     key_bytes,
     key_str,
-    parse_json_line,
     prefix_range_end,
     put_request,
     range_request,
@@ -90,6 +91,11 @@ log = logging.getLogger("discovery_mdc.etcd")
 
 DEFAULT_ENDPOINT = _env.DEFAULT_ENDPOINT
 _RETRYABLE_HTTP = frozenset({502, 503, 504})
+# TCP keepalive on every etcd connection: an idle connection (a quiet watch) to a host that
+# vanished fails after about KEEPIDLE + KEEPINTVL * KEEPCNT seconds instead of never.
+KEEPALIVE_IDLE = 5
+KEEPALIVE_INTERVAL = 2
+KEEPALIVE_COUNT = 3
 _T = TypeVar("_T")
 
 
@@ -156,6 +162,7 @@ class _Reply:
     endpoint: str
     # True if an earlier attempt may have reached etcd (so a write may already be applied).
     retried_after_send: bool
+    size: int = 0  # bytes of the response body
 
 
 def endpoints_from_env(env: Mapping[str, str] | None = None) -> list[str]:
@@ -261,7 +268,9 @@ class EtcdClient(AsyncService):
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             ctx = self._ssl_context()
-            connector = aiohttp.TCPConnector(ssl=ctx if ctx is not None else True)
+            connector = aiohttp.TCPConnector(
+                ssl=ctx if ctx is not None else True, socket_factory=_keepalive_socket
+            )
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
@@ -292,13 +301,19 @@ class EtcdClient(AsyncService):
         return _StatusError(f"{where}: {msg} (gRPC code {err.code})", err.code)
 
     async def _post_once(
-        self, endpoint: str, path: str, payload: Mapping[str, Any], headers: Mapping[str, str]
-    ) -> Mapping[str, Any]:
+        self,
+        endpoint: str,
+        path: str,
+        payload: Mapping[str, Any],
+        headers: Mapping[str, str],
+        attempt_timeout: float | None = None,
+    ) -> tuple[Mapping[str, Any], int]:
+        """One POST to one endpoint: (the JSON body, its size in bytes)."""
         url = endpoint + path
-        timeout = aiohttp.ClientTimeout(total=self._request_timeout)
+        limit = aiohttp.ClientTimeout(total=attempt_timeout or self._request_timeout)
         try:
             async with self._http().post(
-                url, data=json.dumps(payload), headers=headers, timeout=timeout
+                url, data=json.dumps(payload), headers=headers, timeout=limit
             ) as resp:
                 status = resp.status
                 raw = await resp.read()
@@ -325,7 +340,7 @@ class EtcdClient(AsyncService):
             raise EtcdError(f"etcd {url}: HTTP {status}: {raw[:200]!r}")
         if not isinstance(body, Mapping):
             raise EtcdError(f"etcd {url}: unexpected response {raw[:200]!r}")
-        return body
+        return body, len(raw)
 
     def _gateway_cn_error(self, endpoint: str) -> EtcdAuthError:
         return EtcdAuthError(
@@ -407,11 +422,11 @@ class EtcdClient(AsyncService):
     async def _authenticate(self) -> str:
         payload = {"name": self._username, "password": self._password}
 
-        async def attempt(endpoint: str) -> Mapping[str, Any]:
+        async def attempt(endpoint: str) -> tuple[Mapping[str, Any], int]:
             return await self._post_once(endpoint, "/v3/auth/authenticate", payload, {})
 
         try:
-            body, endpoint, _ = await self._failover("/v3/auth/authenticate", attempt)
+            (body, _), endpoint, _ = await self._failover("/v3/auth/authenticate", attempt)
         except _StatusError as exc:
             if "authentication is not enabled" in str(exc):
                 return ""  # credentials configured but auth off: send no token
@@ -423,16 +438,24 @@ class EtcdClient(AsyncService):
             raise EtcdAuthError(f"etcd {endpoint} returned no token for user {self._username!r}")
         return token
 
-    async def _request(self, path: str, payload: Mapping[str, Any]) -> _Reply:
+    async def _request(
+        self, path: str, payload: Mapping[str, Any], *, attempt_timeout: float | None = None
+    ) -> _Reply:
         refresh = False
         while True:
             headers = await self._auth_headers(refresh=refresh)
 
-            async def attempt(endpoint: str) -> Mapping[str, Any]:
-                return await self._post_once(endpoint, path, payload, headers)  # noqa: B023
+            async def attempt(endpoint: str) -> tuple[Mapping[str, Any], int]:
+                return await self._post_once(
+                    endpoint,
+                    path,
+                    payload,
+                    headers,  # noqa: B023 - used before the loop moves on
+                    attempt_timeout,
+                )
 
             try:
-                body, endpoint, retried = await self._failover(path, attempt)
+                (body, size), endpoint, retried = await self._failover(path, attempt)
             except _InvalidToken as exc:
                 if refresh or self._username is None:
                     raise EtcdAuthError(f"{exc} (user {self._username!r})") from exc
@@ -441,7 +464,7 @@ class EtcdClient(AsyncService):
                     "etcd auth token for user %r rejected; authenticating again", self._username
                 )
                 continue
-            return _Reply(body, endpoint, retried)
+            return _Reply(body, endpoint, retried, size)
 
     # ------------------------------------------------------------------ KV
 
@@ -452,45 +475,79 @@ class EtcdClient(AsyncService):
         prefix: bool = False,
         revision: int | None = None,
         limit: int | None = None,
+        keys_only: bool = False,
+        count_only: bool = False,
+        min_mod_revision: int | None = None,
+        attempt_timeout: float | None = None,
     ) -> RangeResult:
         """Read one key, or every key under ``key`` if ``prefix``, at ``revision`` (default
-        latest), at most ``limit`` keys (``more`` tells if there were others)."""
-        body = range_request(key, prefix=prefix, revision=revision, limit=limit)
-        return decode_range((await self._request("/v3/kv/range", body)).body)
+        latest), at most ``limit`` keys (``more`` tells if there were others).
+
+        ``keys_only`` leaves values out, ``count_only`` returns only ``count``, and
+        ``min_mod_revision`` returns only keys modified at or after it (``count`` still
+        counts every key in the range). ``attempt_timeout`` bounds each attempt on one
+        endpoint (default: the client's ``request_timeout``). A compacted ``revision`` raises
+        :class:`EtcdCompactedError`.
+        """
+        body = range_request(
+            key,
+            prefix=prefix,
+            revision=revision,
+            limit=limit,
+            keys_only=keys_only,
+            count_only=count_only,
+            min_mod_revision=min_mod_revision,
+        )
+        reply = await self._request("/v3/kv/range", body, attempt_timeout=attempt_timeout)
+        return dataclasses.replace(decode_range(reply.body), size=reply.size)
 
     async def get(self, key: str) -> KeyValue | None:
         """The key's current value, or None."""
         result = await self.range(key)
         return result.kvs[0] if result.kvs else None
 
-    async def range_prefix_all(self, prefix: str, *, page_size: int = 500) -> RangeResult:
+    async def range_prefix_all(
+        self,
+        prefix: str,
+        *,
+        page_size: int = 500,
+        keys_only: bool = False,
+        revision: int | None = None,
+    ) -> RangeResult:
         """Every key under ``prefix`` as one consistent snapshot, read in pages.
 
-        Later pages are pinned to the first page's revision. If that revision is compacted
-        mid-listing, the listing starts over.
+        Later pages are pinned to the first page's revision (or to ``revision``, if given;
+        the result's ``revision`` is then ``revision``). If an unpinned listing's revision is
+        compacted mid-listing, the listing starts over; a pinned one raises
+        :class:`EtcdCompactedError`. ``keys_only`` leaves the values out.
         """
         end = prefix_range_end(key_bytes(prefix))
         for _ in range(5):
-            first = await self.range(prefix, prefix=True, limit=page_size)
+            first = await self.range(
+                prefix, prefix=True, limit=page_size, keys_only=keys_only, revision=revision
+            )
+            at = revision or first.revision
             kvs = list(first.kvs)
             more = first.more
+            size = first.size
             try:
                 while more and kvs:
                     after = key_str(key_bytes(kvs[-1].key) + b"\x00")
                     body = range_request(
-                        after, range_end=end, revision=first.revision, limit=page_size
+                        after, range_end=end, revision=at, limit=page_size, keys_only=keys_only
                     )
-                    page = decode_range((await self._request("/v3/kv/range", body)).body)
+                    reply = await self._request("/v3/kv/range", body)
+                    page = decode_range(reply.body)
+                    size += reply.size
                     kvs.extend(page.kvs)
                     more = page.more
             except EtcdCompactedError:
-                log.info(
-                    "listing %s: revision %d compacted mid-listing; starting over",
-                    prefix,
-                    first.revision,
-                )
+                if revision is not None:
+                    raise
+                log.info("listing %s: revision %d compacted mid-listing; starting over",
+                         prefix, at)  # fmt: skip
                 continue
-            return RangeResult(tuple(kvs), first.revision, False, len(kvs))
+            return RangeResult(tuple(kvs), at, False, len(kvs), size)
         raise EtcdError(f"listing {prefix!r}: compacted mid-listing five times in a row")
 
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
@@ -555,7 +612,7 @@ class EtcdClient(AsyncService):
             return decode_status((await self._request("/v3/maintenance/status", {})).body)
         headers = await self._auth_headers()
         try:
-            body = await self._post_once(endpoint, "/v3/maintenance/status", {}, headers)
+            body, _ = await self._post_once(endpoint, "/v3/maintenance/status", {}, headers)
         except _Retryable as exc:
             raise EtcdConnectionError(f"etcd {endpoint} unreachable: {exc}") from exc
         return decode_status(body)
@@ -675,13 +732,13 @@ class EtcdClient(AsyncService):
             async for chunk in resp.content.iter_any():
                 for line in splitter.feed(chunk):
                     try:
-                        body = parse_json_line(line)
+                        msg = decode_watch_line(line)
                     except ValueError as exc:
                         raise EtcdError(f"{where}: bad JSON line {line[:200]!r}") from exc
-                    err = decode_error(body)
-                    if err is None:
-                        yield decode_watch_message(body)
+                    if isinstance(msg, WatchMessage):
+                        yield msg
                         continue
+                    err = msg
                     classified = self._classify(endpoint, "/v3/watch", err)
                     if isinstance(classified, EtcdError):
                         raise classified
@@ -697,6 +754,22 @@ class EtcdClient(AsyncService):
         """After a watch drops, start the next request at the endpoint after ``endpoint``."""
         if self._endpoints[self._current] == endpoint:
             self._current = (self._current + 1) % len(self._endpoints)
+
+
+def _keepalive_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """A socket for an etcd connection, with TCP keepalive (and a matching user timeout)."""
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            total = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, total * 1000)
+    return sock
 
 
 def _watch_response(msg: WatchMessage, start_revision: int | None) -> WatchResponse:

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+import msgspec
+
 __all__ = [
     "GatewayError",
     "KeyValue",
@@ -46,6 +48,7 @@ __all__ = [
     "decode_range",
     "decode_status",
     "decode_txn",
+    "decode_watch_line",
     "decode_watch_message",
     "delete_request",
     "header_revision",
@@ -82,12 +85,19 @@ class KeyValue:
 
 @dataclass(frozen=True, slots=True)
 class RangeResult:
-    """A range read: the keys, the store revision it was read at, and paging info."""
+    """A range read: the keys, etcd's header revision, and paging info.
+
+    ``revision`` is the store's current revision when etcd answered, even for a read pinned
+    at an older revision. ``count`` is the number of keys in the range, before ``limit`` and
+    before ``min_mod_revision`` filtering (checked against etcd 3.5). ``size`` is the bytes
+    of the response body(ies) the client read (0 when unknown).
+    """
 
     kvs: tuple[KeyValue, ...]
     revision: int
     more: bool = False
     count: int = 0
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +254,8 @@ def range_request(
     revision: int | None = None,
     limit: int | None = None,
     count_only: bool = False,
+    keys_only: bool = False,
+    min_mod_revision: int | None = None,
 ) -> dict[str, Any]:
     """Body for ``/v3/kv/range``; ``range_end`` overrides the one ``prefix`` implies."""
     raw, implied_end = _span(key, prefix)
@@ -258,6 +270,10 @@ def range_request(
         body["limit"] = str(limit)
     if count_only:
         body["count_only"] = True
+    if keys_only:
+        body["keys_only"] = True
+    if min_mod_revision:
+        body["min_mod_revision"] = str(min_mod_revision)
     return body
 
 
@@ -423,6 +439,80 @@ def decode_watch_message(body: Mapping[str, Any]) -> WatchMessage:
 def parse_json_line(line: bytes) -> Any:
     """Parse one JSON line from a stream."""
     return json.loads(line)
+
+
+# The watch stream is the hot path (every event of every key): its lines are decoded by
+# msgspec straight into these typed shapes, base64 and string-encoded int64s included, in one
+# pass in C (lax mode turns "7" into 7). Anything they do not fit (an error line, an unknown
+# event type, bad base64) goes through the general decoder above, which names the problem.
+class _LineKV(msgspec.Struct):
+    key: bytes = b""
+    value: bytes = b""
+    create_revision: int = 0
+    mod_revision: int = 0
+    version: int = 0
+    lease: int = 0
+
+
+class _LineEvent(msgspec.Struct):
+    kv: _LineKV = msgspec.field(default_factory=_LineKV)
+    type: Literal["PUT", "DELETE"] = "PUT"
+    prev_kv: _LineKV | None = None
+
+
+class _LineHeader(msgspec.Struct):
+    revision: int = 0
+
+
+class _LineResult(msgspec.Struct):
+    header: _LineHeader = msgspec.field(default_factory=_LineHeader)
+    events: list[_LineEvent] = msgspec.field(default_factory=list)
+    created: bool = False
+    canceled: bool = False
+    compact_revision: int = 0
+    cancel_reason: str = ""
+    watch_id: int = 0
+
+
+class _Line(msgspec.Struct):
+    result: _LineResult | None = None
+
+
+_LINE = msgspec.json.Decoder(_Line, strict=False)
+
+
+def _line_kv(kv: _LineKV) -> KeyValue:
+    return KeyValue(
+        key_str(kv.key), kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease
+    )
+
+
+def decode_watch_line(line: bytes) -> WatchMessage | GatewayError:
+    """One ``/v3/watch`` stream line: the message, or the error it carries.
+
+    Raises ``ValueError`` for a line that is not JSON or not a watch message.
+    """
+    try:
+        parsed = _LINE.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        parsed = None
+    if parsed is None or parsed.result is None:
+        body = parse_json_line(line)
+        err = decode_error(body)
+        return err if err is not None else decode_watch_message(body)
+    r = parsed.result
+    return WatchMessage(
+        header_revision=r.header.revision,
+        events=tuple(
+            WatchEvent(e.type, _line_kv(e.kv), None if e.prev_kv is None else _line_kv(e.prev_kv))
+            for e in r.events
+        ),
+        created=r.created,
+        canceled=r.canceled,
+        compact_revision=r.compact_revision,
+        cancel_reason=r.cancel_reason,
+        watch_id=r.watch_id,
+    )
 
 
 class LineSplitter:

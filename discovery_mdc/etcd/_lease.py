@@ -24,10 +24,11 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from discovery_mdc import _env
 from discovery_mdc._backoff import Backoff
+from discovery_mdc._clock import Clock, Sleep
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import EtcdError, KeyExistsError
 from discovery_mdc.etcd._codec import Lease
@@ -97,8 +98,8 @@ class LeaseSession(AsyncService):
         *,
         ttl: int = DEFAULT_LEASE_TTL,
         startup_timeout: float = 0.0,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
         on_state_change: Callable[[SessionState], None] | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,

@@ -9,8 +9,11 @@ and dropped connections on demand.
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
+import dataclasses
 import itertools
+import json
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -32,8 +35,31 @@ __all__ = ["MemoryStore", "Store"]
 class Store(Protocol):
     """The etcd operations discovery needs. Implemented by EtcdClient and MemoryStore."""
 
-    async def range_prefix_all(self, prefix: str, *, page_size: int = 500) -> RangeResult:
-        """Every key under ``prefix``, as one snapshot at ``RangeResult.revision``."""
+    async def range_prefix_all(
+        self,
+        prefix: str,
+        *,
+        page_size: int = 500,
+        keys_only: bool = False,
+        revision: int | None = None,
+    ) -> RangeResult:
+        """Every key under ``prefix``, as one snapshot at ``RangeResult.revision`` (pinned at
+        ``revision`` if given); values left out with ``keys_only``."""
+        ...
+
+    async def range(
+        self,
+        key: str,
+        *,
+        prefix: bool = False,
+        revision: int | None = None,
+        limit: int | None = None,
+        keys_only: bool = False,
+        count_only: bool = False,
+        min_mod_revision: int | None = None,
+        attempt_timeout: float | None = None,
+    ) -> RangeResult:
+        """One range read, with etcd's options (see ``EtcdClient.range``)."""
         ...
 
     async def create(self, key: str, value: bytes, *, lease: int | None = None) -> bool:
@@ -102,6 +128,30 @@ class _MemWatch:
         )
         if mine:
             self.queue.put_nowait(WatchResponse(revision, mine))
+
+
+def _gateway_size(kvs: Iterable[KeyValue], count: int) -> int:
+    """Bytes of the JSON the etcd gateway would answer a range with."""
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    body = {
+        "header": {"cluster_id": "1" * 20, "member_id": "1" * 20, "revision": "1" * 6},
+        "kvs": [
+            {
+                "key": b64(kv.key.encode("utf-8", "surrogateescape")),
+                "create_revision": str(kv.create_revision),
+                "mod_revision": str(kv.mod_revision),
+                "version": str(kv.version),
+                **({"value": b64(kv.value)} if kv.value else {}),
+                **({"lease": str(kv.lease)} if kv.lease else {}),
+            }
+            for kv in kvs
+        ],
+        "count": str(count),
+    }
+    return len(json.dumps(body, separators=(",", ":")))
 
 
 class MemoryStore:
@@ -221,11 +271,75 @@ class MemoryStore:
 
     # ------------------------------------------------------------------ Store
 
-    async def range_prefix_all(self, prefix: str, *, page_size: int = 500) -> RangeResult:
-        """Every key under ``prefix`` at the current revision."""
+    def _kvs_at(self, revision: int | None) -> dict[str, KeyValue]:
+        """The keys at ``revision``: the current ones with later history undone."""
+        if revision is None or revision == self.revision:
+            return self._kvs
+        if revision > self.revision:
+            raise EtcdError(f"memory store: revision {revision} is a future revision")
+        if revision < self.compact_revision:
+            raise EtcdCompactedError(
+                self.compact_revision,
+                f"memory store: revision {revision} is compacted "
+                f"(compact_revision={self.compact_revision})",
+            )
+        kvs = dict(self._kvs)
+        for rev, event in reversed(self._history):
+            if rev <= revision:
+                break
+            if event.prev_kv is None:
+                kvs.pop(event.kv.key, None)
+            else:
+                kvs[event.kv.key] = event.prev_kv
+        return kvs
+
+    async def range(
+        self,
+        key: str,
+        *,
+        prefix: bool = False,
+        revision: int | None = None,
+        limit: int | None = None,
+        keys_only: bool = False,
+        count_only: bool = False,
+        min_mod_revision: int | None = None,
+        attempt_timeout: float | None = None,
+    ) -> RangeResult:
+        """A range read with etcd's semantics: ``count`` counts every key in the range
+        (before ``limit`` and ``min_mod_revision``), ``revision`` is the current one, and
+        ``size`` is what the gateway's JSON answer would weigh."""
+        self._check("range")
+        kvs = self._kvs_at(revision)
+        matched = [kvs[k] for k in sorted(kvs) if (k.startswith(key) if prefix else k == key)]
+        count = len(matched)
+        if count_only:
+            matched = []
+        if min_mod_revision:
+            matched = [kv for kv in matched if kv.mod_revision >= min_mod_revision]
+        more = bool(limit) and len(matched) > (limit or 0)
+        if limit and more:
+            matched = matched[:limit]
+        if keys_only:
+            matched = [dataclasses.replace(kv, value=b"") for kv in matched]
+        size = _gateway_size(matched, count)
+        return RangeResult(tuple(matched), self.revision, more, count, size)
+
+    async def range_prefix_all(
+        self,
+        prefix: str,
+        *,
+        page_size: int = 500,
+        keys_only: bool = False,
+        revision: int | None = None,
+    ) -> RangeResult:
+        """Every key under ``prefix`` at the current revision (or at ``revision``)."""
         self._check("range_prefix_all")
-        kvs = tuple(self._kvs[k] for k in sorted(self._kvs) if k.startswith(prefix))
-        return RangeResult(kvs, self.revision, False, len(kvs))
+        kvs = self._kvs_at(revision)
+        found = [kvs[k] for k in sorted(kvs) if k.startswith(prefix)]
+        if keys_only:
+            found = [dataclasses.replace(kv, value=b"") for kv in found]
+        size = _gateway_size(found, len(found))
+        return RangeResult(tuple(found), revision or self.revision, False, len(found), size)
 
     async def create(self, key: str, value: bytes, *, lease: int | None = None) -> bool:
         """Put ``key`` only if absent; False if it existed."""

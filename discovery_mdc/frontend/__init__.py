@@ -4,8 +4,6 @@ from discovery_mdc.frontend._http import build_app, model_details, models_list
 from discovery_mdc.frontend._metrics import FrontendMetrics
 from discovery_mdc.frontend._prepare import check_json_files
 from discovery_mdc.frontend._state import (
-    Change,
-    ChangeKind,
     EventKind,
     ModelEvent,
     ModelInfo,
@@ -20,8 +18,6 @@ from discovery_mdc.frontend._state import (
 from discovery_mdc.frontend._watcher import ModelWatcher, PrepareHook, Resolver
 
 __all__ = [
-    "Change",
-    "ChangeKind",
     "EventKind",
     "FrontendMetrics",
     "ModelEvent",

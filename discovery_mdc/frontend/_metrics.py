@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from discovery_mdc._metrics import SECONDS_BUCKETS, add_standard_collectors, render
 from discovery_mdc.cache import CacheStats, cache_stats
+from discovery_mdc.etcd import PrefixInformer
 from discovery_mdc.frontend._state import ModelStats
 
 __all__ = ["FrontendMetrics"]
@@ -41,9 +42,78 @@ class _CacheStatsCollector(Collector):
             "blob fetches or verifications that failed",
             value=s.failures,
         )
+        by_source = CounterMetricFamily(
+            "discovery_mdc_source_fetches",
+            "metadata fetches by source (host:port, or the scheme for file/hf) and result",
+            labels=["source", "result"],
+        )
+        for (source, result), n in sorted(s.by_source.items()):
+            by_source.add_metric([source, result], n)
+        yield by_source
         yield s.fetch_seconds.family(
             "discovery_mdc_blob_fetch_seconds",
             "time to fetch and verify one blob into the cache (all its attempts), seconds",
+        )
+
+
+def _labelled(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, n in values.items():
+        family.add_metric([key], n)
+    return family
+
+
+class _InformerCollector(Collector):
+    """The etcd informer's counters, read at scrape time."""
+
+    def __init__(self, informer: Callable[[], PrefixInformer | None]) -> None:
+        self._informer = informer
+
+    def collect(self) -> Iterator[Metric]:
+        informer = self._informer()
+        if informer is None:
+            return
+        s = informer.stats
+        yield _labelled(
+            "discovery_mdc_watch_events",
+            "etcd watch events seen",
+            "type",
+            {"put": s.events_put, "delete": s.events_delete},
+        )
+        yield CounterMetricFamily(
+            "discovery_mdc_watch_reconnects",
+            "watch reconnects after a failure or a silent watch",
+            value=s.reconnects,
+        )
+        yield _labelled(
+            "discovery_mdc_relists", "full relists (start, compaction or reconcile)", "reason",
+            s.relists,
+        )  # fmt: skip
+        yield _labelled(
+            "discovery_mdc_reconcile_checks",
+            "etcd reads by reconciles: quick check, exact (pinned) check, keys-only listing, "
+            "value fetch",
+            "kind",
+            s.checks,
+        )
+        yield _labelled(
+            "discovery_mdc_reconcile_repairs",
+            "changes a reconcile found that the watch never delivered",
+            "kind",
+            s.repairs,
+        )
+        yield CounterMetricFamily(
+            "discovery_mdc_reconcile_read_bytes",
+            "response bytes read from etcd by reconciles",
+            value=s.reconcile_bytes,
+        )
+        yield CounterMetricFamily(
+            "discovery_mdc_reconcile_failures", "reconciles that failed", value=s.reconcile_failures
+        )
+        yield GaugeMetricFamily(
+            "discovery_mdc_watch_silence_seconds",
+            "seconds since the etcd watch last delivered anything (events or progress)",
+            value=informer.silence(),
         )
 
 
@@ -78,18 +148,16 @@ class _ModelCollector(Collector):
 
 
 class FrontendMetrics:
-    """Counters for watch events, rejections, malformed cards, pipelines, reconnects and
-    relists; the pipeline duration; per-model readiness (see :meth:`track_models`); the
-    ``process_*`` and build-info series; cache byte and blob counters and the per-blob fetch
-    duration come from ``stats`` (the process-wide :func:`~discovery_mdc.cache.cache_stats`
-    by default)."""
+    """Counters for rejections, malformed cards and pipelines; the pipeline duration;
+    per-model readiness (see :meth:`track_models`); the ``process_*`` and build-info series.
+    The watch, relist and reconcile counters come from the attached informer, and the cache
+    byte, blob and per-source counters and the per-blob fetch duration from ``stats`` (the
+    process-wide :func:`~discovery_mdc.cache.cache_stats` by default)."""
 
     def __init__(self, stats: Callable[[], CacheStats] = cache_stats) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.events = Counter(
-            "discovery_mdc_watch_events", "etcd watch events seen", ["type"], registry=r
-        )
+        self._informer: PrefixInformer | None = None
         self.rejected = Counter(
             "discovery_mdc_rejected_instances",
             "instances rejected by mdcsum, by model",
@@ -108,26 +176,18 @@ class FrontendMetrics:
             buckets=SECONDS_BUCKETS,
             registry=r,
         )
-        self.reconnects = Counter(
-            "discovery_mdc_watch_reconnects", "watch reconnects after a failure", registry=r
-        )
-        self.relists = Counter(
-            "discovery_mdc_relists",
-            "full relists (start, compaction or reconcile)",
-            ["reason"],
-            registry=r,
-        )
         self.models = Gauge("discovery_mdc_models_ready", "models currently listed", registry=r)
         self.instances = Gauge("discovery_mdc_instances", "instances currently known", registry=r)
         r.register(_CacheStatsCollector(stats))
+        r.register(_InformerCollector(lambda: self._informer))
         add_standard_collectors(r)
         # Export the label values that matter at 0, so a scrape shows them before they happen.
-        for kind in ("put", "delete"):
-            self.events.labels(kind)
         for result in ("ok", "failed"):
             self.pipelines.labels(result)
-        for reason in ("start", "compaction", "reconcile"):
-            self.relists.labels(reason)
+
+    def attach(self, informer: PrefixInformer) -> None:
+        """Export ``informer``'s watch, relist and reconcile counters."""
+        self._informer = informer
 
     def track_models(self, models: Callable[[], Iterable[ModelStats]]) -> None:
         """Export ``discovery_mdc_model_{ready,instances,rejected_instances}{model}`` from

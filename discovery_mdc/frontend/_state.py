@@ -1,18 +1,20 @@
-"""The frontend's bookkeeping as plain code: namespace filter, watch state and the registry.
+"""The frontend's bookkeeping as plain code: namespace filter and the registry.
 
-Nothing here touches sockets or disks. etcd events go in; actions and model events come out.
-The asyncio driver (``_watcher.py``) feeds it and runs the pipelines it asks for.
+Nothing here touches sockets or disks. etcd changes (from the prefix informer) go in; actions
+and model events come out. The asyncio driver (``_watcher.py``) feeds it and runs the
+pipelines it asks for.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import blake3
 import msgspec
 
 from discovery_mdc.card import (
@@ -30,10 +32,9 @@ from discovery_mdc.card import (
     parse_card_key,
 )
 from discovery_mdc.errors import CardDecodeError
+from discovery_mdc.etcd import Change, ChangeKind
 
 __all__ = [
-    "Change",
-    "ChangeKind",
     "EventKind",
     "Instance",
     "ModelEvent",
@@ -42,7 +43,6 @@ __all__ = [
     "NamespaceFilter",
     "Registry",
     "RejectedInstance",
-    "WatchState",
     "WorkerSetInfo",
     "model_id",
     "worker_set_key",
@@ -105,91 +105,6 @@ def model_id(card: ModelDeploymentCard) -> str:
 def worker_set_key(env: ModelEnvelope) -> str:
     worker_type = env.card.worker_type.value if env.card.worker_type else "none"
     return f"{env.namespace}:{format_model_type(env.card.model_type)}:{worker_type}"
-
-
-# --------------------------------------------------------------------------- watch state
-
-
-class ChangeKind(enum.Enum):
-    PUT = "put"
-    DELETE = "delete"
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One key change to apply, in revision order per key."""
-
-    kind: ChangeKind
-    key: str
-    value: bytes = b""
-    mod_revision: int = 0
-
-
-@dataclass(slots=True)
-class WatchState:
-    """Known keys (key -> mod_revision), the highest revision seen, and the last snapshot.
-
-    The watch stream and a relist race: a relist may return a snapshot older than events the
-    watch already applied, and the watch may still deliver events older than the snapshot.
-    Two rules keep the result exact whatever the interleaving:
-
-    - an event at or below ``snapshot_revision`` is already part of that snapshot: ignored;
-    - a diff never undoes a watch event newer than its snapshot: a key put after the snapshot
-      is not deleted, and a key deleted after it (``tombstones``) is not put back.
-    """
-
-    revision: int = 0
-    known: dict[str, int] = field(default_factory=dict)
-    snapshot_revision: int = 0
-    tombstones: dict[str, int] = field(default_factory=dict)  # key -> delete revision
-
-    def observe_revision(self, revision: int) -> None:
-        self.revision = max(self.revision, revision)
-
-    def on_put(self, key: str, value: bytes, mod_revision: int) -> Change | None:
-        self.observe_revision(mod_revision)
-        if mod_revision <= self.snapshot_revision or self.known.get(key, -1) >= mod_revision:
-            return None  # replay of something already applied
-        self.tombstones.pop(key, None)
-        self.known[key] = mod_revision
-        return Change(ChangeKind.PUT, key, value, mod_revision)
-
-    def on_delete(self, key: str, revision: int) -> Change | None:
-        self.observe_revision(revision)
-        if revision <= self.snapshot_revision or self.known.get(key, -1) >= revision:
-            return None
-        self.tombstones[key] = revision
-        if self.known.pop(key, None) is None:
-            return None
-        return Change(ChangeKind.DELETE, key, mod_revision=revision)
-
-    def diff(self, snapshot: Mapping[str, tuple[bytes, int]], revision: int) -> list[Change]:
-        """Changes that take the known state to ``snapshot`` (key -> (value, mod_revision))
-        taken at ``revision``.
-
-        Deletes for vanished keys come first, then upserts for new or changed keys. A snapshot
-        older than the last one applied is stale and yields nothing.
-        """
-        if revision < self.snapshot_revision:
-            return []
-        changes = []
-        for key in sorted(self.known.keys() - snapshot.keys()):
-            if self.known[key] > revision:
-                continue  # put after the snapshot was taken
-            del self.known[key]
-            changes.append(Change(ChangeKind.DELETE, key, mod_revision=revision))
-        for key in sorted(snapshot):
-            value, mod_revision = snapshot[key]
-            if self.tombstones.get(key, -1) > revision:
-                continue  # deleted after the snapshot was taken
-            if self.known.get(key, -1) >= mod_revision:
-                continue  # unchanged, or the watch already applied a newer value
-            self.known[key] = mod_revision
-            changes.append(Change(ChangeKind.PUT, key, value, mod_revision))
-        self.snapshot_revision = revision
-        self.tombstones = {k: r for k, r in self.tombstones.items() if r > revision}
-        self.observe_revision(revision)
-        return changes
 
 
 # --------------------------------------------------------------------------- registry
@@ -318,7 +233,8 @@ class Registry:
         # Replicas publish the same card_json; decode and hash each distinct one once.
         self._cards: dict[bytes, tuple[ModelDeploymentCard, str]] = {}
         self._sums: dict[int, str] = {}  # id(card) -> mdcsum, for cards in self._cards
-        self._values: dict[str, bytes] = {}  # key -> value last applied
+        # key -> digest of the value last applied (a 16-byte digest, not the ~2 KB value).
+        self._values: dict[str, bytes] = {}
 
     # -- queries
 
@@ -398,6 +314,9 @@ class Registry:
         if change.kind is ChangeKind.DELETE:
             self._remove(change.key, out, now)
             return out
+        digest = blake3.blake3(change.value).digest(16)
+        if self._values.get(change.key) == digest:
+            return out  # the same bytes again (a replay or a relist upsert): nothing changed
         card_key = parse_card_key(change.key)
         if card_key is None:
             log.warning(
@@ -410,8 +329,6 @@ class Registry:
             return out
         if not self.filter.admits(card_key.namespace):
             return out
-        if self._values.get(change.key) == change.value:
-            return out  # the same bytes again (a replay or a relist upsert): nothing changed
         try:
             env = decode_envelope(change.value, card_decoder=self._card)
         except CardDecodeError as exc:
@@ -432,7 +349,7 @@ class Registry:
             out.malformed = True
             return out
         self._add(change.key, card_key, env, out, now)
-        self._values[change.key] = change.value
+        self._values[change.key] = digest
         return out
 
     def _card(self, card_json: msgspec.Raw) -> ModelDeploymentCard:
@@ -620,6 +537,26 @@ class Registry:
             ws.mdcsum == sum_ and ws.card is None and ws.instances
             for ws in model.worker_sets.values()
         )
+
+    def sources(
+        self, model_name: str, sum_: str, *, waiting_only: bool = True
+    ) -> tuple[ModelDeploymentCard, dict[str, list[str]]] | None:
+        """What a pipeline for (model, mdcsum) fetches from: the card of one waiting instance
+        (any instance unless ``waiting_only``) and, for each blob, every such replica's URI
+        (in the order the replicas were admitted; the cache decides which one to try first).
+        None when there is none."""
+        waiting = [
+            i for i in self.instances_for(model_name, sum_) if not (i.ready and waiting_only)
+        ]
+        if not waiting:
+            return None
+        alternates: dict[str, list[str]] = {}
+        for inst in waiting:
+            for _, f in inst.envelope.card.files():
+                uris = alternates.setdefault(f.checksum.hex, [])
+                if f.path not in uris:
+                    uris.append(f.path)
+        return waiting[0].envelope.card, alternates
 
     def instances_for(self, model_name: str, sum_: str) -> Iterable[Instance]:
         model = self._models.get(model_name)

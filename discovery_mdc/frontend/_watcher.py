@@ -1,7 +1,8 @@
 """ModelWatcher: the asyncio driver around the pure registry.
 
-List, then watch from the listed revision + 1; resume from the highest revision seen after a
-disconnect; relist and diff after compaction and on a periodic reconcile. Each admitted
+A :class:`~discovery_mdc.etcd.PrefixInformer` lists and watches the prefix (resume,
+compaction relist, cheap reconcile, silent-watch restart) and yields batches of changes;
+this driver applies each batch to the registry and runs what it asks for. Each admitted
 (model, mdcsum) gets one verify-and-cache pipeline, bounded in concurrency and retried with
 backoff, so a slow model never holds up events for the others.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -18,15 +21,21 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from discovery_mdc._backoff import Backoff
+from discovery_mdc._clock import Clock, Sleep, every
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.cache import refresh_last_used
 from discovery_mdc.card import ModelDeploymentCard
-from discovery_mdc.errors import EtcdCompactedError, EtcdError
-from discovery_mdc.etcd import Store, WatchResponse, retry_until_reachable
+from discovery_mdc.etcd import (
+    DEFAULT_RECONCILE_INTERVAL,
+    Change,
+    ChangeBatch,
+    PrefixInformer,
+    Store,
+    retry_until_reachable,
+)
 from discovery_mdc.frontend._metrics import FrontendMetrics
 from discovery_mdc.frontend._prepare import check_json_files
 from discovery_mdc.frontend._state import (
-    Change,
     EventKind,
     ModelEvent,
     ModelInfo,
@@ -35,10 +44,9 @@ from discovery_mdc.frontend._state import (
     Outcome,
     PipelineRequest,
     Registry,
-    WatchState,
 )
 
-__all__ = ["ModelWatcher", "PrepareHook", "Resolver"]
+__all__ = ["ModelWatcher", "PrepareHook", "Resolver", "default_frontend_id"]
 
 log = logging.getLogger("discovery_mdc.frontend")
 
@@ -47,6 +55,9 @@ _T = TypeVar("_T")
 #: ``prepare(resolved_card, local_dir)``; ``local_dir`` is None only for a legacy card used in
 #: place whose files do not share a directory.
 PrepareHook = Callable[[ModelDeploymentCard, Path | None], Awaitable[None]]
+
+#: A dead replica should cost a failover little: connect attempts give up after this long.
+FETCH_CONNECT_TIMEOUT = 3.0
 
 
 class Resolved(Protocol):
@@ -60,6 +71,14 @@ class Resolver(Protocol):
     def __call__(
         self, card: ModelDeploymentCard, *, alternates: dict[str, list[str]]
     ) -> Awaitable[Resolved]: ...
+
+
+def default_frontend_id(cache_dir: str | Path | None) -> str:
+    """This host's name and the cache root: stable across restarts, different for every
+    frontend that does not share a cache (frontends sharing one fetch each blob once anyway)."""
+    from discovery_mdc.cache import resolve_cache_root
+
+    return f"{socket.gethostname()}:{os.fspath(resolve_cache_root(cache_dir))}"
 
 
 class ModelWatcher(AsyncService):
@@ -86,23 +105,34 @@ class ModelWatcher(AsyncService):
         cache_dir: str | Path | None = None,
         prepare: PrepareHook | None = check_json_files,
         resolver: Resolver | None = None,
-        reconcile_interval: float = 30.0,
+        reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL,
         max_concurrent_pipelines: int = 8,
         slow_pipeline_after: float = 10.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
         metrics: FrontendMetrics | None = None,
+        frontend_id: str | None = None,
         cache_upkeep_interval: float | None = None,
         startup_timeout: float = 0.0,
     ) -> None:
-        self._store = store
         self._filter = NamespaceFilter.create(namespace, namespace_prefix)
-        self._prefix = self._filter.etcd_prefix()
         self._registry = Registry(self._filter)
-        self._state = WatchState()
+        self._informer = PrefixInformer(
+            store,
+            self._filter.etcd_prefix(),
+            reconcile_interval=reconcile_interval,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+            clock=clock,
+            sleep=sleep,
+        )
         self._prepare = prepare
-        self._resolver = resolver or _cache_resolver(cache_dir)
+        #: Spreads this frontend's metadata fetches over a model's replicas (see
+        #: ``resolve_metadata_files(spread=...)``).
+        self.frontend_id = frontend_id or default_frontend_id(cache_dir)
+        self._resolver = resolver or _cache_resolver(cache_dir, self.frontend_id)
         # Only cards this watcher cached itself (the default resolver) are kept up.
         self._by_slug = None if resolver is not None else _cache_by_slug(cache_dir)
         if cache_upkeep_interval is None:
@@ -110,44 +140,43 @@ class ModelWatcher(AsyncService):
                 min(reconcile_interval, 60.0) if reconcile_interval > 0 else 60.0
             )
         self._upkeep_interval = cache_upkeep_interval
-        self._reconcile_interval = reconcile_interval
         self._startup_timeout = startup_timeout
+        self._endpoints: tuple[str, ...] = tuple(getattr(store, "endpoints", ()))
         self._sem = asyncio.Semaphore(max_concurrent_pipelines)
         self._slow_after = slow_pipeline_after
         self._backoff = (backoff_initial, backoff_max)
         self._sleep = sleep
         self.metrics = metrics or FrontendMetrics()
+        self.metrics.attach(self._informer)
         self.metrics.track_models(self._registry.model_stats)
         self._pipelines: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._subscribers: list[asyncio.Queue[ModelEvent | None]] = []
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self._watch_task: asyncio.Task[None] | None = None
-        self._responses = 0  # watch responses received, to tell a silent watch from a live one
-        self.connected = False
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """List the prefix once, then watch in the background. While etcd is unreachable the
-        first listing is retried for up to ``startup_timeout`` seconds; then it raises."""
+        """List the prefix once, apply it, then watch in the background. While etcd is
+        unreachable the first listing is retried for up to ``startup_timeout`` seconds; then it
+        raises."""
         await retry_until_reachable(
-            lambda: self._relist("start"),
+            self._informer.start,
             timeout=self._startup_timeout,
-            what=f"the first listing of {self._prefix}",
-            endpoints=getattr(self._store, "endpoints", ()),
+            what=f"the first listing of {self._filter.etcd_prefix()}",
+            endpoints=self._endpoints,
             sleep=self._sleep,
         )
-        self._start_watch()
-        if self._reconcile_interval > 0:
-            self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="mdc-reconcile"))
+        self._apply_queued()
+        self._tasks.append(asyncio.create_task(self._consume(), name="mdc-apply"))
         if self._by_slug is not None and self._upkeep_interval > 0:
             self._tasks.append(asyncio.create_task(self._upkeep_loop(), name="mdc-cache-upkeep"))
 
     async def close(self) -> None:
         """Stop watching, cancel the pipelines and end every ``events()`` stream."""
         self._closed = True
+        await self._informer.close()
         tasks = [*self._tasks, *self._pipelines.values()]
         for task in tasks:
             task.cancel()
@@ -156,9 +185,18 @@ class ModelWatcher(AsyncService):
                 await task
         self._tasks.clear()
         self._pipelines.clear()
-        self.connected = False
         for queue in self._subscribers:
             queue.put_nowait(None)
+
+    @property
+    def connected(self) -> bool:
+        """True while the etcd watch stream is open."""
+        return self._informer.connected
+
+    @property
+    def informer(self) -> PrefixInformer:
+        """The prefix informer feeding this watcher (revision, stats, on-demand checks)."""
+        return self._informer
 
     # ------------------------------------------------------------------ queries
 
@@ -185,7 +223,7 @@ class ModelWatcher(AsyncService):
     @property
     def revision(self) -> int:
         """The highest etcd revision seen; a resumed watch starts after it."""
-        return self._state.revision
+        return self._informer.revision
 
     def events(self) -> AsyncIterator[ModelEvent]:
         """Added / Updated / Removed / Rejected events from the moment of this call on.
@@ -220,151 +258,51 @@ class ModelWatcher(AsyncService):
                 await self._changed.wait()
             return info
 
-    # ------------------------------------------------------------------ watch
+    # ------------------------------------------------------------------ changes
 
-    def _start_watch(self) -> None:
-        self._watch_task = asyncio.create_task(self._watch_loop(), name="mdc-watch")
-        self._tasks.append(self._watch_task)
+    async def _consume(self) -> None:
+        async for batch in self._informer.batches():
+            self._apply_batch(batch)
 
-    def _restart_watch(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            self._tasks.remove(self._watch_task)
-        self.connected = False
-        self.metrics.reconnects.inc()
-        self._start_watch()
+    def _apply_queued(self) -> None:
+        for batch in self._informer.drain():
+            self._apply_batch(batch)
 
-    async def _watch_loop(self) -> None:
-        backoff = Backoff(*self._backoff)
-        while True:
-            try:
-                start = self._state.revision + 1
-                stream = self._store.watch(
-                    self._prefix,
-                    prefix=True,
-                    start_revision=start,
-                    prev_kv=True,
-                    progress_notify=True,
-                )
-                async for resp in stream:
-                    if not self.connected:
-                        log.info("watching %s from revision %d", self._prefix, start)
-                        self.connected = True
-                    backoff.reset()
-                    self._responses += 1
-                    self._on_watch_response(resp)
-                raise EtcdError(f"watch on {self._prefix} ended")
-            except asyncio.CancelledError:
-                raise
-            except EtcdCompactedError as exc:
-                log.warning(
-                    "watch on %s from revision %d hit compaction at revision %d; relisting",
-                    self._prefix,
-                    self._state.revision + 1,
-                    exc.compact_revision,
-                )
-                await self._relist_with_retry("compaction", backoff)
-            except Exception as exc:
-                self.connected = False
-                self.metrics.reconnects.inc()
-                delay = backoff.next_delay()
-                log.warning(
-                    "watch on %s lost (%s); resuming from revision %d in %.1fs",
-                    self._prefix,
-                    exc,
-                    self._state.revision + 1,
-                    delay,
-                )
-                await self._sleep(delay)
-
-    def _on_watch_response(self, resp: WatchResponse) -> None:
+    def _apply_batch(self, batch: ChangeBatch) -> None:
         now = int(time.time())
-        for ev in resp.events:
-            self.metrics.events.labels(ev.type.lower()).inc()
-            if ev.type == "PUT":
-                change = self._state.on_put(ev.kv.key, ev.kv.value, ev.kv.mod_revision)
-            else:
-                change = self._state.on_delete(ev.kv.key, ev.kv.mod_revision)
-            if change is not None:
-                self._apply(change, now)
-        self._state.observe_revision(resp.header_revision)
-
-    async def _relist_with_retry(self, reason: str, backoff: Backoff) -> None:
-        while True:
-            try:
-                await self._relist(reason)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.connected = False
-                delay = backoff.next_delay()
-                log.warning("relist of %s failed (%s); retrying in %.1fs", self._prefix, exc, delay)
-                await self._sleep(delay)
-
-    async def _relist(self, reason: str) -> int:
-        result = await self._store.range_prefix_all(self._prefix)
-        snapshot = {kv.key: (kv.value, kv.mod_revision) for kv in result.kvs}
-        self.metrics.relists.labels(reason).inc()
-        changes = self._state.diff(snapshot, result.revision)
-        if changes:
-            log.info(
-                "relist (%s) of %s at revision %d: %d change(s)",
-                reason,
-                self._prefix,
-                result.revision,
-                len(changes),
-            )
-        now = int(time.time())
-        for change in changes:
+        for change in batch.changes:
             self._apply(change, now)
-        return len(changes)
+        self._settled()
 
     def _apply(self, change: Change, now: int) -> None:
-        # One change failing must not stop the ones after it: the watch state already
-        # counts them as applied, so an abort here would lose them for good.
+        # One change failing must not stop the ones after it: the informer already counts
+        # them as applied, so an abort here would lose them for good.
         try:
-            self._handle(self._registry.apply(change, now))
+            self._handle(self._registry.apply(change, now), settle=False)
         except Exception:
             log.exception("could not apply %s of %s", change.kind.value, change.key)
             self.metrics.malformed.inc()
 
-    async def _reconcile_loop(self) -> None:
-        while True:
-            responses = self._responses
-            await self._sleep(self._reconcile_interval)
-            try:
-                drift = await self._relist("reconcile")
-                if drift and self._responses == responses and self.connected:
-                    # etcd changed but the watch said nothing for a whole interval: it is
-                    # likely a half-open connection (the gateway watch has no read timeout).
-                    log.warning(
-                        "reconcile of %s found %d change(s) the watch never delivered; "
-                        "restarting the watch",
-                        self._prefix,
-                        drift,
-                    )
-                    self._restart_watch()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("periodic reconcile of %s failed: %s", self._prefix, exc)
+    async def reconcile(self) -> str:
+        """Check the registry against etcd now and repair drift (the periodic reconcile, on
+        demand); the outcome is the informer's."""
+        outcome = await self._informer.reconcile()
+        self._apply_queued()
+        return outcome
 
-    async def reconcile(self) -> None:
-        """Relist now and apply the diff (the periodic reconcile, on demand)."""
-        await self._relist("reconcile")
+    async def relist(self) -> int:
+        """Relist the prefix now and apply the diff; returns the number of changes."""
+        changes = await self._informer.relist("reconcile")
+        self._apply_queued()
+        return changes
 
     # ------------------------------------------------------------------ cache upkeep
 
     async def _upkeep_loop(self) -> None:
-        while True:
-            await self._sleep(self._upkeep_interval)
-            try:
-                await self.cache_upkeep()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("cache upkeep failed: %s", exc)
+        def failed(exc: Exception) -> None:
+            log.warning("cache upkeep failed: %s", exc)
+
+        await every(self._upkeep_interval, self._sleep, self.cache_upkeep, failed)
 
     async def cache_upkeep(self) -> None:
         """Mark the cache directory of every model this watcher serves as used (so ``cache
@@ -383,7 +321,7 @@ class ModelWatcher(AsyncService):
             lambda: [refresh_last_used(files) for _, _, files in served]
         )
         for (name, sum_, _), ok in zip(served, intact, strict=True):
-            sources = None if ok else self._sources(name, sum_, waiting_only=False)
+            sources = None if ok else self._registry.sources(name, sum_, waiting_only=False)
             if sources is None:
                 continue
             log.warning(
@@ -400,7 +338,7 @@ class ModelWatcher(AsyncService):
 
     # ------------------------------------------------------------------ apply
 
-    def _handle(self, out: Outcome) -> None:
+    def _handle(self, out: Outcome, *, settle: bool = True) -> None:
         if out.malformed:
             self.metrics.malformed.inc()
         for ident in out.cancelled:
@@ -414,6 +352,11 @@ class ModelWatcher(AsyncService):
                 self.metrics.rejected.labels(event.model).inc()
             for queue in self._subscribers:
                 queue.put_nowait(event)
+        if settle:
+            self._settled()
+
+    def _settled(self) -> None:
+        """After a batch: refresh the gauges and wake ``wait_for_model``."""
         ready, admitted = self._registry.counts()
         self.metrics.models.set(ready)
         self.metrics.instances.set(admitted)
@@ -431,28 +374,10 @@ class ModelWatcher(AsyncService):
                 name=f"mdc-pipeline-{req.model}-{req.mdcsum[:12]}",
             )
 
-    def _sources(
-        self, model: str, sum_: str, *, waiting_only: bool = True
-    ) -> tuple[ModelDeploymentCard, dict[str, list[str]]] | None:
-        """The card of one waiting instance (any instance unless ``waiting_only``) and every
-        such replica's URI for each blob, or None when there is none."""
-        waiting = [
-            i for i in self._registry.instances_for(model, sum_) if not (i.ready and waiting_only)
-        ]
-        if not waiting:
-            return None
-        alternates: dict[str, list[str]] = {}
-        for inst in waiting:
-            for _, f in inst.envelope.card.files():
-                uris = alternates.setdefault(f.checksum.hex, [])
-                if f.path not in uris:
-                    uris.append(f.path)
-        return waiting[0].envelope.card, alternates
-
     async def _attempt(self, req: PipelineRequest) -> Resolved | None:
         """Resolve and prepare once; None if no instance waits for this pipeline any more."""
         # Replicas that joined (or left) since the last attempt count now.
-        sources = self._sources(req.model, req.mdcsum)
+        sources = self._registry.sources(req.model, req.mdcsum)
         if sources is None:
             return None
         card, alternates = sources
@@ -538,10 +463,16 @@ def _cache_by_slug(cache_dir: str | Path | None) -> Path:
     return CacheLayout(resolve_cache_root(cache_dir)).by_slug
 
 
-def _cache_resolver(cache_dir: str | Path | None) -> Resolver:
+def _cache_resolver(cache_dir: str | Path | None, frontend_id: str) -> Resolver:
     from discovery_mdc.cache import resolve_metadata_files
 
     async def resolve(card: ModelDeploymentCard, *, alternates: dict[str, list[str]]) -> Any:
-        return await resolve_metadata_files(card, cache_dir=cache_dir, alternates=alternates)
+        return await resolve_metadata_files(
+            card,
+            cache_dir=cache_dir,
+            alternates=alternates,
+            spread=frontend_id,
+            connect_timeout=FETCH_CONNECT_TIMEOUT,
+        )
 
     return resolve
