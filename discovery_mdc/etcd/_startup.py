@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from discovery_mdc._backoff import Backoff
+from discovery_mdc._clock import Clock, Sleep
 from discovery_mdc.errors import EtcdConnectionError
 
 __all__ = ["retry_until_reachable"]
@@ -29,8 +30,8 @@ async def retry_until_reachable(
     timeout: float,  # noqa: ASYNC109 - a retry budget, not a cancel scope
     what: str,
     endpoints: Sequence[str] = (),
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
     backoff: Backoff | None = None,
 ) -> _T:
     """Run ``op()``; while etcd is unreachable (:class:`EtcdConnectionError`), retry it with
