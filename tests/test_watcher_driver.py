@@ -285,7 +285,7 @@ async def test_compacted_watch_relists_and_emits_deletes_and_upserts(
         await until(lambda: names(h.watcher) == ["org/b", "org/keep", "org/new2"])
         await until(lambda: all_instances(h.watcher) == h.keys_in_etcd())
         assert h.metric("discovery_mdc_relists_total", reason="compaction") == 1
-        await until(lambda: len(seen.events) == 3)  # the collector drains a queue
+        await until(lambda: len(seen.events) == 4)  # the collector drains a queue
         info = h.watcher.model("org/b")
         assert info is not None and info.worker_sets[0].mdcsum == mdcsum(
             make_card("org/b", tok="7")
@@ -294,6 +294,7 @@ async def test_compacted_watch_relists_and_emits_deletes_and_upserts(
         assert seen.kinds("org/b") == [EventKind.REMOVED, EventKind.ADDED]
         assert seen.kinds("org/keep") == []
         assert seen.kinds("org/new") == []
+        assert seen.kinds("org/new2") == [EventKind.ADDED]
         assert resolver.count("org/new") == 0
         # The watch resumed after the relist's revision, not from the compacted one.
         assert store.watch_starts[-1] == store.revision + 1
