@@ -553,7 +553,7 @@ async def test_events_report_added_updated_rejected_removed_and_readmission(
         await until(lambda: len(seen.events) == 3)
         assert h.watcher.rejected_keys() == {key(3)}
         assert key(3) not in instances(h.watcher, "org/m")
-        assert h.metric("discovery_mdc_rejected_instances_total") == 1
+        assert h.metric("discovery_mdc_rejected_instances_total", model="org/m") == 1
         await store.delete(key(1))
         await until(lambda: len(seen.events) == 4)
         await store.delete(key(2))
