@@ -4,6 +4,7 @@ Every error the package raises on purpose derives from :class:`DiscoveryError` a
 the standard-library type a caller would naturally catch::
 
     DiscoveryError (Exception)
+    ├── ConfigError (ValueError)               a setting (flag or variable) that cannot be used
     ├── CardError (ValueError)                 bad card / envelope / checksum / slug
     │   └── CardDecodeError                    wire bytes that do not decode
     ├── ModelDirError (FileNotFoundError)      model dir missing or lacks config.json
@@ -18,6 +19,7 @@ the standard-library type a caller would naturally catch::
     ├── EtcdError                              etcd answered with an error
     │   ├── EtcdConnectionError (ConnectionError)  no endpoint reachable
     │   ├── EtcdAuthError (PermissionError)        bad credentials / permission denied
+    │   ├── EtcdTlsError (ConnectionError)         TLS handshake refused (certificates)
     │   ├── EtcdCompactedError                     watch start revision was compacted
     │   ├── KeyExistsError                         create-if-absent found the key
     │   └── LeaseLostError                         the lease expired or was revoked
@@ -34,11 +36,13 @@ __all__ = [
     "CardDecodeError",
     "CardError",
     "ChecksumMismatchError",
+    "ConfigError",
     "DiscoveryError",
     "EtcdAuthError",
     "EtcdCompactedError",
     "EtcdConnectionError",
     "EtcdError",
+    "EtcdTlsError",
     "FetchError",
     "HfOfflineError",
     "KeyExistsError",
@@ -53,6 +57,11 @@ __all__ = [
 
 class DiscoveryError(Exception):
     """Root of every error discovery-mdc raises on purpose."""
+
+
+class ConfigError(DiscoveryError, ValueError):
+    """A setting (a flag or an environment variable) has a value that cannot be used; the
+    message names the setting and the value."""
 
 
 class CardError(DiscoveryError, ValueError):
@@ -121,6 +130,11 @@ class EtcdConnectionError(EtcdError, ConnectionError):
 
 class EtcdAuthError(EtcdError, PermissionError):
     """etcd rejected the credentials or the operation."""
+
+
+class EtcdTlsError(EtcdError, ConnectionError):
+    """The TLS handshake with etcd failed on certificates (not trusted, refused, missing):
+    retrying will not help until the configuration changes."""
 
 
 class EtcdCompactedError(EtcdError):

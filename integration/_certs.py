@@ -24,6 +24,9 @@ class Pki:
     # Signed by a different CA: etcd with --client-cert-auth must refuse it.
     rogue_cert: Path
     rogue_key: Path
+    # Signed by the CA, with no CommonName: what etcd's gateway accepts when auth is on.
+    no_cn_cert: Path
+    no_cn_key: Path
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -43,12 +46,15 @@ def _ca(d: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def _leaf(d: Path, name: str, ca: tuple[Path, Path], ext: str) -> tuple[Path, Path]:
+def _leaf(
+    d: Path, name: str, ca: tuple[Path, Path], ext: str, subject: str | None = None
+) -> tuple[Path, Path]:
     key, csr, cert = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.crt"
     extfile = d / f"{name}.ext"
     extfile.write_text(ext)
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key.name, cwd=d)
-    _openssl("req", "-new", "-key", key.name, "-subj", f"/CN={name}", "-out", csr.name, cwd=d)
+    subj = subject if subject is not None else f"/CN={name}"
+    _openssl("req", "-new", "-key", key.name, "-subj", subj, "-out", csr.name, cwd=d)
     _openssl("x509", "-req", "-in", csr.name, "-CA", ca[0].name, "-CAkey", ca[1].name,
              "-CAcreateserial", "-days", "2", "-sha256", "-extfile", extfile.name,
              "-out", cert.name, cwd=d)  # fmt: skip
@@ -56,7 +62,8 @@ def _leaf(d: Path, name: str, ca: tuple[Path, Path], ext: str) -> tuple[Path, Pa
 
 
 def make_pki(directory: Path) -> Pki:
-    """Write a CA, a server cert for 127.0.0.1, a client cert, and a rogue client cert."""
+    """Write a CA, a server cert for 127.0.0.1, a client cert (CN=client), a rogue client
+    cert, and a client cert without a CommonName."""
     directory.mkdir(parents=True, exist_ok=True)
     ca = _ca(directory, "ca")
     server = _leaf(
@@ -73,4 +80,11 @@ def make_pki(directory: Path) -> Pki:
     rogue = _leaf(
         directory, "rogue", rogue_ca, "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n"
     )
-    return Pki(ca[0], *server, *client, *rogue)
+    no_cn = _leaf(
+        directory,
+        "no-cn",
+        ca,
+        "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n",
+        subject="/O=discovery-mdc tests",
+    )
+    return Pki(ca[0], *server, *client, *rogue, *no_cn)

@@ -1,6 +1,7 @@
 """Fixtures for real etcd: a fresh server or 3-member cluster per test, and a client.
 
-Other integration modules get these by name. ``etcd_server_factory`` starts servers with
+Other integration modules get these by name, and ``spawn``/``procs`` for worker and other CLI
+processes. ``etcd_server_factory`` starts servers with
 custom flags (``etcd_server_factory(extra_args=["--max-request-bytes=4194304"])``).
 """
 

@@ -192,10 +192,11 @@ async def test_ls_json_and_quiet_against_real_etcd(
     assert set(rows) == {key, "v1/mdc/dynamo/backend/generate/abc", "v1/mdc/stray"}
     for row in rows.values():
         assert set(row) == {"key", "namespace", "component", "endpoint", "model", "mdcsum",
-                            "lease", "status", "reason"}  # fmt: skip
+                            "lease", "status", "reason", "diff"}  # fmt: skip
     ok = rows[key]
     assert (ok["status"], ok["reason"], ok["model"], ok["lease"]) == ("ok", None, model.name,
                                                                      f"{lease:x}")  # fmt: skip
+    assert ok["diff"] is None
     assert (ok["namespace"], ok["component"], ok["endpoint"]) == ("dynamo", "backend", "generate")
     assert len(ok["mdcsum"]) == 64
     bad = rows["v1/mdc/dynamo/backend/generate/abc"]

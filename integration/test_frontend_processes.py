@@ -382,7 +382,7 @@ async def test_cold_start_lists_the_model_with_every_file_cached_and_verified(
     for name, hexdigest in expected.items():
         assert hash_file(link_dir / name)[0].hex == hexdigest == hash_file(model_dir / name)[0].hex
     assert await worker.metadata_200s(http) == len(expected)
-    assert await fe.metric(http, "discovery_mdc_bytes_fetched_total") == sum(
+    assert await fe.metric(http, "discovery_mdc_fetched_bytes_total") == sum(
         (model_dir / n).stat().st_size for n in expected
     )
     assert "model 'org/cold' added" in fe.proc.log()
@@ -439,7 +439,7 @@ async def test_replicas_form_one_worker_set_and_a_different_tokenizer_is_rejecte
         timeout=DEADLINE,
         message=fe.proc.describe,
     )
-    assert await fe.metric(http, "discovery_mdc_rejected_instances_total") == 1
+    assert await fe.metric(http, 'discovery_mdc_rejected_instances_total{model="org/rep"}') == 1
     assert await fe.instances(http, "org/rep") == {a.key, b.key}
     assert await c.metadata_200s(http) == 0
 
@@ -661,5 +661,5 @@ async def test_two_frontends_sharing_a_cache_fetch_each_blob_once(
     files = card_files(await published_card(etcd, worker.key))
     assert await worker.metadata_200s(http) == len(files)
     # Between them the two frontends fetched every byte exactly once.
-    fetched = [await fe.metric(http, "discovery_mdc_bytes_fetched_total") for fe in fes]
+    fetched = [await fe.metric(http, "discovery_mdc_fetched_bytes_total") for fe in fes]
     assert sum(fetched) == sum((model_dir / name).stat().st_size for name in files)

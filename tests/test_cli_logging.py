@@ -24,18 +24,23 @@ def _restore_root_logger() -> Iterator[None]:
 @pytest.mark.parametrize(
     ("argv", "level", "fmt"),
     [
-        (["ls"], None, "text"),
-        (["--log-level", "debug", "ls"], "debug", "text"),
-        (["ls", "--log-level", "debug"], "debug", "text"),
+        (["ls"], None, None),
+        (["--log-level", "debug", "ls"], "debug", None),
+        (["ls", "--log-level", "debug"], "debug", None),
         (["cache", "ls", "--log-format", "json"], None, "json"),
         (["card", "inspect", "x", "--log-level", "error", "--log-format", "json"], "error", "json"),
-        (["worker", "--model-path", "m", "--log-level", "warning"], "warning", "text"),
+        (["worker", "--model-path", "m", "--log-level", "warning"], "warning", None),
         # Given twice, the one after the subcommand wins.
-        (["--log-level", "error", "frontend", "--log-level", "info"], "info", "text"),
+        (["--log-level", "error", "frontend", "--log-level", "info"], "info", None),
         (["--log-format", "json", "demo"], None, "json"),
+        # Any case; warn is warning (as in DYN_LOG).
+        (["ls", "--log-level", "DEBUG", "--log-format", "JSON"], "debug", "json"),
+        (["ls", "--log-level", "Warn"], "warning", None),
     ],
 )
-def test_logging_options_parse_anywhere(argv: list[str], level: str | None, fmt: str) -> None:
+def test_logging_options_parse_anywhere(
+    argv: list[str], level: str | None, fmt: str | None
+) -> None:
     args = build_parser().parse_args(argv)
     assert args.log_level == level
     assert args.log_format == fmt

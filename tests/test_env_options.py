@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from discovery_mdc.cli import build_parser
-from discovery_mdc.cli._common import ENV_OPTIONS, UsageError, apply_env_options
+from discovery_mdc.cli._common import ENV_OPTIONS, apply_env_options
+from discovery_mdc.errors import ConfigError
 
 
 def _resolve(argv: list[str], env: dict[str, str]) -> argparse.Namespace:
@@ -24,6 +25,14 @@ def test_the_table_matches_the_wire_format_environment() -> None:
         "DYN_SYSTEM_HOST": "--system-host",
         "DYN_SELF_HOST_METADATA": "--no-self-host",
         "DYN_MDC_CACHE_DIR": "--cache-dir",
+        "ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS": "--etcd-startup-timeout",
+        "DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT": "--graceful-shutdown-timeout",
+        "DYN_NAMESPACE": "--namespace",
+        "DYN_NAMESPACE_PREFIX": "--namespace-prefix",
+        "DYN_COMPONENT": "--component",
+        "DYN_ENDPOINT": "--endpoint",
+        "DYN_HTTP_HOST": "--http-host",
+        "DYN_HTTP_PORT": "--http-port",
     }
 
 
@@ -56,7 +65,7 @@ def test_worker_options_flag_beats_variable_beats_default() -> None:
     w = ["worker", "--model-path", "m"]
     args = _resolve(w, {})
     assert (args.lease_ttl, args.system_port, args.system_host, args.self_host) == (
-        10, None, None, True
+        10, None, "0.0.0.0", True
     )  # fmt: skip
     env = {"ETCD_LEASE_TTL": "4", "DYN_SYSTEM_PORT": "9090", "DYN_SYSTEM_HOST": "10.0.0.5",
            "DYN_SELF_HOST_METADATA": "yes"}  # fmt: skip
@@ -90,7 +99,7 @@ def test_empty_variables_count_as_unset() -> None:
     }
     args = _resolve(["worker", "--model-path", "m"], env)
     assert (args.etcd, args.lease_ttl, args.system_port, args.system_host) == (
-        "http://127.0.0.1:2379", 10, None, None
+        "http://127.0.0.1:2379", 10, None, "0.0.0.0"
     )  # fmt: skip
 
 
@@ -100,7 +109,7 @@ def test_empty_variables_count_as_unset() -> None:
      ("ETCD_LEASE_TTL", "1.5"), ("DYN_SYSTEM_PORT", "-1"), ("DYN_SYSTEM_PORT", "http")],
 )  # fmt: skip
 def test_bad_variable_is_a_usage_error_naming_it(var: str, value: str) -> None:
-    with pytest.raises(UsageError, match=f"^{var}="):
+    with pytest.raises(ConfigError, match=f"^{var}="):
         _resolve(["worker", "--model-path", "m"], {var: value})
 
 

@@ -20,7 +20,7 @@ from discovery_mdc.cache import CacheStats
 from discovery_mdc.card import ModelDeploymentCard, mdcsum
 from discovery_mdc.etcd import MemoryStore
 from discovery_mdc.frontend import FrontendMetrics, ModelWatcher, build_app, model_id
-from discovery_mdc.frontend._state import ModelInfo, unservable_model_id
+from discovery_mdc.frontend._state import ModelInfo, ModelStats, unservable_model_id
 
 
 async def _resolve(card: ModelDeploymentCard, *, alternates: dict[str, list[str]]) -> FakeResolved:
@@ -66,6 +66,12 @@ async def test_models_list_has_the_openai_shape_and_details_name_instances(
 
     missing = await client.get("/v1/models/org/nope")
     assert missing.status == 404
+    assert (await missing.json())["error"] == {
+        "message": "The model 'org/nope' does not exist",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
 
 
 async def test_health_and_metrics_report_watch_and_cache_counters(
@@ -80,7 +86,7 @@ async def test_health_and_metrics_report_watch_and_cache_counters(
     assert health.status == 200 and (await health.json())["models"] == 1
     text = await (await client.get("/metrics")).text()
     for line in (
-        "discovery_mdc_bytes_fetched_total 1234.0",
+        "discovery_mdc_fetched_bytes_total 1234.0",
         "discovery_mdc_blob_fetches_total 3.0",
         "discovery_mdc_malformed_cards_total 1.0",
         'discovery_mdc_watch_events_total{type="put"} 2.0',
@@ -88,7 +94,6 @@ async def test_health_and_metrics_report_watch_and_cache_counters(
         'discovery_mdc_relists_total{reason="start"} 1.0',
         'discovery_mdc_relists_total{reason="compaction"} 0.0',
         "discovery_mdc_watch_reconnects_total 0.0",
-        "discovery_mdc_rejected_instances_total 0.0",
         "discovery_mdc_models_ready 1.0",
         'discovery_mdc_source_fetches_total{result="ok",source="10.0.0.1:8081"} 3.0',
         'discovery_mdc_reconcile_repairs_total{kind="delete"} 0.0',
@@ -100,6 +105,100 @@ async def test_health_and_metrics_report_watch_and_cache_counters(
     text = await (await client.get("/metrics")).text()
     assert 'discovery_mdc_reconcile_checks_total{kind="count"} 1.0' in text
     assert "discovery_mdc_reconcile_read_bytes_total 0.0" not in text
+
+
+async def test_models_carry_the_context_window_of_their_card(
+    served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
+) -> None:
+    store, watcher, client = served
+    await publish(store, 1, make_card("org/m").replace(context_length=8192))
+    await until(lambda: watcher.model("org/m") is not None)
+    [entry] = (await (await client.get("/v1/models")).json())["data"]
+    assert entry["context_window"] == 8192
+    assert (await (await client.get("/v1/models/org/m")).json())["context_window"] == 8192
+
+
+async def test_per_model_readiness_is_200_when_ready_and_503_when_not_or_unknown(
+    served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
+) -> None:
+    store, watcher, client = served
+    unknown = await client.get("/v1/models/org/m/ready")
+    assert unknown.status == 503
+    assert await unknown.json() == {
+        "model": "org/m", "ready": False, "status": "unknown", "instances": 0
+    }  # fmt: skip
+    await publish(store, 1, make_card("org/m"))
+    await until(lambda: watcher.model("org/m") is not None)
+    ready = await client.get("/v1/models/org/m/ready")
+    assert ready.status == 200
+    body = await ready.json()
+    assert (body["model"], body["ready"], body["instances"]) == ("org/m", True, 1)
+    assert body["namespaces"] == {"dynamo": {"worker_types": {"aggregated": {"workers": 1}}}}
+    await store.delete(key(1))
+    await until(lambda: watcher.model("org/m") is None)
+    assert (await client.get("/v1/models/org/m/ready")).status == 503
+
+
+async def test_live_is_200_whatever_etcd_does(
+    served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
+) -> None:
+    _, watcher, client = served
+    watcher.informer.connected = False  # what a lost watch looks like
+    assert (await client.get("/health")).status == 503
+    live = await client.get("/live")
+    assert live.status == 200 and await live.json() == {"status": "live"}
+
+
+async def _with_a_rejected_replica(
+    served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
+) -> TestClient:  # type: ignore[type-arg]
+    """org/m ready from instance 1; instance 2 (another tokenizer) rejected."""
+    store, watcher, client = served
+    await publish(store, 1, make_card("org/m"))
+    await until(lambda: watcher.model("org/m") is not None)
+    await publish(store, 2, make_card("org/m", tok="3"))
+    await until(lambda: watcher.rejected_keys() == {key(2)})
+    return client
+
+
+async def test_rejected_instances_are_listed_with_the_fields_that_differ(
+    served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
+) -> None:
+    client = await _with_a_rejected_replica(served)
+    [rejected] = (await (await client.get("/v1/models/org/m")).json())["rejected_instances"]
+    assert rejected["key"] == key(2)
+    assert rejected["mdcsum"] == mdcsum(make_card("org/m", tok="3"))
+    assert rejected["worker_set_mdcsum"] == mdcsum(make_card("org/m"))
+    assert rejected["diff"] == [
+        {
+            "field": "tokenizer",
+            "worker_set": f"blake3:{'2' * 64} (4 bytes)",
+            "instance": f"blake3:{'3' * 64} (4 bytes)",
+        }
+    ]
+    assert "tokenizer" in rejected["reason"] and "3" * 64 in rejected["reason"]
+
+
+async def test_metrics_an_sre_alerts_on(
+    served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
+) -> None:
+    client = await _with_a_rejected_replica(served)
+    response = await client.get("/metrics")
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = await response.text()
+    for line in (
+        'discovery_mdc_model_ready{model="org/m"} 1.0',
+        'discovery_mdc_model_instances{model="org/m"} 1.0',
+        'discovery_mdc_model_rejected_instances{model="org/m"} 1.0',
+        'discovery_mdc_rejected_instances_total{model="org/m"} 1.0',
+        "discovery_mdc_pipeline_seconds_count 1.0",
+        "discovery_mdc_blob_fetch_seconds_count 0.0",
+    ):
+        assert line in text, line
+    assert "\nprocess_cpu_seconds_total " in text and "\nprocess_open_fds " in text
+    assert 'discovery_mdc_build_info{version="' in text
+    assert "_created" not in text
+    assert "bytes_fetched" not in text
 
 
 class _EveryModel:
@@ -114,6 +213,9 @@ class _EveryModel:
     def model(self, name: str) -> ModelInfo:
         return ModelInfo(name, 0, ())
 
+    def model_stats(self) -> list[ModelStats]:
+        return []
+
 
 async def _served_ids(name: str) -> list[Any]:
     app = build_app(cast(ModelWatcher, _EveryModel()))
@@ -126,13 +228,18 @@ async def _served_ids(name: str) -> list[Any]:
         return ids
 
 
-_NAME_CHARS = st.one_of(
-    st.characters(), st.sampled_from("%?#+;= \\\n\t\r\x00\x7f\x85"), st.sampled_from("./")
+_SEGMENT = st.one_of(
+    st.text(
+        st.one_of(st.characters(), st.sampled_from("%?#+;=. \\\n\t\r\x00\x7f\x85")),
+        max_size=12,
+    ),
+    st.sampled_from([".", "..", "ready", ""]),
 )
+_NAMES = st.lists(_SEGMENT, min_size=1, max_size=4).map("/".join)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(_NAME_CHARS, max_size=30))
+@given(_NAMES)
 @example("Qwen/Qwen3-0.6B")
 @example("a//b/")
 @example("/leading")
@@ -142,6 +249,8 @@ _NAME_CHARS = st.one_of(
 @example("org/./m")
 @example("org/..")
 @example("a\nb")
+@example("org/ready")
+@example("ready")
 @example("\U0001f600" * 512)
 def test_every_model_id_admission_accepts_is_answered_by_its_own_url(name: str) -> None:
     if unservable_model_id(name) is None:

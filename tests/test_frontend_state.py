@@ -20,7 +20,7 @@ from discovery_mdc.card import (
     mdcsum,
 )
 from discovery_mdc.etcd import Change, ChangeKind
-from discovery_mdc.frontend._state import EventKind, NamespaceFilter, Registry
+from discovery_mdc.frontend._state import CREATED_MEMORY, EventKind, NamespaceFilter, Registry
 
 
 def _card(name: str = "org/m", tok: str = "2") -> ModelDeploymentCard:
@@ -88,6 +88,61 @@ def test_replica_with_different_mdcsum_is_rejected_loudly(caplog: pytest.LogCapt
     assert card_key("dynamo", "backend", "generate", 3) not in reg.instance_keys()
     assert mdcsum(_card()) in caplog.text and mdcsum(_card(tok="9")) in caplog.text
     assert "v1/mdc/dynamo/backend/generate/3" in caplog.text
+    # ... and says which field differs, with both values, in the log and the event.
+    differs = f"tokenizer blake3:{'2' * 64} (4 bytes) vs blake3:{'9' * 64} (4 bytes)"
+    assert differs in caplog.text
+    (event,) = out.events
+    assert differs in event.detail
+    assert [(d.field, d.first, d.second) for d in event.diff] == [
+        ("tokenizer", f"blake3:{'2' * 64} (4 bytes)", f"blake3:{'9' * 64} (4 bytes)")
+    ]
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.model == "org/m"  # type: ignore[attr-defined]
+    assert record.key == card_key("dynamo", "backend", "generate", 3)  # type: ignore[attr-defined]
+
+
+def test_a_rejection_names_context_length_block_size_and_worker_type() -> None:
+    reg = Registry()
+    reg.apply(_put(1))
+    other = _card().replace(context_length=8192, kv_cache_block_size=32)
+    (event,) = reg.apply(_put(2, other)).events
+    fields = {d.field: (d.first, d.second) for d in event.diff}
+    assert fields == {"context_length": ("0", "8192"), "kv_cache_block_size": ("16", "32")}
+    (rejected,) = reg.rejected_instances("org/m")
+    assert rejected.key == card_key("dynamo", "backend", "generate", 2)
+    assert rejected.diff == event.diff and rejected.reason == event.detail
+
+
+def test_model_stats_count_every_known_model_ready_or_not() -> None:
+    reg = Registry()
+    reg.apply(_put(1))
+    reg.apply(_put(2, _card(tok="9")))  # rejected: same worker set, other mdcsum
+    reg.apply(_put(3, _card("org/other")))
+    stats = {s.name: s for s in reg.model_stats()}
+    assert (stats["org/m"].ready, stats["org/m"].instances, stats["org/m"].rejected) == (
+        False, 1, 1
+    )  # fmt: skip
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    stats = {s.name: s for s in reg.model_stats()}
+    assert (stats["org/m"].ready, stats["org/m"].ready_instances) == (True, 1)
+    assert (stats["org/other"].ready, stats["org/other"].instances) == (False, 1)
+
+
+def test_created_survives_a_brief_drop_out_but_not_a_long_one() -> None:
+    reg = Registry()
+    reg.apply(_put(1), now=100)
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"), now=100)
+    reg.apply(_delete(1), now=110)  # e.g. etcd down longer than the TTL
+    assert reg.ready_models() == []
+    reg.apply(_put(2), now=130)  # the worker re-registers under a new lease
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"), now=131)
+    (info,) = reg.ready_models()
+    assert info.created == 100
+    reg.apply(_delete(2), now=200)
+    reg.apply(_put(3), now=200 + CREATED_MEMORY + 1)
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"), now=200 + CREATED_MEMORY + 1)
+    (info,) = reg.ready_models()
+    assert info.created == 200 + CREATED_MEMORY + 1
 
 
 def test_deleting_every_instance_removes_the_model() -> None:
@@ -229,6 +284,7 @@ def test_sources_are_the_waiting_replicas_uris_per_blob() -> None:
         ("org/../m", "'.' or '..' path segment"),
         (".", "'.' or '..' path segment"),
         ("m" * 513, "513 characters long, above 512"),
+        ("org/ready", "ends in '/ready'"),
     ],
 )
 def test_a_model_id_the_route_cannot_serve_is_rejected_with_a_reason(

@@ -380,9 +380,39 @@ async def test_a_failed_unregister_changes_nothing_and_can_be_retried(
         assert store.keys() == [] and len(worker.registry) == 0 and worker.published == ()
 
 
-@pytest.mark.parametrize("worker_default", [None, False])
+async def test_registration_duration_is_a_histogram_on_the_status_server(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10, system_port=0, system_host="127.0.0.1") as worker:
+        await worker.register_model(make_model_dir("timed"))
+        assert worker.server is not None
+        sample = worker.server.metrics.get_sample_value
+        assert sample("discovery_mdc_worker_registration_seconds_count") == 1
+        assert (sample("discovery_mdc_worker_registration_seconds_sum") or 0) > 0
+
+
+def test_worker_from_env_reads_dynamos_variables_and_keywords_win() -> None:
+    env = {
+        "ETCD_LEASE_TTL": "7",
+        "DYN_SYSTEM_PORT": "0",
+        "DYN_SYSTEM_HOST": "127.0.0.1",
+        "DYN_SELF_HOST_METADATA": "off",
+        "ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS": "3",
+        "DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT": "4",
+    }
+    worker = Worker.from_env(MemoryStore(), env=env, lease_ttl=9)
+    assert worker.server is not None and worker.server.host == "127.0.0.1"
+    assert worker.session.ttl == 9  # the keyword beats ETCD_LEASE_TTL
+    assert worker._self_host is False
+    # Without DYN_SYSTEM_PORT there is no status server; the constructor reads no variable.
+    assert Worker.from_env(MemoryStore(), env={}).server is None
+    assert Worker(MemoryStore()).server is None
+
+
+@pytest.mark.parametrize("worker_default", [True, False])
 async def test_self_host_metadata_is_chosen_per_model(
-    make_model_dir: Callable[..., Path], worker_default: bool | None
+    make_model_dir: Callable[..., Path], worker_default: bool
 ) -> None:
     store = MemoryStore()
     async with Worker(
@@ -405,13 +435,13 @@ async def test_self_host_metadata_is_chosen_per_model(
             return all(f.path.startswith(base) for _, f in p.card.files())
 
         # Per model, whatever the Worker says; None falls back to the Worker's setting.
-        assert self_hosted(default) is (worker_default is None)
+        assert self_hosted(default) is worker_default
         assert self_hosted(hosted) and hosted.card.extra_files
         assert not any(f.path.startswith("http") for _, f in local.card.files())
         assert local.card.extra_files == ()
         keys = worker.registry.keys()
         assert {k.split("/")[0] for k in keys if k.count("/") == 1} == (
-            {"a", "b"} if worker_default is None else {"b"}
+            {"a", "b"} if worker_default else {"b"}
         )
 
 

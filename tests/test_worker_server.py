@@ -270,6 +270,23 @@ async def test_metrics_count_metadata_requests_and_bytes_by_status(
     assert _samples(text, "discovery_mdc_metadata_sent_bytes") == {"200": 2.0 * config.size}  # type: ignore[operator]
 
 
+async def test_metrics_count_files_and_carry_the_standard_series(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    card = self_hosted(server, make_model_dir("tiny"))
+    files = len(list(card.files()))
+    assert len(server.registry) == 2 * files  # a key per route
+    status, headers, body = await raw_request(server.port, "/metrics")
+    assert status == 200
+    # The same content type as the frontend's /metrics.
+    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = body.decode()
+    assert f"discovery_mdc_metadata_registered_files {float(files)}" in text
+    assert "\nprocess_cpu_seconds_total " in text and "\nprocess_resident_memory_bytes " in text
+    assert 'discovery_mdc_build_info{version="' in text
+    assert "_created" not in text
+
+
 async def test_two_servers_in_one_process_keep_separate_metrics() -> None:
     async with (
         StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as a,
@@ -280,19 +297,21 @@ async def test_two_servers_in_one_process_keep_separate_metrics() -> None:
         assert _samples(body.decode(), "discovery_mdc_metadata_requests") == {}
 
 
-async def test_health_and_live_follow_the_health_callback() -> None:
+async def test_health_follows_the_health_callback_and_live_does_not() -> None:
     state = {"ready": True}
     async with StatusServer(
         "127.0.0.1", 0, registry=MetadataRegistry(), health=lambda: state["ready"]
     ) as srv:
-        for route in ("/health", "/live"):
-            status, headers, body = await raw_request(srv.port, route)
-            assert (status, body) == (200, b'{"status": "ready"}')
-            assert headers["content-type"].startswith("application/json")
+        status, headers, body = await raw_request(srv.port, "/health")
+        assert (status, body) == (200, b'{"status": "ready"}')
+        assert headers["content-type"].startswith("application/json")
         state["ready"] = False
-        for route in ("/health", "/live"):
-            status, _, body = await raw_request(srv.port, route)
-            assert (status, body) == (503, b'{"status": "notready"}')
+        status, _, body = await raw_request(srv.port, "/health")
+        assert (status, body) == (503, b'{"status": "notready"}')
+        # Liveness is the process, not etcd: a lost lease must not get the worker restarted.
+        status, headers, body = await raw_request(srv.port, "/live")
+        assert (status, body) == (200, b'{"status": "live"}')
+        assert headers["content-type"].startswith("application/json")
 
 
 async def test_a_raising_health_callback_reports_not_ready() -> None:

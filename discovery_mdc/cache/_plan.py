@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 import blake3
 
+from discovery_mdc._env import default_cache_root
 from discovery_mdc.card import (
     MAX_FILE_SIZE,
     CheckedFile,
@@ -59,16 +60,6 @@ EMPTY_SLUG_DIR: Final = "_"
 TEMP_PREFIX: Final = ".tmp-"
 _SLUG_DIR: Final = re.compile(r"[a-z0-9_-]+")
 _NAME_MAX: Final = 255
-
-
-def default_cache_root(env: Mapping[str, str] | None = None) -> Path:
-    """``DYN_MDC_CACHE_DIR``, else ``$HOME/.cache/dynamo/mdc``."""
-    env = os.environ if env is None else env
-    explicit = env.get("DYN_MDC_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    home = env.get("HOME")
-    return (Path(home) if home else Path.home()) / ".cache" / "dynamo" / "mdc"
 
 
 def resolve_cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:

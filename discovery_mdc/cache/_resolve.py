@@ -6,14 +6,16 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
+from discovery_mdc._metrics import Durations
 from discovery_mdc.cache._fetch import FetchConfig, fetch_uri
 from discovery_mdc.cache._plan import (
     CacheLayout,
@@ -63,7 +65,8 @@ _SOURCE_ERRORS = (FetchError, ChecksumMismatchError, SizeLimitError)
 
 @dataclass(slots=True)
 class CacheStats:
-    """Counters for metrics; read the attributes (or :meth:`snapshot`) at any time."""
+    """Counters for metrics; read the attributes (or :meth:`snapshot`) at any time.
+    ``fetch_seconds`` holds the duration of every successful blob fetch (all its attempts)."""
 
     bytes_fetched: int = 0
     fetches: int = 0
@@ -72,10 +75,17 @@ class CacheStats:
     repairs: int = 0
     by_source: Counter[tuple[str, str]] = field(default_factory=Counter)
     """(source, "ok" | "failed") -> fetch attempts; the source is ``host:port`` for http(s)."""
+    fetch_seconds: Durations = field(default_factory=Durations)
 
     def snapshot(self) -> dict[str, int]:
         """The scalar counters."""
-        return {k: v for k, v in asdict(self).items() if isinstance(v, int)}
+        return {
+            "bytes_fetched": self.bytes_fetched,
+            "fetches": self.fetches,
+            "hits": self.hits,
+            "failures": self.failures,
+            "repairs": self.repairs,
+        }
 
 
 _STATS = CacheStats()
@@ -236,6 +246,7 @@ class _Run:
 
     async def fetch(self, fp: FilePlan) -> int:
         errors: list[tuple[str, Exception]] = []
+        began = time.monotonic()
         progress = self.progress
         on_progress = (
             (lambda n: progress(fp.filename, n, fp.size)) if progress is not None else None
@@ -261,7 +272,8 @@ class _Run:
                     )
                 self.store.publish(staging)
             except _SOURCE_ERRORS as exc:
-                log.error("rejected %s for %s (%s): %s", uri, fp.filename, fp.slot, exc)
+                log.error("rejected %s for %s (%s): %s", uri, fp.filename, fp.slot, exc,
+                          extra={"uri": uri, "reason": str(exc)})  # fmt: skip
                 self.stats.by_source[source_label(uri), "failed"] += 1
                 errors.append((uri, exc))
                 continue
@@ -270,7 +282,9 @@ class _Run:
             self.stats.fetches += 1
             self.stats.bytes_fetched += staging.received
             self.stats.by_source[source_label(uri), "ok"] += 1
-            log.info("cached %s (%d bytes) from %s", fp.blob_path, staging.received, uri)
+            self.stats.fetch_seconds.observe(time.monotonic() - began)
+            log.info("cached %s (%d bytes) from %s", fp.blob_path, staging.received, uri,
+                     extra={"uri": uri})  # fmt: skip
             return staging.received
         if len(errors) == 1:
             raise errors[0][1]

@@ -11,6 +11,7 @@ from discovery_mdc.card._build import (
     model_root,
 )
 from discovery_mdc.card._checksum import Checksum, HashCancelled, hash_bytes, hash_file
+from discovery_mdc.card._diff import CardFieldDiff, card_diff, explain_card_diff
 from discovery_mdc.card._envelope import (
     INSTANCES_PREFIX,
     MDC_PREFIX,
@@ -48,6 +49,7 @@ __all__ = [
     "MDC_PREFIX",
     "MODEL_TYPE_FLAGS",
     "WEIGHT_PATTERNS",
+    "CardFieldDiff",
     "CardKey",
     "CheckedFile",
     "Checksum",
@@ -59,12 +61,14 @@ __all__ = [
     "Slot",
     "SlotVariant",
     "WorkerType",
+    "card_diff",
     "card_key",
     "decode_card",
     "decode_envelope",
     "encode_card",
     "encode_envelope",
     "endpoint_key",
+    "explain_card_diff",
     "format_model_type",
     "from_dir",
     "hash_bytes",

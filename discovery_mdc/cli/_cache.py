@@ -35,7 +35,7 @@ from discovery_mdc.cache import (
     select_cards,
     verify_cache,
 )
-from discovery_mdc.cli._common import EXIT_FAILED, EXIT_OK, add_env_option, examples
+from discovery_mdc.cli._common import EXIT_FAILED, EXIT_OK, add_env_option, examples, seconds
 
 __all__ = ["add_fetch_parser", "register"]
 
@@ -175,21 +175,21 @@ def add_fetch_parser(card_sub: argparse._SubParsersAction[argparse.ArgumentParse
     add_env_option(fetch, "cache_dir")
     fetch.add_argument(
         "--lock-timeout",
-        type=float,
+        type=seconds(above=True),
         default=600.0,
         metavar="S",
         help="give up waiting for another process's fetch after S seconds (default %(default)s)",
     )
     fetch.add_argument(
         "--connect-timeout",
-        type=float,
+        type=seconds(above=True),
         default=10.0,
         metavar="S",
         help="HTTP connect timeout (default %(default)s)",
     )
     fetch.add_argument(
         "--timeout",
-        type=float,
+        type=seconds(above=True),
         default=300.0,
         metavar="S",
         help="total time allowed for one file from one URI (default %(default)s)",

@@ -16,7 +16,7 @@ from discovery_mdc.card import (
     from_dir,
     mdcsum,
 )
-from discovery_mdc.cli._common import EXIT_OK, examples
+from discovery_mdc.cli._common import EXIT_OK, examples, model_path
 from discovery_mdc.errors import CardDecodeError
 from discovery_mdc.worker import resolve_model_source
 
@@ -86,6 +86,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     inspect.add_argument(
         "path",
         metavar="PATH",
+        type=model_path,
         help="a model directory, an HF repo id in the local HF cache, or a card/envelope JSON",
     )
     inspect.add_argument(

@@ -1,29 +1,32 @@
-"""Shared CLI plumbing: the parser class, logging setup, exit codes, env-backed options.
+"""Shared CLI plumbing: the parser class, exit codes, value types, env-backed options.
 
 Every option that an environment variable can also set is declared once here, in
-:data:`ENV_OPTIONS`, and added to a subcommand with :func:`add_env_option`. The flag beats the
+:data:`ENV_OPTIONS`, and added to a subcommand with :func:`add_env_option`; the variables
+themselves (names, parsers, defaults) live in :mod:`discovery_mdc._env`. The flag beats the
 variable, which beats the default. Variables are read after parsing, by
 :func:`apply_env_options`, so a bad value is reported as a usage error (exit 2) naming the
-variable, not as a traceback while the parser is being built.
+variable, not as a traceback while the parser is being built. Checks that need the outside
+world (a host name that must resolve, a cache dir that must not be a file) run there too,
+for flags and variables alike, before any subcommand does anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
+import contextlib
+import math
 import os
 import signal
-import sys
-import time
-from collections.abc import Callable, Mapping
+import socket
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
-from urllib.parse import urlsplit
+from pathlib import Path
+from typing import Any, Final, TypeVar
 
-from discovery_mdc.etcd import DEFAULT_ENDPOINT, DEFAULT_LEASE_TTL, EtcdClient, lease_ttl_from_env
-from discovery_mdc.worker import self_host_enabled
+from discovery_mdc import _env
+from discovery_mdc.cli._logging import final_line
+from discovery_mdc.etcd import EtcdClient
 
 __all__ = [
     "ENV_OPTIONS",
@@ -33,20 +36,20 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "LOG_FORMATS",
-    "LOG_LEVELS",
     "CliParser",
     "EnvOption",
     "HelpFormatter",
     "UsageError",
     "add_env_option",
     "apply_env_options",
-    "configure_logging",
+    "argtype",
     "etcd_client",
     "examples",
-    "stop_on_signals",
-    "etcd_endpoints",
-    "lease_ttl",
+    "model_path",
     "port_number",
+    "seconds",
+    "stop_on_signals",
+    "until_stopped",
 ]
 
 EXIT_OK: Final = 0
@@ -55,8 +58,9 @@ EXIT_USAGE: Final = 2
 # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
 EXIT_INTERRUPTED: Final = 130
 
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
+
+_T = TypeVar("_T")
 
 
 class UsageError(Exception):
@@ -80,6 +84,73 @@ class HelpFormatter(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
+# --------------------------------------------------------------------------- value types
+
+
+def argtype(parse: Callable[[str], _T], name: str | None = None) -> Callable[[str], _T]:
+    """An argparse ``type`` from one of :mod:`discovery_mdc._env`'s parsers."""
+
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name or getattr(parse, "__name__", "value").lstrip("_")
+    return convert
+
+
+port_number = argtype(_env.parse_port, "port")
+
+
+def seconds(*, minimum: float = 0.0, above: bool = False) -> Callable[[str], float]:
+    """An argparse type for a finite number of seconds, at least ``minimum`` (more than it
+    if ``above``): ``nan``, ``inf`` and negative values are refused."""
+
+    def parse(text: str) -> float:
+        value = _env.parse_seconds(text, minimum=-math.inf if above else minimum)
+        if above and value <= minimum:
+            raise ValueError(f"must be more than {minimum:g} seconds, got {text.strip()}")
+        return value
+
+    return argtype(parse, "seconds")
+
+
+def _model_path(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text)
+        raise ValueError(
+            f"{shown!r} is not valid UTF-8; a card's source_path must be UTF-8 text"
+        ) from None
+    if not text.strip():
+        raise ValueError("the model path is empty")
+    return text
+
+
+#: ``--model-path`` (and ``card inspect PATH``): any path or HF repo id that is UTF-8.
+model_path = argtype(_model_path, "model path")
+
+
+def _resolvable(value: str) -> None:
+    host = value.strip("[]")
+    try:
+        socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"host {value!r} does not resolve ({reason})") from None
+
+
+def _not_a_file(value: str) -> None:
+    path = Path(value)
+    for candidate in (path, *path.parents):
+        if candidate.exists() and not candidate.is_dir():
+            what = "is" if candidate == path else f"is inside {str(candidate)!r}, which is"
+            raise ValueError(f"{value!r} {what} not a directory")
+    return None
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -88,8 +159,9 @@ class CliParser(argparse.ArgumentParser):
     options itself, so ``--log-level``/``--log-format`` work before or after any subcommand.
 
     Subparsers inherit the class (``add_subparsers`` uses ``type(self)``). Only the root
-    (``root=True``) has real defaults; on subcommands the options default to ``SUPPRESS`` so
-    an option given before the subcommand is not reset by the subcommand's parser.
+    (``root=True``) has real defaults (None: then ``DYN_LOG``/``DYN_LOGGING_JSONL``, else the
+    subcommand's default); on subcommands the options default to ``SUPPRESS`` so an option
+    given before the subcommand is not reset by the subcommand's parser.
     """
 
     def __init__(self, *args: Any, root: bool = False, **kwargs: Any) -> None:
@@ -97,113 +169,26 @@ class CliParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.add_argument(
             "--log-level",
-            choices=LOG_LEVELS,
-            # None at the root: main() then uses the subcommand's default_log_level, else info.
+            type=argtype(_env.parse_log_level, "log level"),
             default=None if root else argparse.SUPPRESS,
-            help="log verbosity on stderr (default info; warning for demo); debug also prints "
-            "the traceback of an unexpected error",
+            metavar="LEVEL",
+            help="log verbosity on stderr: debug, info, warning or error, any case (default: "
+            "DYN_LOG, else info; warning for demo); debug also prints the traceback of an "
+            "unexpected error",
         )
         self.add_argument(
             "--log-format",
+            type=str.lower,
             choices=LOG_FORMATS,
-            default="text" if root else argparse.SUPPRESS,
-            help="log line format on stderr: text (default), or json for one JSON object per line",
+            default=None if root else argparse.SUPPRESS,
+            help="log line format on stderr: text, or json for one JSON object per line "
+            "(default: json if DYN_LOGGING_JSONL is 1/true/on/yes, else text)",
         )
 
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, exit 2: argparse's default prints the whole usage block.
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        final_line(message, EXIT_USAGE, program=self.prog)
         raise SystemExit(EXIT_USAGE)
-
-
-# --------------------------------------------------------------------------- logging
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
-
-
-def configure_logging(level: str = "info", fmt: str = "text") -> None:
-    """Log to stderr at ``level`` as text or one JSON object per line."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # aiohttp's access log is noisy at info level.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-# --------------------------------------------------------------------------- value types
-
-
-def etcd_endpoints(text: str) -> str:
-    """Comma-separated etcd URLs (``http(s)://host:port``; a bare ``host:port`` means http)."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError("no etcd endpoint given")
-    for part in parts:
-        url = part if "://" in part else f"http://{part}"
-        try:
-            split = urlsplit(url)
-            port = split.port
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"bad etcd endpoint {part!r}: {exc}") from None
-        if split.scheme not in ("http", "https"):
-            raise argparse.ArgumentTypeError(
-                f"bad etcd endpoint {part!r}: the scheme must be http or https"
-            )
-        if not split.hostname or port is None:
-            raise argparse.ArgumentTypeError(
-                f"bad etcd endpoint {part!r}: expected http(s)://host:port"
-            )
-        if split.path not in ("", "/") or split.query or split.fragment:
-            raise argparse.ArgumentTypeError(
-                f"bad etcd endpoint {part!r}: an endpoint has no path, e.g. http://host:2379"
-            )
-    return ",".join(parts)
-
-
-def lease_ttl(text: str) -> int:
-    """A lease TTL: a whole number of seconds, at least 1."""
-    try:
-        return lease_ttl_from_env({"ETCD_LEASE_TTL": text})
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).replace("ETCD_LEASE_TTL ", "")) from None
-
-
-def port_number(text: str) -> int:
-    """A TCP port 0..65535 (0 picks a free one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535")
-    return value
-
-
-def _host(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("the host is empty")
-    return text.strip()
-
-
-def _self_host(text: str) -> bool:
-    return self_host_enabled(None, env={"DYN_SELF_HOST_METADATA": text})
 
 
 # --------------------------------------------------------------------------- env options
@@ -215,121 +200,164 @@ class EnvOption:
 
     dest: str
     flag: str
-    env: str
-    convert: Callable[[str], Any]
-    default: Any
+    var: _env.EnvVar[Any]
     help: str
     metavar: str | None = None
-    # For DYN_SELF_HOST_METADATA an empty value means "off"; elsewhere it means unset.
-    empty_is_unset: bool = True
-    # A flag that stores a constant (``--no-self-host``) instead of taking a value.
+    #: A flag that stores a constant (``--no-self-host``) instead of taking a value.
     const: Any = None
+    #: A check on the final value that needs the outside world (DNS, the file system).
+    check: Callable[[Any], None] | None = None
+
+    @property
+    def env(self) -> str:
+        return self.var.name
 
 
-#: Every env-backed option of the CLI, by ``dest``. The wire-format environment table.
+#: Every env-backed option of the CLI, by ``dest``.
 ENV_OPTIONS: Final[Mapping[str, EnvOption]] = {
     o.dest: o
     for o in (
         EnvOption(
-            "etcd",
-            "--etcd",
-            "ETCD_ENDPOINTS",
-            etcd_endpoints,
-            DEFAULT_ENDPOINT,
+            "etcd", "--etcd", _env.ETCD_ENDPOINTS,
             "comma-separated etcd endpoints, http(s)://host:port. Auth and TLS come from "
             "ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD and "
             "ETCD_AUTH_CA/ETCD_AUTH_CLIENT_CERT/ETCD_AUTH_CLIENT_KEY",
             metavar="URLS",
         ),
         EnvOption(
-            "lease_ttl",
-            "--lease-ttl",
-            "ETCD_LEASE_TTL",
-            lease_ttl,
-            DEFAULT_LEASE_TTL,
-            "lease TTL in whole seconds; keys vanish this long after the worker dies",
+            "startup_timeout", "--etcd-startup-timeout", _env.STARTUP_CONNECT_TIMEOUT,
+            "seconds to wait for an unreachable etcd at start, retrying with backoff, before "
+            "giving up with exit 1 (0: do not wait)",
             metavar="S",
         ),
         EnvOption(
-            "system_port",
-            "--system-port",
-            "DYN_SYSTEM_PORT",
-            port_number,
-            None,
-            "status server port (metadata, /health, /metrics); 0 picks a free one; "
+            "lease_ttl", "--lease-ttl", _env.ETCD_LEASE_TTL,
+            "lease TTL in whole seconds (at most etcd's 9000000000); keys vanish this long "
+            "after the worker dies",
+            metavar="S",
+        ),
+        EnvOption(
+            "system_port", "--system-port", _env.SYSTEM_PORT,
+            "status server port (metadata, /health, /live, /metrics); 0 picks a free one; "
             "unset: no status server, so no self-hosting",
             metavar="PORT",
         ),
         EnvOption(
-            "system_host",
-            "--system-host",
-            "DYN_SYSTEM_HOST",
-            _host,
-            None,
-            "status server bind address (default 0.0.0.0); a wildcard is advertised as "
-            "this host's routable IP",
+            "system_host", "--system-host", _env.SYSTEM_HOST,
+            "status server bind address; a wildcard is advertised as this host's routable IP",
             metavar="HOST",
+            check=_resolvable,
         ),
         EnvOption(
-            "self_host",
-            "--no-self-host",
-            "DYN_SELF_HOST_METADATA",
-            _self_host,
-            True,
+            "self_host", "--no-self-host", _env.SELF_HOST_METADATA,
             "publish local file paths instead of serving the files from the status server "
             "(the variable turns self-hosting off with 0, false, no, off or empty)",
-            empty_is_unset=False,
             const=False,
         ),
         EnvOption(
-            "cache_dir",
-            "--cache-dir",
-            "DYN_MDC_CACHE_DIR",
-            str,
-            None,
+            "shutdown_timeout", "--graceful-shutdown-timeout", _env.GRACEFUL_SHUTDOWN_TIMEOUT,
+            "the most a stopping worker spends revoking its lease and finishing metadata "
+            "downloads in flight, in whole seconds",
+            metavar="S",
+        ),
+        EnvOption(
+            "namespace", "--namespace", _env.NAMESPACE,
+            "namespace (worker default: dynamo; frontend: admit only this namespace, exact "
+            "match; empty or 'dynamo' = all)",
+            metavar="NS",
+        ),
+        EnvOption(
+            "namespace_prefix", "--namespace-prefix", _env.NAMESPACE_PREFIX,
+            "admit namespaces starting with this string (the variable wins over "
+            "DYN_NAMESPACE)",
+            metavar="P",
+        ),
+        EnvOption(
+            "component", "--component", _env.COMPONENT,
+            "component (default backend)",
+            metavar="C",
+        ),
+        EnvOption(
+            "endpoint", "--endpoint", _env.ENDPOINT,
+            "endpoint: a name (default generate), or dyn://namespace.component.endpoint as "
+            "Dynamo backends take it",
+            metavar="E",
+        ),
+        EnvOption(
+            "http_host", "--http-host", _env.HTTP_HOST,
+            "address to serve the HTTP API on",
+            metavar="HOST",
+            check=_resolvable,
+        ),
+        EnvOption(
+            "http_port", "--http-port", _env.HTTP_PORT,
+            "port for the HTTP API; 0 picks a free one",
+            metavar="PORT",
+        ),
+        EnvOption(
+            "cache_dir", "--cache-dir", _env.CACHE_DIR,
             "metadata cache root (default $HOME/.cache/dynamo/mdc)",
             metavar="DIR",
+            check=_not_a_file,
         ),
     )
-}
+}  # fmt: skip
 
 
-def add_env_option(parser: argparse.ArgumentParser, dest: str) -> None:
-    """Add the env-backed option ``dest`` (a key of :data:`ENV_OPTIONS`) to ``parser``."""
+def add_env_option(parser: argparse.ArgumentParser | Any, dest: str) -> None:
+    """Add the env-backed option ``dest`` (a key of :data:`ENV_OPTIONS`) to ``parser`` (or
+    an argument group)."""
     opt = ENV_OPTIONS[dest]
-    default = "" if opt.default is None else f"; default {opt.default}"
-    text = f"{opt.help} (env {opt.env}{default})"
+    default = opt.var.default
+    shown = "" if default is None or isinstance(default, bool) else f"; default {default}"
+    text = f"{opt.help} (env {opt.env}{shown})"
     if opt.const is not None:
         parser.add_argument(
             opt.flag, dest=dest, action="store_const", const=opt.const, default=None, help=text
         )
     else:
         parser.add_argument(
-            opt.flag, dest=dest, type=opt.convert, default=None, metavar=opt.metavar, help=text
+            opt.flag,
+            dest=dest,
+            type=argtype(opt.var.parse, opt.flag),
+            default=None,
+            metavar=opt.metavar,
+            help=text,
         )
 
 
-def apply_env_options(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> None:
-    """Fill every env-backed option the flag left unset from its variable, else its default.
+def apply_env_options(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> set[str]:
+    """Fill every env-backed option the flag left unset from its variable, else its default,
+    then run each option's check. Returns the ``dest`` of the options set by a variable.
 
-    Raises :class:`UsageError` naming the variable when its value is bad.
+    Raises :class:`~discovery_mdc.errors.ConfigError` naming the variable when its value is
+    bad, and :class:`UsageError` naming the flag or variable when a check fails.
     """
-    environ = os.environ if env is None else env
+    from_env: set[str] = set()
     for dest, opt in ENV_OPTIONS.items():
-        if getattr(args, dest, "absent") is not None:
-            continue  # given as a flag, or not an option of this subcommand
-        value = opt.default
-        raw = environ.get(opt.env)
-        if raw is not None and (raw.strip() or not opt.empty_is_unset):
+        current = getattr(args, dest, "absent")
+        if current == "absent":
+            continue  # not an option of this subcommand
+        source = opt.flag
+        if current is None:
+            raw = opt.var.raw(env)
+            setattr(args, dest, opt.var.get(env))
+            if raw is not None:
+                from_env.add(dest)
+                source = f"{opt.env}={raw!r}"
+        value = getattr(args, dest)
+        if opt.check is not None and value is not None:
             try:
-                value = opt.convert(raw)
-            except (argparse.ArgumentTypeError, ValueError) as exc:
-                raise UsageError(f"{opt.env}={raw!r}: {exc}") from None
-        setattr(args, dest, value)
+                opt.check(value)
+            except ValueError as exc:
+                raise UsageError(f"{source}: {exc}") from None
+    return from_env
 
 
 #: Variables naming files the etcd client reads for TLS.
-ETCD_TLS_FILES: Final = ("ETCD_AUTH_CA", "ETCD_AUTH_CLIENT_CERT", "ETCD_AUTH_CLIENT_KEY")
+ETCD_TLS_FILES: Final = tuple(
+    v.name for v in (_env.ETCD_AUTH_CA, _env.ETCD_AUTH_CLIENT_CERT, _env.ETCD_AUTH_CLIENT_KEY)
+)
 
 
 def etcd_client(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> EtcdClient:
@@ -338,15 +366,17 @@ def etcd_client(args: argparse.Namespace, env: Mapping[str, str] | None = None) 
     Raises :class:`UsageError` for a TLS file that cannot be read or a password without a
     user, before any connection is tried.
     """
-    environ = os.environ if env is None else env
-    for name in ETCD_TLS_FILES:
-        path = environ.get(name)
+    for var in (_env.ETCD_AUTH_CA, _env.ETCD_AUTH_CLIENT_CERT, _env.ETCD_AUTH_CLIENT_KEY):
+        path = var.get(env)
         if path and not os.access(path, os.R_OK):
-            raise UsageError(f"{name}={path!r}: no such readable file")
+            raise UsageError(f"{var.name}={path!r}: no such readable file")
     try:
-        return EtcdClient.from_env({**environ, "ETCD_ENDPOINTS": args.etcd})
+        return EtcdClient.from_env(env, endpoints=args.etcd)
     except ValueError as exc:
         raise UsageError(f"ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD: {exc}") from None
+
+
+# --------------------------------------------------------------------------- signals
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -356,3 +386,24 @@ def stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def until_stopped(work: Awaitable[_T], stop: asyncio.Event) -> tuple[bool, _T | None]:
+    """Run ``work`` until it finishes or ``stop`` is set, whichever comes first.
+
+    Returns ``(True, result)`` when it finished (re-raising its error), ``(False, None)``
+    when ``stop`` came first; the work is then cancelled and awaited, so a startup wait on
+    an unreachable or hung etcd never delays a SIGTERM.
+    """
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return False, None

@@ -37,9 +37,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.cache import cache_stats
 from discovery_mdc.card import decode_envelope
-from discovery_mdc.cli._common import EXIT_INTERRUPTED, EXIT_OK, examples
+from discovery_mdc.cli._common import EXIT_INTERRUPTED, EXIT_OK, examples, model_path
 from discovery_mdc.errors import CardDecodeError, DiscoveryError
-from discovery_mdc.etcd import EtcdClient, EtcdServer, LeaseSession
+from discovery_mdc.etcd import EtcdClient, EtcdServer
 from discovery_mdc.frontend import ModelWatcher, build_app, model_id
 from discovery_mdc.worker import PublishedModel, Worker, resolve_model_source
 
@@ -96,11 +96,10 @@ async def _start_worker(
     stack: contextlib.AsyncExitStack, run: _Run, name: str, model_dir: str
 ) -> _Replica:
     client = await stack.enter_async_context(EtcdClient([run.etcd.client_url]))
-    # Short close timeout: on Ctrl-C in a terminal etcd gets the SIGINT too, and a revoke
+    # Short shutdown: on Ctrl-C in a terminal etcd gets the SIGINT too, and a revoke
     # against a dead etcd must not hold up the cleanup.
-    session = LeaseSession(client, close_timeout=2.0)
     worker = Worker(
-        client, system_port=0, system_host=_HOST, self_host_metadata=True, session=session
+        client, system_port=0, system_host=_HOST, self_host_metadata=True, shutdown_timeout=2.0
     )
     await stack.enter_async_context(worker)
     begin = time.monotonic()
@@ -453,6 +452,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo.add_argument(
         "--model-path",
         default=None,
+        type=model_path,
         metavar="DIR",
         help="serve this model directory (or a cached HF repo id) instead of a generated "
         "sample model",

@@ -19,44 +19,75 @@ from discovery_mdc.cli._common import (
     add_env_option,
     etcd_client,
     examples,
-    port_number,
+    seconds,
     stop_on_signals,
+    until_stopped,
 )
 from discovery_mdc.errors import CardDecodeError
-from discovery_mdc.etcd import DEFAULT_RECONCILE_INTERVAL, KeyValue
-from discovery_mdc.frontend import ModelWatcher, build_app, model_id
+from discovery_mdc.etcd import DEFAULT_RECONCILE_INTERVAL, Change, ChangeKind, KeyValue
+from discovery_mdc.frontend import (
+    EventKind,
+    ModelEvent,
+    ModelWatcher,
+    Registry,
+    build_app,
+    model_id,
+)
 
 __all__ = ["register"]
 
 log = logging.getLogger("discovery_mdc.cli")
 
 
+def _scope(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(namespace, namespace prefix): a flag beats the other one's variable; of the two
+    variables DYN_NAMESPACE_PREFIX wins, as in Dynamo."""
+    namespace, prefix = args.namespace, args.namespace_prefix
+    if namespace is not None and prefix is not None:
+        if "namespace_prefix" not in args.from_env:
+            namespace = None  # --namespace-prefix beats DYN_NAMESPACE
+        elif "namespace" not in args.from_env:
+            prefix = None  # --namespace beats DYN_NAMESPACE_PREFIX
+        else:
+            namespace = None
+    return namespace, prefix
+
+
 async def _serve_frontend(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
-    async with (
-        etcd_client(args) as client,
-        ModelWatcher(
+    namespace, prefix = _scope(args)
+    async with etcd_client(args) as client:
+        watcher = ModelWatcher(
             client,
-            namespace=args.namespace,
-            namespace_prefix=args.namespace_prefix,
+            namespace=namespace,
+            namespace_prefix=prefix,
             cache_dir=args.cache_dir,
             reconcile_interval=args.reconcile_interval,
-        ) as watcher,
-    ):
+            startup_timeout=args.startup_timeout,
+        )
         runner = web.AppRunner(build_app(watcher), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, args.http_host, args.http_port)
-        await site.start()
-        port = runner.addresses[0][1] if runner.addresses else args.http_port
-        log.info(
-            "frontend listening on http://%s:%d (watching etcd %s)", args.http_host, port, args.etcd
-        )
-        if args.port_file:
-            Path(args.port_file).write_text(str(port))  # noqa: ASYNC240 (a few bytes, once)
         try:
-            await stop.wait()
+            # Serve first: /live answers (and /health says 503) while etcd is awaited.
+            site = web.TCPSite(runner, args.http_host, args.http_port)
+            await site.start()
+            port = runner.addresses[0][1] if runner.addresses else args.http_port
+            log.info(
+                "frontend listening on http://%s:%d (watching etcd %s)",
+                args.http_host,
+                port,
+                args.etcd,
+            )
+            if args.port_file:
+                Path(args.port_file).write_text(str(port))  # noqa: ASYNC240 (a few bytes, once)
+            started, _ = await until_stopped(watcher.start(), stop)
+            if started:
+                await stop.wait()
+            else:
+                log.info("frontend stopped before its first listing of etcd")
         finally:
             log.info("frontend stopping")
+            await watcher.close()
             await runner.cleanup()
     return EXIT_OK
 
@@ -65,9 +96,32 @@ def _frontend(args: argparse.Namespace) -> int:
     return asyncio.run(_serve_frontend(args))
 
 
+def _rejections(kvs: Sequence[KeyValue]) -> dict[str, ModelEvent]:
+    """The Rejected event a frontend would emit for each card it would reject: the same
+    admission, fed the keys in the order etcd wrote them (as a running frontend's watch sees
+    them)."""
+    registry = Registry()
+    rejected: dict[str, ModelEvent] = {}
+    # The registry logs each rejection; `ls` reports them in its output instead.
+    quiet = logging.getLogger("discovery_mdc.frontend")
+    quiet.disabled = True
+    try:
+        for kv in sorted(kvs, key=lambda kv: kv.mod_revision):
+            out = registry.apply(Change(ChangeKind.PUT, kv.key, kv.value, kv.mod_revision))
+            rejected.update(
+                (e.key, e) for e in out.events if e.kind is EventKind.REJECTED and e.key
+            )
+    finally:
+        quiet.disabled = False
+    return rejected
+
+
 def _card_rows(kvs: Sequence[KeyValue]) -> list[dict[str, Any]]:
     """One row per key under ``v1/mdc/``: what it is and, for a card, its model and mdcsum.
-    ``status`` is ``ok``, ``malformed`` or ``not_a_card_key``; ``reason`` says why."""
+    ``status`` is ``ok``, ``malformed``, ``not_a_card_key`` or ``rejected`` (a frontend would
+    refuse it for an mdcsum mismatch); ``reason`` says why, and for a rejected card ``diff``
+    lists each differing field with the worker set's and this card's value."""
+    rejected = _rejections(kvs)
     rows = []
     for kv in kvs:
         parsed = parse_card_key(kv.key)
@@ -81,6 +135,7 @@ def _card_rows(kvs: Sequence[KeyValue]) -> list[dict[str, Any]]:
             "lease": f"{kv.lease:x}",
             "status": "ok",
             "reason": None,
+            "diff": None,
         }
         if parsed is None:
             row.update(
@@ -93,6 +148,16 @@ def _card_rows(kvs: Sequence[KeyValue]) -> list[dict[str, Any]]:
                 row.update(status="malformed", reason=str(exc))
             else:
                 row.update(model=model_id(env.card), mdcsum=mdcsum(env.card))
+                event = rejected.get(kv.key)
+                if event is not None:
+                    row.update(
+                        status="rejected",
+                        reason=event.detail,
+                        diff=[
+                            {"field": d.field, "worker_set": d.first, "instance": d.second}
+                            for d in event.diff
+                        ],
+                    )
         rows.append(row)
     return rows
 
@@ -108,18 +173,20 @@ async def _list_cards(args: argparse.Namespace) -> int:
         for row in rows:
             sys.stdout.write(row["key"] + "\n")
         return EXIT_OK
-    table = [("KEY", "MODEL", "MDCSUM", "LEASE")]
+    notes = any(row["status"] == "rejected" for row in rows)
+    table = [("KEY", "MODEL", "MDCSUM", "LEASE", "NOTE" if notes else "")]
     for row in rows:
-        if row["status"] == "ok":
-            table.append((row["key"], row["model"], row["mdcsum"], row["lease"]))
+        if row["status"] in ("ok", "rejected"):
+            note = f"REJECTED: {row['reason']}" if row["status"] == "rejected" else ""
+            table.append((row["key"], row["model"], row["mdcsum"], row["lease"], note))
         else:
             what = "not a card key" if row["status"] == "not_a_card_key" else "malformed"
             label = f"({what}: {row['reason']})" if row["status"] == "malformed" else f"({what})"
-            table.append((row["key"], label, "-", row["lease"]))
-    widths = [max(len(r[i]) for r in table) for i in range(3)]
+            table.append((row["key"], label, "-", row["lease"], ""))
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
     for cells in table:
-        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)))
-        sys.stdout.write(f"  {cells[3]}\n")
+        line = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))
+        sys.stdout.write(f"{line}  {cells[4]}".rstrip() + "\n")
     return EXIT_OK
 
 
@@ -133,7 +200,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="watch etcd for cards, verify and cache their metadata, serve /v1/models",
         description="Watch v1/mdc/ in etcd, admit workers into worker sets by mdcsum, fetch "
         "and verify every metadata file into the cache, and serve the ready models on "
-        "GET /v1/models (plus /v1/models/{id}, /health and /metrics).",
+        "GET /v1/models (plus /v1/models/{id}, /v1/models/{id}/ready, /health, /live and "
+        "/metrics). While etcd is unreachable at start it waits, up to "
+        "--etcd-startup-timeout.",
         epilog=examples(
             ("discovery-mdc frontend --http-port 8000", "every namespace, on 127.0.0.1:8000"),
             (
@@ -143,32 +212,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             ("curl -s localhost:8000/v1/models | jq '.data[].id'", "what it serves"),
         ),
     )
-    add_env_option(fe, "etcd")
-    fe.add_argument(
-        "--http-host",
-        default="127.0.0.1",
-        help="address to serve the HTTP API on (default %(default)s)",
-    )
-    fe.add_argument(
-        "--http-port",
-        type=port_number,
-        default=8000,
-        help="port for the HTTP API; 0 picks a free one (default %(default)s)",
-    )
+    for dest in ("etcd", "startup_timeout", "http_host", "http_port"):
+        add_env_option(fe, dest)
     scope = fe.add_mutually_exclusive_group()
-    scope.add_argument(
-        "--namespace",
-        default=None,
-        help="admit only this namespace (exact match; empty or 'dynamo' = all)",
-    )
-    scope.add_argument(
-        "--namespace-prefix", default=None, help="admit namespaces starting with this string"
-    )
+    add_env_option(scope, "namespace")
+    add_env_option(scope, "namespace_prefix")
     add_env_option(fe, "cache_dir")
     fe.add_argument(
         "--reconcile-interval",
-        type=float,
+        type=seconds(minimum=0),
         default=DEFAULT_RECONCILE_INTERVAL,
+        metavar="S",
         help="seconds between checks of the registry against etcd; a check reads only what "
         "changed, repairs what the watch missed and restarts a silent watch; 0 turns them off "
         "(default %(default)g)",
@@ -182,7 +236,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "ls",
         help="list the cards in etcd without downloading anything",
         description="List every key under v1/mdc/ with its model, mdcsum and lease (a "
-        "malformed value or a key that is not a card key is listed with the reason).",
+        "malformed value or a key that is not a card key is listed with the reason, and a "
+        "card a frontend would reject for an mdcsum mismatch with the fields that differ).",
         epilog=examples(
             ("discovery-mdc ls --etcd http://etcd-0:2379", "a table: KEY MODEL MDCSUM LEASE"),
             ("discovery-mdc ls -q", "only the keys, one per line"),

@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from discovery_mdc import __version__
+from discovery_mdc import __version__, _env
 from discovery_mdc.cli._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -22,17 +22,23 @@ from discovery_mdc.cli._common import (
     CliParser,
     UsageError,
     apply_env_options,
-    configure_logging,
     examples,
 )
-from discovery_mdc.errors import CardError, DiscoveryError, ModelDirError, RegistryError
+from discovery_mdc.cli._logging import configure_logging, final_line, guess_format
+from discovery_mdc.errors import (
+    CardError,
+    ConfigError,
+    DiscoveryError,
+    ModelDirError,
+    RegistryError,
+)
 
 __all__ = ["build_parser", "main"]
 
 # Each module defines register(subparsers). Listed by name so subcommands stay independent.
 _SUBCOMMAND_MODULES = ("_card", "_worker", "_frontend", "_cache", "_demo")
 # Errors in what the user gave us (a model dir, a card file, a name): exit 2, not 1.
-_BAD_INPUT = (UsageError, CardError, ModelDirError, RegistryError)
+_BAD_INPUT = (UsageError, ConfigError, CardError, ModelDirError, RegistryError)
 
 log = logging.getLogger("discovery_mdc.cli")
 
@@ -66,25 +72,45 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _configure_logging(args: argparse.Namespace) -> str:
+    """Flags win; then ``DYN_LOG`` and ``DYN_LOGGING_JSONL``; then the defaults. Returns the
+    level."""
+    log_filter = _env.LOG.get()
+    level = str(
+        args.log_level
+        or (log_filter.level if log_filter is not None else None)
+        or getattr(args, "default_log_level", "info")
+    )
+    fmt = args.log_format or ("json" if _env.LOGGING_JSONL.get() else "text")
+    targets = log_filter.targets if log_filter is not None and not args.log_level else ()
+    configure_logging(level, fmt, targets)
+    if log_filter is not None and log_filter.skipped:
+        log.warning(
+            "DYN_LOG: skipped directive(s) it cannot apply: %s", ", ".join(log_filter.skipped)
+        )
+    return level
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 failed, 2 usage or bad input)."""
+    """Entry point; returns the exit code (0 ok, 1 failed, 2 usage or bad input, 130
+    interrupted)."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    guess_format(arguments, _env.LOGGING_JSONL.get())
     parser = build_parser()
-    args = parser.parse_args(argv)
-    level = args.log_level or getattr(args, "default_log_level", "info")
-    configure_logging(level, args.log_format)
-    debug = level == "debug"
+    args = parser.parse_args(arguments)
+    debug = _configure_logging(args) == "debug"
     try:
-        apply_env_options(args)
+        args.from_env = apply_env_options(args)
         code: int = args.func(args)
     except _BAD_INPUT as exc:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"discovery-mdc: error: {_one_line(exc)}\n")
+        final_line(_one_line(exc), EXIT_USAGE)
         return EXIT_USAGE
     except DiscoveryError as exc:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"discovery-mdc: error: {_one_line(exc)}\n")
+        final_line(_one_line(exc), EXIT_FAILED)
         return EXIT_FAILED
     except BrokenPipeError:
         # stdout went away (`discovery-mdc ls | head`): not worth a message. Point stdout at
@@ -92,12 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     except KeyboardInterrupt:
-        sys.stderr.write("discovery-mdc: interrupted\n")
+        from discovery_mdc.cli import forget_handled_interrupt
+
+        forget_handled_interrupt()
+        final_line("interrupted", EXIT_INTERRUPTED, prefix="")
         return EXIT_INTERRUPTED
     except Exception as exc:
         if debug:
             traceback.print_exc()
         hint = "" if debug else " (--log-level debug shows the traceback)"
-        sys.stderr.write(f"discovery-mdc: error: {type(exc).__name__}: {_one_line(exc)}{hint}\n")
+        final_line(f"{type(exc).__name__}: {_one_line(exc)}{hint}", EXIT_FAILED)
         return EXIT_FAILED
     return code

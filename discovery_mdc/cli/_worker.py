@@ -4,27 +4,84 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
+from typing import Any
 
+from discovery_mdc import _env
 from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type
 from discovery_mdc.cli._common import (
     EXIT_OK,
+    UsageError,
     add_env_option,
     etcd_client,
     examples,
+    model_path,
     stop_on_signals,
+    until_stopped,
 )
 from discovery_mdc.errors import CardError
 from discovery_mdc.worker import Worker, parse_instance_transport
 
-__all__ = ["register"]
+__all__ = ["register", "resolve_endpoint_id"]
 
 log = logging.getLogger("discovery_mdc.cli")
 
 
-async def _run_worker(args: argparse.Namespace) -> int:
+def resolve_endpoint_id(
+    *,
+    namespace: str | None = None,
+    component: str | None = None,
+    endpoint: _env.DynEndpoint | None = None,
+    env_namespace: str | None = None,
+    env_component: str | None = None,
+    env_endpoint: _env.DynEndpoint | None = None,
+) -> tuple[str, str, str]:
+    """``(namespace, component, endpoint)`` from the flags and the variables.
+
+    For each part the order is: its own flag (``--namespace``), the full-form ``--endpoint
+    dyn://ns.component.endpoint``, the full-form ``DYN_ENDPOINT``, its own variable
+    (``DYN_NAMESPACE``), the default (``dynamo``, ``backend``, ``generate``). Two flags that
+    disagree are an error (``ValueError`` naming both).
+    """
+    parts: list[str] = []
+    for what, flag, env_value, default in (
+        ("namespace", namespace, env_namespace, "dynamo"),
+        ("component", component, env_component, "backend"),
+    ):
+        from_flag = getattr(endpoint, what) if endpoint is not None else None
+        from_env = getattr(env_endpoint, what) if env_endpoint is not None else None
+        if flag is not None and from_flag is not None and flag != from_flag:
+            raise ValueError(
+                f"--{what} {flag!r} contradicts the {what} {from_flag!r} of --endpoint; "
+                "give one of them"
+            )
+        value = next((v for v in (flag, from_flag, from_env, env_value) if v is not None), default)
+        parts.append(_env.parse_key_segment(value, what))
+    chosen = endpoint or env_endpoint
+    parts.append(chosen.endpoint if chosen is not None else "generate")
+    return parts[0], parts[1], parts[2]
+
+
+def _endpoint_id(args: argparse.Namespace, from_env: set[str]) -> tuple[str, str, str]:
+    def flag(dest: str) -> Any:
+        return None if dest in from_env else getattr(args, dest)
+
+    def env(dest: str) -> Any:
+        return getattr(args, dest) if dest in from_env else None
+
+    try:
+        return resolve_endpoint_id(
+            namespace=flag("namespace"), component=flag("component"),
+            endpoint=flag("endpoint"), env_namespace=env("namespace"),
+            env_component=env("component"), env_endpoint=env("endpoint"),
+        )  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def _run_worker(args: argparse.Namespace, endpoint_id: tuple[str, str, str]) -> int:
     stop = stop_on_signals()
+    namespace, component, endpoint = endpoint_id
     async with (
         etcd_client(args) as client,
         Worker(
@@ -33,40 +90,43 @@ async def _run_worker(args: argparse.Namespace) -> int:
             system_port=args.system_port,
             system_host=args.system_host,
             self_host_metadata=args.self_host,
+            startup_timeout=args.startup_timeout,
+            shutdown_timeout=args.shutdown_timeout,
         ) as worker,
     ):
-        registering = asyncio.create_task(
+        # A signal must stop the worker even while it is still hashing or waiting for etcd.
+        registered, _ = await until_stopped(
             worker.register_model(
                 args.model_path,
                 model_name=args.model_name,
-                namespace=args.namespace,
-                component=args.component,
-                endpoint=args.endpoint,
+                namespace=namespace,
+                component=component,
+                endpoint=endpoint,
                 custom_template=args.custom_template,
                 model_type=args.model_type,
                 lora_name=args.lora_name,
                 instance_transport=args.instance_transport,
-            )
+            ),
+            stop,
         )
-        # A signal must stop the worker even while it is still hashing or reaching etcd.
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not registering.done():
-            registering.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await registering
+        if not registered:
             log.info("worker stopped before its model was registered")
             return EXIT_OK
-        stopping.cancel()
-        registering.result()  # raises if registration failed
         await stop.wait()
-        log.info("worker stopping: revoking lease %x", worker.session.lease_id)
+        log.info(
+            "worker stopping: revoking lease %x (graceful shutdown within %gs)",
+            worker.session.lease_id,
+            args.shutdown_timeout,
+            extra={"lease": f"{worker.session.lease_id:x}"},
+        )
     return EXIT_OK
 
 
 def _worker(args: argparse.Namespace) -> int:
-    # A bad model path is bad input (exit 2): the card is built before etcd is contacted.
-    return asyncio.run(_run_worker(args))
+    # Every flag and variable is checked before this point; a bad model path is bad input
+    # (exit 2) too: the card is built before etcd is contacted.
+    endpoint_id = _endpoint_id(args, args.from_env)
+    return asyncio.run(_run_worker(args, endpoint_id))
 
 
 def _model_type(text: str) -> tuple[str, ...]:
@@ -91,7 +151,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Build the card for a model directory (or a cached HF repo id), serve its "
         "metadata files on the status server (self-hosting, the default when a status port is "
         "set), and publish it in etcd under a lease kept alive until SIGTERM/SIGINT, when the "
-        "lease is revoked and the worker exits 0.",
+        "lease is revoked and the worker exits 0. While etcd is unreachable at start it "
+        "waits, up to --etcd-startup-timeout.",
         epilog=examples(
             (
                 "discovery-mdc worker --model-path /models/Qwen3-0.6B --system-port 8081",
@@ -102,8 +163,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                 "a repo from the local HF cache; frontends resolve hf:// paths",
             ),
             (
-                "discovery-mdc worker --model-path ./m --instance-transport tcp://10.0.0.5:9000/gen",
-                "also route a Dynamo frontend to this worker",
+                "discovery-mdc worker --model-path ./m --endpoint dyn://prod.backend.generate "
+                "--instance-transport tcp://10.0.0.5:9000/gen",
+                "in namespace prod (Dynamo's endpoint form); a Dynamo frontend routes to it",
             ),
         ),
     )
@@ -111,6 +173,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     w.add_argument(
         "--model-path",
         required=True,
+        type=model_path,
         help="a local HF-style model directory, or an HF repo id in the local HF cache",
     )
     w.add_argument(
@@ -118,9 +181,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="served name (default: the directory's base name, or the repo id)",
     )
-    w.add_argument("--namespace", default="dynamo", help="namespace (default %(default)s)")
-    w.add_argument("--component", default="backend", help="component (default %(default)s)")
-    w.add_argument("--endpoint", default="generate", help="endpoint (default %(default)s)")
+    for dest in ("namespace", "component", "endpoint"):
+        add_env_option(w, dest)
     w.add_argument(
         "--model-type",
         type=_model_type,
@@ -133,7 +195,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a chat template file to publish instead of the model's own",
     )
     w.add_argument("--lora-name", default=None, help="publish the card as this LoRA adapter")
-    for dest in ("lease_ttl", "system_port", "system_host", "self_host"):
+    for dest in (
+        "lease_ttl",
+        "system_port",
+        "system_host",
+        "self_host",
+        "startup_timeout",
+        "shutdown_timeout",
+    ):
         add_env_option(w, dest)
     w.add_argument(
         "--instance-transport",

@@ -38,6 +38,7 @@ from discovery_mdc.etcd._lease import (
     lease_ttl_from_env,
 )
 from discovery_mdc.etcd._server import EtcdCluster, EtcdServer, find_etcd_binary
+from discovery_mdc.etcd._startup import retry_until_reachable
 from discovery_mdc.etcd._store import MemoryStore, Store
 from discovery_mdc.etcd._watchstate import Change, ChangeKind, WatchState
 
@@ -70,4 +71,5 @@ __all__ = [
     "endpoints_from_env",
     "find_etcd_binary",
     "lease_ttl_from_env",
+    "retry_until_reachable",
 ]

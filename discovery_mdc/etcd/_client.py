@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -43,12 +42,14 @@ from typing import Any, TypeVar
 import aiohttp
 import tenacity
 
+from discovery_mdc import _env
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import (
     EtcdAuthError,
     EtcdCompactedError,
     EtcdConnectionError,
     EtcdError,
+    EtcdTlsError,
 )
 from discovery_mdc.etcd._codec import (
     GRPC_NOT_FOUND,
@@ -88,7 +89,7 @@ __all__ = ["DEFAULT_ENDPOINT", "EtcdClient", "endpoints_from_env"]
 
 log = logging.getLogger("discovery_mdc.etcd")
 
-DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
+DEFAULT_ENDPOINT = _env.DEFAULT_ENDPOINT
 _RETRYABLE_HTTP = frozenset({502, 503, 504})
 # TCP keepalive on every etcd connection: an idle connection (a quiet watch) to a host that
 # vanished fails after about KEEPIDLE + KEEPINTVL * KEEPCNT seconds instead of never.
@@ -99,11 +100,48 @@ _T = TypeVar("_T")
 
 
 class _Retryable(Exception):
-    """This endpoint failed in a way another endpoint may not: try the next one."""
+    """This endpoint failed in a way another endpoint may not: try the next one.
+
+    ``tls`` marks a TLS handshake refused on certificates: if every endpoint says so, more
+    rounds will not help."""
+
+    def __init__(self, message: str, *, tls: bool = False) -> None:
+        super().__init__(message)
+        self.tls = tls
 
 
 class _RoundFailed(Exception):
     """Every endpoint failed once in this round."""
+
+
+class _TlsRefused(Exception):
+    """Every endpoint refused the TLS handshake on certificates in this round."""
+
+
+def _certificate_problem(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is a TLS handshake failing on certificates: not
+    trusted, refused, missing. Retrying does not fix those."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
+            return True
+        if isinstance(seen, ssl.SSLError):
+            reason = str(getattr(seen, "reason", "") or seen).upper()
+            return "CERTIFICATE" in reason or "UNKNOWN_CA" in reason
+        os_error = getattr(seen, "os_error", None)
+        seen = (
+            os_error
+            if isinstance(os_error, BaseException)
+            else (seen.__cause__ or seen.__context__)
+        )
+    return False
+
+
+#: etcd's gRPC gateway refuses a client certificate with a CommonName when auth is on
+#: (etcd-io/etcd#10366, #17025); etcdctl and Dynamo use gRPC and are not affected.
+_GATEWAY_CN = b"CommonName of client sending a request against gateway"
 
 
 class _InvalidToken(Exception):
@@ -129,10 +167,10 @@ class _Reply:
 
 def endpoints_from_env(env: Mapping[str, str] | None = None) -> list[str]:
     """``ETCD_ENDPOINTS`` split on commas; bare ``host:port`` gets ``http://`` (``https://``
-    when ``ETCD_AUTH_CA`` or ``ETCD_AUTH_CLIENT_CERT`` is set)."""
-    env = os.environ if env is None else env
-    tls = bool(env.get("ETCD_AUTH_CA") or env.get("ETCD_AUTH_CLIENT_CERT"))
-    raw = env.get("ETCD_ENDPOINTS") or DEFAULT_ENDPOINT
+    when ``ETCD_AUTH_CA`` or ``ETCD_AUTH_CLIENT_CERT`` is set). Raises
+    :class:`~discovery_mdc.errors.ConfigError` for a malformed value."""
+    tls = bool(_env.ETCD_AUTH_CA.get(env) or _env.ETCD_AUTH_CLIENT_CERT.get(env))
+    raw = _env.ETCD_ENDPOINTS.get(env)
     return [_normalize_endpoint(e, tls) for e in raw.split(",") if e.strip()]
 
 
@@ -186,19 +224,20 @@ class EtcdClient(AsyncService):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> EtcdClient:
         """A client configured from ``ETCD_ENDPOINTS``, ``ETCD_AUTH_USERNAME``/``_PASSWORD``
-        and ``ETCD_AUTH_CA``/``_CLIENT_CERT``/``_CLIENT_KEY``; ``kwargs`` override."""
-        env = os.environ if env is None else env
+        and ``ETCD_AUTH_CA``/``_CLIENT_CERT``/``_CLIENT_KEY``; ``kwargs`` (``endpoints`` too)
+        override."""
         opts: dict[str, Any] = {
-            "username": env.get("ETCD_AUTH_USERNAME") or None,
-            "password": env.get("ETCD_AUTH_PASSWORD") or None,
-            "ca_file": env.get("ETCD_AUTH_CA") or None,
-            "cert_file": env.get("ETCD_AUTH_CLIENT_CERT") or None,
-            "key_file": env.get("ETCD_AUTH_CLIENT_KEY") or None,
+            "username": _env.ETCD_AUTH_USERNAME.get(env),
+            "password": _env.ETCD_AUTH_PASSWORD.get(env),
+            "ca_file": _env.ETCD_AUTH_CA.get(env),
+            "cert_file": _env.ETCD_AUTH_CLIENT_CERT.get(env),
+            "key_file": _env.ETCD_AUTH_CLIENT_KEY.get(env),
         }
         if opts["username"] is not None and opts["password"] is None:
             opts["password"] = ""
         opts.update(kwargs)
-        return cls(endpoints_from_env(env), **opts)
+        endpoints = opts.pop("endpoints", None)
+        return cls(endpoints if endpoints is not None else endpoints_from_env(env), **opts)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -279,7 +318,11 @@ class EtcdClient(AsyncService):
                 status = resp.status
                 raw = await resp.read()
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            raise _Retryable(f"{url}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+            raise _Retryable(
+                f"{url}: {type(exc).__name__}: {exc}".rstrip(": "), tls=_certificate_problem(exc)
+            ) from exc
+        if status == 400 and raw.startswith(_GATEWAY_CN):
+            raise self._gateway_cn_error(endpoint)
         try:
             body = json.loads(raw.splitlines()[0] if raw.strip() else b"{}")
         except ValueError:
@@ -299,6 +342,15 @@ class EtcdClient(AsyncService):
             raise EtcdError(f"etcd {url}: unexpected response {raw[:200]!r}")
         return body, len(raw)
 
+    def _gateway_cn_error(self, endpoint: str) -> EtcdAuthError:
+        return EtcdAuthError(
+            f"etcd {endpoint} refuses the client certificate {self._cert_file}: it has a "
+            "CommonName and etcd auth is on, which etcd's JSON gateway (the API discovery-mdc "
+            "uses) does not support (etcd-io/etcd#10366); use a client certificate without a "
+            "CommonName together with ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD, or "
+            "ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD over TLS without a client certificate"
+        )
+
     async def _failover(
         self, path: str, attempt: Callable[[str], Awaitable[_T]]
     ) -> tuple[_T, str, bool]:
@@ -314,6 +366,7 @@ class EtcdClient(AsyncService):
         async def one_round() -> tuple[_T, str]:
             nonlocal maybe_sent
             start = self._current
+            tls_refusals = 0
             for i in range(n):
                 idx = (start + i) % n
                 endpoint = self._endpoints[idx]
@@ -321,6 +374,7 @@ class EtcdClient(AsyncService):
                     result = await attempt(endpoint)
                 except _Retryable as exc:
                     last.append(exc)
+                    tls_refusals += exc.tls
                     # Only a refused or failed connect proves the request never left.
                     if not isinstance(exc.__cause__, aiohttp.ClientConnectorError):
                         maybe_sent = True
@@ -332,6 +386,8 @@ class EtcdClient(AsyncService):
                     log.info("etcd: now using endpoint %s", endpoint)
                 self._current = idx
                 return result, endpoint
+            if tls_refusals == n:
+                raise _TlsRefused
             raise _RoundFailed
 
         retrying: tenacity.AsyncRetrying = tenacity.AsyncRetrying(
@@ -342,6 +398,12 @@ class EtcdClient(AsyncService):
         )
         try:
             outcome: tuple[_T, str] = await retrying(one_round)
+        except _TlsRefused:
+            raise EtcdTlsError(
+                f"TLS handshake with etcd refused on certificates for {path} (tried "
+                f"{', '.join(self._endpoints)}; check ETCD_AUTH_CA, ETCD_AUTH_CLIENT_CERT and "
+                f"ETCD_AUTH_CLIENT_KEY): {last[-1]}"
+            ) from None
         except _RoundFailed:
             raise EtcdConnectionError(
                 f"no etcd endpoint reachable for {path} (tried {', '.join(self._endpoints)}, "
@@ -634,10 +696,15 @@ class EtcdClient(AsyncService):
                         timeout=timeout,
                     )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                raise _Retryable(f"{endpoint}/v3/watch: {type(exc).__name__}: {exc}") from exc
+                raise _Retryable(
+                    f"{endpoint}/v3/watch: {type(exc).__name__}: {exc}",
+                    tls=_certificate_problem(exc),
+                ) from exc
             if resp.status != 200:
                 raw = await resp.read()
                 resp.close()
+                if resp.status == 400 and raw.startswith(_GATEWAY_CN):
+                    raise self._gateway_cn_error(endpoint)
                 try:
                     err = decode_error(json.loads(raw))
                 except ValueError:

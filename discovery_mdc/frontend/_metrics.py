@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from discovery_mdc._metrics import SECONDS_BUCKETS, add_standard_collectors, render
 from discovery_mdc.cache import CacheStats, cache_stats
 from discovery_mdc.etcd import PrefixInformer
+from discovery_mdc.frontend._state import ModelStats
 
 __all__ = ["FrontendMetrics"]
 
@@ -23,7 +25,7 @@ class _CacheStatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
         yield CounterMetricFamily(
-            "discovery_mdc_bytes_fetched",
+            "discovery_mdc_fetched_bytes",
             "metadata bytes fetched into the cache",
             value=s.bytes_fetched,
         )
@@ -48,6 +50,10 @@ class _CacheStatsCollector(Collector):
         for (source, result), n in sorted(s.by_source.items()):
             by_source.add_metric([source, result], n)
         yield by_source
+        yield s.fetch_seconds.family(
+            "discovery_mdc_blob_fetch_seconds",
+            "time to fetch and verify one blob into the cache (all its attempts), seconds",
+        )
 
 
 def _labelled(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
@@ -113,11 +119,42 @@ class _InformerCollector(Collector):
         )
 
 
+class _ModelCollector(Collector):
+    """Per-model series, read from the registry at scrape time (a model that is gone has no
+    series left behind)."""
+
+    def __init__(self, models: Callable[[], Iterable[ModelStats]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        ready = GaugeMetricFamily(
+            "discovery_mdc_model_ready",
+            "1 while the model is listed on /v1/models, 0 while it is known but not ready",
+            labels=["model"],
+        )
+        instances = GaugeMetricFamily(
+            "discovery_mdc_model_instances",
+            "instances admitted for the model (ready or being prepared)",
+            labels=["model"],
+        )
+        rejected = GaugeMetricFamily(
+            "discovery_mdc_model_rejected_instances",
+            "instances of the model currently rejected by the mdcsum gate",
+            labels=["model"],
+        )
+        for m in self._models():
+            ready.add_metric([m.name], 1.0 if m.ready else 0.0)
+            instances.add_metric([m.name], m.instances)
+            rejected.add_metric([m.name], m.rejected)
+        yield from (ready, instances, rejected)
+
+
 class FrontendMetrics:
-    """Counters for rejections, malformed cards and pipelines; the watch, relist and
-    reconcile counters come from the attached informer, and the cache byte, blob and
-    per-source counters from ``stats`` (the process-wide
-    :func:`~discovery_mdc.cache.cache_stats` by default)."""
+    """Counters for rejections, malformed cards and pipelines; the pipeline duration;
+    per-model readiness (see :meth:`track_models`); the ``process_*`` and build-info series.
+    The watch, relist and reconcile counters come from the attached informer, and the cache
+    byte, blob and per-source counters and the per-blob fetch duration from ``stats`` (the
+    process-wide :func:`~discovery_mdc.cache.cache_stats` by default)."""
 
     def __init__(self, stats: Callable[[], CacheStats] = cache_stats) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -125,7 +162,9 @@ class FrontendMetrics:
         self._informer: PrefixInformer | None = None
         self.rejected = Counter(
             "discovery_mdc_rejected_instances",
-            "instances rejected by mdcsum or for a model id /v1/models/{id} cannot serve",
+            "instances rejected by mdcsum, or for a model id /v1/models/{id} cannot serve, "
+            "by model",
+            ["model"],
             registry=r,
         )
         self.malformed = Counter(
@@ -134,10 +173,17 @@ class FrontendMetrics:
         self.pipelines = Counter(
             "discovery_mdc_pipelines", "verify-and-cache pipelines run", ["result"], registry=r
         )
+        self.pipeline_seconds = Histogram(
+            "discovery_mdc_pipeline_seconds",
+            "from a card's put seen to its model ready (verify-and-cache and prepare), seconds",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
         self.models = Gauge("discovery_mdc_models_ready", "models currently listed", registry=r)
         self.instances = Gauge("discovery_mdc_instances", "instances currently known", registry=r)
         r.register(_CacheStatsCollector(stats))
         r.register(_InformerCollector(lambda: self._informer))
+        add_standard_collectors(r)
         # Export the label values that matter at 0, so a scrape shows them before they happen.
         for result in ("ok", "failed"):
             self.pipelines.labels(result)
@@ -146,5 +192,10 @@ class FrontendMetrics:
         """Export ``informer``'s watch, relist and reconcile counters."""
         self._informer = informer
 
+    def track_models(self, models: Callable[[], Iterable[ModelStats]]) -> None:
+        """Export ``discovery_mdc_model_{ready,instances,rejected_instances}{model}`` from
+        ``models()`` at every scrape (the watcher calls this with its registry)."""
+        self.registry.register(_ModelCollector(models))
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return render(self.registry)

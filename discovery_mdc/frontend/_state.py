@@ -20,11 +20,14 @@ import msgspec
 
 from discovery_mdc.card import (
     MDC_PREFIX,
+    CardFieldDiff,
     CardKey,
     ModelDeploymentCard,
     ModelEnvelope,
+    card_diff,
     decode_card,
     decode_envelope,
+    explain_card_diff,
     format_model_type,
     mdcsum,
     parse_card_key,
@@ -37,8 +40,10 @@ __all__ = [
     "Instance",
     "ModelEvent",
     "ModelInfo",
+    "ModelStats",
     "NamespaceFilter",
     "Registry",
+    "RejectedInstance",
     "WorkerSetInfo",
     "MAX_MODEL_ID",
     "model_id",
@@ -49,6 +54,9 @@ __all__ = [
 log = logging.getLogger("discovery_mdc.frontend")
 
 GLOBAL_NAMESPACES: Final = frozenset({"", "dynamo"})
+#: How long a model that left keeps its ``created`` time for when it comes back (a worker
+#: re-registering after an etcd outage should not look like a new model to clients).
+CREATED_MEMORY: Final = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +122,8 @@ def unservable_model_id(name: str) -> str | None:
     A listed id must come back from its own URL, percent-encoded or with ``/`` left as is
     (the OpenAI clients' way): so it is not empty, holds no control character (a newline
     cannot be matched in a path), line or paragraph separator or lone surrogate, has no
-    ``.`` or ``..`` path segment (clients and servers resolve those away) and is at most
+    ``.`` or ``..`` path segment (clients and servers resolve those away), does not end in
+    ``/ready`` (``/v1/models/{id}/ready`` is a model's readiness) and is at most
     :data:`MAX_MODEL_ID` characters long.
     """
     if not name:
@@ -125,8 +134,11 @@ def unservable_model_id(name: str) -> str | None:
         what = _UNSERVABLE_CATEGORIES.get(unicodedata.category(ch))
         if what is not None:
             return f"the model id contains U+{ord(ch):04X}, {what}"
-    if any(segment in (".", "..") for segment in name.split("/")):
+    segments = name.split("/")
+    if any(segment in (".", "..") for segment in segments):
         return "the model id has a '.' or '..' path segment"
+    if len(segments) > 1 and segments[-1] == "ready":
+        return "the model id ends in '/ready', the path of the readiness of another model id"
     return None
 
 
@@ -147,10 +159,28 @@ class EventKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ModelEvent:
+    """``detail`` says why; for REJECTED, ``diff`` lists the card fields that differ from
+    the worker set's (``detail`` is their one-line explanation)."""
+
     kind: EventKind
     model: str
     key: str | None = None
     detail: str = ""
+    diff: tuple[CardFieldDiff, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedInstance:
+    """An instance refused at admission: its key and mdcsum, the worker set it would have
+    joined, and why. Refused by the mdcsum gate: that set's mdcsum and what differs; refused
+    for a model id ``/v1/models/{id}`` could not serve: ``worker_set_mdcsum`` is empty."""
+
+    key: str
+    mdcsum: str
+    worker_set: str
+    worker_set_mdcsum: str
+    reason: str
+    diff: tuple[CardFieldDiff, ...] = ()
 
 
 @dataclass(slots=True)
@@ -183,11 +213,25 @@ class WorkerSetInfo:
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """A snapshot of one ready model."""
+    """A snapshot of one ready model. ``context_window`` is the effective context length of
+    its first ready worker set's card."""
 
     name: str
     created: int
     worker_sets: tuple[WorkerSetInfo, ...]
+    rejected: tuple[RejectedInstance, ...] = ()
+    context_window: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """Counts for one known model, ready or not (per-model metrics, readiness)."""
+
+    name: str
+    ready: bool
+    instances: int
+    ready_instances: int
+    rejected: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +268,9 @@ class Registry:
         self._by_key: dict[str, tuple[str, str]] = {}  # key -> (model, worker set key)
         # Rejected instances, reconsidered when the worker set that blocked them is dropped:
         # a fresh frontend would admit them then, and this one must converge to the same.
-        self._rejected: dict[str, tuple[CardKey, ModelEnvelope]] = {}
+        self._rejected: dict[str, tuple[CardKey, ModelEnvelope, RejectedInstance]] = {}
+        # name -> (created, when it left), for models that left recently (CREATED_MEMORY).
+        self._gone: dict[str, tuple[int, int]] = {}
         # Replicas publish the same card_json; decode and hash each distinct one once.
         self._cards: dict[bytes, tuple[ModelDeploymentCard, str]] = {}
         self._sums: dict[int, str] = {}  # id(card) -> mdcsum, for cards in self._cards
@@ -252,9 +298,40 @@ class Registry:
         m = self._models.get(name)
         return self._info(m) if m is not None and m.visible else None
 
+    def model_stats(self) -> list[ModelStats]:
+        """Every known model (ready, still being prepared, or with rejected instances)."""
+        rejected: dict[str, int] = {}
+        for _, env, _ in self._rejected.values():
+            rejected[model_id(env.card)] = rejected.get(model_id(env.card), 0) + 1
+        out = []
+        for name in sorted(self._models.keys() | rejected.keys()):
+            m = self._models.get(name)
+            sets = list(m.worker_sets.values()) if m is not None else []
+            out.append(
+                ModelStats(
+                    name,
+                    m is not None and m.visible,
+                    sum(len(ws.instances) for ws in sets),
+                    sum(len(ws.instances) for ws in sets if ws.card is not None),
+                    rejected.get(name, 0),
+                )
+            )
+        return out
+
+    def rejected_instances(self, name: str) -> tuple[RejectedInstance, ...]:
+        """The instances of model ``name`` refused by the mdcsum gate, by key."""
+        return tuple(
+            info
+            for key, (_, env, info) in sorted(self._rejected.items())
+            if model_id(env.card) == name
+        )
+
     def _info(self, m: _Model) -> ModelInfo:
         sets = []
+        context_window = None
         for ws in m.worker_sets.values():
+            if ws.card is not None and context_window is None:
+                context_window = ws.card.effective_context_length()
             files = tuple(f.path for _, f in ws.card.files()) if ws.card else ()
             sets.append(
                 WorkerSetInfo(
@@ -266,7 +343,9 @@ class Registry:
                     files,
                 )
             )
-        return ModelInfo(m.name, m.created, tuple(sets))
+        return ModelInfo(
+            m.name, m.created, tuple(sets), self.rejected_instances(m.name), context_window
+        )
 
     # -- changes
 
@@ -282,7 +361,9 @@ class Registry:
         card_key = parse_card_key(change.key)
         if card_key is None:
             log.warning(
-                "ignoring key %s: not a card key (instance id must be lowercase hex)", change.key
+                "ignoring key %s: not a card key (instance id must be lowercase hex)",
+                change.key,
+                extra={"key": change.key},
             )
             self._remove(change.key, out, now)
             out.malformed = True
@@ -292,12 +373,19 @@ class Registry:
         try:
             env = decode_envelope(change.value, card_decoder=self._card)
         except CardDecodeError as exc:
-            log.warning("skipping malformed card at %s: %s", change.key, exc)
+            log.warning(
+                "skipping malformed card at %s: %s", change.key, exc, extra={"key": change.key}
+            )
             self._remove(change.key, out, now)
             out.malformed = True
             return out
         except Exception as exc:  # a decoder bug must cost one key, never the watcher
-            log.error("skipping card at %s that failed to decode: %r", change.key, exc)
+            log.error(
+                "skipping card at %s that failed to decode: %r",
+                change.key,
+                exc,
+                extra={"key": change.key},
+            )
             self._remove(change.key, out, now)
             out.malformed = True
             return out
@@ -331,7 +419,8 @@ class Registry:
             reason = f"{unservable}: /v1/models/{{id}} could not serve it"
             log.error("rejected instance %s of model %r: %s", key, name, reason)
             out.events.append(ModelEvent(EventKind.REJECTED, name, key, reason))
-            self._rejected[key] = (card_key, env)
+            info = RejectedInstance(key, self._mdcsum(env.card), worker_set_key(env), "", reason)
+            self._rejected[key] = (card_key, env, info)
             return
         sum_ = self._mdcsum(env.card)
         ws_key = worker_set_key(env)
@@ -348,24 +437,7 @@ class Registry:
             model = self._models[name] = _Model(name)
         ws = model.worker_sets.get(ws_key)
         if ws is not None and ws.mdcsum != sum_:
-            log.error(
-                "rejected instance %s of model %r: worker set %s has mdcsum %s but this card "
-                "has mdcsum %s",
-                key,
-                name,
-                ws_key,
-                ws.mdcsum,
-                sum_,
-            )
-            out.events.append(
-                ModelEvent(
-                    EventKind.REJECTED,
-                    name,
-                    key,
-                    f"worker set {ws_key} has mdcsum {ws.mdcsum}, card has {sum_}",
-                )
-            )
-            self._rejected[key] = (card_key, env)
+            self._reject(key, card_key, env, name, ws, sum_, out)
             return
         if ws is None:
             ws = model.worker_sets[ws_key] = _WorkerSet(ws_key, sum_)
@@ -384,13 +456,46 @@ class Registry:
         else:
             self._make_visible(model, now, out, key)
 
+    def _reject(
+        self,
+        key: str,
+        card_key: CardKey,
+        env: ModelEnvelope,
+        name: str,
+        ws: _WorkerSet,
+        sum_: str,
+        out: Outcome,
+    ) -> None:
+        # Compare with the card as a member of the set published it (the resolved card's
+        # paths point into the cache; paths are not compared anyway).
+        reference = next(iter(ws.instances.values())).envelope.card
+        diff = card_diff(reference, env.card)
+        reason = (
+            f"mdcsum {sum_} differs from worker set {ws.key}'s {ws.mdcsum}: "
+            f"{explain_card_diff(diff)}"
+        )
+        log.error(
+            "rejected instance %s of model %r: %s",
+            key,
+            name,
+            reason,
+            extra={"model": name, "key": key, "mdcsum": sum_, "reason": reason},
+        )
+        out.events.append(ModelEvent(EventKind.REJECTED, name, key, reason, diff))
+        info = RejectedInstance(key, sum_, ws.key, ws.mdcsum, reason, diff)
+        self._rejected[key] = (card_key, env, info)
+
     def _make_visible(self, model: _Model, now: int, out: Outcome, key: str | None) -> None:
         model.visible = True
+        remembered = self._gone.pop(model.name, None)
+        if not model.created and remembered is not None and now - remembered[1] <= CREATED_MEMORY:
+            model.created = remembered[0]
         model.created = model.created or now
         log.info(
             "model %r added (worker sets: %s)",
             model.name,
             ", ".join(f"{k}={ws.mdcsum[:12]}" for k, ws in model.worker_sets.items()),
+            extra={"model": model.name, "key": key},
         )
         out.events.append(ModelEvent(EventKind.ADDED, model.name, key))
 
@@ -414,8 +519,14 @@ class Registry:
         if not any(w.card is not None for w in model.worker_sets.values()):
             if model.visible:
                 model.visible = False
+                self._forget_gone(now)
+                self._gone[name] = (model.created, now)
                 model.created = 0
-                log.info("model %r removed (no ready instances left)", name)
+                log.info(
+                    "model %r removed (no ready instances left)",
+                    name,
+                    extra={"model": name, "key": key},
+                )
                 out.events.append(ModelEvent(EventKind.REMOVED, name, key))
         elif model.visible:
             out.events.append(ModelEvent(EventKind.UPDATED, name, key, "instance removed"))
@@ -426,7 +537,7 @@ class Registry:
 
     def _readmit(self, name: str, ws_key: str, out: Outcome, now: int) -> None:
         """Admit again the instances rejected by a worker set that is now gone."""
-        for key, (card_key, env) in list(self._rejected.items()):
+        for key, (card_key, env, _) in list(self._rejected.items()):
             if model_id(env.card) == name and worker_set_key(env) == ws_key:
                 del self._rejected[key]
                 log.info(
@@ -434,8 +545,12 @@ class Registry:
                     key,
                     name,
                     ws_key,
+                    extra={"model": name, "key": key},
                 )
                 self._add(key, card_key, env, out, now)
+
+    def _forget_gone(self, now: int) -> None:
+        self._gone = {n: v for n, v in self._gone.items() if now - v[1] <= CREATED_MEMORY}
 
     def pipeline_done(
         self,

@@ -31,6 +31,7 @@ from discovery_mdc.etcd import (
     ChangeBatch,
     PrefixInformer,
     Store,
+    retry_until_reachable,
 )
 from discovery_mdc.frontend._metrics import FrontendMetrics
 from discovery_mdc.frontend._prepare import check_json_files
@@ -38,6 +39,7 @@ from discovery_mdc.frontend._state import (
     EventKind,
     ModelEvent,
     ModelInfo,
+    ModelStats,
     NamespaceFilter,
     Outcome,
     PipelineRequest,
@@ -116,6 +118,7 @@ class ModelWatcher(AsyncService):
         metrics: FrontendMetrics | None = None,
         frontend_id: str | None = None,
         cache_upkeep_interval: float | None = None,
+        startup_timeout: float = 0.0,
     ) -> None:
         self._filter = NamespaceFilter.create(namespace, namespace_prefix)
         self._registry = Registry(self._filter)
@@ -139,12 +142,15 @@ class ModelWatcher(AsyncService):
                 min(reconcile_interval, 60.0) if reconcile_interval > 0 else 60.0
             )
         self._upkeep_interval = cache_upkeep_interval
+        self._startup_timeout = startup_timeout
+        self._endpoints: tuple[str, ...] = tuple(getattr(store, "endpoints", ()))
         self._sem = asyncio.Semaphore(max_concurrent_pipelines)
         self._slow_after = slow_pipeline_after
         self._backoff = (backoff_initial, backoff_max)
         self._sleep = sleep
         self.metrics = metrics or FrontendMetrics()
         self.metrics.attach(self._informer)
+        self.metrics.track_models(self._registry.model_stats)
         self._pipelines: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._subscribers: list[asyncio.Queue[ModelEvent | None]] = []
         self._changed = asyncio.Event()
@@ -154,9 +160,16 @@ class ModelWatcher(AsyncService):
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """List the prefix once (raises if etcd is unreachable), apply it, then watch in the
-        background."""
-        await self._informer.start()
+        """List the prefix once, apply it, then watch in the background. While etcd is
+        unreachable the first listing is retried for up to ``startup_timeout`` seconds; then it
+        raises."""
+        await retry_until_reachable(
+            self._informer.start,
+            timeout=self._startup_timeout,
+            what=f"the first listing of {self._filter.etcd_prefix()}",
+            endpoints=self._endpoints,
+            sleep=self._sleep,
+        )
         self._apply_queued()
         self._tasks.append(asyncio.create_task(self._consume(), name="mdc-apply"))
         if self._by_slug is not None and self._upkeep_interval > 0:
@@ -196,6 +209,10 @@ class ModelWatcher(AsyncService):
     def model(self, name: str) -> ModelInfo | None:
         """One ready model, or None."""
         return self._registry.model(name)
+
+    def model_stats(self) -> list[ModelStats]:
+        """Counts for every known model, ready or not (readiness and per-model metrics)."""
+        return self._registry.model_stats()
 
     def instance_keys(self) -> set[str]:
         """Keys of every admitted instance (ready or still being prepared)."""
@@ -335,7 +352,7 @@ class ModelWatcher(AsyncService):
             self._start_pipeline(req)
         for event in out.events:
             if event.kind is EventKind.REJECTED:
-                self.metrics.rejected.inc()
+                self.metrics.rejected.labels(event.model).inc()
             for queue in self._subscribers:
                 queue.put_nowait(event)
         if settle:
@@ -356,7 +373,8 @@ class ModelWatcher(AsyncService):
         task = self._pipelines.get(ident)
         if task is None or task.done():
             self._pipelines[ident] = asyncio.create_task(
-                self._run_pipeline(req), name=f"mdc-pipeline-{req.model}-{req.mdcsum[:12]}"
+                self._run_pipeline(req, time.monotonic()),
+                name=f"mdc-pipeline-{req.model}-{req.mdcsum[:12]}",
             )
 
     async def _attempt(self, req: PipelineRequest) -> Resolved | None:
@@ -397,7 +415,7 @@ class ModelWatcher(AsyncService):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _run_pipeline(self, req: PipelineRequest) -> None:
+    async def _run_pipeline(self, req: PipelineRequest, seen: float) -> None:
         ident = (req.model, req.mdcsum)
         backoff = Backoff(*self._backoff)
         try:
@@ -421,10 +439,12 @@ class ModelWatcher(AsyncService):
                         type(exc).__name__,
                         exc,
                         delay,
+                        extra={"model": req.model, "mdcsum": req.mdcsum, "reason": str(exc)},
                     )
                     await self._sleep(delay)
                     continue
                 self.metrics.pipelines.labels("ok").inc()
+                self.metrics.pipeline_seconds.observe(time.monotonic() - seen)
                 self._handle(
                     self._registry.pipeline_done(
                         req.model, req.mdcsum, resolved.card, resolved.local_dir, int(time.time())

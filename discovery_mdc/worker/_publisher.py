@@ -6,13 +6,22 @@ import asyncio
 import json
 import logging
 import os
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
+from discovery_mdc import _env
+from discovery_mdc._env import (
+    DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT,
+    DEFAULT_LEASE_TTL,
+    DEFAULT_SYSTEM_HOST,
+)
 from discovery_mdc._lifecycle import AsyncService
+from discovery_mdc._metrics import SECONDS_BUCKETS
 from discovery_mdc._threads import run_cancellable
 from discovery_mdc.card import (
     ModelDeploymentCard,
@@ -69,27 +78,43 @@ class Worker(AsyncService):
 
     ``async with Worker(store, system_port=0) as w: await w.register_model(path)``. The first
     registration grants the lease; leaving the block revokes it (keys vanish at once) and
-    stops the status server.
-    ``system_port``/``system_host`` default to ``DYN_SYSTEM_PORT``/``DYN_SYSTEM_HOST``; with
-    neither there is no status server and cards keep local (or ``hf://``) paths.
+    stops the status server. :meth:`from_env` takes the settings from Dynamo's variables.
+
+    ``system_port`` None means no status server: cards keep local (or ``hf://``) paths.
+    ``startup_timeout``: how long the first lease grant waits for an unreachable etcd.
+    ``shutdown_timeout``: the most :meth:`close` takes (revoke, then in-flight downloads).
     """
 
     def __init__(
         self,
         store: Store,
         *,
-        lease_ttl: int | None = None,
+        lease_ttl: int = DEFAULT_LEASE_TTL,
         system_port: int | None = None,
-        system_host: str | None = None,
-        self_host_metadata: bool | None = None,
+        system_host: str = DEFAULT_SYSTEM_HOST,
+        self_host_metadata: bool = True,
+        startup_timeout: float = 0.0,
+        shutdown_timeout: float = DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT,
         session: LeaseSession | None = None,
     ) -> None:
         self._store = store
         self.registry = MetadataRegistry()
-        self.server = StatusServer.from_env(
-            registry=self.registry, health=self._healthy, port=system_port, host=system_host
+        # The revoke gets at most 5 s of the shutdown budget; the server drains in the rest.
+        revoke_budget = min(5.0, shutdown_timeout)
+        self.server = (
+            None
+            if system_port is None
+            else StatusServer(
+                system_host,
+                system_port,
+                registry=self.registry,
+                health=self._healthy,
+                shutdown_timeout=max(0.0, shutdown_timeout - revoke_budget),
+            )
         )
-        self.session = session or LeaseSession(store, ttl=lease_ttl)
+        self.session = session or LeaseSession(
+            store, ttl=lease_ttl, startup_timeout=startup_timeout, close_timeout=revoke_budget
+        )
         if self.server is not None:
             recreated = Counter(
                 "discovery_mdc_etcd_keys_recreated",
@@ -99,9 +124,42 @@ class Worker(AsyncService):
             )
             self.session.on_key_recreated = lambda _key: recreated.inc()
         self._self_host = self_host_metadata
+        # Exported on the status server's /metrics (without a server there is no /metrics).
+        self._registration_seconds = (
+            None
+            if self.server is None
+            else Histogram(
+                "discovery_mdc_worker_registration_seconds",
+                "from register_model() to its card in etcd (hashing, self-hosting, lease, "
+                "put), seconds",
+                buckets=SECONDS_BUCKETS,
+                registry=self.server.metrics,
+            )
+        )
         self._published: list[PublishedModel] = []
         self._lease_lock = asyncio.Lock()
         self._publish_lock = asyncio.Lock()
+
+    @classmethod
+    def from_env(
+        cls, store: Store, *, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Worker:
+        """A worker configured from ``ETCD_LEASE_TTL``, ``DYN_SYSTEM_PORT``,
+        ``DYN_SYSTEM_HOST``, ``DYN_SELF_HOST_METADATA``, ``ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS``
+        and ``DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT``; keyword arguments that are not None win.
+
+        Raises :class:`~discovery_mdc.errors.ConfigError` naming a variable with a bad value.
+        """
+        settings: dict[str, Any] = {
+            "lease_ttl": _env.ETCD_LEASE_TTL.get(env),
+            "system_port": _env.SYSTEM_PORT.get(env),
+            "system_host": _env.SYSTEM_HOST.get(env),
+            "self_host_metadata": _env.SELF_HOST_METADATA.get(env),
+            "startup_timeout": float(_env.STARTUP_CONNECT_TIMEOUT.get(env)),
+            "shutdown_timeout": float(_env.GRACEFUL_SHUTDOWN_TIMEOUT.get(env)),
+        }
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(store, **settings)
 
     def _healthy(self) -> bool:
         # Ready means discoverable: the lease is live and every card is in etcd under it.
@@ -161,6 +219,7 @@ class Worker(AsyncService):
         ``tcp://host:port/path``) also publishes the Dynamo endpoint-instance record on the
         same lease, so a Dynamo frontend routes to it.
         """
+        began = time.monotonic()
         # Bad input fails before any hashing or etcd traffic.
         transport = (
             None if instance_transport is None else parse_instance_transport(instance_transport)
@@ -253,11 +312,20 @@ class Worker(AsyncService):
             )
             self._published.append(published)
         if handle.key is not None:
+            if self._registration_seconds is not None:
+                self._registration_seconds.observe(time.monotonic() - began)
             log.info(
                 "registered model %r at %s (lease %x)",
                 card.display_name,
                 handle.key,
                 self.session.lease_id,
+                extra={
+                    "model": card.display_name,
+                    "key": handle.key,
+                    "lease": f"{self.session.lease_id:x}",
+                    "namespace": namespace,
+                    "endpoint": f"{namespace}/{component}/{endpoint}",
+                },
             )
         else:
             log.info(
@@ -304,4 +372,8 @@ class Worker(AsyncService):
             await self.session.remove(record)
         self._published.remove(published)
         self.registry.unregister_model(self._ref(published))
-        log.info("unregistered model %r", published.card.display_name)
+        log.info(
+            "unregistered model %r",
+            published.card.display_name,
+            extra={"model": published.card.display_name, "namespace": published.namespace},
+        )

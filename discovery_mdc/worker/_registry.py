@@ -165,6 +165,11 @@ class MetadataRegistry:
     def __contains__(self, key: object) -> bool:
         return key in self._files
 
+    def file_count(self) -> int:
+        """How many distinct files are registered (each file has a key per route)."""
+        with self._lock:
+            return len({(f.path, f.checksum) for f in self._files.values()})
+
     def keys(self) -> list[str]:
         """Every registered key, sorted."""
         with self._lock:

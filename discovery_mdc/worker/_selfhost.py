@@ -28,8 +28,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any
 
+from discovery_mdc import _env
 from discovery_mdc.card import CheckedFile, LoraInfo, ModelDeploymentCard, from_dir, slugify
 from discovery_mdc.errors import RegistryError
 from discovery_mdc.worker._registry import (
@@ -54,8 +55,6 @@ __all__ = [
 
 log = logging.getLogger("discovery_mdc.worker")
 
-_FALSY: Final = frozenset({"0", "false", "no", "off", ""})
-
 
 def self_host_enabled(explicit: bool | None, *, env: Mapping[str, str] | None = None) -> bool:
     """Whether self-hosting is wanted: ``explicit`` if given, else ``DYN_SELF_HOST_METADATA``.
@@ -65,8 +64,7 @@ def self_host_enabled(explicit: bool | None, *, env: Mapping[str, str] | None = 
     """
     if explicit is not None:
         return explicit
-    value = (os.environ if env is None else env).get("DYN_SELF_HOST_METADATA")
-    return value is None or value.strip().lower() not in _FALSY
+    return _env.SELF_HOST_METADATA.get(env)
 
 
 def will_self_host(

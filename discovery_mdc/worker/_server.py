@@ -4,7 +4,8 @@ Routes::
 
     GET|HEAD /v1/metadata/<slug>/<filename>
     GET|HEAD /v1/metadata/<namespace>/<component>/<endpoint>/<slug>/<suffix>/<filename>
-    GET      /health, /live     {"status": "ready"} 200, or {"status": "notready"} 503
+    GET      /health            {"status": "ready"} 200, or {"status": "notready"} 503
+    GET      /live              {"status": "live"} 200 while the process serves requests
     GET      /metrics           Prometheus text (a per-server CollectorRegistry)
 
 A metadata request is answered only when its *raw* request path (exactly as received, before
@@ -38,10 +39,11 @@ from typing import IO, Any, Final
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from discovery_mdc import _env
 from discovery_mdc._lifecycle import AsyncService
+from discovery_mdc._metrics import add_standard_collectors, metrics_response
 from discovery_mdc.worker._advertise import advertise_host, format_host_for_url
 from discovery_mdc.worker._registry import MetadataRegistry, RegisteredFile
 
@@ -58,7 +60,7 @@ __all__ = [
 log = logging.getLogger("discovery_mdc.worker")
 
 METADATA_PREFIX: Final = "/v1/metadata/"
-DEFAULT_SYSTEM_HOST: Final = "0.0.0.0"
+DEFAULT_SYSTEM_HOST: Final = _env.DEFAULT_SYSTEM_HOST
 # Longer than any valid key (5 segments of at most 255 characters and a file name of at most
 # 255 bytes, each percent-encoded to 3 characters), so a cheap first cut.
 _MAX_RAW_PATH: Final = len(METADATA_PREFIX) + 5 * 256 + 3 * 256
@@ -88,21 +90,12 @@ def system_server_config(
     ``--system-host`` else ``DYN_SYSTEM_HOST`` else ``0.0.0.0``. Raises ``ValueError`` for a
     port that is not an integer in 0..65535.
     """
-    environ = os.environ if env is None else env
-    port: int | None = port_flag
-    if port is None:
-        raw = environ.get("DYN_SYSTEM_PORT", "").strip()
-        if raw:
-            try:
-                port = int(raw)
-            except ValueError:
-                raise ValueError(f"DYN_SYSTEM_PORT={raw!r} is not a port number") from None
+    port = port_flag if port_flag is not None else _env.SYSTEM_PORT.get(env)
     if port is None:
         return None
     if not 0 <= port <= 65535:
         raise ValueError(f"status server port {port} is outside 0..65535")
-    host = host_flag or environ.get("DYN_SYSTEM_HOST", "").strip() or DEFAULT_SYSTEM_HOST
-    return host, port
+    return host_flag or _env.SYSTEM_HOST.get(env), port
 
 
 def _metadata_key(raw_path: str) -> str | None:
@@ -256,7 +249,7 @@ def _open_checked(registered: RegisteredFile) -> IO[bytes]:
 class StatusServer(AsyncService):
     """The worker's status server. ``await start()`` binds it; ``await stop()`` shuts it down.
 
-    ``health`` decides /health and /live (``None`` means always ready); it may be replaced
+    ``health`` decides /health (``None`` means always ready); it may be replaced
     at any time, e.g. once the publisher exists. ``advertise`` overrides the host put in
     :attr:`base_url` (default: :func:`advertise_host` of the bind host). Usable as
     ``async with``.
@@ -299,10 +292,11 @@ class StatusServer(AsyncService):
         )
         registered = Gauge(
             "discovery_mdc_metadata_registered_files",
-            "Metadata keys currently registered.",
+            "Metadata files currently registered for self-hosting.",
             registry=self.metrics,
         )
-        registered.set_function(lambda: float(len(self.registry)))
+        registered.set_function(lambda: float(self.registry.file_count()))
+        add_standard_collectors(self.metrics)
         closed = Counter(
             "discovery_mdc_status_connections_closed",
             "Connections the status server closed itself, by reason: header_timeout (no "
@@ -367,7 +361,7 @@ class StatusServer(AsyncService):
         app = web.Application(middlewares=[self._track_busy, self._count_metadata])
         app.router.add_get(METADATA_PREFIX + "{tail:.*}", self._metadata)  # also HEAD
         app.router.add_get("/health", self._health)
-        app.router.add_get("/live", self._health)
+        app.router.add_get("/live", self._live)
         app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
@@ -554,7 +548,9 @@ class StatusServer(AsyncService):
             content_type="application/json",
         )
 
+    async def _live(self, request: web.Request) -> web.Response:
+        # Liveness follows this process only: an etcd outage must not restart every worker.
+        return web.json_response({"status": "live"})
+
     async def _metrics(self, request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(self.metrics))
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return response
+        return metrics_response(self.metrics)

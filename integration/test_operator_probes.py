@@ -1,0 +1,300 @@
+"""What an operator sees, with real etcd and real worker/frontend processes: liveness that
+survives an etcd outage, Dynamo's settings, rejections that say what differs, JSON logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from discovery_mdc._sample import write_sample_model
+from discovery_mdc.card import from_dir
+from discovery_mdc.etcd import EtcdClient, EtcdServer
+from integration._faults import CliProcess, FrontendProcess, card_keys, child_env
+from integration._util import wait_until
+from integration._worker_proc import WorkerSpawner
+
+DEADLINE = 60.0
+
+
+def _status(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def status(url: str) -> tuple[int, Any]:
+    return await asyncio.to_thread(_status, url)
+
+
+def _worker_args(etcd: str, model: Path, *extra: str) -> list[str]:
+    return ["--etcd", etcd, "--model-path", str(model), "--system-port", "0",
+            "--system-host", "127.0.0.1", *extra]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- probes
+
+
+async def test_etcd_down_keeps_live_200_while_health_turns_503_on_both_halves(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+) -> None:
+    model = write_sample_model(tmp_path / "m")
+    worker = spawn(*_worker_args(etcd_server.client_url, model, "--lease-ttl", "2"))
+    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path)
+    procs.append(fe)
+    await worker.wait_registered(timeout=DEADLINE)
+    await fe.wait_listening()
+    await wait_until(lambda: _listed(fe, "m"), timeout=DEADLINE, message=fe.describe)
+    w_base = f"http://127.0.0.1:{worker.status_port()}"
+    f_base = f"http://127.0.0.1:{fe.port}"
+    for base in (w_base, f_base):
+        assert (await status(f"{base}/health"))[0] == 200
+        assert await status(f"{base}/live") == (200, {"status": "live"})
+
+    etcd_server.stop()
+
+    async def both_unhealthy() -> bool:
+        return (await status(f"{w_base}/health"))[0] == 503 and (await status(f"{f_base}/health"))[
+            0
+        ] == 503
+
+    await wait_until(both_unhealthy, timeout=DEADLINE, message=worker.describe)
+    # Liveness follows the process, not etcd: a liveness probe must not restart the fleet.
+    for base in (w_base, f_base):
+        assert await status(f"{base}/live") == (200, {"status": "live"})
+    # The frontend still answers, and says the model is not ready to route to... or still is:
+    # its last view of etcd stands until etcd answers again.
+    assert (await status(f"{f_base}/v1/models"))[0] == 200
+
+
+async def _listed(fe: FrontendProcess, model: str) -> bool:
+    return model in await fe.model_ids()
+
+
+async def test_per_model_readiness_answers_200_once_ready_and_503_when_unknown(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+) -> None:
+    model = write_sample_model(tmp_path / "ready-model")
+    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path)
+    procs.append(fe)
+    await fe.wait_listening()
+    base = f"http://127.0.0.1:{fe.port}"
+    assert await status(f"{base}/v1/models/ready-model/ready") == (
+        503, {"model": "ready-model", "ready": False, "status": "unknown", "instances": 0}
+    )  # fmt: skip
+    spawn(*_worker_args(etcd_server.client_url, model))
+    await wait_until(lambda: _listed(fe, "ready-model"), timeout=DEADLINE, message=fe.describe)
+    code, body = await status(f"{base}/v1/models/ready-model/ready")
+    assert code == 200 and body["ready"] is True and body["instances"] == 1
+    # OpenAI's 404 for a model that does not exist.
+    code, body = await status(f"{base}/v1/models/nope")
+    assert code == 404 and body["error"]["code"] == "model_not_found"
+    assert body["error"]["param"] == "model"
+    # Dynamo's context_window, from the card.
+    (entry,) = (await status(f"{base}/v1/models"))[1]["data"]
+    assert entry["context_window"] == from_dir(model).effective_context_length()
+
+
+# --------------------------------------------------------------------------- Dynamo's settings
+
+
+async def test_dyn_namespace_and_dyn_endpoint_are_honoured_by_both_halves(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+) -> None:
+    a = write_sample_model(tmp_path / "model-a", seed=1)
+    b = write_sample_model(tmp_path / "model-b", seed=2)
+    c = write_sample_model(tmp_path / "model-c", seed=3)
+    url = etcd_server.client_url
+    env = child_env(DYN_NAMESPACE="team-a")
+    spawn(*_worker_args(url, a), env=env)
+    # The full form Dynamo backends take sets namespace, component and endpoint at once.
+    spawn(*_worker_args(url, c), env=child_env(DYN_ENDPOINT="dyn://team-a.vllm.chat"))
+    spawn(*_worker_args(url, b), env=child_env(DYN_NAMESPACE="team-b"))
+    # ... and a flag still beats the variable.
+    fe = FrontendProcess(url, tmp=tmp_path, env={"DYN_NAMESPACE": "team-b"},
+                         extra_args=("--namespace", "team-a"))  # fmt: skip
+    procs.append(fe)
+    async with EtcdClient([url]) as client:
+
+        async def published() -> set[str]:
+            keys = await card_keys(client)
+            return keys if len(keys) == 3 else set()
+
+        keys = await wait_until(published, timeout=DEADLINE)
+    assert {k.rsplit("/", 1)[0] for k in keys} == {
+        "v1/mdc/team-a/backend/generate",
+        "v1/mdc/team-a/vllm/chat",
+        "v1/mdc/team-b/backend/generate",
+    }
+    await fe.wait_listening()
+
+    async def team_a_listed() -> bool:
+        return await fe.model_ids() == {"model-a", "model-c"}
+
+    await wait_until(team_a_listed, timeout=DEADLINE, message=fe.describe)
+    # A frontend reading only DYN_NAMESPACE admits only that namespace.
+    fe_b = FrontendProcess(url, tmp=tmp_path, env={"DYN_NAMESPACE": "team-b"}, name="fe-b")
+    procs.append(fe_b)
+    await fe_b.wait_listening()
+
+    async def team_b_listed() -> bool:
+        return await fe_b.model_ids() == {"model-b"}
+
+    await wait_until(team_b_listed, timeout=DEADLINE, message=fe_b.describe)
+
+
+async def test_dyn_http_port_and_json_logs_from_dynamos_variables(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    from discovery_mdc.etcd._server import free_port
+
+    port = free_port()
+    env = child_env(
+        ETCD_ENDPOINTS=etcd_server.client_url,
+        DYN_HTTP_HOST="127.0.0.1",
+        DYN_HTTP_PORT=str(port),
+        DYN_LOGGING_JSONL="true",
+        DYN_LOG="warn,discovery_mdc.cli=info",
+    )
+    fe = CliProcess(
+        ["frontend", "--cache-dir", str(tmp_path / "c")], log_path=tmp_path / "fe.log", env=env
+    )
+    try:
+        line = await fe.wait_log(r"frontend listening", timeout=DEADLINE)
+        record = json.loads(line)
+        assert record["logger"] == "discovery_mdc.cli" and record["level"] == "info"
+        assert f"127.0.0.1:{port}" in record["msg"]
+        assert (await status(f"http://127.0.0.1:{port}/live"))[0] == 200
+        fe.signal(signal.SIGTERM)
+        assert await fe.wait_exit(timeout=DEADLINE) == 0
+        # DYN_LOG=warn: the info lines of other loggers are filtered out.
+        lines = [json.loads(ln) for ln in fe.log().splitlines() if ln.strip()]
+        assert all(r["level"] != "info" or r["logger"] == "discovery_mdc.cli" for r in lines)
+    finally:
+        fe.close()
+
+
+async def test_json_logs_carry_structured_fields_and_the_fatal_line_is_json(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+) -> None:
+    model = write_sample_model(tmp_path / "json-model")
+    worker = spawn(
+        *_worker_args(etcd_server.client_url, model, "--log-format", "json", "--namespace", "js")
+    )
+    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path,
+                         extra_args=("--log-format", "JSON", "--log-level", "INFO"))  # fmt: skip
+    procs.append(fe)
+    await fe.wait_listening()
+    line = await worker.wait_log(r'"registered model', timeout=DEADLINE)
+    record = json.loads(line)
+    assert record["model"] == "json-model" and record["namespace"] == "js"
+    assert record["key"].startswith("v1/mdc/js/backend/generate/")
+    assert record["key"].endswith("/" + record["lease"])
+    added = json.loads(await fe.wait_log(r"model 'json-model' added", timeout=DEADLINE))
+    assert added["model"] == "json-model" and added["level"] == "info"
+    created = json.loads(await worker.wait_log(r"created etcd key", timeout=DEADLINE))
+    assert (created["key"], created["lease"]) == (record["key"], record["lease"])
+
+    # A fatal error under JSON logs ends with a JSON line too.
+    dead = CliProcess(
+        ["ls", "--etcd", "http://127.0.0.1:9", "--log-format", "json"],
+        log_path=tmp_path / "ls.log",
+        env=child_env(),
+    )
+    procs.append(dead)
+    assert await dead.wait_exit(timeout=DEADLINE) == 1
+    last = json.loads(dead.log().strip().splitlines()[-1])
+    assert last["level"] == "error" and last["exit_code"] == 1
+    assert "http://127.0.0.1:9" in last["msg"]
+
+
+async def test_dyn_worker_graceful_shutdown_timeout_bounds_a_stop_against_a_frozen_etcd(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path
+) -> None:
+    model = write_sample_model(tmp_path / "m")
+    worker = spawn(*_worker_args(etcd_server.client_url, model),
+                   env=child_env(DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT="1"))  # fmt: skip
+    reg = await worker.wait_registered(timeout=DEADLINE)
+    assert etcd_server.pid is not None
+    os.kill(etcd_server.pid, signal.SIGSTOP)  # the revoke will hang
+    try:
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait_exit(timeout=DEADLINE) == 0
+    finally:
+        os.kill(etcd_server.pid, signal.SIGCONT)
+    log = worker.log()
+    assert "graceful shutdown within 1s" in log
+    assert f"could not revoke etcd lease {reg.lease:x}" in log
+
+
+# --------------------------------------------------------------------------- rejections
+
+
+async def test_a_rejected_replica_is_explained_naming_the_differing_slot(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+) -> None:
+    model = write_sample_model(tmp_path / "twin")
+    url = etcd_server.client_url
+    first = spawn(*_worker_args(url, model))
+    fe = FrontendProcess(url, tmp=tmp_path)
+    procs.append(fe)
+    reg = await first.wait_registered(timeout=DEADLINE)
+    await fe.wait_listening()
+    await wait_until(lambda: _listed(fe, "twin"), timeout=DEADLINE, message=fe.describe)
+    before = from_dir(model).tokenizer
+    # The same path, but another tokenizer: the second replica's mdcsum differs.
+    tokenizer = model / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes() + b"\n")
+    after = from_dir(model).tokenizer
+    assert before is not None and after is not None and before.file.checksum != after.file.checksum
+    second = spawn(*_worker_args(url, model))
+    reg2 = await second.wait_registered(timeout=DEADLINE)
+    expected = (
+        f"tokenizer {before.file.checksum} ({before.file.size} bytes) vs "
+        f"{after.file.checksum} ({after.file.size} bytes)"
+    )
+    # The log line...
+    line = await fe.wait_log(rf"rejected instance {re.escape(reg2.key)}", timeout=DEADLINE)
+    assert expected in line and "context_length" not in line
+    # ... /v1/models/{id}...
+    _, details = await fe.get_json("/v1/models/twin")
+    (rejected,) = details["rejected_instances"]
+    assert rejected["key"] == reg2.key and expected in rejected["reason"]
+    assert [d["field"] for d in rejected["diff"]] == ["tokenizer"]
+    assert details["worker_sets"][0]["instances"] == [reg.key]
+    # ... the per-model metric...
+    assert (await fe.metrics())['discovery_mdc_model_rejected_instances{model="twin"}'] == 1
+    # ... and `discovery-mdc ls`.
+    ls = CliProcess(["ls", "--etcd", url], log_path=tmp_path / "ls.log", env=child_env())
+    procs.append(ls)
+    assert await ls.wait_exit(timeout=DEADLINE) == 0, ls.describe()
+    (row,) = [ln for ln in ls.log().splitlines() if ln.startswith(reg2.key)]
+    assert "REJECTED" in row and expected in row
+    (ok_row,) = [ln for ln in ls.log().splitlines() if ln.startswith(reg.key)]
+    assert "REJECTED" not in ok_row
+    # ... and `ls --json`, field by field.
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "discovery_mdc", "ls", "--etcd", url, "--json"],
+        capture_output=True, text=True, timeout=DEADLINE, check=True, env=child_env(),
+    )  # fmt: skip
+    cards = {c["key"]: c for c in json.loads(listed.stdout)["cards"]}
+    assert (cards[reg.key]["status"], cards[reg.key]["diff"]) == ("ok", None)
+    assert cards[reg2.key]["status"] == "rejected" and expected in cards[reg2.key]["reason"]
+    assert cards[reg2.key]["diff"] == [
+        {
+            "field": "tokenizer",
+            "worker_set": f"{before.file.checksum} ({before.file.size} bytes)",
+            "instance": f"{after.file.checksum} ({after.file.size} bytes)",
+        }
+    ]

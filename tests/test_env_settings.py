@@ -1,0 +1,190 @@
+"""One settings module reads the environment: each variable's parser, Dynamo's syntax, and the
+precedence the CLI applies (flag > variable > default)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from discovery_mdc import _env
+from discovery_mdc.cli import build_parser, main
+from discovery_mdc.cli._common import apply_env_options
+from discovery_mdc.cli._frontend import _scope
+from discovery_mdc.cli._worker import resolve_endpoint_id
+from discovery_mdc.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+# The Hugging Face variables are read by the HF resolver, as huggingface_hub reads them.
+HF_READERS = {"_hf.py"}
+
+
+def test_only_the_settings_module_reads_the_environment() -> None:
+    package = ROOT / "discovery_mdc"
+    readers = {
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if re.search(r"os\.environ|os\.getenv|environ\.get", path.read_text())
+    }
+    assert readers - HF_READERS == {"_env.py"}
+
+
+def test_every_variable_is_in_the_readme_marked_as_dynamos_or_ours() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        name: row
+        for row in table.splitlines()
+        if row.startswith("| `")
+        for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])
+    }
+    for var in _env.VARIABLES:
+        assert var.name in rows, var.name
+        owner = rows[var.name].split("|")[2].strip()
+        assert owner == ("Dynamo" if var.owner == _env.DYNAMO else "ours"), (var.name, owner)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("info", _env.LogFilter("info")),
+        ("WARN", _env.LogFilter("warning")),
+        ("trace", _env.LogFilter("debug")),
+        (
+            "warn,discovery_mdc.frontend=debug,dynamo_runtime::component=error",
+            _env.LogFilter(
+                "warning",
+                (("discovery_mdc.frontend", "debug"), ("dynamo_runtime.component", "error")),
+            ),
+        ),
+        ("discovery_mdc.cache", _env.LogFilter(None, (("discovery_mdc.cache", "debug"),))),
+        ("info,h2[span]=debug,x=loud", _env.LogFilter("info", (), ("h2[span]=debug", "x=loud"))),
+    ],
+)
+def test_dyn_log_is_read_as_dynamos_env_filter(text: str, expected: _env.LogFilter) -> None:
+    assert _env.parse_log_filter(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("generate", _env.DynEndpoint("generate")),
+        ("dyn://ns.backend.generate", _env.DynEndpoint("generate", "ns", "backend")),
+        ("ns.backend.generate", _env.DynEndpoint("generate", "ns", "backend")),
+    ],
+)
+def test_endpoint_forms(text: str, expected: _env.DynEndpoint) -> None:
+    assert _env.parse_dyn_endpoint(text) == expected
+
+
+@pytest.mark.parametrize(
+    "bad", ["dyn://a.b", "a.b", "dyn://a..c", "dyn://a.b.c.d", "dyn://", "x/y", ""]
+)
+def test_malformed_endpoints_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid endpoint"):
+        _env.parse_dyn_endpoint(bad)
+
+
+def test_endpoint_id_precedence() -> None:
+    full = _env.DynEndpoint("chat", "team", "vllm")
+    assert resolve_endpoint_id() == ("dynamo", "backend", "generate")
+    assert resolve_endpoint_id(env_namespace="ns") == ("ns", "backend", "generate")
+    assert resolve_endpoint_id(env_endpoint=full, env_namespace="ns") == ("team", "vllm", "chat")
+    assert resolve_endpoint_id(namespace="flag", env_endpoint=full) == ("flag", "vllm", "chat")
+    assert resolve_endpoint_id(endpoint=full, env_namespace="ns") == ("team", "vllm", "chat")
+    assert resolve_endpoint_id(namespace="team", endpoint=full) == ("team", "vllm", "chat")
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve_endpoint_id(namespace="other", endpoint=full)
+    with pytest.raises(ValueError, match="invalid namespace"):
+        resolve_endpoint_id(namespace="")
+
+
+def _resolve(argv: list[str], env: dict[str, str]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.from_env = apply_env_options(args, env)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "scope"),
+    [
+        ([], {"DYN_NAMESPACE": "a"}, ("a", None)),
+        ([], {"DYN_NAMESPACE": "a", "DYN_NAMESPACE_PREFIX": "p"}, (None, "p")),  # as Dynamo
+        (["--namespace", "b"], {"DYN_NAMESPACE_PREFIX": "p"}, ("b", None)),
+        (["--namespace-prefix", "q"], {"DYN_NAMESPACE": "a"}, (None, "q")),
+        (["--namespace", "b"], {"DYN_NAMESPACE": "a"}, ("b", None)),
+    ],
+)
+def test_frontend_scope_flags_beat_variables(
+    argv: list[str], env: dict[str, str], scope: tuple[str | None, str | None]
+) -> None:
+    assert _scope(_resolve(["frontend", *argv], env)) == scope
+
+
+def test_frontend_http_settings_and_startup_timeout_from_dynamos_variables() -> None:
+    env = {"DYN_HTTP_HOST": "127.0.0.1", "DYN_HTTP_PORT": "9001",
+           "ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS": "7"}  # fmt: skip
+    args = _resolve(["frontend"], env)
+    assert (args.http_host, args.http_port, args.startup_timeout) == ("127.0.0.1", 9001, 7)
+    args = _resolve(["frontend", "--http-port", "9002", "--etcd-startup-timeout", "0"], env)
+    assert (args.http_port, args.startup_timeout) == (9002, 0)
+    defaults = _resolve(["frontend"], {})
+    assert (defaults.http_host, defaults.http_port, defaults.startup_timeout) == (
+        "127.0.0.1", 8000, 120
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS", "1.5"),
+        ("ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS", "-1"),
+        ("DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT", "soon"),
+        ("DYN_HTTP_PORT", "70000"),
+        ("DYN_ENDPOINT", "dyn://a.b"),
+        ("DYN_COMPONENT", "a/b"),
+        ("ETCD_LEASE_TTL", "9000000001"),
+    ],
+)
+def test_a_bad_value_is_a_config_error_naming_the_variable(var: str, value: str) -> None:
+    (parsed,) = [v for v in _env.VARIABLES if v.name == var]
+    with pytest.raises(ConfigError, match=f"^{var}={value!r}: "):
+        parsed.get({var: value})
+
+
+@pytest.mark.parametrize(
+    ("value", "on"), [("1", True), ("TRUE", True), ("on", True), ("yes", True), ("0", False),
+                      ("false", False), ("anything", False)]
+)  # fmt: skip
+def test_dyn_logging_jsonl_is_dynamos_is_truthy(value: str, on: bool) -> None:
+    assert _env.LOGGING_JSONL.get({"DYN_LOGGING_JSONL": value}) is on
+
+
+@pytest.fixture
+def _restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {n: logging.getLogger(n).level for n in ("discovery_mdc.cache", "discovery_mdc")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in levels.items():
+        logging.getLogger(name).setLevel(lvl)
+
+
+@pytest.mark.usefixtures("_restore_root_logger")
+def test_dyn_log_sets_levels_unless_the_flag_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DYN_LOG", "error,discovery_mdc.cache=debug")
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
+    assert logging.getLogger().level == logging.ERROR
+    assert logging.getLogger("discovery_mdc.cache").level == logging.DEBUG
+    logging.getLogger("discovery_mdc.cache").setLevel(logging.NOTSET)
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path), "--log-level", "Warning"]) == 0
+    assert logging.getLogger().level == logging.WARNING
+    assert logging.getLogger("discovery_mdc.cache").level == logging.NOTSET
