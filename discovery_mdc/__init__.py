@@ -57,6 +57,7 @@ if typing.TYPE_CHECKING:
         ModelDirError,
         RegistryError,
         SizeLimitError,
+        SourceUnreachableError,
         UnsupportedSchemeError,
     )
     from discovery_mdc.etcd import (
@@ -111,6 +112,7 @@ _LAZY: dict[str, str] = {
     "ModelDirError": "discovery_mdc.errors",
     "RegistryError": "discovery_mdc.errors",
     "SizeLimitError": "discovery_mdc.errors",
+    "SourceUnreachableError": "discovery_mdc.errors",
     "UnsupportedSchemeError": "discovery_mdc.errors",
     "EtcdClient": "discovery_mdc.etcd",
     "LeaseSession": "discovery_mdc.etcd",
@@ -153,6 +155,7 @@ __all__ = [
     "RegistryError",
     "ResolvedCard",
     "SizeLimitError",
+    "SourceUnreachableError",
     "UnsupportedSchemeError",
     "Worker",
     "__version__",

@@ -23,10 +23,12 @@ from urllib.parse import quote
 
 import pytest
 
-from discovery_mdc.card import decode_envelope
+from discovery_mdc._sample import write_sample_model
+from discovery_mdc.card import ModelDeploymentCard, decode_envelope, from_dir
 from discovery_mdc.etcd import EtcdClient, EtcdServer
 from integration._faults import (
     CliProcess,
+    FileServer,
     FrontendProcess,
     Spawn,
     card_keys,
@@ -35,6 +37,7 @@ from integration._faults import (
     model_dirs,
     start_frontend,
 )
+from integration._proxy import TcpProxy
 from integration._util import wait_until
 
 DEADLINE = 60.0
@@ -191,3 +194,59 @@ async def test_every_listed_model_id_is_answered_and_unservable_ones_are_rejecte
     assert "generate/5000 of model '': the model id is empty" in log
     assert "of model 'two\\nlines': the model id contains U+000A, a control character" in log
     assert "of model 'org/../up': the model id has a '.' or '..' path segment" in log
+
+
+# --------------------------------------------------------------------------- tarpits
+
+
+TARPIT_CARDS = 40  # main listed a healthy model published after these only after ~48 s
+GOOD_MODEL_DEADLINE_S = 15.0  # the goal is a few seconds (benchmark P10: 200 cards)
+
+
+@pytest.mark.slow
+async def test_cards_on_a_host_that_never_answers_do_not_starve_a_healthy_model(
+    etcd_server: EtcdServer,
+    client: EtcdClient,
+    spawn_worker: Spawn,
+    procs: list[CliProcess],
+    tmp_path: Path,
+) -> None:
+    fe = await start_frontend(etcd_server.client_url, tmp_path, procs)  # default settings
+    async with FileServer() as files:
+        with TcpProxy("127.0.0.1", files.port) as host:
+            host.tarpit()  # accepts connections, never answers
+            for i, model in enumerate(model_dirs(tmp_path / "tarpit", TARPIT_CARDS)):
+                card = _served_by(from_dir(model).replace(display_name=f"tarpit-{i}"), files, host)
+                await client.put(*envelope_kv(card, 0x7000 + i))
+            await wait_until(lambda: host.tarpitted >= 2, timeout=DEADLINE, message=fe.describe)
+
+            good = spawn_worker(write_sample_model(tmp_path / "good-model", seed=4242))
+            await good.wait_registered()
+            published = time.monotonic()
+            await wait_until(
+                lambda: _lists(fe, "good-model"), timeout=DEADLINE, message=fe.describe
+            )
+            listed = time.monotonic() - published
+            print(f"healthy model listed {listed:.2f}s after it registered, behind "
+                  f"{TARPIT_CARDS} tarpit cards ({host.tarpitted} connections held)")  # fmt: skip
+            assert listed <= GOOD_MODEL_DEADLINE_S, fe.describe()
+            assert await fe.model_ids() == {"good-model"}
+
+            # The host comes back: the failed models are retried (with backoff) and listed.
+            host.restore()
+            tarpit_ids = {f"tarpit-{i}" for i in range(TARPIT_CARDS)}
+            await wait_until(
+                lambda: _lists(fe, *tarpit_ids), timeout=180.0, interval=0.5, message=fe.describe
+            )
+    assert "no response within 3s" in fe.log()
+
+
+async def _lists(fe: FrontendProcess, *names: str) -> bool:
+    return set(names) <= await fe.model_ids()
+
+
+def _served_by(card: ModelDeploymentCard, files: FileServer, host: TcpProxy) -> ModelDeploymentCard:
+    """``card`` with its files on ``files``, reached through ``host``."""
+    for _, f in card.files():
+        files.files[f"/v1/metadata/{card.slug}/{f.basename}"] = Path(f.path).read_bytes()
+    return card.with_paths(lambda _, f: f"{host.url}/v1/metadata/{card.slug}/{f.basename}")

@@ -21,6 +21,8 @@ from discovery_mdc.cache._plan import (
     CacheLayout,
     CardPlan,
     FilePlan,
+    SourceHealth,
+    http_source,
     local_path_of,
     plan_card,
     resolve_cache_root,
@@ -40,6 +42,7 @@ from discovery_mdc.errors import (
     ChecksumMismatchError,
     FetchError,
     SizeLimitError,
+    SourceUnreachableError,
 )
 
 __all__ = [
@@ -201,6 +204,7 @@ class _Run:
     sessions: _Sessions
     stats: CacheStats
     progress: ProgressCallback | None
+    health: SourceHealth | None = None
 
     async def ensure_file(self, fp: FilePlan, *, in_place: bool = False) -> None:
         """Make ``fp.link_path`` point at a verified blob; concurrent callers share one run.
@@ -251,9 +255,22 @@ class _Run:
         on_progress = (
             (lambda n: progress(fp.filename, n, fp.size)) if progress is not None else None
         )
-        if len(fp.uris) > 1:
-            log.debug("%s (%s): sources in order %s", fp.filename, fp.hex[:12], list(fp.uris))
-        for uri in fp.uris:
+        uris = list(fp.uris)
+        health = self.health
+        if health is not None:
+            # Sources backing off after failing go last (each keeps its place otherwise).
+            uris.sort(key=lambda u: health.backing_off(http_source(u) or "") is not None)
+        if len(uris) > 1:
+            log.debug("%s (%s): sources in order %s", fp.filename, fp.hex[:12], uris)
+        for uri in uris:
+            source = http_source(uri) if health is not None else None
+            if health is not None and source is not None and not health.claim(source):
+                why = health.backing_off(source) or f"{source} is backing off"
+                log.debug("not trying %s for %s: %s", uri, fp.filename, why)
+                self.stats.by_source[source, "skipped"] += 1
+                errors.append((uri, SourceUnreachableError(f"GET {uri}: {why}")))
+                continue
+            answered: bool | None = None
             staging = self.store.stage(fp.hex, on_progress)
             try:
                 await fetch_uri(
@@ -263,6 +280,7 @@ class _Run:
                     session=self.sessions.get() if _needs_session(uri) else None,
                     config=self.config,
                 )
+                answered = True
                 actual = staging.hexdigest()
                 if actual != fp.hex or (fp.size is not None and staging.received != fp.size):
                     raise ChecksumMismatchError(
@@ -272,6 +290,8 @@ class _Run:
                     )
                 self.store.publish(staging)
             except _SOURCE_ERRORS as exc:
+                # Anything but a transport failure means the host answered.
+                answered = not isinstance(exc, SourceUnreachableError)
                 log.error("rejected %s for %s (%s): %s", uri, fp.filename, fp.slot, exc,
                           extra={"uri": uri, "reason": str(exc)})  # fmt: skip
                 self.stats.by_source[source_label(uri), "failed"] += 1
@@ -279,6 +299,8 @@ class _Run:
                 continue
             finally:
                 staging.discard()
+                if health is not None and source is not None:
+                    health.record(source, answered)
             self.stats.fetches += 1
             self.stats.bytes_fetched += staging.received
             self.stats.by_source[source_label(uri), "ok"] += 1
@@ -406,12 +428,14 @@ async def resolve_metadata_files(
     alternates: Mapping[str, Sequence[str]] | None = None,
     lock_timeout: float = 600.0,
     connect_timeout: float = 10.0,
+    first_byte_timeout: float = 10.0,
     total_timeout: float = 300.0,
     read_timeout: float | None = 60.0,
     session: aiohttp.ClientSession | None = None,
     stats: CacheStats | None = None,
     progress: ProgressCallback | None = None,
     spread: str | None = None,
+    health: SourceHealth | None = None,
 ) -> ResolvedCard:
     """Return ``card`` with every slot pointing at a verified local file.
 
@@ -425,7 +449,14 @@ async def resolve_metadata_files(
 
     Raises :class:`CardError` (unsafe names), :class:`SizeLimitError`,
     :class:`ChecksumMismatchError`, :class:`FetchError` (:class:`AllSourcesFailedError` when
-    several URIs were tried) or :class:`CacheError` (:class:`LockTimeoutError`, disk full).
+    several URIs were tried; :class:`SourceUnreachableError` for a source that did not
+    connect or answer within ``connect_timeout`` / ``first_byte_timeout``, or stalled for
+    ``read_timeout``) or :class:`CacheError` (:class:`LockTimeoutError`, disk full).
+
+    With ``health``, transport failures are remembered per ``host:port``: a source backing
+    off is tried after the others, and not at all until its time is up (see
+    :class:`SourceHealth`), so a card on an unresponsive host fails at once instead of waiting
+    out the timeouts again.
     """
     stats = _STATS if stats is None else stats
     hf_fallback = False
@@ -444,11 +475,14 @@ async def resolve_metadata_files(
     store = BlobStore(layout)
     store.ensure_dirs()
     config = FetchConfig(
-        connect_timeout=connect_timeout, total_timeout=total_timeout, read_timeout=read_timeout
+        connect_timeout=connect_timeout,
+        total_timeout=total_timeout,
+        read_timeout=read_timeout,
+        first_byte_timeout=first_byte_timeout,
     )
     sessions = _Sessions(session)
     try:
-        await _run_plan(plan, _Run(store, config, lock_timeout, sessions, stats, progress))
+        await _run_plan(plan, _Run(store, config, lock_timeout, sessions, stats, progress, health))
     finally:
         await sessions.close()
     links = {fp.slot: fp.link_path for fp in plan.files}
