@@ -494,6 +494,31 @@ async def test_a_source_that_stopped_answering_backs_off_and_is_tried_after_the_
     assert "next try in 4.0s" in (health.backing_off(tarpit) or "")
 
 
+async def test_a_card_on_a_frozen_host_gets_a_shared_file_from_another_card_waiting_for_it(
+    server: MetaServer, tarpit: str, cache: CacheLayout
+) -> None:
+    # Two models share generation_config.json (fine-tunes of one base). The first card's
+    # host never answers; while it holds the blob's lock the second card waits for it.
+    server.files["/good/config.json"] = GOOD
+    frozen = one_file_card(f"http://{tarpit}/frozen/config.json", GOOD)
+    healthy = one_file_card(server.url("/good/config.json"), GOOD).replace(display_name="Other")
+    health = SourceHealth()
+    first = asyncio.ensure_future(
+        resolve_metadata_files(frozen, cache_dir=cache.root, first_byte_timeout=0.5, health=health)
+    )
+    await wait_until(lambda: any(cache.locks.glob("*")) if cache.locks.exists() else False)
+    second = asyncio.ensure_future(
+        resolve_metadata_files(healthy, cache_dir=cache.root, first_byte_timeout=0.5, health=health)
+    )
+    async with asyncio.timeout(30):
+        done = await asyncio.gather(first, second)
+    # The frozen card's fetch, once its own host timed out, took the bytes from the host the
+    # other card knows: both resolve, with one GET in all.
+    assert [read(r.files[0]) for r in done] == [GOOD, GOOD]
+    assert server.gets["/good/config.json"] == 1
+    assert health.sources() == {tarpit: 1}
+
+
 async def test_total_timeout_bounds_a_slow_trickle(server: MetaServer, cache: CacheLayout) -> None:
     async def trickle(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()

@@ -114,7 +114,7 @@ class ModelWatcher(AsyncService):
         resolver: Resolver | None = None,
         reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL,
         max_concurrent_pipelines: int = 8,
-        max_concurrent_fetches: int = 32,
+        max_concurrent_fetches: int = 64,
         max_fetches_per_source: int = 2,
         slow_pipeline_after: float = 10.0,
         backoff_initial: float = 0.5,
