@@ -8,6 +8,7 @@ from a card can therefore name a path outside ``by-slug/``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -163,6 +164,7 @@ def _http_origin(uri: str) -> str | None:
     return f"{scheme}://{parts.hostname.lower()}:{port}"
 
 
+@functools.lru_cache(maxsize=8192)
 def http_source(uri: str) -> str | None:
     """``host:port`` of an http(s) URI (the replica serving it), else None."""
     origin = _http_origin(uri)
@@ -268,6 +270,10 @@ class SourceHealth:
     def sources(self) -> dict[str, int]:
         """Every source backing off, with its consecutive failures."""
         return {s: p.failures for s, p in self._penalties.items()}
+
+    def __bool__(self) -> bool:
+        """True while some source is backing off."""
+        return bool(self._penalties)
 
 
 def hf_fallback_uri(card: ModelDeploymentCard, file: CheckedFile) -> str:

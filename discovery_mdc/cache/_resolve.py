@@ -261,7 +261,7 @@ class _Run:
         )
         uris = list(fp.uris)
         health = self.health
-        if health is not None:
+        if health:
             # Sources backing off after failing go last (each keeps its place otherwise).
             uris.sort(key=lambda u: health.backing_off(http_source(u) or "") is not None)
         if len(uris) > 1:
