@@ -505,9 +505,9 @@ async def test_failed_fetch_tries_the_next_alternate(
 
 
 async def test_spread_fetches_each_blob_once_from_the_ranked_replica_and_counts_sources(
-    server: MetaServer, cache: CacheLayout
+    server: MetaServer, cache: CacheLayout, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from discovery_mdc.cache._plan import rank_sources
+    from discovery_mdc.cache._plan import spread_sources
 
     dead = "http://127.0.0.1:1/v1/metadata/m/config.json"  # nothing listens: refused
     server.files["/w2/config.json"] = GOOD
@@ -515,15 +515,22 @@ async def test_spread_fetches_each_blob_once_from_the_ranked_replica_and_counts_
     blob = hash_bytes(GOOD).hex
     # A frontend id that ranks the dead replica first, so the failover is exercised.
     spread = next(
-        f"fe-{n}" for n in range(100) if rank_sources([dead, live], blob, f"fe-{n}")[0] == dead
+        f"fe-{n}"
+        for n in range(100)
+        if spread_sources({blob: [live, dead]}, f"fe-{n}")[blob][0] == dead
     )
     stats = CacheStats()
     card = one_file_card(live, GOOD)
+    caplog.set_level(logging.DEBUG, logger="discovery_mdc.cache")
     await resolve_metadata_files(
         card, cache_dir=cache.root, alternates={blob: [dead]}, spread=spread, stats=stats
     )
     assert server.gets["/w2/config.json"] == 1
     assert stats.by_source == {("127.0.0.1:1", "failed"): 1, (f"127.0.0.1:{server.port}", "ok"): 1}
+    # The debug log names the source that served the blob (and where it was in the order).
+    served = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.DEBUG and "served by" in r.getMessage()]  # fmt: skip
+    assert served == [f"config.json ({blob[:12]}): served by {live}, source 2 of 2"]
 
 
 async def test_all_alternates_failing_lists_every_uri(
