@@ -33,19 +33,34 @@ def test_only_the_settings_module_reads_the_environment() -> None:
     assert readers - HF_READERS == {"_env.py"}
 
 
-def test_every_variable_is_in_the_readme_marked_as_dynamos_or_ours() -> None:
+def _readme_variable_rows() -> dict[str, str]:
+    """The README's configuration table: each variable named in a row's first cell -> row."""
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    rows = {
+    return {
         name: row
         for row in table.splitlines()
         if row.startswith("| `")
         for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])
     }
+
+
+def test_every_variable_is_in_the_readme_marked_as_dynamos_or_ours() -> None:
+    rows = _readme_variable_rows()
     for var in _env.VARIABLES:
         assert var.name in rows, var.name
         owner = rows[var.name].split("|")[2].strip()
         assert owner == ("Dynamo" if var.owner == _env.DYNAMO else "ours"), (var.name, owner)
+
+
+def test_every_variable_the_hf_resolver_reads_is_in_the_readme_as_huggingface_hubs() -> None:
+    rows = _readme_variable_rows()
+    source = (ROOT / "discovery_mdc" / "_hf.py").read_text()
+    read = set(re.findall(r"\be\.get\(\s*\"([A-Z][A-Z0-9_]+)\"", source)) - {"HOME"}
+    assert {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE"} <= read
+    for name in read:
+        assert name in rows, name
+        assert rows[name].split("|")[2].strip() == "huggingface_hub", rows[name]
 
 
 @pytest.mark.parametrize(
