@@ -89,13 +89,14 @@ async def test_per_model_readiness_answers_200_once_ready_and_503_when_unknown(
     procs.append(fe)
     await fe.wait_listening()
     base = f"http://127.0.0.1:{fe.port}"
-    assert await status(f"{base}/v1/models/ready-model/ready") == (
-        503, {"model": "ready-model", "ready": False, "status": "unknown", "instances": 0}
-    )  # fmt: skip
+    unknown = {"model": "ready-model", "ready": False, "status": "unknown", "instances": 0,
+               "ready_instances": 0, "rejected_instances": 0, "namespaces": {}}  # fmt: skip
+    assert await status(f"{base}/v1/models/ready-model/ready") == (503, unknown)
     spawn(*_worker_args(etcd_server.client_url, model))
     await wait_until(lambda: _listed(fe, "ready-model"), timeout=DEADLINE, message=fe.describe)
     code, body = await status(f"{base}/v1/models/ready-model/ready")
     assert code == 200 and body["ready"] is True and body["instances"] == 1
+    assert set(body) == set(unknown)  # one shape, known or not
     # OpenAI's 404 for a model that does not exist.
     code, body = await status(f"{base}/v1/models/nope")
     assert code == 404 and body["error"]["code"] == "model_not_found"
@@ -115,10 +116,13 @@ async def test_dyn_namespace_and_dyn_endpoint_are_honoured_by_both_halves(
     b = write_sample_model(tmp_path / "model-b", seed=2)
     c = write_sample_model(tmp_path / "model-c", seed=3)
     url = etcd_server.client_url
-    env = child_env(DYN_NAMESPACE="team-a")
-    spawn(*_worker_args(url, a), env=env)
-    # The full form Dynamo backends take sets namespace, component and endpoint at once.
-    spawn(*_worker_args(url, c), env=child_env(DYN_ENDPOINT="dyn://team-a.vllm.chat"))
+    # Dynamo's worker suffix: DYN_NAMESPACE "team" becomes "team-a".
+    spawn(*_worker_args(url, a),
+          env=child_env(DYN_NAMESPACE="team", DYN_NAMESPACE_WORKER_SUFFIX="a"))  # fmt: skip
+    # The full form Dynamo backends take sets namespace, component and endpoint at once (and
+    # names the namespace exactly: no suffix).
+    spawn(*_worker_args(url, c), env=child_env(DYN_ENDPOINT="dyn://team-a.vllm.chat",
+                                               DYN_NAMESPACE_WORKER_SUFFIX="x"))  # fmt: skip
     spawn(*_worker_args(url, b), env=child_env(DYN_NAMESPACE="team-b"))
     # ... and a flag still beats the variable.
     fe = FrontendProcess(url, tmp=tmp_path, env={"DYN_NAMESPACE": "team-b"},
