@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from discovery_mdc.card import from_dir
 from discovery_mdc.etcd import EtcdClient, EtcdServer
 from integration._faults import CliProcess, FrontendProcess, card_keys, child_env, parse_metrics
 from integration._util import wait_until
-from integration._worker_proc import WorkerSpawner
+from integration._worker_proc import Registered, WorkerProcess, WorkerSpawner
 
 DEADLINE = 60.0
 
@@ -44,19 +45,42 @@ def _worker_args(etcd: str, model: Path, *extra: str) -> list[str]:
             "--system-host", "127.0.0.1", *extra]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Serving:
+    """A worker of a fresh sample model and a frontend that lists the model."""
+
+    model: Path
+    worker: WorkerProcess
+    registered: Registered
+    fe: FrontendProcess
+
+
+async def serving(
+    etcd: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path,
+    name: str, *worker_flags: str,
+) -> Serving:  # fmt: skip
+    model = write_sample_model(tmp_path / name)
+    worker = spawn(*_worker_args(etcd.client_url, model, *worker_flags))
+    fe = FrontendProcess(etcd.client_url, tmp=tmp_path)
+    procs.append(fe)
+    registered = await worker.wait_registered(timeout=DEADLINE)
+    await fe.wait_listening()
+    await wait_until(lambda: _listed(fe, name), timeout=DEADLINE, message=fe.describe)
+    return Serving(model, worker, registered, fe)
+
+
+async def _listed(fe: FrontendProcess, model: str) -> bool:
+    return model in await fe.model_ids()
+
+
 # --------------------------------------------------------------------------- probes
 
 
 async def test_etcd_down_keeps_live_200_while_health_turns_503_on_both_halves(
     etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
 ) -> None:
-    model = write_sample_model(tmp_path / "m")
-    worker = spawn(*_worker_args(etcd_server.client_url, model, "--lease-ttl", "2"))
-    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path)
-    procs.append(fe)
-    await worker.wait_registered(timeout=DEADLINE)
-    await fe.wait_listening()
-    await wait_until(lambda: _listed(fe, "m"), timeout=DEADLINE, message=fe.describe)
+    up = await serving(etcd_server, spawn, procs, tmp_path, "m", "--lease-ttl", "2")
+    worker, fe = up.worker, up.fe
     w_base = f"http://127.0.0.1:{worker.status_port()}"
     f_base = f"http://127.0.0.1:{fe.port}"
     for base in (w_base, f_base):
@@ -77,10 +101,6 @@ async def test_etcd_down_keeps_live_200_while_health_turns_503_on_both_halves(
     # The frontend still answers, and says the model is not ready to route to... or still is:
     # its last view of etcd stands until etcd answers again.
     assert (await status(f"{f_base}/v1/models"))[0] == 200
-
-
-async def _listed(fe: FrontendProcess, model: str) -> bool:
-    return model in await fe.model_ids()
 
 
 async def test_per_model_readiness_answers_200_once_ready_and_503_when_unknown(
@@ -249,14 +269,9 @@ async def test_dyn_worker_graceful_shutdown_timeout_bounds_a_stop_against_a_froz
 async def test_a_rejected_replica_is_explained_naming_the_differing_slot(
     etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
 ) -> None:
-    model = write_sample_model(tmp_path / "twin")
     url = etcd_server.client_url
-    first = spawn(*_worker_args(url, model))
-    fe = FrontendProcess(url, tmp=tmp_path)
-    procs.append(fe)
-    reg = await first.wait_registered(timeout=DEADLINE)
-    await fe.wait_listening()
-    await wait_until(lambda: _listed(fe, "twin"), timeout=DEADLINE, message=fe.describe)
+    up = await serving(etcd_server, spawn, procs, tmp_path, "twin")
+    model, reg, fe = up.model, up.registered, up.fe
     before = from_dir(model).tokenizer
     # The same path, but another tokenizer: the second replica's mdcsum differs.
     tokenizer = model / "tokenizer.json"
@@ -317,13 +332,10 @@ async def _entry(fe: FrontendProcess, model: str) -> dict[str, Any] | None:
 async def test_created_stays_the_same_when_a_model_drops_out_across_an_etcd_restart(
     etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
 ) -> None:
-    model = write_sample_model(tmp_path / "steady")
-    worker = spawn(*_worker_args(etcd_server.client_url, model, "--lease-ttl", "2"))
-    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path)
-    procs.append(fe)
-    reg = await worker.wait_registered(timeout=DEADLINE)
-    await fe.wait_listening()
-    first = await wait_until(lambda: _entry(fe, "steady"), timeout=DEADLINE, message=fe.describe)
+    up = await serving(etcd_server, spawn, procs, tmp_path, "steady", "--lease-ttl", "2")
+    worker, reg, fe = up.worker, up.registered, up.fe
+    first = await _entry(fe, "steady")
+    assert first is not None
     # A frozen worker sends no keepalive: after etcd's restart its lease runs out, the card
     # goes and the model drops out. It comes back once the worker thaws and re-registers.
     worker.signal(signal.SIGSTOP)
@@ -371,13 +383,8 @@ def _histogram(samples: dict[str, float], name: str) -> tuple[float, float]:
 async def test_both_halves_export_standard_series_and_histograms_in_seconds(
     etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
 ) -> None:
-    model = write_sample_model(tmp_path / "metered")
-    worker = spawn(*_worker_args(etcd_server.client_url, model))
-    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path)
-    procs.append(fe)
-    await worker.wait_registered(timeout=DEADLINE)
-    await fe.wait_listening()
-    await wait_until(lambda: _listed(fe, "metered"), timeout=DEADLINE, message=fe.describe)
+    up = await serving(etcd_server, spawn, procs, tmp_path, "metered")
+    model, worker, fe = up.model, up.worker, up.fe
     _, details = await fe.get_json("/v1/models/metered")
     (ws,) = details["worker_sets"]
     files = ws["files"]
