@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -39,7 +40,7 @@ from discovery_mdc.cache._plan import (
     validate_link_name,
 )
 from discovery_mdc.card import CheckedFile, Checksum, ModelDeploymentCard, Slot, SlotVariant, mdcsum
-from discovery_mdc.errors import CardError, FetchError, SizeLimitError
+from discovery_mdc.errors import CardError, ConfigError, FetchError, SizeLimitError
 
 HEX_A = "a" * 64
 HEX_B = "b" * 64
@@ -445,8 +446,22 @@ def test_select_cards_by_name_slug_and_mdcsum_prefix() -> None:
     assert {c.mdcsum[0] for c in select_cards(scan, "m")} == {"1", "3", "4"}
     assert {c.mdcsum[0] for c in select_cards(scan, "M")} == {"1", "3", "4"}
     assert [c.mdcsum[0] for c in select_cards(scan, "m/3333")] == ["3"]
-    assert select_cards(scan, "m/33") == []  # shorter than 4 hex digits: a model name
     assert select_cards(scan, "nope") == []
+    assert select_cards(scan, "nope/3333") == []
+    assert select_cards(scan, "m/xyz") == []  # not hex: a model name, not cached
+    with pytest.raises(ConfigError, match=r"'m/33': the mdcsum prefix '33' is too short"):
+        select_cards(scan, "m/33")
+
+
+def test_select_cards_refuses_a_prefix_that_matches_more_than_one_card() -> None:
+    scan = _scan()
+    twins = [replace(c, mdcsum=f"abcd{d * 60}") for c, d in zip(scan.cards[:2], "12", strict=True)]
+    scan = replace(scan, cards=(*twins, *scan.cards[2:]))
+    assert {c.slug for c in twins} == {"m"}
+    with pytest.raises(ConfigError, match=r"'m/abcd' is ambiguous: it matches 2 cards") as err:
+        select_cards(scan, "m/abcd")
+    assert all(c.id in str(err.value) for c in twins)
+    assert select_cards(scan, "m/abcd2") == [twins[1]]
 
 
 def test_fix_plan_takes_corrupt_blobs_and_the_cards_linking_them() -> None:

@@ -20,6 +20,7 @@ from discovery_mdc.frontend._state import (
     Registry,
     RejectedInstance,
     WorkerSetInfo,
+    diff_json,
     model_id,
     worker_set_key,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "WorkerSetInfo",
     "build_app",
     "check_json_files",
+    "diff_json",
     "model_details",
     "model_id",
     "models_list",

@@ -44,6 +44,7 @@ __all__ = [
     "Registry",
     "RejectedInstance",
     "WorkerSetInfo",
+    "diff_json",
     "model_id",
     "worker_set_key",
 ]
@@ -140,6 +141,12 @@ class RejectedInstance:
     worker_set_mdcsum: str
     reason: str
     diff: tuple[CardFieldDiff, ...] = ()
+
+
+def diff_json(diff: Iterable[CardFieldDiff]) -> list[dict[str, str]]:
+    """A rejection's differing fields as JSON, as ``/v1/models/{id}``, ``ls --json`` and the
+    JSON log line show them: ``[{"field", "worker_set", "instance"}, ...]``."""
+    return [{"field": d.field, "worker_set": d.first, "instance": d.second} for d in diff]
 
 
 @dataclass(slots=True)
@@ -428,7 +435,14 @@ class Registry:
             key,
             name,
             reason,
-            extra={"model": name, "key": key, "mdcsum": sum_, "reason": reason},
+            extra={
+                "model": name,
+                "key": key,
+                "mdcsum": sum_,
+                "namespace": env.namespace,
+                "reason": reason,
+                "diff": diff_json(diff),
+            },
         )
         out.events.append(ModelEvent(EventKind.REJECTED, name, key, reason, diff))
         info = RejectedInstance(key, sum_, ws.key, ws.mdcsum, reason, diff)
