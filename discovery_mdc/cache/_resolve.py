@@ -283,6 +283,8 @@ class _Run:
             self.stats.bytes_fetched += staging.received
             self.stats.by_source[source_label(uri), "ok"] += 1
             self.stats.fetch_seconds.observe(time.monotonic() - began)
+            log.debug("%s (%s): served by %s, source %d of %d", fp.filename, fp.hex[:12], uri,
+                      len(errors) + 1, len(fp.uris), extra={"uri": uri})  # fmt: skip
             log.info("cached %s (%d bytes) from %s", fp.blob_path, staging.received, uri,
                      extra={"uri": uri})  # fmt: skip
             return staging.received
@@ -417,8 +419,9 @@ async def resolve_metadata_files(
 
     New-format cards go through the cache: each file is fetched from its URI (then each of
     ``alternates[hex]``; with ``spread``, a frontend's id, the http(s) sources are tried in
-    an order chosen by rendezvous hashing, so frontends spread their GETs over the replicas
-    and each still makes one GET per blob), verified against blake3 and size, published to
+    the order :func:`~discovery_mdc.cache._plan.spread_sources` picks, so one frontend's GETs
+    and a fleet's spread evenly over the replicas and each frontend still makes one GET per
+    blob), verified against blake3 and size, published to
     ``blobs/<hex>`` and linked at ``by-slug/<slug>/<mdcsum>/<filename>``. A legacy card whose
     files all exist locally is used in place; otherwise each file is fetched from
     ``hf://<source_path>/<file>`` and verified against its checksum.

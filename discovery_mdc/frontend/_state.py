@@ -17,6 +17,7 @@ from typing import Final
 import blake3
 import msgspec
 
+from discovery_mdc._changes import Change, ChangeKind
 from discovery_mdc.card import (
     MDC_PREFIX,
     CardFieldDiff,
@@ -32,7 +33,6 @@ from discovery_mdc.card import (
     parse_card_key,
 )
 from discovery_mdc.errors import CardDecodeError
-from discovery_mdc.etcd import Change, ChangeKind
 
 __all__ = [
     "EventKind",
