@@ -12,7 +12,7 @@ WORKDIR /src
 # Dependencies first, so a code change rebuilds only the layers below.
 COPY requirements.lock ./
 RUN pip install --no-deps -r requirements.lock
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY discovery_mdc ./discovery_mdc
 # Built with the pinned setuptools above (no download); `pip check` fails the build when the
 # lock does not satisfy pyproject.toml.

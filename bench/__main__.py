@@ -49,6 +49,12 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(SCENARIOS[name])
 
 
+def scenario_description(mod: ModuleType) -> str:
+    """A scenario module's docstring without its title paragraph (which may span lines)."""
+    parts = (mod.__doc__ or "").split("\n\n", 1)
+    return parts[1].strip() if len(parts) == 2 else ""
+
+
 def run_scenarios(names: list[str], ctx: Ctx) -> list[ScenarioResult]:
     results = []
     for name in names:
@@ -210,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench._peers import tool_versions
 
             cmd = "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-            docs = {n: (_module(n).__doc__ or "").split("\n", 1)[1] for n in names}
+            docs = {n: scenario_description(_module(n)) for n in names}
             write_markdown(
                 out,
                 results,

@@ -179,9 +179,9 @@ def http_json(url: str, timeout: float = 5.0) -> Any:
     return json.loads(http_get(url, timeout))
 
 
-def prom_value(text: str, name: str, labels: str | None = None) -> float:
+def prom_value(text: str, name: str, labels: str | tuple[str, ...] | None = None) -> float:
     """Sum of the samples of ``name`` (optionally only those whose label text contains
-    ``labels``, e.g. ``status="200"``) in Prometheus text format."""
+    ``labels``, e.g. ``status="200"``, or each of several) in Prometheus text format."""
     total = 0.0
     for line in text.splitlines():
         if not line.startswith(name):
@@ -190,7 +190,8 @@ def prom_value(text: str, name: str, labels: str | None = None) -> float:
         metric = head.split("{", 1)[0]
         if metric != name:
             continue
-        if labels is not None and labels not in head:
+        wanted = (labels,) if isinstance(labels, str) else labels or ()
+        if any(label not in head for label in wanted):
             continue
         total += float(value)
     return total
@@ -549,6 +550,6 @@ def call_all(procs: Sequence[Proc], cmd: dict[str, Any], timeout: float) -> list
         return [f.result() for f in [pool.submit(p.call, cmd, timeout) for p in procs]]
 
 
-def prom_get(base: str, name: str, labels: str | None = None) -> float:
+def prom_get(base: str, name: str, labels: str | tuple[str, ...] | None = None) -> float:
     """One metric of the Prometheus endpoint at ``base`` (see :func:`prom_value`)."""
     return prom_value(http_get(f"{base}/metrics").decode(), name, labels)

@@ -1,7 +1,7 @@
 """P10: tarpits. Cards whose metadata host accepts connections and never answers; how long
 until a healthy model published after them is listed?
 
-200 cards (5 files each) are put in etcd whose URLs all point at a host that accepts TCP
+Etcd holds 200 cards (5 files each) whose URLs all point at a host that accepts TCP
 connections and never sends a byte (a TCP proxy in tarpit mode: as a worker whose process is
 frozen while the kernel still completes handshakes). A frontend with default settings lists
 them and starts fetching. Then a publisher registers one healthy model (its own status
@@ -41,7 +41,7 @@ TIMEOUT = 120.0
 def _tarpit_cards(model: Path, urls: list[str]) -> list[tuple[str, bytes]]:
     """``CARDS`` cards of ``model`` under other names, their files on the hosts ``urls``
     (round robin), as (key, value) for etcd."""
-    from discovery_mdc.card import from_dir, slugify
+    from discovery_mdc.card import CheckedFile, from_dir, slugify
     from integration._faults import envelope_kv
 
     base = from_dir(model, include_extra_files=True)
@@ -49,8 +49,11 @@ def _tarpit_cards(model: Path, urls: list[str]) -> list[tuple[str, bytes]]:
     for i in range(CARDS):
         name = f"bench/tarpit-{i}"
         prefix = f"{urls[i % len(urls)]}/v1/metadata/{slugify(name)}/"
-        card = base.replace(display_name=name, slug=slugify(name))
-        card = card.with_paths(lambda _, f, prefix=prefix: prefix + f.basename)
+
+        def on_tarpit(_: str, f: CheckedFile, prefix: str = prefix) -> str:
+            return prefix + f.basename
+
+        card = base.replace(display_name=name, slug=slugify(name)).with_paths(on_tarpit)
         out.append(envelope_kv(card, 0x7A00000 + i))
     return out
 
@@ -93,12 +96,13 @@ def _round(work: Path, r: int, hosts: int, tarpit_model: Path, good_model: Path)
                 timeout=TIMEOUT,
                 what="the frontend fetching from the tarpits",
             )
-            registered = pub.call({"op": "go"}, 120)["t_done"]
-            deadline = registered + TIMEOUT
-            while good not in _models(base):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"P10: {good!r} never listed behind the tarpit cards")
-                time.sleep(0.02)
+            registered = float(pub.call({"op": "go"}, 120)["t_done"])
+            wait_for(
+                lambda: good in _models(base),
+                timeout=TIMEOUT,
+                interval=0.02,
+                what=f"{good!r} listed behind the tarpit cards",
+            )
             seconds = time.monotonic() - registered
             fe.stop()
             return seconds

@@ -119,8 +119,9 @@ def run(ctx: Ctx) -> ScenarioResult:
     ours = asyncio.run(_ours(card, cache_dir, n, clear_memo=False))
     if profiler is not None:
         profiler.stop()
-        assert profile is not None
-        profiler.last_session.save(str(profile))  # type: ignore[union-attr]
+        session = profiler.last_session
+        assert profile is not None and session is not None
+        session.save(str(profile))
     ours_full = asyncio.run(_ours(card, cache_dir, max(5, n // 10), clear_memo=True))
     dl = hf_download()
     tr = hf_try()

@@ -14,8 +14,9 @@ are imported on first use, so ``import discovery_mdc`` (and the CLI's start) sta
 
 from __future__ import annotations
 
-import importlib
 import typing
+
+from discovery_mdc._lazy import lazy_attributes as _lazy_attributes
 
 if typing.TYPE_CHECKING:
     from discovery_mdc.cache import (
@@ -171,14 +172,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> typing.Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_attributes(globals(), _LAZY)

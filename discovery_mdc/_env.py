@@ -53,6 +53,7 @@ __all__ = [
     "MAX_LEASE_TTL",
     "NAMESPACE",
     "NAMESPACE_PREFIX",
+    "NAMESPACE_WORKER_SUFFIX",
     "OURS",
     "SELF_HOST_METADATA",
     "STARTUP_CONNECT_TIMEOUT",
@@ -391,6 +392,11 @@ NAMESPACE: Final[EnvVar[str | None]] = EnvVar(
     "DYN_NAMESPACE", _namespace, None, DYNAMO,
     "the worker's namespace (default dynamo); the frontend's exact namespace filter",
 )  # fmt: skip
+NAMESPACE_WORKER_SUFFIX: Final[EnvVar[str | None]] = EnvVar(
+    "DYN_NAMESPACE_WORKER_SUFFIX", lambda t: parse_key_segment(t, "namespace suffix"), None,
+    DYNAMO, "the worker appends -SUFFIX to its namespace (unless dyn://... names it), as "
+    "Dynamo workers do, so pools of workers of one model live in namespaces of their own",
+)  # fmt: skip
 NAMESPACE_PREFIX: Final[EnvVar[str | None]] = EnvVar(
     "DYN_NAMESPACE_PREFIX", _namespace_prefix, None, DYNAMO,
     "the frontend admits namespaces starting with this (wins over DYN_NAMESPACE)",
@@ -439,6 +445,7 @@ VARIABLES: Final[tuple[EnvVar[Any], ...]] = (
     SELF_HOST_METADATA,
     GRACEFUL_SHUTDOWN_TIMEOUT,
     NAMESPACE,
+    NAMESPACE_WORKER_SUFFIX,
     NAMESPACE_PREFIX,
     COMPONENT,
     ENDPOINT,

@@ -10,17 +10,20 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from discovery_mdc._metrics import package_version
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import from_dir
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import CliProcess, FrontendProcess, card_keys, child_env
+from integration._faults import CliProcess, FrontendProcess, card_keys, child_env, parse_metrics
 from integration._util import wait_until
-from integration._worker_proc import WorkerSpawner
+from integration._worker_proc import Registered, WorkerProcess, WorkerSpawner
 
 DEADLINE = 60.0
 
@@ -42,19 +45,42 @@ def _worker_args(etcd: str, model: Path, *extra: str) -> list[str]:
             "--system-host", "127.0.0.1", *extra]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Serving:
+    """A worker of a fresh sample model and a frontend that lists the model."""
+
+    model: Path
+    worker: WorkerProcess
+    registered: Registered
+    fe: FrontendProcess
+
+
+async def serving(
+    etcd: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path,
+    name: str, *worker_flags: str,
+) -> Serving:  # fmt: skip
+    model = write_sample_model(tmp_path / name)
+    worker = spawn(*_worker_args(etcd.client_url, model, *worker_flags))
+    fe = FrontendProcess(etcd.client_url, tmp=tmp_path)
+    procs.append(fe)
+    registered = await worker.wait_registered(timeout=DEADLINE)
+    await fe.wait_listening()
+    await wait_until(lambda: _listed(fe, name), timeout=DEADLINE, message=fe.describe)
+    return Serving(model, worker, registered, fe)
+
+
+async def _listed(fe: FrontendProcess, model: str) -> bool:
+    return model in await fe.model_ids()
+
+
 # --------------------------------------------------------------------------- probes
 
 
 async def test_etcd_down_keeps_live_200_while_health_turns_503_on_both_halves(
     etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
 ) -> None:
-    model = write_sample_model(tmp_path / "m")
-    worker = spawn(*_worker_args(etcd_server.client_url, model, "--lease-ttl", "2"))
-    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path)
-    procs.append(fe)
-    await worker.wait_registered(timeout=DEADLINE)
-    await fe.wait_listening()
-    await wait_until(lambda: _listed(fe, "m"), timeout=DEADLINE, message=fe.describe)
+    up = await serving(etcd_server, spawn, procs, tmp_path, "m", "--lease-ttl", "2")
+    worker, fe = up.worker, up.fe
     w_base = f"http://127.0.0.1:{worker.status_port()}"
     f_base = f"http://127.0.0.1:{fe.port}"
     for base in (w_base, f_base):
@@ -77,10 +103,6 @@ async def test_etcd_down_keeps_live_200_while_health_turns_503_on_both_halves(
     assert (await status(f"{f_base}/v1/models"))[0] == 200
 
 
-async def _listed(fe: FrontendProcess, model: str) -> bool:
-    return model in await fe.model_ids()
-
-
 async def test_per_model_readiness_answers_200_once_ready_and_503_when_unknown(
     etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
 ) -> None:
@@ -89,13 +111,14 @@ async def test_per_model_readiness_answers_200_once_ready_and_503_when_unknown(
     procs.append(fe)
     await fe.wait_listening()
     base = f"http://127.0.0.1:{fe.port}"
-    assert await status(f"{base}/v1/models/ready-model/ready") == (
-        503, {"model": "ready-model", "ready": False, "status": "unknown", "instances": 0}
-    )  # fmt: skip
+    unknown = {"model": "ready-model", "ready": False, "status": "unknown", "instances": 0,
+               "ready_instances": 0, "rejected_instances": 0, "namespaces": {}}  # fmt: skip
+    assert await status(f"{base}/v1/models/ready-model/ready") == (503, unknown)
     spawn(*_worker_args(etcd_server.client_url, model))
     await wait_until(lambda: _listed(fe, "ready-model"), timeout=DEADLINE, message=fe.describe)
     code, body = await status(f"{base}/v1/models/ready-model/ready")
     assert code == 200 and body["ready"] is True and body["instances"] == 1
+    assert set(body) == set(unknown)  # one shape, known or not
     # OpenAI's 404 for a model that does not exist.
     code, body = await status(f"{base}/v1/models/nope")
     assert code == 404 and body["error"]["code"] == "model_not_found"
@@ -115,10 +138,13 @@ async def test_dyn_namespace_and_dyn_endpoint_are_honoured_by_both_halves(
     b = write_sample_model(tmp_path / "model-b", seed=2)
     c = write_sample_model(tmp_path / "model-c", seed=3)
     url = etcd_server.client_url
-    env = child_env(DYN_NAMESPACE="team-a")
-    spawn(*_worker_args(url, a), env=env)
-    # The full form Dynamo backends take sets namespace, component and endpoint at once.
-    spawn(*_worker_args(url, c), env=child_env(DYN_ENDPOINT="dyn://team-a.vllm.chat"))
+    # Dynamo's worker suffix: DYN_NAMESPACE "team" becomes "team-a".
+    spawn(*_worker_args(url, a),
+          env=child_env(DYN_NAMESPACE="team", DYN_NAMESPACE_WORKER_SUFFIX="a"))  # fmt: skip
+    # The full form Dynamo backends take sets namespace, component and endpoint at once (and
+    # names the namespace exactly: no suffix).
+    spawn(*_worker_args(url, c), env=child_env(DYN_ENDPOINT="dyn://team-a.vllm.chat",
+                                               DYN_NAMESPACE_WORKER_SUFFIX="x"))  # fmt: skip
     spawn(*_worker_args(url, b), env=child_env(DYN_NAMESPACE="team-b"))
     # ... and a flag still beats the variable.
     fe = FrontendProcess(url, tmp=tmp_path, env={"DYN_NAMESPACE": "team-b"},
@@ -251,14 +277,9 @@ def _stopped(pid: int | None) -> bool:
 async def test_a_rejected_replica_is_explained_naming_the_differing_slot(
     etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
 ) -> None:
-    model = write_sample_model(tmp_path / "twin")
     url = etcd_server.client_url
-    first = spawn(*_worker_args(url, model))
-    fe = FrontendProcess(url, tmp=tmp_path)
-    procs.append(fe)
-    reg = await first.wait_registered(timeout=DEADLINE)
-    await fe.wait_listening()
-    await wait_until(lambda: _listed(fe, "twin"), timeout=DEADLINE, message=fe.describe)
+    up = await serving(etcd_server, spawn, procs, tmp_path, "twin")
+    model, reg, fe = up.model, up.registered, up.fe
     before = from_dir(model).tokenizer
     # The same path, but another tokenizer: the second replica's mdcsum differs.
     tokenizer = model / "tokenizer.json"
@@ -306,3 +327,100 @@ async def test_a_rejected_replica_is_explained_naming_the_differing_slot(
             "instance": f"{after.file.checksum} ({after.file.size} bytes)",
         }
     ]
+
+
+# --------------------------------------------------------------------------- /v1/models
+
+
+async def _entry(fe: FrontendProcess, model: str) -> dict[str, Any] | None:
+    _, body = await fe.get_json("/v1/models")
+    return next((m for m in body["data"] if m["id"] == model), None)
+
+
+async def test_created_stays_the_same_when_a_model_drops_out_across_an_etcd_restart(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+) -> None:
+    up = await serving(etcd_server, spawn, procs, tmp_path, "steady", "--lease-ttl", "2")
+    worker, reg, fe = up.worker, up.registered, up.fe
+    first = await _entry(fe, "steady")
+    assert first is not None
+    # A frozen worker sends no keepalive: after etcd's restart its lease runs out, the card
+    # goes and the model drops out. It comes back once the worker thaws and re-registers.
+    worker.signal(signal.SIGSTOP)
+    try:
+        await asyncio.to_thread(etcd_server.restart)
+
+        async def dropped() -> bool:
+            return await _entry(fe, "steady") is None
+
+        await wait_until(dropped, timeout=DEADLINE, message=fe.describe)
+        # Out for over a second, so a model that came back as new would get another second.
+        out_since = time.time()
+        await wait_until(lambda: time.time() - out_since > 1.5, timeout=DEADLINE)
+        assert int(time.time()) > first["created"]
+    finally:
+        worker.signal(signal.SIGCONT)
+    await worker.wait_log(r"re-registered 1 key", timeout=DEADLINE)
+    back = await wait_until(lambda: _entry(fe, "steady"), timeout=DEADLINE, message=fe.describe)
+    assert back["created"] == first["created"]
+    _, details = await fe.get_json("/v1/models/steady")
+    assert details["created"] == first["created"]
+    assert reg.key not in details["worker_sets"][0]["instances"]  # a new lease, a new key
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _scrape_sync(url: str) -> tuple[str, str]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return str(resp.headers["Content-Type"]), resp.read().decode()
+
+
+async def scrape(url: str) -> tuple[str, str]:
+    """``(content type, Prometheus text)`` of a ``/metrics`` endpoint."""
+    return await asyncio.to_thread(_scrape_sync, url)
+
+
+def _histogram(samples: dict[str, float], name: str) -> tuple[float, float]:
+    """``(count, sum)`` of a histogram, after checking its +Inf bucket equals its count."""
+    count, total = samples[f"{name}_count"], samples[f"{name}_sum"]
+    assert samples[f'{name}_bucket{{le="+Inf"}}'] == count, name
+    return count, total
+
+
+async def test_both_halves_export_standard_series_and_histograms_in_seconds(
+    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+) -> None:
+    up = await serving(etcd_server, spawn, procs, tmp_path, "metered")
+    model, worker, fe = up.model, up.worker, up.fe
+    _, details = await fe.get_json("/v1/models/metered")
+    (ws,) = details["worker_sets"]
+    files = ws["files"]
+    # Every metadata file of the dir (all but the weights) was fetched.
+    assert len(files) == len([p for p in model.iterdir() if p.suffix != ".safetensors"])
+
+    halves = {
+        "worker": await scrape(f"http://127.0.0.1:{worker.status_port()}/metrics"),
+        "frontend": await scrape(f"http://127.0.0.1:{fe.port}/metrics"),
+    }
+    types = {content_type for content_type, _ in halves.values()}
+    assert types == {"text/plain; version=0.0.4; charset=utf-8"}, types
+    samples = {name: parse_metrics(text) for name, (_, text) in halves.items()}
+    for name, (_, text) in halves.items():
+        have = samples[name]
+        assert have[f'discovery_mdc_build_info{{version="{package_version()}"}}'] == 1, name
+        assert have["process_resident_memory_bytes"] > 0, name
+        assert have["process_cpu_seconds_total"] >= 0 and have["process_open_fds"] > 0, name
+        assert have["process_start_time_seconds"] > 0, name
+        created = [ln for ln in text.splitlines() if re.search(r"_created\b", ln)]
+        assert created == [], (name, created)
+    w, f = samples["worker"], samples["frontend"]
+    # Files, not registry keys (each file has a key per route).
+    assert w["discovery_mdc_metadata_registered_files"] == len(files)
+    count, total = _histogram(w, "discovery_mdc_worker_registration_seconds")
+    assert count == 1 and 0 < total < DEADLINE
+    count, total = _histogram(f, "discovery_mdc_blob_fetch_seconds")
+    assert count == len(files) and 0 < total < DEADLINE
+    count, total = _histogram(f, "discovery_mdc_pipeline_seconds")
+    assert count == 1 and 0 < total < DEADLINE
+    assert f['discovery_mdc_model_ready{model="metered"}'] == 1

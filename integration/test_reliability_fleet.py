@@ -1,7 +1,7 @@
 """Fleet behaviour, end to end: real etcd, real worker and frontend processes.
 
 - a fleet of frontends spreads its metadata GETs over a model's replicas (one GET per blob
-  per frontend, each from the replica its rendezvous ranking picks);
+  per frontend, each from the replica its spread ordering picks);
 - a dead replica costs a failover, not the model;
 - a frontend whose etcd connections freeze (no error, no bytes) converges within seconds;
 - a reconcile repairs a put and a delete the watch lost, without a full relist;
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from discovery_mdc.cache._plan import rank_sources
+from discovery_mdc.cache._plan import spread_sources
 from discovery_mdc.card import decode_envelope, from_dir
 from discovery_mdc.etcd import EtcdClient, EtcdServer, WatchResponse
 from discovery_mdc.frontend import ModelWatcher
@@ -52,8 +52,8 @@ async def _sources(client: EtcdClient) -> dict[str, list[str]]:
 
 def _first_choices(urls: dict[str, list[str]], cache_dir: Path) -> Counter[int]:
     """How many blobs a frontend on ``cache_dir`` fetches first from each replica port."""
-    fid = default_frontend_id(cache_dir)
-    return Counter(urlsplit(rank_sources(u, h, fid)[0]).port or 0 for h, u in urls.items())
+    ordered = spread_sources(urls, default_frontend_id(cache_dir))
+    return Counter(urlsplit(uris[0]).port or 0 for uris in ordered.values())
 
 
 async def _listed(fe: FrontendProcess, models: set[str]) -> bool:
@@ -81,7 +81,7 @@ async def test_a_fleet_of_frontends_spreads_its_gets_over_the_replicas(
     workers = await _start_replicas(spawn_worker, model, 4)
     urls = await _sources(client)
     assert all(len(u) == 4 for u in urls.values())
-    # Started together, each with its own cache (so its own rendezvous ranking).
+    # Started together, each with its own cache (so its own replica preference).
     fes = [FrontendProcess(etcd_server.client_url, tmp=tmp_path, name=f"fe{i}") for i in range(4)]
     procs.extend(fes)
     for fe in fes:

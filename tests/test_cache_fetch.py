@@ -4,14 +4,16 @@ single-flight, repair and legacy cards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
 import os
+import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -604,9 +606,9 @@ async def test_failed_fetch_tries_the_next_alternate(
 
 
 async def test_spread_fetches_each_blob_once_from_the_ranked_replica_and_counts_sources(
-    server: MetaServer, cache: CacheLayout
+    server: MetaServer, cache: CacheLayout, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from discovery_mdc.cache._plan import rank_sources
+    from discovery_mdc.cache._plan import spread_sources
 
     dead = "http://127.0.0.1:1/v1/metadata/m/config.json"  # nothing listens: refused
     server.files["/w2/config.json"] = GOOD
@@ -614,15 +616,86 @@ async def test_spread_fetches_each_blob_once_from_the_ranked_replica_and_counts_
     blob = hash_bytes(GOOD).hex
     # A frontend id that ranks the dead replica first, so the failover is exercised.
     spread = next(
-        f"fe-{n}" for n in range(100) if rank_sources([dead, live], blob, f"fe-{n}")[0] == dead
+        f"fe-{n}"
+        for n in range(100)
+        if spread_sources({blob: [live, dead]}, f"fe-{n}")[blob][0] == dead
     )
     stats = CacheStats()
     card = one_file_card(live, GOOD)
+    caplog.set_level(logging.DEBUG, logger="discovery_mdc.cache")
     await resolve_metadata_files(
         card, cache_dir=cache.root, alternates={blob: [dead]}, spread=spread, stats=stats
     )
     assert server.gets["/w2/config.json"] == 1
     assert stats.by_source == {("127.0.0.1:1", "failed"): 1, (f"127.0.0.1:{server.port}", "ok"): 1}
+    # The debug log names the source that served the blob (and where it was in the order).
+    served = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.DEBUG and "served by" in r.getMessage()]  # fmt: skip
+    assert served == [f"config.json ({blob[:12]}): served by {live}, source 2 of 2"]
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[int]:
+    """A loopback port whose connects hang: a listener (backlog 0) whose accept queue one
+    never-accepted connection fills, so the kernel drops every later SYN unanswered."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            yield port
+
+
+async def test_a_frontend_abandons_a_black_holed_replica_quickly_and_the_next_one_serves(
+    server: MetaServer,
+    cache: CacheLayout,
+    card: ModelDeploymentCard,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The frontend's resolver passes its connect timeout and its spread: this frontend's
+    spread ranks the black-holed replica first for some blobs (the registry's own order lists
+    the live one first), and each of those attempts is abandoned after the connect timeout,
+    not aiohttp's or the cache's default (10 s)."""
+    from discovery_mdc.cache._plan import spread_sources
+    from discovery_mdc.card import ModelEnvelope, encode_envelope
+    from discovery_mdc.etcd import MemoryStore
+    from discovery_mdc.frontend import ModelWatcher, _watcher
+
+    monkeypatch.setattr(_watcher, "FETCH_CONNECT_TIMEOUT", 0.5)
+    caplog.set_level(logging.ERROR, logger="discovery_mdc.cache")
+    live = server.http_card(card)
+    store = MemoryStore()
+    with black_hole() as hole_port:
+        prefix = f"http://127.0.0.1:{server.port}/"
+        hole = live.with_paths(
+            lambda _, f: f.path.replace(prefix, f"http://127.0.0.1:{hole_port}/")
+        )
+        # Instance 1 (live) is listed and admitted first, so it leads the registry's order.
+        for instance, c in ((1, live), (2, hole)):
+            env = ModelEnvelope(
+                namespace="dynamo", component="backend", endpoint="generate",
+                instance_id=instance, card=c,
+            )  # fmt: skip
+            await store.put(env.key, encode_envelope(env))
+        sources = {f.checksum.hex: [f.path] for _, f in live.files()}
+        for _, f in hole.files():
+            sources[f.checksum.hex].append(f.path)
+        ordered = spread_sources(sources, "fe-under-test")
+        via_hole = {
+            h for h, uris in ordered.items() if uris[0].startswith(f"http://127.0.0.1:{hole_port}/")
+        }
+        assert via_hole  # two replicas, several blobs: the spread puts some first on each
+        async with ModelWatcher(
+            store, cache_dir=cache.root, frontend_id="fe-under-test", reconcile_interval=0
+        ) as watcher:
+            # Generous for a 0.5 s timeout (a few tiny local fetches), short of the 10 s default.
+            await watcher.wait_for_model(live.display_name, timeout=8)
+    rejected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected")]
+    # A blob whose fetch starts after the hole timed out skips it at once (it backs off).
+    assert 1 <= len(rejected) <= len(via_hole), rejected
+    assert all(f"127.0.0.1:{hole_port}" in m and "timed out" in m for m in rejected)
+    assert sum(server.gets.values()) == len(sources)  # each blob once, from the live replica
 
 
 async def test_all_alternates_failing_lists_every_uri(

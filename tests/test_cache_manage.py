@@ -93,6 +93,11 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def linked_hexes(card_dir: Path) -> set[str]:
+    """The blobs a card directory's links point at."""
+    return {Path(os.readlink(link)).name for link in card_dir.iterdir()}
+
+
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -331,24 +336,81 @@ def test_cache_verify_reports_corrupt_blobs(
 def test_verify_fix_removes_corrupt_blobs_and_their_cards_then_verify_passes(
     make_model_dir: Callable[..., Path], cache: CacheLayout
 ) -> None:
-    sick = from_dir(make_model_dir("sick", seed=1))
+    sick_model = make_model_dir("sick", seed=1)
+    (sick_model / "config.json").write_text(json.dumps({"model_type": "llama", "sick": True}))
+    sick = from_dir(sick_model)
     well = from_dir(make_model_dir("well", seed=2))
     sick_dir = resolve(sick, cache).local_dir
-    well_files = snapshot(resolve(well, cache).local_dir or cache.root)
-    _, config = next(sick.files())
+    well_dir = resolve(well, cache).local_dir
+    assert sick_dir is not None and well_dir is not None
+    well_files = snapshot(well_dir)
+    # The two models share some files; the sick one's tokenizer and config are its own.
+    well_hexes = linked_hexes(well_dir)
+    only_sick = linked_hexes(sick_dir) - well_hexes
+    config = next(f for _, f in sick.files() if f.checksum.hex in only_sick)
     cache.blob(config.checksum.hex).write_bytes(b"garbage")
     # prune alone does not hash, so it cannot see the corruption (the issue's report).
     assert cli_main("cache", "prune", "-y", "--cache-dir", str(cache.root)).returncode == 0
     assert cli_main("cache", "verify", "--cache-dir", str(cache.root)).returncode == 1
-    doc = cli_json("cache", "verify", "--fix", "--cache-dir", str(cache.root), code=0)
+    doc = cli_json("cache", "verify", "--fix", "-y", "--cache-dir", str(cache.root), code=0)
+    assert doc["fix"]["dry_run"] is False
     removed = {(i["kind"], i["path"]) for i in doc["fix"]["result"]["removed"]}
     assert ("blob", str(cache.blob(config.checksum.hex))) in removed
     assert ("card", str(sick_dir)) in removed
+    # The sick card's other blob went with it (as `cache rm` takes it), the shared ones
+    # stayed: nothing is left for a prune.
+    assert len(only_sick) == 2
+    assert {i["blake3"] for i in doc["fix"]["result"]["removed"] if i["kind"] == "blob"} == (
+        only_sick
+    )
+    assert all(os.path.exists(cache.blob(h)) for h in well_hexes)
+    assert plan_prune(scan_cache(cache)).empty
     assert cli_main("cache", "verify", "--cache-dir", str(cache.root)).returncode == 0
     # The healthy card is untouched; the sick one is fetched and verified anew when needed.
-    assert snapshot(resolve(well, cache).local_dir or cache.root) == well_files
+    assert snapshot(well_dir) == well_files
     forget_verified()
     assert resolve(sick, cache).local_dir == sick_dir
+
+
+def test_verify_fix_plans_first_and_deletes_only_when_confirmed(
+    make_model_dir: Callable[..., Path], cache: CacheLayout
+) -> None:
+    card = from_dir(make_model_dir())
+    local_dir = resolve(card, cache).local_dir
+    _, config = next(card.files())
+    cache.blob(config.checksum.hex).write_bytes(b"garbage")
+    root = str(cache.root)
+    before = snapshot(cache.root)
+    # No -y and no terminal: nothing deleted, exit 1, as prune and rm.
+    proc = cli_run("cache", "verify", "--fix", "--cache-dir", root)
+    assert proc.returncode == 1, proc.stderr
+    assert f"card       {local_dir}" in proc.stdout  # the plan is printed first
+    assert proc.stderr.strip().splitlines() == [
+        "discovery-mdc: nothing deleted: stdin is not a terminal; pass -y to delete (or --dry-run)"
+    ]
+    assert snapshot(cache.root) == before
+    # --dry-run: the plan only; still exit 1, since the blob is still corrupt.
+    proc = cli_run("cache", "verify", "--fix", "--dry-run", "--json", "--cache-dir", root)
+    assert proc.returncode == 1 and proc.stderr == ""
+    fix = json.loads(proc.stdout)["fix"]
+    assert fix["dry_run"] is True and fix["result"] is None
+    assert {(i["kind"], i["path"]) for i in fix["items"]} >= {
+        ("card", str(local_dir)), ("blob", str(cache.blob(config.checksum.hex)))
+    }  # fmt: skip
+    assert snapshot(cache.root) == before
+    # -y and --dry-run mean something only with --fix.
+    for flag in ("-y", "--dry-run"):
+        proc = cli_run("cache", "verify", flag, "--cache-dir", root)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert f"{flag} only applies to --fix" in proc.stderr
+    # On a terminal it asks; "n" keeps everything, "y" deletes.
+    proc = cli_on_terminal("n\n", "cache", "verify", "--fix", "--cache-dir", root)
+    assert proc.returncode == 1 and "Delete these? [y/N]" in proc.stderr
+    assert snapshot(cache.root) == before
+    proc = cli_on_terminal("y\n", "cache", "verify", "--fix", "--cache-dir", root)
+    assert proc.returncode == 0, proc.stderr
+    assert not local_dir.exists() and not cache.blob(config.checksum.hex).exists()
+    assert cli_main("cache", "verify", "--cache-dir", root).returncode == 0
 
 
 # --------------------------------------------------------------------------- prune
@@ -445,18 +507,23 @@ def test_prune_and_rm_without_yes_and_without_a_terminal_exit_1_and_delete_nothi
     assert snapshot(cache.root) == before
 
 
+def cli_on_terminal(answer: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI with a terminal (a pty) as stdin, on which ``answer`` is typed."""
+    primary, secondary = pty.openpty()
+    try:
+        os.write(primary, answer.encode())
+        return cli_run(*argv, stdin=secondary)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+
+
 @pytest.mark.parametrize(("answer", "code"), [("n\n", 1), ("y\n", 0)])
 def test_on_a_terminal_prune_asks_first(
     revisions: list[ResolvedCard], cache: CacheLayout, answer: str, code: int
 ) -> None:
-    primary, secondary = pty.openpty()
-    try:
-        os.write(primary, answer.encode())
-        proc = cli_run("cache", "prune", "--older-than", "30d", "--cache-dir", str(cache.root),
-                       stdin=secondary)  # fmt: skip
-    finally:
-        os.close(primary)
-        os.close(secondary)
+    proc = cli_on_terminal(answer, "cache", "prune", "--older-than", "30d",
+                           "--cache-dir", str(cache.root))  # fmt: skip
     assert proc.returncode == code, proc.stderr
     assert "Delete these? [y/N]" in proc.stderr
     remaining = set(cards_by_id(cache))
@@ -486,11 +553,73 @@ def test_rm_a_model_or_one_mdcsum(revisions: list[ResolvedCard], cache: CacheLay
     assert set(cards_by_id(cache)) == {f"other/{other.mdcsum}"}
     assert not (cache.by_slug / "org_model").exists()
     assert cli_main("cache", "verify", "--cache-dir", root).returncode == 0
-    # Naming nothing in the cache is an error that deletes nothing.
+    # Naming nothing in the cache is bad input (exit 2, one line) that deletes nothing.
     before = snapshot(cache.root)
-    proc = cli_main("cache", "rm", "other", "Org/Nope", "-y", "--cache-dir", root)
-    assert proc.returncode == 1 and "'Org/Nope'" in proc.stderr
+    proc = cli_run("cache", "rm", "other", "Org/Nope", "-y", "--cache-dir", root)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"discovery-mdc: error: nothing in {root} matches 'Org/Nope' "
+        "(see `discovery-mdc cache ls -q`); nothing deleted"
+    ]
     assert snapshot(cache.root) == before
+
+
+def test_rm_takes_only_a_unique_mdcsum_prefix_of_4_or_more_hex_digits(
+    revisions: list[ResolvedCard], cache: CacheLayout
+) -> None:
+    old, mid, new, _ = revisions
+    assert old.local_dir is not None and mid.local_dir is not None
+    # Two cards of the model whose mdcsums share their first four hex digits.
+    twins = [f"abcd{d * 60}" for d in "12"]
+    for card_dir, name in zip((old.local_dir, mid.local_dir), twins, strict=True):
+        card_dir.rename(card_dir.with_name(name))
+    root = str(cache.root)
+    before = snapshot(cache.root)
+    for spec, message in (
+        (
+            "org_model/abcd",
+            f"'org_model/abcd' is ambiguous: it matches 2 cards (org_model/{twins[0]}, "
+            f"org_model/{twins[1]}); give more of the mdcsum",
+        ),
+        (
+            "Org/Model/ABC",
+            "'Org/Model/ABC': the mdcsum prefix 'ABC' is too short; give at least 4 hex "
+            "digits (see `discovery-mdc cache ls -q`)",
+        ),
+    ):
+        for argv in (("-y",), ("--dry-run", "--json")):
+            proc = cli_run("cache", "rm", spec, *argv, "--cache-dir", root)
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.splitlines() == [f"discovery-mdc: error: {message}"]
+            assert proc.stdout == ""
+            assert snapshot(cache.root) == before
+    # A longer prefix picks one of them; the full mdcsum too.
+    doc = cli_json("cache", "rm", "org_model/abcd1", "--dry-run", "--cache-dir", root)
+    assert _card_paths(doc["items"]) == {str(cache.by_slug / "org_model" / twins[0])}
+    doc = cli_json("cache", "rm", f"Org/Model/{new.mdcsum}", "-y", "--cache-dir", root)
+    assert _card_paths(doc["result"]["removed"]) == {str(new.local_dir)}
+
+
+def test_final_lines_of_cache_commands_are_json_with_json_logs(
+    revisions: list[ResolvedCard], cache: CacheLayout
+) -> None:
+    root = str(cache.root)
+    for argv, env, code, text in (
+        (("cache", "prune", "--older-than", "30d", "--log-format", "json"), {}, 1,
+         "nothing deleted: stdin is not a terminal"),
+        (("cache", "rm", "Org/Model"), {"DYN_LOGGING_JSONL": "1"}, 1,
+         "nothing deleted: stdin is not a terminal"),
+        (("cache", "rm", "Org/Nope", "-y"), {"DYN_LOGGING_JSONL": "true"}, 2,
+         "nothing in"),
+        (("cache", "rm", "org_model/abc", "-y", "--log-format", "json"), {}, 2,
+         "is too short"),
+    ):  # fmt: skip
+        proc = cli_run(*argv, "--cache-dir", root, env=env)
+        assert proc.returncode == code, proc.stderr
+        (line,) = proc.stderr.splitlines()
+        record = json.loads(line)
+        assert record["exit_code"] == code and record["level"] == "error"
+        assert text in record["msg"]
 
 
 def test_prune_of_legacy_in_place_paths_is_not_touched(

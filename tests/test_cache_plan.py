@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -35,10 +37,11 @@ from discovery_mdc.cache._plan import (
     rank_sources,
     source_label,
     source_uri,
+    spread_sources,
     validate_link_name,
 )
 from discovery_mdc.card import CheckedFile, Checksum, ModelDeploymentCard, Slot, SlotVariant, mdcsum
-from discovery_mdc.errors import CardError, FetchError, SizeLimitError
+from discovery_mdc.errors import CardError, ConfigError, FetchError, SizeLimitError
 
 HEX_A = "a" * 64
 HEX_B = "b" * 64
@@ -105,7 +108,7 @@ def test_spread_ranks_self_hosted_sources_and_keeps_the_others_in_place() -> Non
     assert rank_sources(uris[:2], HEX_A, "frontend-1") == uris[:2]  # one replica: as given
 
 
-def test_spread_picks_each_replica_first_for_a_fair_share_of_frontends_and_blobs() -> None:
+def test_failover_rank_picks_each_replica_first_for_a_fair_share_of_frontends_and_blobs() -> None:
     fleet = Counter(rank_sources(REPLICAS, HEX_A, f"frontend-{n}")[0] for n in range(1200))
     assert set(fleet) == set(REPLICAS)
     assert max(fleet.values()) < 1.15 * 300  # fair share 300 each
@@ -113,13 +116,90 @@ def test_spread_picks_each_replica_first_for_a_fair_share_of_frontends_and_blobs
     assert max(blobs.values()) < 1.15 * 300
 
 
-def test_plan_with_spread_ranks_every_file_for_that_frontend() -> None:
-    card = card_with(CheckedFile(REPLICAS[0], Checksum(HEX_A), 1))
-    plan = plan_card(card, LAYOUT, alternates={HEX_A: REPLICAS[1:]}, spread="fe")
-    assert plan.files[0].uris == tuple(rank_sources(REPLICAS, HEX_A, "fe"))
-    assert plan_card(card, LAYOUT, alternates={HEX_A: REPLICAS[1:]}).files[0].uris == tuple(
-        REPLICAS
+def replica_urls(n_replicas: int, blob: int) -> list[str]:
+    return [f"http://10.0.0.{i}:8081/v1/metadata/m/f{blob}.json" for i in range(n_replicas)]
+
+
+def first_choices(n_blobs: int, n_replicas: int, spread: str) -> Counter[str]:
+    """How many of one frontend's blobs go first to each replica host."""
+    sources = {f"{b:064x}": replica_urls(n_replicas, b) for b in range(n_blobs)}
+    ordered = spread_sources(sources, spread)
+    return Counter(urlsplit(uris[0]).hostname or "" for uris in ordered.values())
+
+
+def test_one_frontend_spreads_its_blobs_as_evenly_as_possible_over_the_replicas() -> None:
+    for n_replicas in (2, 3, 4, 5):
+        for n_blobs in range(1, 13):
+            for fe in ("fe-0", "fe-1", "host:/var/cache/x"):
+                counts = first_choices(n_blobs, n_replicas, fe)
+                assert sum(counts.values()) == n_blobs
+                if n_blobs >= n_replicas:
+                    assert len(counts) == n_replicas, (n_blobs, n_replicas, fe, counts)
+                assert max(counts.values()) - min(counts.values()) <= 1, counts
+
+
+def test_a_fleet_of_frontends_spreads_evenly_even_where_blobs_do_not_divide() -> None:
+    # 5 blobs over 4 replicas: each frontend gives one replica two; which one is its own.
+    fleet: Counter[str] = Counter()
+    for n in range(1200):
+        fleet += first_choices(5, 4, f"frontend-{n}")
+    fair = 1200 * 5 / 4
+    assert max(fleet.values()) < 1.05 * fair, fleet
+    # P7's shape, 12 frontends x 5 blobs x 4 replicas: no fleet puts 1.5x the fair share on
+    # one replica (independent per-blob picks did in ~6% of fleets).
+    worst = 0.0
+    for fleet_no in range(300):
+        gets: Counter[str] = Counter()
+        for n in range(12):
+            gets += first_choices(5, 4, f"fleet-{fleet_no}/fe-{n}")
+        worst = max(worst, max(gets.values()) / 15)
+    assert worst <= 1.5
+
+
+def test_spread_fails_over_in_rank_order_and_keeps_other_sources_in_place() -> None:
+    uris = ["hf://org/m/tokenizer.json", REPLICAS[0], REPLICAS[1], "file:///m/t.json", REPLICAS[2]]
+    sources = {HEX_A: uris, HEX_B: [u.replace("tokenizer", "config") for u in uris]}
+    ordered = spread_sources(sources, "frontend-1")
+    for hex_, given in sources.items():
+        got = ordered[hex_]
+        assert (got[0], got[3]) == (given[0], given[3])
+        assert sorted(got) == sorted(given)
+        http = [got[i] for i in (1, 2, 4)]
+        ranked = [u for u in rank_sources(given, hex_, "frontend-1") if u.startswith("http")]
+        assert http[1:] == [u for u in ranked if u != http[0]]
+    # Two blobs, three replicas: two different first choices.
+    assert ordered[HEX_A][1].split("/")[2] != ordered[HEX_B][1].split("/")[2]
+    # The result depends on the blobs and replicas, not on the order they are given in.
+    again = spread_sources(
+        {HEX_B: list(reversed(sources[HEX_B])), HEX_A: list(reversed(sources[HEX_A]))},
+        "frontend-1",
     )
+    for hex_ in sources:
+        assert [u for u in again[hex_] if u.startswith("http")] == [
+            u for u in ordered[hex_] if u.startswith("http")
+        ]
+    one = {HEX_A: ["file:///m/t.json", REPLICAS[0]]}
+    assert spread_sources(one, "frontend-1") == one  # one replica: as given
+
+
+def test_plan_with_spread_orders_every_file_for_that_frontend() -> None:
+    configs = [u.replace("tokenizer", "config") for u in REPLICAS]
+    card = card_with(CheckedFile(REPLICAS[0], Checksum(HEX_A), 1),
+                     CheckedFile(configs[0], Checksum(HEX_B), 1))  # fmt: skip
+    alternates = {HEX_A: REPLICAS[1:], HEX_B: configs}
+    plan = plan_card(card, LAYOUT, alternates=alternates, spread="fe")
+    expected = spread_sources({HEX_A: REPLICAS, HEX_B: configs}, "fe")
+    assert [list(fp.uris) for fp in plan.files] == [expected[HEX_A], expected[HEX_B]]
+    assert plan_card(card, LAYOUT, alternates=alternates).files[0].uris == tuple(REPLICAS)
+
+
+def test_files_sharing_a_blob_share_its_sources() -> None:
+    card = card_with(CheckedFile("http://a:1/m/x.json", Checksum(HEX_A), 1),
+                     CheckedFile("http://b:1/m/y.json", Checksum(HEX_A), 1))  # fmt: skip
+    x, y = plan_card(card, LAYOUT, spread="fe").files
+    assert (x.filename, y.filename) == ("x.json", "y.json")
+    assert x.uris == y.uris
+    assert sorted(x.uris) == ["http://a:1/m/x.json", "http://b:1/m/y.json"]
 
 
 def test_source_labels_are_host_port_or_the_scheme() -> None:
@@ -367,8 +447,22 @@ def test_select_cards_by_name_slug_and_mdcsum_prefix() -> None:
     assert {c.mdcsum[0] for c in select_cards(scan, "m")} == {"1", "3", "4"}
     assert {c.mdcsum[0] for c in select_cards(scan, "M")} == {"1", "3", "4"}
     assert [c.mdcsum[0] for c in select_cards(scan, "m/3333")] == ["3"]
-    assert select_cards(scan, "m/33") == []  # shorter than 4 hex digits: a model name
     assert select_cards(scan, "nope") == []
+    assert select_cards(scan, "nope/3333") == []
+    assert select_cards(scan, "m/xyz") == []  # not hex: a model name, not cached
+    with pytest.raises(ConfigError, match=r"'m/33': the mdcsum prefix '33' is too short"):
+        select_cards(scan, "m/33")
+
+
+def test_select_cards_refuses_a_prefix_that_matches_more_than_one_card() -> None:
+    scan = _scan()
+    twins = [replace(c, mdcsum=f"abcd{d * 60}") for c, d in zip(scan.cards[:2], "12", strict=True)]
+    scan = replace(scan, cards=(*twins, *scan.cards[2:]))
+    assert {c.slug for c in twins} == {"m"}
+    with pytest.raises(ConfigError, match=r"'m/abcd' is ambiguous: it matches 2 cards") as err:
+        select_cards(scan, "m/abcd")
+    assert all(c.id in str(err.value) for c in twins)
+    assert select_cards(scan, "m/abcd2") == [twins[1]]
 
 
 def test_fix_plan_takes_corrupt_blobs_and_the_cards_linking_them() -> None:

@@ -217,6 +217,12 @@ def test_dockerfile_installs_the_locked_package_with_the_cli_as_entrypoint() -> 
         "!README.md",
         "!discovery_mdc/",
     } <= ignored
+    # The license files pyproject.toml names are in the context and copied before the build
+    # (setuptools builds without them, silently leaving them out of the installed metadata).
+    license_files = tomllib.loads(PYPROJECT.read_text())["project"]["license-files"]
+    (copy,) = re.findall(r"^COPY pyproject\.toml (.+) \./$", text, re.M)
+    for name in license_files:
+        assert f"!{name}" in ignored and name in copy.split(), name
 
 
 def _lock() -> dict[str, str]:

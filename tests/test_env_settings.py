@@ -8,6 +8,7 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,19 +34,34 @@ def test_only_the_settings_module_reads_the_environment() -> None:
     assert readers - HF_READERS == {"_env.py"}
 
 
-def test_every_variable_is_in_the_readme_marked_as_dynamos_or_ours() -> None:
+def _readme_variable_rows() -> dict[str, str]:
+    """The README's configuration table: each variable named in a row's first cell -> row."""
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    rows = {
+    return {
         name: row
         for row in table.splitlines()
         if row.startswith("| `")
         for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])
     }
+
+
+def test_every_variable_is_in_the_readme_marked_as_dynamos_or_ours() -> None:
+    rows = _readme_variable_rows()
     for var in _env.VARIABLES:
         assert var.name in rows, var.name
         owner = rows[var.name].split("|")[2].strip()
         assert owner == ("Dynamo" if var.owner == _env.DYNAMO else "ours"), (var.name, owner)
+
+
+def test_every_variable_the_hf_resolver_reads_is_in_the_readme_as_huggingface_hubs() -> None:
+    rows = _readme_variable_rows()
+    source = (ROOT / "discovery_mdc" / "_hf.py").read_text()
+    read = set(re.findall(r"\be\.get\(\s*\"([A-Z][A-Z0-9_]+)\"", source)) - {"HOME"}
+    assert {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE"} <= read
+    for name in read:
+        assert name in rows, name
+        assert rows[name].split("|")[2].strip() == "huggingface_hub", rows[name]
 
 
 @pytest.mark.parametrize(
@@ -101,6 +117,49 @@ def test_endpoint_id_precedence() -> None:
         resolve_endpoint_id(namespace="other", endpoint=full)
     with pytest.raises(ValueError, match="invalid namespace"):
         resolve_endpoint_id(namespace="")
+
+
+def test_the_worker_suffix_is_appended_as_dynamos_get_worker_namespace_does() -> None:
+    full = _env.DynEndpoint("chat", "team", "vllm")
+
+    def ns(**kw: Any) -> str:
+        return resolve_endpoint_id(namespace_suffix="pool2", **kw)[0]
+
+    # DYN_NAMESPACE (default dynamo) or --namespace, then "-{suffix}".
+    assert ns() == "dynamo-pool2"
+    assert ns(env_namespace="ns") == "ns-pool2"
+    assert ns(namespace="flag", env_namespace="ns") == "flag-pool2"
+    assert ns(namespace="flag", env_endpoint=full) == "flag-pool2"
+    # A dyn://namespace.component.endpoint names the namespace exactly, as in Dynamo.
+    assert ns(endpoint=full) == "team"
+    assert ns(env_endpoint=full, env_namespace="ns") == "team"
+    assert ns(namespace="team", endpoint=full) == "team"
+    assert resolve_endpoint_id(namespace_suffix=None) == ("dynamo", "backend", "generate")
+
+
+def test_the_worker_cli_reads_dyn_namespace_worker_suffix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from discovery_mdc.cli._worker import _endpoint_id
+
+    def endpoint_id(argv: list[str], env: dict[str, str]) -> tuple[str, str, str]:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        args = _resolve(["worker", "--model-path", "m", *argv], env)
+        return _endpoint_id(args, args.from_env)
+
+    monkeypatch.delenv("DYN_NAMESPACE", raising=False)
+    monkeypatch.delenv("DYN_ENDPOINT", raising=False)
+    monkeypatch.delenv("DYN_NAMESPACE_WORKER_SUFFIX", raising=False)
+    assert endpoint_id([], {})[0] == "dynamo"
+    env = {"DYN_NAMESPACE": "prod", "DYN_NAMESPACE_WORKER_SUFFIX": "b"}
+    assert endpoint_id([], env) == ("prod-b", "backend", "generate")
+    assert endpoint_id(["--namespace", "x"], env)[0] == "x-b"
+    assert endpoint_id(["--endpoint", "dyn://exact.c.e"], env) == ("exact", "c", "e")
+    # Empty is unset, as Dynamo's `if suffix:` reads it; a '/' cannot be a key segment.
+    assert endpoint_id([], {**env, "DYN_NAMESPACE_WORKER_SUFFIX": ""})[0] == "prod"
+    with pytest.raises(ConfigError, match=r"^DYN_NAMESPACE_WORKER_SUFFIX='a/b': invalid"):
+        endpoint_id([], {**env, "DYN_NAMESPACE_WORKER_SUFFIX": "a/b"})
 
 
 def _resolve(argv: list[str], env: dict[str, str]) -> argparse.Namespace:

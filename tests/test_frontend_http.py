@@ -124,8 +124,10 @@ async def test_per_model_readiness_is_200_when_ready_and_503_when_not_or_unknown
     store, watcher, client = served
     unknown = await client.get("/v1/models/org/m/ready")
     assert unknown.status == 503
-    assert await unknown.json() == {
-        "model": "org/m", "ready": False, "status": "unknown", "instances": 0
+    unknown_body = await unknown.json()
+    assert unknown_body == {
+        "model": "org/m", "ready": False, "status": "unknown", "instances": 0,
+        "ready_instances": 0, "rejected_instances": 0, "namespaces": {},
     }  # fmt: skip
     await publish(store, 1, make_card("org/m"))
     await until(lambda: watcher.model("org/m") is not None)
@@ -133,6 +135,7 @@ async def test_per_model_readiness_is_200_when_ready_and_503_when_not_or_unknown
     assert ready.status == 200
     body = await ready.json()
     assert (body["model"], body["ready"], body["instances"]) == ("org/m", True, 1)
+    assert set(body) == set(unknown_body)  # one shape, known or not
     assert body["namespaces"] == {"dynamo": {"worker_types": {"aggregated": {"workers": 1}}}}
     await store.delete(key(1))
     await until(lambda: watcher.model("org/m") is None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from discovery_mdc.card import (
     encode_envelope,
     mdcsum,
 )
+from discovery_mdc.cli._logging import JsonFormatter
 from discovery_mdc.etcd import Change, ChangeKind
 from discovery_mdc.frontend._state import CREATED_MEMORY, EventKind, NamespaceFilter, Registry
 
@@ -99,6 +101,16 @@ def test_replica_with_different_mdcsum_is_rejected_loudly(caplog: pytest.LogCapt
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert record.model == "org/m"  # type: ignore[attr-defined]
     assert record.key == card_key("dynamo", "backend", "generate", 3)  # type: ignore[attr-defined]
+    # As a JSON log line: the namespace, and the diff as a list of objects, not a repr.
+    line = json.loads(JsonFormatter().format(record))
+    assert line["namespace"] == "dynamo" and line["model"] == "org/m"
+    assert line["diff"] == [
+        {
+            "field": "tokenizer",
+            "worker_set": f"blake3:{'2' * 64} (4 bytes)",
+            "instance": f"blake3:{'9' * 64} (4 bytes)",
+        }
+    ]
 
 
 def test_a_rejection_names_context_length_block_size_and_worker_type() -> None:

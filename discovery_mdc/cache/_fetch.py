@@ -143,7 +143,8 @@ async def _fetch_http(
                 except TimeoutError:
                     via = f" (for {label})" if current != label else ""
                     raise SourceUnreachableError(
-                        f"GET {current}{via}: no response within {config.first_byte_timeout:g}s"
+                        f"GET {current}{via}: timed out, no response within "
+                        f"{config.first_byte_timeout:g}s"
                     ) from None
                 async with resp:
                     if resp.status in _REDIRECTS:

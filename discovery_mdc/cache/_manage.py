@@ -39,7 +39,7 @@ from discovery_mdc.cache._store import (
     unique_name,
 )
 from discovery_mdc.card import hash_file, slugify
-from discovery_mdc.errors import CacheError
+from discovery_mdc.errors import CacheError, ConfigError
 
 __all__ = [
     "STALE_TEMP_AGE",
@@ -77,6 +77,8 @@ _INCOMPLETE: Final = re.compile(
     r"(?P<pid>\d+)\.[0-9a-f]+"
 )
 _LOCK_BATCH: Final = 256
+# The fewest hex digits of an mdcsum ``cache rm MODEL/MDCSUM`` takes.
+_MIN_PREFIX: Final = 4
 # How often a reference scan is retried when a card directory is renamed under it.
 _RESCANS: Final = 50
 
@@ -473,22 +475,21 @@ def _finish(
     cards: Mapping[Path, PruneItem],
     temps: Sequence[PruneItem] = (),
     *,
-    blobs: Literal["unreferenced", "orphaned", "corrupt"],
+    blobs: Literal["unreferenced", "orphaned"],
     corrupt: Mapping[str, str] | None = None,
 ) -> PrunePlan:
-    """Add blobs (every unreferenced one, those only the removed cards link, or the corrupt
-    ones with their reasons) and the directories left empty."""
+    """Add blobs (every unreferenced one, or those only the removed cards link; and the
+    ``corrupt`` ones, with their reasons) and the directories left empty."""
     removed = set(cards)
     kept = {f.hex for c in scan.cards if c.path not in removed for f in c.files if f.hex}
     kept |= {h for i in scan.incomplete if i.path not in removed for h in i.hexes}
     orphaned = {f.hex for c in scan.cards if c.path in removed for f in c.files} - kept
     blob_items = []
     for b in scan.blobs:
-        if blobs == "corrupt":
-            if corrupt and b.hex in corrupt:
-                blob_items.append(
-                    PruneItem("blob", b.path, b.size, corrupt[b.hex], b.hex, corrupt=True)
-                )
+        if corrupt and b.hex in corrupt:
+            blob_items.append(
+                PruneItem("blob", b.path, b.size, corrupt[b.hex], b.hex, corrupt=True)
+            )
         elif b.hex in orphaned:
             blob_items.append(
                 PruneItem("blob", b.path, b.size, "only removed cards link it", b.hex)
@@ -571,7 +572,12 @@ def plan_prune(
 
 def select_cards(scan: CacheScan, spec: str) -> list[CachedCard]:
     """The cards ``spec`` names: ``MODEL`` (a model name or its slug) or ``MODEL/MDCSUM``
-    (the mdcsum, or a unique prefix of at least 4 hex digits). Empty when nothing matches."""
+    (the mdcsum, or a prefix of at least 4 hex digits that only one of the model's cards
+    has). Empty when nothing matches.
+
+    Raises :class:`~discovery_mdc.errors.ConfigError` when the prefix of a cached model's
+    mdcsum is shorter than 4 hex digits or matches more than one card (naming them).
+    """
 
     def of_model(model: str) -> list[CachedCard]:
         names = {model, slugify(model)}
@@ -581,9 +587,21 @@ def select_cards(scan: CacheScan, spec: str) -> list[CachedCard]:
 
     whole = of_model(spec)
     model, sep, prefix = spec.rpartition("/")
-    if whole or not sep or not re.fullmatch(r"[0-9a-fA-F]{4,64}", prefix):
+    if whole or not sep or not re.fullmatch(r"[0-9a-fA-F]{0,64}", prefix):
         return whole
-    return [c for c in of_model(model) if c.mdcsum.startswith(prefix.lower())]
+    cards = of_model(model)
+    if cards and len(prefix) < _MIN_PREFIX:
+        raise ConfigError(
+            f"{spec!r}: the mdcsum prefix {prefix!r} is too short; give at least "
+            f"{_MIN_PREFIX} hex digits (see `discovery-mdc cache ls -q`)"
+        )
+    found = [c for c in cards if c.mdcsum.startswith(prefix.lower())]
+    if len(found) > 1:
+        raise ConfigError(
+            f"{spec!r} is ambiguous: it matches {len(found)} cards "
+            f"({', '.join(c.id for c in found)}); give more of the mdcsum"
+        )
+    return found
 
 
 def plan_removal(scan: CacheScan, cards: Iterable[CachedCard]) -> PrunePlan:
@@ -594,8 +612,9 @@ def plan_removal(scan: CacheScan, cards: Iterable[CachedCard]) -> PrunePlan:
 
 
 def plan_fix(scan: CacheScan, report: VerifyReport) -> PrunePlan:
-    """Plan ``verify --fix`` (pure): every corrupt blob, and every card linking one (a
-    frontend that needs such a card again fetches and verifies it anew)."""
+    """Plan ``verify --fix`` (pure): every corrupt blob, every card linking one (a frontend
+    that needs such a card again fetches and verifies it anew), and the other blobs only
+    those cards link, as ``cache rm`` would remove them."""
     bad = {c.hex: c for c in report.corrupt}
     items = {
         c.path: _card_item(c, "links a corrupt blob")
@@ -603,7 +622,7 @@ def plan_fix(scan: CacheScan, report: VerifyReport) -> PrunePlan:
         if any(f.hex in bad for f in c.files)
     }
     reasons = {h: f"corrupt: content hashes to {c.actual}" for h, c in bad.items()}
-    return _finish(scan, items, blobs="corrupt", corrupt=reasons)
+    return _finish(scan, items, blobs="orphaned", corrupt=reasons)
 
 
 # --------------------------------------------------------------------------- execute

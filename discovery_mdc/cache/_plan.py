@@ -52,6 +52,7 @@ __all__ = [
     "slug_dir_name",
     "source_label",
     "source_uri",
+    "spread_sources",
     "validate_link_name",
 ]
 
@@ -177,25 +178,64 @@ def source_label(uri: str) -> str:
     return http_source(uri) or urlsplit(uri).scheme.lower() or "file"
 
 
+def _replace_http(uris: Sequence[str], ranked: Sequence[str]) -> list[str]:
+    """``uris`` with its http(s) entries replaced, in order, by ``ranked``."""
+    out = list(uris)
+    slots = [i for i, u in enumerate(uris) if _http_origin(u) is not None]
+    for i, uri in zip(slots, ranked, strict=True):
+        out[i] = uri
+    return out
+
+
+def _weight(*parts: str) -> int:
+    return int.from_bytes(blake3.blake3("\0".join(parts).encode()).digest(8))
+
+
 def rank_sources(uris: Sequence[str], blob_hex: str, spread: str) -> list[str]:
     """``uris`` with the self-hosted (http/https) ones reordered by rendezvous hashing.
 
     Each http(s) source is weighted by blake3 of (``spread``, ``blob_hex``, its
-    ``scheme://host:port``), highest first, so one frontend (one ``spread``) always tries the
-    same replica first for a blob, and a fleet of frontends spreads its GETs evenly over the
-    replicas. Other sources (``file://``, ``hf://``) keep their positions.
+    ``scheme://host:port``), highest first; other sources (``file://``, ``hf://``) keep their
+    positions. :func:`spread_sources` uses this order for failover, after a blob's first choice.
     """
-    slots = [i for i, u in enumerate(uris) if _http_origin(u) is not None]
-    if len(slots) < 2:
+    http = [u for u in uris if _http_origin(u) is not None]
+    if len(http) < 2:
         return list(uris)
+    http.sort(key=lambda u: _weight(spread, blob_hex, str(_http_origin(u))), reverse=True)
+    return _replace_http(uris, http)
 
-    def weight(uri: str) -> bytes:
-        return blake3.blake3(f"{spread}\0{blob_hex}\0{_http_origin(uri)}".encode()).digest(8)
 
-    ranked = sorted((uris[i] for i in slots), key=weight, reverse=True)
-    out = list(uris)
-    for i, uri in zip(slots, ranked, strict=True):
-        out[i] = uri
+def spread_sources(sources: Mapping[str, Sequence[str]], spread: str) -> dict[str, list[str]]:
+    """Each blob's URIs (``sources``: blob hex -> URIs) in the order one frontend (``spread``)
+    tries them, its first choices spread as evenly as possible over the replicas.
+
+    The replicas (http/https ``scheme://host:port``) are ranked by blake3 of (``spread``,
+    replica): this frontend's own preference. The blobs, in digest order, each take as first
+    choice the replica of theirs that was picked least so far, ties going to the preferred one.
+    With every blob on the same R replicas that is round-robin, so N blobs put ``N // R`` or
+    ``N // R + 1`` first choices on each replica, and a fleet of frontends, each with its own
+    preference, still spreads evenly. Each blob's other replicas follow in
+    :func:`rank_sources` order (so a dead replica's blobs fail over to different survivors).
+    Other sources (``file://``, ``hf://``) keep their positions; a blob with fewer than two
+    replicas keeps its order.
+    """
+    picked: dict[str, int] = {}
+
+    def load(uri: str) -> tuple[int, int]:
+        origin = str(_http_origin(uri))
+        return picked.get(origin, 0), -_weight(spread, origin)
+
+    out: dict[str, list[str]] = {}
+    for blob_hex in sorted(sources):
+        ranked = rank_sources(sources[blob_hex], blob_hex, spread)
+        http = [u for u in ranked if _http_origin(u) is not None]
+        if len(http) < 2:
+            out[blob_hex] = ranked
+            continue
+        first = min(http, key=load)
+        origin = str(_http_origin(first))
+        picked[origin] = picked.get(origin, 0) + 1
+        out[blob_hex] = _replace_http(ranked, [first, *(u for u in http if u != first)])
     return out
 
 
@@ -336,34 +376,40 @@ def plan_card(
     """Plan the cache work for ``card``.
 
     Each file's URIs are its own (or, with ``hf_fallback``, the legacy ``hf://`` one) followed
-    by ``alternates[hex]``, without duplicates; with ``spread`` (a frontend's id) the http(s)
-    ones are then ordered by :func:`rank_sources`. Raises :class:`CardError` for an unsafe slug or
+    by ``alternates[hex]``, without duplicates (files sharing a blob share all their URIs);
+    with ``spread`` (a frontend's id) the http(s) ones are then ordered by
+    :func:`spread_sources`. Raises :class:`CardError` for an unsafe slug or
     file name, or two different files under one name, and :class:`SizeLimitError` for a
     declared size above the ceiling.
     """
     card_sum = mdcsum(card)
     link_dir = layout.link_dir(card.slug, card_sum)
     by_name: dict[str, str] = {}
-    files = []
-    for slot, f in card.files():
+    # Blob hex -> every URI that names it (two slots may share a blob): one order per blob.
+    sources: dict[str, dict[str, None]] = {}
+    for _, f in card.files():
         name = link_name(f.path)
         if by_name.setdefault(name, f.checksum.hex) != f.checksum.hex:
             raise CardError(f"card {card.display_name!r} has two different files named {name!r}")
         first = hf_fallback_uri(card, f) if hf_fallback else source_uri(f.path)
         extra = [source_uri(u) for u in alternates.get(f.checksum.hex, ())] if alternates else []
-        uris = tuple(dict.fromkeys([first, *extra]))
-        if spread is not None:
-            uris = tuple(rank_sources(uris, f.checksum.hex, spread))
-        files.append(
-            FilePlan(
-                slot=slot,
-                filename=name,
-                checksum=f.checksum,
-                size=f.size,
-                cap=size_cap(f.size, f"{slot} ({f.path})"),
-                uris=uris,
-                blob_path=layout.blob(f.checksum.hex),
-                link_path=link_dir / name,
-            )
+        sources.setdefault(f.checksum.hex, {}).update(dict.fromkeys([first, *extra]))
+    ordered: Mapping[str, Sequence[str]] = (
+        {h: list(u) for h, u in sources.items()}
+        if spread is None
+        else spread_sources({h: list(u) for h, u in sources.items()}, spread)
+    )
+    files = tuple(
+        FilePlan(
+            slot=slot,
+            filename=link_name(f.path),
+            checksum=f.checksum,
+            size=f.size,
+            cap=size_cap(f.size, f"{slot} ({f.path})"),
+            uris=tuple(ordered[f.checksum.hex]),
+            blob_path=layout.blob(f.checksum.hex),
+            link_path=link_dir / link_name(f.path),
         )
-    return CardPlan(layout=layout, mdcsum=card_sum, link_dir=link_dir, files=tuple(files))
+        for slot, f in card.files()
+    )
+    return CardPlan(layout=layout, mdcsum=card_sum, link_dir=link_dir, files=files)

@@ -269,6 +269,8 @@ class _Run:
         for uri in uris:
             staging = await self._attempt(fp, uri, on_progress, errors)
             if staging is not None:
+                log.debug("%s (%s): served by %s, source %d of %d", fp.filename, fp.hex[:12],
+                          uri, len(errors) + 1, len(uris), extra={"uri": uri})  # fmt: skip
                 return self._publish(fp, uri, staging, began)
         # A blob is its checksum, whoever names it: other cards waiting here for the same
         # bytes (a fine-tune's generation_config.json...) may know a host that answers, so a
@@ -283,6 +285,8 @@ class _Run:
                      fp.filename, fp.hex[:12], len(others))  # fmt: skip
             won = await self._race(fp, others, on_progress, errors)
             if won is not None:
+                log.debug("%s (%s): served by %s, another card's source", fp.filename,
+                          fp.hex[:12], won[0], extra={"uri": won[0]})  # fmt: skip
                 return self._publish(fp, *won, began)
         if len(errors) == 1:
             raise errors[0][1]
@@ -562,8 +566,9 @@ async def resolve_metadata_files(
 
     New-format cards go through the cache: each file is fetched from its URI (then each of
     ``alternates[hex]``; with ``spread``, a frontend's id, the http(s) sources are tried in
-    an order chosen by rendezvous hashing, so frontends spread their GETs over the replicas
-    and each still makes one GET per blob), verified against blake3 and size, published to
+    the order :func:`~discovery_mdc.cache._plan.spread_sources` picks, so one frontend's GETs
+    and a fleet's spread evenly over the replicas and each frontend still makes one GET per
+    blob), verified against blake3 and size, published to
     ``blobs/<hex>`` and linked at ``by-slug/<slug>/<mdcsum>/<filename>``. A legacy card whose
     files all exist locally is used in place; otherwise each file is fetched from
     ``hf://<source_path>/<file>`` and verified against its checksum.

@@ -35,7 +35,15 @@ from discovery_mdc.cache import (
     select_cards,
     verify_cache,
 )
-from discovery_mdc.cli._common import EXIT_FAILED, EXIT_OK, add_env_option, examples, seconds
+from discovery_mdc.cli._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    add_env_option,
+    examples,
+    seconds,
+)
+from discovery_mdc.cli._logging import final_line
 
 __all__ = ["add_fetch_parser", "register"]
 
@@ -340,16 +348,13 @@ def _confirm() -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _carry_out(args: argparse.Namespace, plan: PrunePlan, extra: dict[str, Any]) -> int:
-    """Print the plan; execute it with -y or a terminal's yes. Exit 1 when nothing was
-    deleted for want of a yes, or when an item could not be deleted."""
-    doc = {"cache_dir": str(plan.layout.root), "dry_run": args.dry_run, **extra}
+def _execute_confirmed(args: argparse.Namespace, plan: PrunePlan) -> PruneResult | None:
+    """Print the plan (unless --json); execute it with -y or a terminal's yes. None when it
+    was not executed: empty, --dry-run, or no yes (then the final line says so)."""
     if not args.json:
         _print_plan(plan)
     if plan.empty or args.dry_run:
-        if args.json:
-            _emit({**doc, **_plan_json(plan, None)})
-        return EXIT_OK
+        return None
     if not args.yes:
         refused = None
         if not sys.stdin.isatty():
@@ -357,27 +362,41 @@ def _carry_out(args: argparse.Namespace, plan: PrunePlan, extra: dict[str, Any])
         elif not _confirm():
             refused = "not confirmed"
         if refused is not None:
-            if args.json:
-                _emit({**doc, **_plan_json(plan, None)})
-            sys.stderr.write(f"discovery-mdc: nothing deleted: {refused}\n")
-            return EXIT_FAILED
+            final_line(f"nothing deleted: {refused}", EXIT_FAILED, prefix="")
+            return None
     result = execute_plan(plan)
-    if args.json:
-        _emit({**doc, **_plan_json(plan, result)})
-    else:
+    if not args.json:
         _print_result(result)
+    return result
+
+
+def _carry_out(args: argparse.Namespace, plan: PrunePlan, extra: dict[str, Any]) -> int:
+    """Print the plan; execute it with -y or a terminal's yes. Exit 1 when nothing was
+    deleted for want of a yes, or when an item could not be deleted."""
+    result = _execute_confirmed(args, plan)
+    if args.json:
+        doc = {"cache_dir": str(plan.layout.root), "dry_run": args.dry_run, **extra}
+        _emit({**doc, **_plan_json(plan, result)})
+    if result is None:
+        return EXIT_OK if plan.empty or args.dry_run else EXIT_FAILED
     return EXIT_FAILED if result.failed else EXIT_OK
 
 
-def _add_plan_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
+def _add_confirm_options(parser: argparse.ArgumentParser, when: str = "") -> None:
+    parser.add_argument(
+        "--dry-run", action="store_true", help=f"print the plan, delete nothing{when}"
+    )
     parser.add_argument(
         "-y",
         "--yes",
         action="store_true",
         help="delete without asking (without -y: ask on a terminal, else delete nothing and "
-        "exit 1)",
+        f"exit 1){when}",
     )
+
+
+def _add_plan_options(parser: argparse.ArgumentParser) -> None:
+    _add_confirm_options(parser)
     _add_json(parser, "the plan and what was deleted")
 
 
@@ -385,6 +404,8 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if (args.yes or args.dry_run) and not args.fix:
+        raise UsageError(f"{'-y' if args.yes else '--dry-run'} only applies to --fix")
     layout = _layout(args)
     scan = scan_cache(layout)
     report = verify_cache(layout, scan)
@@ -407,13 +428,12 @@ def _verify(args: argparse.Namespace) -> int:
     code = EXIT_OK if report.ok else EXIT_FAILED
     if args.fix and not report.ok:
         plan = plan_fix(scan, report)
-        result = execute_plan(plan)
-        doc["fix"] = _plan_json(plan, result)
-        if not args.json:
-            _print_plan(plan)
-            _print_result(result)
-        left = {i.hex for i in plan.blobs} - {i.hex for i in result.removed}
-        code = EXIT_FAILED if left or result.failed else EXIT_OK
+        result = _execute_confirmed(args, plan)
+        doc["fix"] = {"dry_run": args.dry_run, **_plan_json(plan, result)}
+        if result is not None:
+            removed = {i.hex for i in result.removed}
+            left = {i.hex for i in plan.blobs if i.corrupt} - removed
+            code = EXIT_FAILED if left or result.failed else EXIT_OK
     if args.json:
         _emit(doc)
     return code
@@ -456,17 +476,15 @@ def _rm(args: argparse.Namespace) -> int:
     chosen: dict[Path, CachedCard] = {}
     missing = []
     for spec in args.models:
-        found = select_cards(scan, spec)
+        found = select_cards(scan, spec)  # ConfigError (exit 2): a short or ambiguous prefix
         if not found:
             missing.append(spec)
         chosen.update((c.path, c) for c in found)
     if missing:
-        sys.stderr.write(
-            f"discovery-mdc: error: nothing in {scan.layout.root} matches "
-            f"{', '.join(map(repr, missing))} (see `discovery-mdc cache ls -q`); "
-            "nothing deleted\n"
+        raise UsageError(
+            f"nothing in {scan.layout.root} matches {', '.join(map(repr, missing))} "
+            "(see `discovery-mdc cache ls -q`); nothing deleted"
         )
-        return EXIT_FAILED
     return _carry_out(args, plan_removal(scan, chosen.values()), {"models": args.models})
 
 
@@ -483,7 +501,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog=examples(
             ("discovery-mdc cache ls", "what is cached, with sizes and last use"),
             ("discovery-mdc cache prune --older-than 30d -y", "evict what nobody used for 30 days"),
-            ("discovery-mdc cache verify --fix", "re-hash every blob; remove corrupt ones"),
+            ("discovery-mdc cache verify --fix -y", "re-hash every blob; remove corrupt ones"),
         ),
     )
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
@@ -514,18 +532,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "verify",
         help="re-hash every blob (and remove corrupt ones with --fix)",
         description="Re-hash every blob and report corrupt ones; exit 1 if any is corrupt. "
-        "--fix removes each corrupt blob (re-hashed under its lock first) and the cards "
-        "linking it; a frontend that needs such a card again fetches and verifies it anew. "
-        "With --fix the exit code is 0 once nothing corrupt is left.",
+        "--fix plans the removal of each corrupt blob (re-hashed under its lock first), the "
+        "cards linking it and the blobs only those cards link, prints the plan and deletes "
+        "it as prune does: with -y, or after a y on a terminal; when stdin is not a terminal "
+        "it deletes nothing and exits 1. A frontend that needs such a card again fetches and "
+        "verifies it anew. With --fix the exit code is 0 once nothing corrupt is left.",
         epilog=examples(
             ("discovery-mdc cache verify", "report only"),
-            ("discovery-mdc cache verify --fix", "remove corrupt blobs and the cards using them"),
+            (
+                "discovery-mdc cache verify --fix -y",
+                "remove corrupt blobs and the cards using them, no question",
+            ),
             ("discovery-mdc cache verify --json | jq '.corrupt'", "for monitoring"),
         ),
     )
     verify.add_argument(
-        "--fix", action="store_true", help="remove corrupt blobs and the cards that link them"
+        "--fix",
+        action="store_true",
+        help="remove corrupt blobs, the cards that link them and the blobs only those cards "
+        "link (asks first, as prune does)",
     )
+    _add_confirm_options(verify, " (with --fix)")
     _add_json(verify, "the report (and what --fix removed)")
     verify.set_defaults(func=_verify)
 

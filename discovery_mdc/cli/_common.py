@@ -262,7 +262,8 @@ ENV_OPTIONS: Final[Mapping[str, EnvOption]] = {
         ),
         EnvOption(
             "namespace", "--namespace", _env.NAMESPACE,
-            "namespace (worker default: dynamo; frontend: admit only this namespace, exact "
+            "namespace (worker default: dynamo, with -SUFFIX appended when "
+            "DYN_NAMESPACE_WORKER_SUFFIX is set; frontend: admit only this namespace, exact "
             "match; empty or 'dynamo' = all)",
             metavar="NS",
         ),

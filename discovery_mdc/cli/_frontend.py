@@ -31,6 +31,7 @@ from discovery_mdc.frontend import (
     ModelWatcher,
     Registry,
     build_app,
+    diff_json,
     model_id,
 )
 
@@ -153,10 +154,7 @@ def _card_rows(kvs: Sequence[KeyValue]) -> list[dict[str, Any]]:
                     row.update(
                         status="rejected",
                         reason=event.detail,
-                        diff=[
-                            {"field": d.field, "worker_set": d.first, "instance": d.second}
-                            for d in event.diff
-                        ],
+                        diff=diff_json(event.diff),
                     )
         rows.append(row)
     return rows

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 __all__ = [
     "FIELDS",
+    "JsonFormatter",
     "configure_logging",
     "final_line",
     "guess_format",
@@ -60,10 +61,12 @@ class JsonFormatter(logging.Formatter):
         for name in FIELDS:
             value = getattr(record, name, None)
             if value is not None:
-                out[name] = value if isinstance(value, (str, int, float, bool)) else str(value)
+                # Lists and objects (a rejection's diff) stay structured; anything else that
+                # JSON cannot take becomes its str().
+                out[name] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        return json.dumps(out, ensure_ascii=False, default=str)
 
 
 def level_number(level: str) -> int:

@@ -35,13 +35,16 @@ def resolve_endpoint_id(
     env_namespace: str | None = None,
     env_component: str | None = None,
     env_endpoint: _env.DynEndpoint | None = None,
+    namespace_suffix: str | None = None,
 ) -> tuple[str, str, str]:
     """``(namespace, component, endpoint)`` from the flags and the variables.
 
     For each part the order is: its own flag (``--namespace``), the full-form ``--endpoint
     dyn://ns.component.endpoint``, the full-form ``DYN_ENDPOINT``, its own variable
     (``DYN_NAMESPACE``), the default (``dynamo``, ``backend``, ``generate``). Two flags that
-    disagree are an error (``ValueError`` naming both).
+    disagree are an error (``ValueError`` naming both). ``namespace_suffix``
+    (``DYN_NAMESPACE_WORKER_SUFFIX``) is appended as ``{namespace}-{suffix}`` unless a
+    full-form endpoint gave the namespace, as Dynamo's ``get_worker_namespace`` does.
     """
     parts: list[str] = []
     for what, flag, env_value, default in (
@@ -55,7 +58,14 @@ def resolve_endpoint_id(
                 f"--{what} {flag!r} contradicts the {what} {from_flag!r} of --endpoint; "
                 "give one of them"
             )
-        value = next((v for v in (flag, from_flag, from_env, env_value) if v is not None), default)
+        # What a full-form endpoint names is used as given; the rest gets the suffix.
+        exact = from_flag if from_flag is not None else from_env if flag is None else None
+        if exact is not None:
+            value = exact
+        else:
+            value = next((v for v in (flag, env_value) if v is not None), default)
+            if what == "namespace" and namespace_suffix:
+                value = f"{value}-{namespace_suffix}"
         parts.append(_env.parse_key_segment(value, what))
     chosen = endpoint or env_endpoint
     parts.append(chosen.endpoint if chosen is not None else "generate")
@@ -69,11 +79,13 @@ def _endpoint_id(args: argparse.Namespace, from_env: set[str]) -> tuple[str, str
     def env(dest: str) -> Any:
         return getattr(args, dest) if dest in from_env else None
 
+    suffix = _env.NAMESPACE_WORKER_SUFFIX.get()  # ConfigError (exit 2) for a bad value
     try:
         return resolve_endpoint_id(
             namespace=flag("namespace"), component=flag("component"),
             endpoint=flag("endpoint"), env_namespace=env("namespace"),
             env_component=env("component"), env_endpoint=env("endpoint"),
+            namespace_suffix=suffix,
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None

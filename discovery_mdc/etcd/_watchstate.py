@@ -26,26 +26,12 @@ reconcile proves it, cheaply, against etcd:
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from discovery_mdc._changes import Change, ChangeKind
+
 __all__ = ["Change", "ChangeKind", "Comparison", "Probe", "WatchState"]
-
-
-class ChangeKind(enum.Enum):
-    PUT = "put"
-    DELETE = "delete"
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One key change to apply, in revision order per key."""
-
-    kind: ChangeKind
-    key: str
-    value: bytes = b""
-    mod_revision: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from discovery_mdc._metrics import metrics_response
-from discovery_mdc.frontend._state import ModelInfo, ModelStats, RejectedInstance
+from discovery_mdc.frontend._state import ModelInfo, ModelStats, RejectedInstance, diff_json
 from discovery_mdc.frontend._watcher import ModelWatcher
 
 __all__ = ["build_app", "model_details", "model_not_found", "models_list", "readiness"]
@@ -40,7 +40,7 @@ def _rejected(r: RejectedInstance) -> dict[str, Any]:
         "worker_set": r.worker_set,
         "worker_set_mdcsum": r.worker_set_mdcsum,
         "reason": r.reason,
-        "diff": [{"field": d.field, "worker_set": d.first, "instance": d.second} for d in r.diff],
+        "diff": diff_json(r.diff),
     }
 
 
@@ -79,7 +79,9 @@ def readiness(name: str, stats: ModelStats | None, info: ModelInfo | None) -> di
     """``{"model": ..., "ready": bool, "namespaces": {ns: {"worker_types": {type:
     {"workers": n}}}}, ...}``, the shape of Dynamo's per-model readiness."""
     if stats is None:
-        return {"model": name, "ready": False, "status": "unknown", "instances": 0}
+        # The shape of a known model's answer, so a probe parses one kind of body.
+        return {"model": name, "ready": False, "status": "unknown", "instances": 0,
+                "ready_instances": 0, "rejected_instances": 0, "namespaces": {}}  # fmt: skip
     namespaces: dict[str, Any] = {}
     for ws in info.worker_sets if info is not None else ():
         if ws.ready:

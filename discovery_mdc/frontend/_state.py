@@ -18,6 +18,7 @@ from typing import Final
 import blake3
 import msgspec
 
+from discovery_mdc._changes import Change, ChangeKind
 from discovery_mdc.card import (
     MDC_PREFIX,
     CardFieldDiff,
@@ -33,7 +34,6 @@ from discovery_mdc.card import (
     parse_card_key,
 )
 from discovery_mdc.errors import CardDecodeError
-from discovery_mdc.etcd import Change, ChangeKind
 
 __all__ = [
     "EventKind",
@@ -46,6 +46,7 @@ __all__ = [
     "RejectedInstance",
     "WorkerSetInfo",
     "MAX_MODEL_ID",
+    "diff_json",
     "model_id",
     "unservable_model_id",
     "worker_set_key",
@@ -181,6 +182,12 @@ class RejectedInstance:
     worker_set_mdcsum: str
     reason: str
     diff: tuple[CardFieldDiff, ...] = ()
+
+
+def diff_json(diff: Iterable[CardFieldDiff]) -> list[dict[str, str]]:
+    """A rejection's differing fields as JSON, as ``/v1/models/{id}``, ``ls --json`` and the
+    JSON log line show them: ``[{"field", "worker_set", "instance"}, ...]``."""
+    return [{"field": d.field, "worker_set": d.first, "instance": d.second} for d in diff]
 
 
 @dataclass(slots=True)
@@ -479,7 +486,14 @@ class Registry:
             key,
             name,
             reason,
-            extra={"model": name, "key": key, "mdcsum": sum_, "reason": reason},
+            extra={
+                "model": name,
+                "key": key,
+                "mdcsum": sum_,
+                "namespace": env.namespace,
+                "reason": reason,
+                "diff": diff_json(diff),
+            },
         )
         out.events.append(ModelEvent(EventKind.REJECTED, name, key, reason, diff))
         info = RejectedInstance(key, sum_, ws.key, ws.mdcsum, reason, diff)
