@@ -38,6 +38,7 @@ SCENARIOS: dict[str, str] = {
     "P7": "bench.p7_fleet",
     "P8": "bench.p8_reconcile",
     "P9": "bench.p9_silent",
+    "P10": "bench.p10_tarpit",
 }
 DOC = ROOT / "docs" / "benchmarks.md"
 OUT = ROOT / "bench" / "out"
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("what", nargs="+", help="all | P1..P9 | profile P?")
+    parser.add_argument("what", nargs="+", help="all | P1..P10 | profile P?")
     parser.add_argument("--quick", action="store_true", help="small iteration counts")
     parser.add_argument(
         "--out",

@@ -58,6 +58,7 @@ if typing.TYPE_CHECKING:
         ModelDirError,
         RegistryError,
         SizeLimitError,
+        SourceUnreachableError,
         UnsupportedSchemeError,
     )
     from discovery_mdc.etcd import (
@@ -112,6 +113,7 @@ _LAZY: dict[str, str] = {
     "ModelDirError": "discovery_mdc.errors",
     "RegistryError": "discovery_mdc.errors",
     "SizeLimitError": "discovery_mdc.errors",
+    "SourceUnreachableError": "discovery_mdc.errors",
     "UnsupportedSchemeError": "discovery_mdc.errors",
     "EtcdClient": "discovery_mdc.etcd",
     "LeaseSession": "discovery_mdc.etcd",
@@ -154,6 +156,7 @@ __all__ = [
     "RegistryError",
     "ResolvedCard",
     "SizeLimitError",
+    "SourceUnreachableError",
     "UnsupportedSchemeError",
     "Worker",
     "__version__",

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Backoff"]
+__all__ = ["RECONNECT_BACKOFF_MAX", "Backoff"]
 
 
 @dataclass(slots=True)
@@ -27,3 +27,9 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+#: Reconnect loops (the informer's watch, the lease session's re-grant) back off at most this
+#: long between attempts, so they are back within about that long once etcd answers again
+#: (an attempt against a dead etcd costs a refused connection).
+RECONNECT_BACKOFF_MAX = 2.0

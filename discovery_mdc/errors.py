@@ -13,6 +13,7 @@ the standard-library type a caller would naturally catch::
     ├── FetchError (OSError)                   a metadata URI could not be fetched
     │   ├── UnsupportedSchemeError (ValueError)
     │   ├── HfOfflineError (ConnectionError)   HF_HUB_OFFLINE and not in the HF cache
+    │   ├── SourceUnreachableError (ConnectionError)  a source did not connect or answer
     │   └── AllSourcesFailedError              every alternate URI of a blob failed
     ├── CacheError (OSError)                   the local cache cannot be written or locked
     │   └── LockTimeoutError (TimeoutError)
@@ -51,6 +52,7 @@ __all__ = [
     "ModelDirError",
     "RegistryError",
     "SizeLimitError",
+    "SourceUnreachableError",
     "UnsupportedSchemeError",
 ]
 
@@ -100,6 +102,12 @@ class UnsupportedSchemeError(FetchError, ValueError):
 
 class HfOfflineError(FetchError, ConnectionError):
     """``HF_HUB_OFFLINE`` is set and the file is not in the local HF cache."""
+
+
+class SourceUnreachableError(FetchError, ConnectionError):
+    """A metadata source (``host:port``) refused, did not connect, did not answer in time,
+    stalled or dropped the connection, or is backing off after doing so: the host, not the
+    file, is the problem."""
 
 
 class AllSourcesFailedError(FetchError):

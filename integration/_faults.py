@@ -271,6 +271,10 @@ class FrontendProcess(CliProcess):
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
 
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """(status, body) of ``GET path``, whatever the body is."""
+        return await asyncio.to_thread(self._get, path)
+
     async def get_json(self, path: str) -> tuple[int, Any]:
         status, body = await asyncio.to_thread(self._get, path)
         return status, json.loads(body)

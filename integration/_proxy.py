@@ -9,6 +9,7 @@ doing (blocking on a subprocess, say)::
         proxy.cut()      # abort every connection; new ones are accepted and closed at once
         proxy.restore()  # forward again
         proxy.freeze()   # open connections stop forwarding, without closing; new ones pass
+        proxy.tarpit()   # new connections are accepted and never answered (a frozen host)
 
 ``bytes_down`` / ``bytes_up`` count what it forwarded from / to the target.
 """
@@ -37,9 +38,11 @@ class TcpProxy:
         self.port = 0
         self.accepted = 0  # connections accepted while forwarding
         self.refused = 0  # connections closed at once because the proxy was cut
+        self.tarpitted = 0  # connections accepted and held unanswered (tarpit mode)
         self.bytes_down = 0  # forwarded from the target to clients
         self.bytes_up = 0  # forwarded from clients to the target
         self._cut = False
+        self._tarpit = False
         self._flowing: set[asyncio.Event] = set()  # one per open connection pair
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -67,8 +70,15 @@ class TcpProxy:
         self._call(self._abort_all(cut=True))
 
     def restore(self) -> None:
-        """Forward new connections again."""
+        """Forward new connections again (connections held by :meth:`tarpit` stay held)."""
         self._cut = False
+        self._tarpit = False
+
+    def tarpit(self) -> None:
+        """Accept new connections and never answer them: no byte either way, nothing closed
+        (a host whose server process is frozen, while the kernel still completes handshakes).
+        Open connections keep forwarding; :meth:`restore` forwards new ones again."""
+        self._tarpit = True
 
     def freeze(self) -> None:
         """Stop forwarding on every open connection, in both directions, without closing it
@@ -136,6 +146,18 @@ class TcpProxy:
             self._handlers.discard(task)
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tarpit:
+            self.tarpitted += 1
+            self._conns.add(writer)
+            held = asyncio.Event()  # set only by _abort_all (cut, close)
+            self._flowing.add(held)
+            try:
+                await held.wait()
+            finally:
+                self._flowing.discard(held)
+                self._conns.discard(writer)
+                writer.transport.abort()
+            return
         if self._cut:
             self.refused += 1
             writer.transport.abort()

@@ -254,6 +254,8 @@ async def test_dyn_worker_graceful_shutdown_timeout_bounds_a_stop_against_a_froz
     assert etcd_server.pid is not None
     os.kill(etcd_server.pid, signal.SIGSTOP)  # the revoke will hang
     try:
+        # Under load the stop can lag the signal: let it take effect before the revoke.
+        await wait_until(lambda: _stopped(etcd_server.pid), timeout=DEADLINE)
         worker.signal(signal.SIGTERM)
         assert await worker.wait_exit(timeout=DEADLINE) == 0
     finally:
@@ -261,6 +263,12 @@ async def test_dyn_worker_graceful_shutdown_timeout_bounds_a_stop_against_a_froz
     log = worker.log()
     assert "graceful shutdown within 1s" in log
     assert f"could not revoke etcd lease {reg.lease:x}" in log
+
+
+def _stopped(pid: int | None) -> bool:
+    """Whether process ``pid`` is stopped (state ``T`` in ``/proc/<pid>/stat``)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
 # --------------------------------------------------------------------------- rejections

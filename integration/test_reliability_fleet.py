@@ -207,7 +207,7 @@ async def test_a_reconcile_repairs_a_lost_put_and_a_lost_delete_without_a_relist
         )
         assert watcher.instance_keys() == {k for k, _ in kvs[1:]}
         stats = watcher.informer.stats
-        assert stats.relists == {"start": 1, "compaction": 0, "reconcile": 0}
+        assert stats.relists == {"start": 1, "compaction": 0, "reconcile": 0, "history_lost": 0}
         assert stats.repairs == {"put": 1, "delete": 1}
         assert stats.checks["exact"] == 1 and stats.checks["listing"] == 0
 

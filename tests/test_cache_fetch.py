@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -26,6 +27,7 @@ from discovery_mdc.cache import (
     CacheStats,
     HfOfflineError,
     ResolvedCard,
+    SourceHealth,
     _store,
     resolve_metadata_files,
 )
@@ -46,6 +48,7 @@ from discovery_mdc.errors import (
     FetchError,
     LockTimeoutError,
     SizeLimitError,
+    SourceUnreachableError,
     UnsupportedSchemeError,
 )
 
@@ -413,13 +416,109 @@ async def test_stalled_body_times_out(server: MetaServer, cache: CacheLayout) ->
         return resp
 
     server.handlers["/config.json"] = stall
-    with pytest.raises(FetchError, match="timed out"):
+    with pytest.raises(SourceUnreachableError, match="timed out"):
         await resolve_metadata_files(
             one_file_card(server.url("/config.json"), GOOD),
             cache_dir=cache.root,
             read_timeout=0.2,
         )
     assert_nothing_published(cache)
+
+
+@pytest.fixture
+async def tarpit() -> AsyncIterator[str]:
+    """``host:port`` of a server that accepts connections and never answers."""
+    hold = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await hold.wait()
+
+    srv = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield f"127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    hold.set()
+    for writer in writers:
+        writer.close()
+    srv.close()
+
+
+async def test_a_server_that_accepts_and_never_answers_is_given_up_on_at_the_first_byte(
+    tarpit: str, cache: CacheLayout
+) -> None:
+    card = one_file_card(f"http://{tarpit}/config.json", GOOD)
+    async with asyncio.timeout(30):  # main waited for the 60 s read timeout
+        with pytest.raises(SourceUnreachableError, match=r"no response within 0\.2s"):
+            await resolve_metadata_files(card, cache_dir=cache.root, first_byte_timeout=0.2)
+    assert_nothing_published(cache)
+
+
+def two_file_card(config_url: str, tokenizer_url: str) -> ModelDeploymentCard:
+    return ModelDeploymentCard.new(
+        "Some/Model",
+        model_info=_slot(CheckedFile(config_url, hash_bytes(GOOD), len(GOOD))),
+        tokenizer=Slot(
+            SlotVariant.HF_TOKENIZER_JSON, CheckedFile(tokenizer_url, hash_bytes(b"{}"), 2)
+        ),
+    )
+
+
+async def test_a_source_that_stopped_answering_backs_off_and_is_tried_after_the_others(
+    server: MetaServer, tarpit: str, cache: CacheLayout
+) -> None:
+    now = [100.0]
+    health = SourceHealth(initial=2.0, clock=lambda: now[0])
+    stats = CacheStats()
+
+    async def resolve(card: ModelDeploymentCard, **kw: Any) -> Any:
+        return await resolve_metadata_files(
+            card, cache_dir=cache.root, first_byte_timeout=0.2, health=health, stats=stats, **kw
+        )
+
+    # Both files time out together: one failure, not two.
+    with pytest.raises(SourceUnreachableError, match="no response"):
+        await resolve(two_file_card(f"http://{tarpit}/a/config.json", f"http://{tarpit}/a/t"))
+    assert health.sources() == {tarpit: 1}
+    # Another card on it fails at once, without a request.
+    with pytest.raises(SourceUnreachableError, match=r"backing off: failed 1 time\(s\) in a row"):
+        await resolve(one_file_card(f"http://{tarpit}/b/config.json", GOOD))
+    assert stats.by_source[tarpit, "skipped"] == 1
+    # A card whose other replica answers is served by it; the tarpit is not even tried.
+    server.files["/c/config.json"] = GOOD
+    card = one_file_card(f"http://{tarpit}/c/config.json", GOOD)
+    await resolve(card, alternates={hash_bytes(GOOD).hex: [server.url("/c/config.json")]})
+    assert stats.by_source[tarpit, "skipped"] == 1 and server.gets["/c/config.json"] == 1
+    # Its time up, one request probes it again; failing, it backs off twice as long.
+    now[0] += 2.0
+    with pytest.raises(SourceUnreachableError, match="no response"):
+        await resolve(one_file_card(f"http://{tarpit}/d/config.json", b"not cached yet"))
+    assert health.sources() == {tarpit: 2}
+    assert "next try in 4.0s" in (health.backing_off(tarpit) or "")
+
+
+async def test_a_card_on_a_frozen_host_gets_a_shared_file_from_another_card_waiting_for_it(
+    server: MetaServer, tarpit: str, cache: CacheLayout
+) -> None:
+    # Two models share generation_config.json (fine-tunes of one base). The first card's
+    # host never answers; while it holds the blob's lock the second card waits for it.
+    server.files["/good/config.json"] = GOOD
+    frozen = one_file_card(f"http://{tarpit}/frozen/config.json", GOOD)
+    healthy = one_file_card(server.url("/good/config.json"), GOOD).replace(display_name="Other")
+    health = SourceHealth()
+    first = asyncio.ensure_future(
+        resolve_metadata_files(frozen, cache_dir=cache.root, first_byte_timeout=0.5, health=health)
+    )
+    await wait_until(lambda: any(cache.locks.glob("*")) if cache.locks.exists() else False)
+    second = asyncio.ensure_future(
+        resolve_metadata_files(healthy, cache_dir=cache.root, first_byte_timeout=0.5, health=health)
+    )
+    async with asyncio.timeout(30):
+        done = await asyncio.gather(first, second)
+    # The frozen card's fetch, once its own host timed out, took the bytes from the host the
+    # other card knows: both resolve, with one GET in all.
+    assert [read(r.files[0]) for r in done] == [GOOD, GOOD]
+    assert server.gets["/good/config.json"] == 1
+    assert health.sources() == {tarpit: 1}
 
 
 async def test_total_timeout_bounds_a_slow_trickle(server: MetaServer, cache: CacheLayout) -> None:
@@ -593,7 +692,8 @@ async def test_a_frontend_abandons_a_black_holed_replica_quickly_and_the_next_on
             # Generous for a 0.5 s timeout (a few tiny local fetches), short of the 10 s default.
             await watcher.wait_for_model(live.display_name, timeout=8)
     rejected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected")]
-    assert len(rejected) == len(via_hole), rejected
+    # A blob whose fetch starts after the hole timed out skips it at once (it backs off).
+    assert 1 <= len(rejected) <= len(via_hole), rejected
     assert all(f"127.0.0.1:{hole_port}" in m and "timed out" in m for m in rejected)
     assert sum(server.gets.values()) == len(sources)  # each blob once, from the live replica
 

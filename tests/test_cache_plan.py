@@ -20,6 +20,7 @@ from discovery_mdc.cache import (
     CacheScan,
     CorruptBlob,
     IncompleteCard,
+    SourceHealth,
     TempFile,
     VerifyReport,
     default_cache_root,
@@ -471,3 +472,44 @@ def test_fix_plan_takes_corrupt_blobs_and_the_cards_linking_them() -> None:
     assert [i.path.name for i in plan.cards] == ["3" * 64]
     [blob] = plan.blobs
     assert blob.hex == HEX_C and blob.corrupt and "f" * 64 in blob.reason
+
+
+# --------------------------------------------------------------------------- source health
+
+
+def test_a_failing_source_backs_off_doubling_up_to_the_cap_and_an_answer_clears_it() -> None:
+    now = [0.0]
+    health = SourceHealth(initial=2.0, cap=10.0, clock=lambda: now[0])
+    assert health.claim("h:1") and health.backing_off("h:1") is None
+    health.record("h:1", False)
+    windows = []
+    for _ in range(4):
+        assert not health.claim("h:1")
+        left = health.backing_off("h:1") or ""
+        windows.append(float(left.rsplit("next try in ", 1)[1].rstrip("s")))
+        now[0] += windows[-1]
+        assert health.claim("h:1")  # time is up: this request probes it
+        health.record("h:1", False)
+    assert windows == [2.0, 4.0, 8.0, 10.0]
+    assert health.sources() == {"h:1": 5}
+    now[0] += 10.0
+    assert health.claim("h:1")
+    health.record("h:1", True)  # it answered: healthy again
+    assert health.sources() == {} and health.claim("h:1")
+
+
+def test_requests_failing_together_count_once_and_only_one_probe_goes() -> None:
+    now = [0.0]
+    health = SourceHealth(initial=2.0, clock=lambda: now[0])
+    for _ in range(5):  # the files of one card, sent at once
+        assert health.claim("h:1")
+    for _ in range(5):
+        health.record("h:1", False)
+    assert health.sources() == {"h:1": 1}
+    now[0] += 2.0
+    assert health.claim("h:1")
+    assert not health.claim("h:1")
+    assert "another request is trying it now" in (health.backing_off("h:1") or "")
+    health.record("h:1", None)  # the probe was cancelled: no verdict, the next may go
+    assert health.claim("h:1")
+    assert health.claim("h:2") and health.sources() == {"h:1": 1}

@@ -20,6 +20,7 @@ PREFIX = "v1/mdc/"
 INTERVAL = 5.0
 GRACE = 1.0
 BACKOFF = 0.5  # the first backoff delay with rng=1.0
+NO_RELIST_AFTER_START = {"start": 1, "compaction": 0, "reconcile": 0, "history_lost": 0}
 
 
 def k(i: int) -> str:
@@ -111,7 +112,7 @@ async def test_lists_then_watches_from_the_listed_revision_plus_one(
         put = Change(ChangeKind.PUT, k(2), b"b", rev)
         assert got.batches[1] == ChangeBatch((put,), rev, "watch")
         assert informer.revision == rev and informer.stats.events_put == 1
-        assert informer.stats.relists == {"start": 1, "compaction": 0, "reconcile": 0}
+        assert informer.stats.relists == NO_RELIST_AFTER_START
 
 
 async def test_disconnect_resumes_after_the_highest_revision_without_duplicates_or_losses(
@@ -275,7 +276,7 @@ async def test_reconcile_repairs_a_missed_put_and_a_missed_delete_without_a_reli
         )
         assert got.held() == set(store.keys())
         s = informer.stats
-        assert s.relists == {"start": 1, "compaction": 0, "reconcile": 0}
+        assert s.relists == NO_RELIST_AFTER_START
         assert s.repairs == {"put": 1, "delete": 1}
         assert s.checks == {"count": 1, "quick": 1, "exact": 1, "listing": 0, "fetch": 1}
         # A watch that lost events is not trusted: it is restarted after the repair.
@@ -317,6 +318,93 @@ async def test_more_missed_puts_than_worth_fetching_one_by_one_relist_instead(
         assert got.held() == set(store.keys())
 
 
+# --------------------------------------------------------------------------- lost history
+
+
+async def test_etcd_back_with_its_data_wiped_is_relisted_from_scratch_and_watched_anew(
+    store: RecordingStore, vt: VirtualTime
+) -> None:
+    for i in (1, 2, 3):
+        await store.put(k(i), b"old")
+    async with running(store, vt) as (informer, got):
+        await store.put(k(4), b"old")
+        await until(lambda: got.held() == {k(1), k(2), k(3), k(4)})
+        before = informer.revision
+        store.wipe()  # revision 1 again; the watch drops
+        await store.put(k(2), b"new")  # a worker registers again, at a lower revision
+        assert store.revision < before
+        await until(lambda: vt.sleeping(BACKOFF) == 1)
+        await vt.advance(BACKOFF)  # the probe after the backoff sees etcd behind the state
+        await until(lambda: "history_lost" in got.origins())
+        batch = got.batches[-1]
+        assert [(c.kind, c.key, c.value) for c in batch.changes] == [
+            (ChangeKind.DELETE, k(1), b""),
+            (ChangeKind.DELETE, k(3), b""),
+            (ChangeKind.DELETE, k(4), b""),
+            (ChangeKind.PUT, k(2), b"new"),
+        ]
+        assert informer.stats.relists["history_lost"] == 1
+        assert informer.revision == store.revision
+        await until(lambda: informer.connected and store.watch_starts[-1] == store.revision + 1)
+        rev = await store.put(k(5), b"later")  # the new watch delivers what follows
+        await until(lambda: got.held() == {k(2), k(5)} and informer.revision == rev)
+
+
+async def test_a_reconcile_notices_etcd_went_back_and_relists(
+    store: RecordingStore, vt: VirtualTime
+) -> None:
+    await store.put(k(1), b"a")
+    await store.put(k(3), b"c")
+    async with running(store, vt) as (informer, got):
+        store.wipe()
+        await store.put(k(2), b"b")
+        assert store.revision < informer.revision
+        # Before the watch loop probes (virtual time stands still), the periodic check reads
+        # a header revision below the state's.
+        assert await informer.reconcile() == "relisted"
+        await until(lambda: got.held() == {k(2)})
+        assert informer.stats.relists["history_lost"] == 1
+        await until(lambda: informer.connected and store.watch_starts[-1] == store.revision + 1)
+        await store.put(k(4), b"d")
+        await until(lambda: got.held() == {k(2), k(4)})
+
+
+async def test_another_cluster_id_is_lost_history_even_at_a_higher_revision(
+    store: RecordingStore, vt: VirtualTime
+) -> None:
+    await store.put(k(1), b"a")
+    async with running(store, vt, reconcile_interval=0) as (informer, got):
+        before = informer.revision
+        store.wipe(cluster_id=0xC0FFEE)
+        for i in range(before + 2):
+            await store.put(k(2), f"v{i}".encode())
+        assert store.revision > before
+        await until(lambda: vt.sleeping(BACKOFF) == 1)
+        await vt.advance(BACKOFF)
+        await until(lambda: got.held() == {k(2)})
+        assert informer.stats.relists["history_lost"] == 1
+        assert got.batches[-1].changes[-1].value == f"v{before + 1}".encode()
+
+
+async def test_a_key_etcd_holds_at_an_older_revision_than_seen_is_lost_history(
+    store: RecordingStore, vt: VirtualTime
+) -> None:
+    await store.put(k(0), b"a")
+    await store.put(k(1), b"old")  # known at revision 3
+    async with running(store, vt) as (informer, got):
+        store.wipe()  # same cluster id; the new history overtakes the old revision
+        await store.put(k(1), b"new")  # revision 2
+        for _ in range(3):
+            await store.put(k(2), b"x")
+        await until(lambda: vt.sleeping(BACKOFF) == 1)
+        await vt.advance(BACKOFF)  # etcd is ahead: the watch resumes, sees only k(2)
+        await until(lambda: k(2) in got.held())
+        assert await in_background(vt, informer.reconcile(), advance=GRACE) == "relisted"
+        assert informer.stats.relists["history_lost"] == 1
+        await until(lambda: got.held() == {k(1), k(2)})
+        assert [c for c in got.changes("history_lost") if c[1] == k(1)] == [(ChangeKind.PUT, k(1))]
+
+
 # --------------------------------------------------------------------------- silent and slow
 
 
@@ -337,7 +425,7 @@ async def test_a_silent_watch_is_restarted_after_the_grace_and_no_relist(
         await until(lambda: got.held() == {k(1)})
         assert store.watch_starts == [before + 1, before + 1]  # resumed, not relisted
         assert informer.stats.reconnects == 1
-        assert informer.stats.relists == {"start": 1, "compaction": 0, "reconcile": 0}
+        assert informer.stats.relists == NO_RELIST_AFTER_START
 
 
 async def test_changes_still_in_flight_on_a_slow_watch_restart_nothing(

@@ -212,3 +212,28 @@ def test_checks_are_sound_and_repairs_make_a_lossy_watch_exact(
             assert st.repair_put(key, value, mod) is not None
         st.mark_verified(probe.revision)
         assert st.known == etcd.mods()
+
+
+def test_an_answer_below_the_revision_reached_or_from_another_cluster_is_lost_history() -> None:
+    st = WatchState()
+    assert st.history_lost(0, 5, cluster_id=7) is None and st.cluster_id == 7
+    assert st.history_lost(5, 5, cluster_id=7) is None
+    assert st.history_lost(5, 9) is None  # no cluster id in the answer: not checked
+    assert "below revision 5" in (st.history_lost(5, 4, cluster_id=7) or "")
+    assert "cluster id changed from 7 to 8" in (st.history_lost(5, 50, cluster_id=8) or "")
+
+
+def test_forgetting_history_makes_the_next_relist_replace_every_key() -> None:
+    st = WatchState()
+    st.diff({"gone": (b"v", 40), "kept": (b"old", 41)}, revision=50)
+    st.on_delete("deleted", 51)
+    st.forget_history()
+    assert (st.revision, st.snapshot_revision, st.tombstones) == (0, 0, {})
+    # etcd restarted empty and a worker wrote "kept" again, at a revision far below 41.
+    changes = st.diff({"kept": (b"new", 2), "deleted": (b"back", 3)}, revision=3)
+    assert changes == [
+        Change(ChangeKind.DELETE, "gone", mod_revision=3),
+        Change(ChangeKind.PUT, "deleted", b"back", 3),
+        Change(ChangeKind.PUT, "kept", b"new", 2),
+    ]
+    assert st.known == {"kept": 2, "deleted": 3} and st.revision == 3

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
+from urllib.parse import quote
 
 import pytest
+import yarl
 from _fakes import until
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from test_watcher_driver import FakeResolved, key, make_card, publish
 
 from discovery_mdc.cache import CacheStats
 from discovery_mdc.card import ModelDeploymentCard, mdcsum
 from discovery_mdc.etcd import MemoryStore
 from discovery_mdc.frontend import FrontendMetrics, ModelWatcher, build_app, model_id
+from discovery_mdc.frontend._state import ModelInfo, ModelStats, unservable_model_id
 
 
 async def _resolve(card: ModelDeploymentCard, *, alternates: dict[str, list[str]]) -> FakeResolved:
@@ -195,3 +202,59 @@ async def test_metrics_an_sre_alerts_on(
     assert 'discovery_mdc_build_info{version="' in text
     assert "_created" not in text
     assert "bytes_fetched" not in text
+
+
+class _EveryModel:
+    """Stands in for a watcher that serves a model under any id it is asked for."""
+
+    connected = True
+    revision = 1
+
+    def models(self) -> list[ModelInfo]:
+        return []
+
+    def model(self, name: str) -> ModelInfo:
+        return ModelInfo(name, 0, ())
+
+    def model_stats(self) -> list[ModelStats]:
+        return []
+
+
+async def _served_ids(name: str) -> list[Any]:
+    app = build_app(cast(ModelWatcher, _EveryModel()))
+    async with TestClient(TestServer(app)) as client:
+        ids = []
+        for safe in ("", "/"):  # fully percent-encoded, and with '/' as is (OpenAI clients)
+            url = yarl.URL("/v1/models/" + quote(name, safe=safe), encoded=True)
+            resp = await client.get(url)
+            ids.append((await resp.json())["id"] if resp.status == 200 else resp.status)
+        return ids
+
+
+_SEGMENT = st.one_of(
+    st.text(
+        st.one_of(st.characters(), st.sampled_from("%?#+;=. \\\n\t\r\x00\x7f\x85")),
+        max_size=12,
+    ),
+    st.sampled_from([".", "..", "ready", ""]),
+)
+_NAMES = st.lists(_SEGMENT, min_size=1, max_size=4).map("/".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_NAMES)
+@example("Qwen/Qwen3-0.6B")
+@example("a//b/")
+@example("/leading")
+@example("%2e%2e")
+@example(".")
+@example("org/../m")
+@example("org/./m")
+@example("org/..")
+@example("a\nb")
+@example("org/ready")
+@example("ready")
+@example("\U0001f600" * 512)
+def test_every_model_id_admission_accepts_is_answered_by_its_own_url(name: str) -> None:
+    if unservable_model_id(name) is None:
+        assert asyncio.run(_served_ids(name)) == [name, name]

@@ -284,3 +284,43 @@ def test_sources_are_the_waiting_replicas_uris_per_blob() -> None:
     ]
     reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
     assert reg.sources("org/m", mdcsum(_card())) is None  # nobody waits any more
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("", "empty"),
+        ("org/m\n", "U+000A, a control character"),
+        ("org/\tm", "U+0009, a control character"),
+        ("org\u2028m", "U+2028, a line separator"),
+        ("org/../m", "'.' or '..' path segment"),
+        (".", "'.' or '..' path segment"),
+        ("m" * 513, "513 characters long, above 512"),
+        ("org/ready", "ends in '/ready'"),
+    ],
+)
+def test_a_model_id_the_route_cannot_serve_is_rejected_with_a_reason(
+    name: str, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    reg = Registry()
+    bad = _card().replace(display_name=name)  # a valid slug: only the id is wrong
+    with caplog.at_level(logging.ERROR):
+        out = reg.apply(_put(1, bad))
+    key = card_key("dynamo", "backend", "generate", 1)
+    [event] = out.events
+    assert (event.kind, event.model, event.key) == (EventKind.REJECTED, name, key)
+    assert why in event.detail and "/v1/models/{id} could not serve it" in event.detail
+    assert why in caplog.text and key in caplog.text
+    assert out.pipelines == [] and reg.instance_keys() == set() and reg.ready_models() == []
+    assert reg.rejected_keys() == {key}
+    assert reg.apply(_put(1, bad, rev=2)).events == []  # the same bytes again: said once
+    # The worker fixes its name: the same key is admitted.
+    assert [p.model for p in reg.apply(_put(1, _card(), rev=3)).pipelines] == ["org/m"]
+    assert reg.rejected_keys() == set() and reg.instance_keys() == {key}
+    # An admitted key that turns bad leaves, and a delete forgets it.
+    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    assert [e.kind for e in reg.apply(_put(1, bad, rev=4)).events] == [
+        EventKind.REMOVED,
+        EventKind.REJECTED,
+    ]
+    assert reg.apply(_delete(1)).events == [] and reg.rejected_keys() == set()

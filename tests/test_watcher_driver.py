@@ -525,6 +525,25 @@ async def test_a_slow_model_does_not_block_another_model(
         assert h.watcher.instance_keys() == {key(1), key(2)}
 
 
+async def test_cards_on_a_host_that_never_answers_do_not_hold_up_a_model_elsewhere(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    stuck = [f"org/stuck-{i}" for i in range(20)]
+    for name in stuck:
+        resolver.gates[name] = asyncio.Event()  # fetches that never end
+    async with running(store, resolver, sleep) as h:
+        for i, name in enumerate(stuck):
+            await publish(store, i + 1, make_card(name, host="tarpit"))
+        await until(lambda: sum(resolver.count(n) for n in stuck) == 2)
+        await publish(store, 100, make_card("org/good", host="healthy"))
+        await until(lambda: names(h.watcher) == ["org/good"])
+        # At most two pipelines fetch from one host at a time; the rest wait their turn.
+        assert sum(resolver.count(n) for n in stuck) == 2
+        resolver.gates[stuck[0]].set()
+        await until(lambda: "org/stuck-0" in names(h.watcher))
+        await until(lambda: sum(resolver.count(n) for n in stuck) == 3)
+
+
 async def test_deleting_the_only_instance_cancels_its_pending_pipeline(
     store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
 ) -> None:

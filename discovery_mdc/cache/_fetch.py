@@ -19,7 +19,13 @@ from urllib.parse import unquote, urljoin, urlsplit
 import aiohttp
 
 from discovery_mdc._hf import HfEnv, download_hint
-from discovery_mdc.errors import FetchError, HfOfflineError, SizeLimitError, UnsupportedSchemeError
+from discovery_mdc.errors import (
+    FetchError,
+    HfOfflineError,
+    SizeLimitError,
+    SourceUnreachableError,
+    UnsupportedSchemeError,
+)
 
 __all__ = [
     "FetchConfig",
@@ -46,11 +52,15 @@ class Sink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class FetchConfig:
-    """Network limits. ``read_timeout`` bounds a stall between two reads of one body."""
+    """Network limits. ``first_byte_timeout`` bounds the wait from sending a request to its
+    response head (a server that accepts connections and never answers), ``read_timeout`` a
+    stall between two reads of one body, ``total_timeout`` the whole fetch. A source that
+    misses the first two (or does not connect) raises :class:`SourceUnreachableError`."""
 
     connect_timeout: float = 10.0
     total_timeout: float = 300.0
     read_timeout: float | None = 60.0
+    first_byte_timeout: float = 10.0
     max_redirects: int = 10
     chunk_size: int = 1 << 20
 
@@ -125,9 +135,18 @@ async def _fetch_http(
         # One deadline for the whole redirect chain and body.
         async with asyncio.timeout(config.total_timeout):
             for _ in range(config.max_redirects + 1):
-                async with session.get(
-                    current, headers=hdrs, allow_redirects=False, timeout=per_request
-                ) as resp:
+                try:
+                    async with asyncio.timeout(config.first_byte_timeout):
+                        resp = await session.get(
+                            current, headers=hdrs, allow_redirects=False, timeout=per_request
+                        )
+                except TimeoutError:
+                    via = f" (for {label})" if current != label else ""
+                    raise SourceUnreachableError(
+                        f"GET {current}{via}: timed out, no response within "
+                        f"{config.first_byte_timeout:g}s"
+                    ) from None
+                async with resp:
                     if resp.status in _REDIRECTS:
                         target = resp.headers.get("Location")
                         if not target:
@@ -153,8 +172,14 @@ async def _fetch_http(
                     await _stream_body(resp, sink, cap, label, config.chunk_size)
                     return
             raise FetchError(f"GET {label}: more than {config.max_redirects} redirects")
+    except aiohttp.ServerTimeoutError as exc:  # a connect or read (stall) timeout
+        raise SourceUnreachableError(f"timed out fetching {label}: {_one_line(exc)}") from None
     except TimeoutError:
-        raise FetchError(f"timed out fetching {label} (at {current})") from None
+        raise FetchError(
+            f"timed out fetching {label} (at {current}) after {config.total_timeout:g}s"
+        ) from None
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        raise SourceUnreachableError(f"fetching {label} failed: {_one_line(exc)}") from None
     except aiohttp.ClientError as exc:
         raise FetchError(f"fetching {label} failed: {_one_line(exc)}") from None
 

@@ -246,8 +246,12 @@ def referenced_hexes(layout: CacheLayout) -> set[str]:
     raise CacheError(f"card directories under {layout.by_slug} kept moving during a scan")
 
 
-def _temp_file(entry: os.DirEntry[str], pattern: re.Pattern[str]) -> TempFile:
-    st = entry.stat(follow_symlinks=False)
+def _temp_file(entry: os.DirEntry[str], pattern: re.Pattern[str]) -> TempFile | None:
+    """The temporary file, or None if it is gone already (renamed into place, removed)."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return None
     match = pattern.fullmatch(entry.name)
     pid = int(match["pid"]) if match else None
     lock_hex = match["hex"] if match and "hex" in pattern.groupindex else None
@@ -268,7 +272,8 @@ def _card_links(
     for entry in _scandir(path):
         link = Path(entry.path)
         if _TEMP_LINK.fullmatch(entry.name):
-            temps.append(_temp_file(entry, _TEMP_LINK))
+            if (temp := _temp_file(entry, _TEMP_LINK)) is not None:
+                temps.append(temp)
             continue
         if not entry.is_symlink():
             warnings.append(f"unexpected entry {link} (not a symlink)")
@@ -341,7 +346,8 @@ def scan_cache(layout: CacheLayout) -> CacheScan:
             )
         )
     for entry in _scandir(layout.tmp):
-        temps.append(_temp_file(entry, _PART))
+        if (temp := _temp_file(entry, _PART)) is not None:
+            temps.append(temp)
     return CacheScan(
         layout=layout,
         cards=tuple(cards),

@@ -8,8 +8,10 @@ from a card can therefore name a path outside ``by-slug/``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import blake3
 
+from discovery_mdc._clock import Clock
 from discovery_mdc._env import default_cache_root
 from discovery_mdc.card import (
     MAX_FILE_SIZE,
@@ -36,8 +39,10 @@ __all__ = [
     "CacheLayout",
     "CardPlan",
     "FilePlan",
+    "SourceHealth",
     "default_cache_root",
     "hf_fallback_uri",
+    "http_source",
     "link_name",
     "local_path_of",
     "plan_card",
@@ -160,13 +165,17 @@ def _http_origin(uri: str) -> str | None:
     return f"{scheme}://{parts.hostname.lower()}:{port}"
 
 
+@functools.lru_cache(maxsize=8192)
+def http_source(uri: str) -> str | None:
+    """``host:port`` of an http(s) URI (the replica serving it), else None."""
+    origin = _http_origin(uri)
+    return None if origin is None else origin.split("://", 1)[1]
+
+
 def source_label(uri: str) -> str:
     """What a per-source metric calls ``uri``'s source: ``host:port`` for http(s), else the
     scheme (``file``, ``hf``)."""
-    origin = _http_origin(uri)
-    if origin is not None:
-        return origin.split("://", 1)[1]
-    return urlsplit(uri).scheme.lower() or "file"
+    return http_source(uri) or urlsplit(uri).scheme.lower() or "file"
 
 
 def _replace_http(uris: Sequence[str], ranked: Sequence[str]) -> list[str]:
@@ -228,6 +237,83 @@ def spread_sources(sources: Mapping[str, Sequence[str]], spread: str) -> dict[st
         picked[origin] = picked.get(origin, 0) + 1
         out[blob_hex] = _replace_http(ranked, [first, *(u for u in http if u != first)])
     return out
+
+
+@dataclass(slots=True)
+class _Penalty:
+    failures: int
+    until: float
+    probing: bool = False
+
+
+class SourceHealth:
+    """Which metadata sources (``host:port``) failed at the transport level lately, and when
+    each may be tried again. Pure bookkeeping; time comes from ``clock``.
+
+    A source that refused, did not connect, did not answer in time or stalled is *backing
+    off* for ``initial`` seconds, doubling with each consecutive failure up to ``cap``.
+    Requests that fail together (the files of one card, sent at once) count as one failure.
+    When the time is up, one request may probe it (:meth:`claim`); others keep off until that
+    one ends. Any answer, even a 404 or wrong bytes (the host is alive), clears it.
+    """
+
+    def __init__(
+        self, *, initial: float = 2.0, cap: float = 60.0, clock: Clock = time.monotonic
+    ) -> None:
+        self._initial = initial
+        self._cap = cap
+        self._clock = clock
+        self._penalties: dict[str, _Penalty] = {}
+
+    def backing_off(self, source: str) -> str | None:
+        """Why ``source`` must not be tried now (for messages), or None if it may."""
+        p = self._penalties.get(source)
+        if p is None:
+            return None
+        left = p.until - self._clock()
+        failed = f"failed {p.failures} time(s) in a row"
+        if left > 0:
+            return f"{source} is backing off: {failed}, next try in {left:.1f}s"
+        if p.probing:
+            return f"{source} is backing off: {failed}, another request is trying it now"
+        return None
+
+    def claim(self, source: str) -> bool:
+        """True if a request to ``source`` may go now; it then must :meth:`record` how it
+        went (a request to a source whose time is up becomes its probe)."""
+        if self.backing_off(source) is not None:
+            return False
+        p = self._penalties.get(source)
+        if p is not None:
+            p.probing = True
+        return True
+
+    def record(self, source: str, ok: bool | None) -> None:
+        """How a claimed request went: ``True`` the source answered, ``False`` it failed at
+        the transport level, ``None`` no verdict (cancelled, or failed before any request)."""
+        p = self._penalties.get(source)
+        if ok:
+            self._penalties.pop(source, None)
+            return
+        if ok is None:
+            if p is not None:
+                p.probing = False
+            return
+        now = self._clock()
+        if p is None:
+            self._penalties[source] = _Penalty(1, now + self._initial)
+        elif p.probing or p.until <= now:
+            p.failures += 1
+            p.until = now + min(self._cap, self._initial * 2 ** (p.failures - 1))
+            p.probing = False
+
+    def sources(self) -> dict[str, int]:
+        """Every source backing off, with its consecutive failures."""
+        return {s: p.failures for s, p in self._penalties.items()}
+
+    def __bool__(self) -> bool:
+        """True while some source is backing off."""
+        return bool(self._penalties)
 
 
 def hf_fallback_uri(card: ModelDeploymentCard, file: CheckedFile) -> str:

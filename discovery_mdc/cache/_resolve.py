@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from discovery_mdc.cache._plan import (
     CacheLayout,
     CardPlan,
     FilePlan,
+    SourceHealth,
+    http_source,
     local_path_of,
     plan_card,
     resolve_cache_root,
@@ -28,6 +31,7 @@ from discovery_mdc.cache._plan import (
 )
 from discovery_mdc.cache._store import (
     BlobStore,
+    Staging,
     blob_lock,
     refresh_last_used,
     remove_link_dir,
@@ -40,6 +44,7 @@ from discovery_mdc.errors import (
     ChecksumMismatchError,
     FetchError,
     SizeLimitError,
+    SourceUnreachableError,
 )
 
 __all__ = [
@@ -201,6 +206,7 @@ class _Run:
     sessions: _Sessions
     stats: CacheStats
     progress: ProgressCallback | None
+    health: SourceHealth | None = None
 
     async def ensure_file(self, fp: FilePlan, *, in_place: bool = False) -> None:
         """Make ``fp.link_path`` point at a verified blob; concurrent callers share one run.
@@ -208,8 +214,10 @@ class _Run:
         ``in_place`` repairs a published card directory: it is never re-created, and
         :class:`_DirGone` says it vanished (a prune or ``cache rm`` took it).
         """
-        key = (os.fspath(self.store.layout.root), fp.hex, fp.size, os.fspath(fp.link_path))
-        await _single_flight(key, lambda: self._ensure_file(fp, in_place))
+        root = os.fspath(self.store.layout.root)
+        with _wanting(root, fp.hex, fp.uris):
+            key = (root, fp.hex, fp.size, os.fspath(fp.link_path))
+            await _single_flight(key, lambda: self._ensure_file(fp, in_place))
 
     async def _ensure_file(self, fp: FilePlan, in_place: bool) -> None:
         # Warm path, no lock: the link is already right and the blob verifies.
@@ -251,46 +259,183 @@ class _Run:
         on_progress = (
             (lambda n: progress(fp.filename, n, fp.size)) if progress is not None else None
         )
-        if len(fp.uris) > 1:
-            log.debug("%s (%s): sources in order %s", fp.filename, fp.hex[:12], list(fp.uris))
-        for uri in fp.uris:
-            staging = self.store.stage(fp.hex, on_progress)
-            try:
-                await fetch_uri(
-                    uri,
-                    staging,
-                    fp.cap,
-                    session=self.sessions.get() if _needs_session(uri) else None,
-                    config=self.config,
-                )
-                actual = staging.hexdigest()
-                if actual != fp.hex or (fp.size is not None and staging.received != fp.size):
-                    raise ChecksumMismatchError(
-                        uri,
-                        _describe(fp.hex, fp.size),
-                        _describe(actual, staging.received),
-                    )
-                self.store.publish(staging)
-            except _SOURCE_ERRORS as exc:
-                log.error("rejected %s for %s (%s): %s", uri, fp.filename, fp.slot, exc,
-                          extra={"uri": uri, "reason": str(exc)})  # fmt: skip
-                self.stats.by_source[source_label(uri), "failed"] += 1
-                errors.append((uri, exc))
-                continue
-            finally:
-                staging.discard()
-            self.stats.fetches += 1
-            self.stats.bytes_fetched += staging.received
-            self.stats.by_source[source_label(uri), "ok"] += 1
-            self.stats.fetch_seconds.observe(time.monotonic() - began)
-            log.debug("%s (%s): served by %s, source %d of %d", fp.filename, fp.hex[:12], uri,
-                      len(errors) + 1, len(fp.uris), extra={"uri": uri})  # fmt: skip
-            log.info("cached %s (%d bytes) from %s", fp.blob_path, staging.received, uri,
-                     extra={"uri": uri})  # fmt: skip
-            return staging.received
+        uris = list(fp.uris)
+        health = self.health
+        if health:
+            # Sources backing off after failing go last (each keeps its place otherwise).
+            uris.sort(key=lambda u: health.backing_off(http_source(u) or "") is not None)
+        if len(uris) > 1:
+            log.debug("%s (%s): sources in order %s", fp.filename, fp.hex[:12], uris)
+        for uri in uris:
+            staging = await self._attempt(fp, uri, on_progress, errors)
+            if staging is not None:
+                log.debug("%s (%s): served by %s, source %d of %d", fp.filename, fp.hex[:12],
+                          uri, len(errors) + 1, len(uris), extra={"uri": uri})  # fmt: skip
+                return self._publish(fp, uri, staging, began)
+        # A blob is its checksum, whoever names it: other cards waiting here for the same
+        # bytes (a fine-tune's generation_config.json...) may know a host that answers, so a
+        # card on a frozen host cannot hold them up. Tried together; the first to verify wins.
+        others = _one_per_host(
+            u
+            for u in _known_elsewhere(os.fspath(self.store.layout.root), fp.hex, uris)
+            if health is None or health.backing_off(http_source(u) or "") is None
+        )[:_MAX_RACE]
+        if others:
+            log.info("%s (%s): its own sources failed; trying %d other host(s) that serve it",
+                     fp.filename, fp.hex[:12], len(others))  # fmt: skip
+            won = await self._race(fp, others, on_progress, errors)
+            if won is not None:
+                log.debug("%s (%s): served by %s, another card's source", fp.filename,
+                          fp.hex[:12], won[0], extra={"uri": won[0]})  # fmt: skip
+                return self._publish(fp, *won, began)
         if len(errors) == 1:
             raise errors[0][1]
         raise AllSourcesFailedError(fp.hex, errors)
+
+    async def _attempt(
+        self,
+        fp: FilePlan,
+        uri: str,
+        on_progress: Callable[[int], None] | None,
+        errors: list[tuple[str, Exception]],
+    ) -> Staging | None:
+        """Fetch ``uri`` into a staging file and verify it; None (and the error in
+        ``errors``) if this source is bad. The caller publishes or discards what it gets."""
+        health = self.health
+        source = http_source(uri) if health is not None else None
+        if health is not None and source is not None and not health.claim(source):
+            why = health.backing_off(source) or f"{source} is backing off"
+            log.debug("not trying %s for %s: %s", uri, fp.filename, why)
+            self.stats.by_source[source, "skipped"] += 1
+            errors.append((uri, SourceUnreachableError(f"GET {uri}: {why}")))
+            return None
+        answered: bool | None = None
+        staging = self.store.stage(fp.hex, on_progress)
+        verified = False
+        try:
+            await fetch_uri(
+                uri,
+                staging,
+                fp.cap,
+                session=self.sessions.get() if _needs_session(uri) else None,
+                config=self.config,
+            )
+            answered = True
+            actual = staging.hexdigest()
+            if actual != fp.hex or (fp.size is not None and staging.received != fp.size):
+                raise ChecksumMismatchError(
+                    uri,
+                    _describe(fp.hex, fp.size),
+                    _describe(actual, staging.received),
+                )
+            verified = True
+            return staging
+        except _SOURCE_ERRORS as exc:
+            # Anything but a transport failure means the host answered.
+            answered = not isinstance(exc, SourceUnreachableError)
+            log.error("rejected %s for %s (%s): %s", uri, fp.filename, fp.slot, exc,
+                      extra={"uri": uri, "reason": str(exc)})  # fmt: skip
+            self.stats.by_source[source_label(uri), "failed"] += 1
+            errors.append((uri, exc))
+            return None
+        finally:
+            if not verified:
+                staging.discard()
+            if health is not None and source is not None:
+                health.record(source, answered)
+
+    async def _race(
+        self,
+        fp: FilePlan,
+        uris: list[str],
+        on_progress: Callable[[int], None] | None,
+        errors: list[tuple[str, Exception]],
+    ) -> tuple[str, Staging] | None:
+        """Try ``uris`` at once; the first verified staging, the others discarded."""
+        tasks = {asyncio.ensure_future(self._attempt(fp, u, on_progress, errors)): u for u in uris}
+        pending = set(tasks)
+        won: tuple[str, Staging] | None = None
+        try:
+            while pending and won is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    staging = task.result()
+                    if staging is None:
+                        continue
+                    if won is None:
+                        won = (tasks[task], staging)
+                    else:
+                        staging.discard()
+            return won
+        finally:
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    staging = await task
+                    if staging is not None:
+                        staging.discard()
+
+    def _publish(self, fp: FilePlan, uri: str, staging: Staging, began: float) -> int:
+        try:
+            self.store.publish(staging)
+        finally:
+            staging.discard()
+        self.stats.fetches += 1
+        self.stats.bytes_fetched += staging.received
+        self.stats.by_source[source_label(uri), "ok"] += 1
+        self.stats.fetch_seconds.observe(time.monotonic() - began)
+        log.info("cached %s (%d bytes) from %s", fp.blob_path, staging.received, uri,
+                 extra={"uri": uri})  # fmt: skip
+        return staging.received
+
+
+# Per event loop, per (cache root, blob): the http(s) URIs that callers waiting for that blob
+# know, with how many of them know each; most recently added last.
+_wanted: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, str], dict[str, int]]
+] = weakref.WeakKeyDictionary()
+#: How many other hosts one fetch tries at once when its own sources failed.
+_MAX_RACE = 32
+
+
+@contextlib.contextmanager
+def _wanting(root: str, hexdigest: str, uris: Sequence[str]) -> Iterator[None]:
+    """While inside, ``uris`` (the http(s) ones) count as sources of the blob for others."""
+    mine = [u for u in uris if http_source(u) is not None]
+    entry = _wanted.setdefault(asyncio.get_running_loop(), {}).setdefault((root, hexdigest), {})
+    for uri in mine:
+        entry[uri] = entry.pop(uri, 0) + 1  # (re)inserted last: the most recent
+    try:
+        yield
+    finally:
+        for uri in mine:
+            left = entry.get(uri, 0) - 1
+            if left > 0:
+                entry[uri] = left
+            else:
+                entry.pop(uri, None)
+        if not entry:
+            _wanted.get(asyncio.get_running_loop(), {}).pop((root, hexdigest), None)
+
+
+def _one_per_host(uris: Iterable[str]) -> list[str]:
+    """The first of ``uris`` on each ``host:port`` (a host that does not answer for one path
+    does not for another)."""
+    seen: set[str | None] = set()
+    out = []
+    for uri in uris:
+        host = http_source(uri)
+        if host not in seen:
+            seen.add(host)
+            out.append(uri)
+    return out
+
+
+def _known_elsewhere(root: str, hexdigest: str, exclude: Sequence[str]) -> list[str]:
+    """URIs of the blob other waiting callers know, most recent first."""
+    entry = _wanted.get(asyncio.get_running_loop(), {}).get((root, hexdigest), {})
+    return [u for u in reversed(entry) if u not in exclude]
 
 
 def _needs_session(uri: str) -> bool:
@@ -408,12 +553,14 @@ async def resolve_metadata_files(
     alternates: Mapping[str, Sequence[str]] | None = None,
     lock_timeout: float = 600.0,
     connect_timeout: float = 10.0,
+    first_byte_timeout: float = 10.0,
     total_timeout: float = 300.0,
     read_timeout: float | None = 60.0,
     session: aiohttp.ClientSession | None = None,
     stats: CacheStats | None = None,
     progress: ProgressCallback | None = None,
     spread: str | None = None,
+    health: SourceHealth | None = None,
 ) -> ResolvedCard:
     """Return ``card`` with every slot pointing at a verified local file.
 
@@ -428,7 +575,14 @@ async def resolve_metadata_files(
 
     Raises :class:`CardError` (unsafe names), :class:`SizeLimitError`,
     :class:`ChecksumMismatchError`, :class:`FetchError` (:class:`AllSourcesFailedError` when
-    several URIs were tried) or :class:`CacheError` (:class:`LockTimeoutError`, disk full).
+    several URIs were tried; :class:`SourceUnreachableError` for a source that did not
+    connect or answer within ``connect_timeout`` / ``first_byte_timeout``, or stalled for
+    ``read_timeout``) or :class:`CacheError` (:class:`LockTimeoutError`, disk full).
+
+    With ``health``, transport failures are remembered per ``host:port``: a source backing
+    off is tried after the others, and not at all until its time is up (see
+    :class:`SourceHealth`), so a card on an unresponsive host fails at once instead of waiting
+    out the timeouts again.
     """
     stats = _STATS if stats is None else stats
     hf_fallback = False
@@ -447,11 +601,14 @@ async def resolve_metadata_files(
     store = BlobStore(layout)
     store.ensure_dirs()
     config = FetchConfig(
-        connect_timeout=connect_timeout, total_timeout=total_timeout, read_timeout=read_timeout
+        connect_timeout=connect_timeout,
+        total_timeout=total_timeout,
+        read_timeout=read_timeout,
+        first_byte_timeout=first_byte_timeout,
     )
     sessions = _Sessions(session)
     try:
-        await _run_plan(plan, _Run(store, config, lock_timeout, sessions, stats, progress))
+        await _run_plan(plan, _Run(store, config, lock_timeout, sessions, stats, progress, health))
     finally:
         await sessions.close()
     links = {fp.slot: fp.link_path for fp in plan.files}

@@ -547,7 +547,7 @@ class EtcdClient(AsyncService):
                 log.info("listing %s: revision %d compacted mid-listing; starting over",
                          prefix, at)  # fmt: skip
                 continue
-            return RangeResult(tuple(kvs), at, False, len(kvs), size)
+            return RangeResult(tuple(kvs), at, False, len(kvs), size, first.cluster_id)
         raise EtcdError(f"listing {prefix!r}: compacted mid-listing five times in a row")
 
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:

@@ -51,6 +51,7 @@ __all__ = [
     "decode_watch_line",
     "decode_watch_message",
     "delete_request",
+    "header_cluster_id",
     "header_revision",
     "int64",
     "key_bytes",
@@ -90,7 +91,8 @@ class RangeResult:
     ``revision`` is the store's current revision when etcd answered, even for a read pinned
     at an older revision. ``count`` is the number of keys in the range, before ``limit`` and
     before ``min_mod_revision`` filtering (checked against etcd 3.5). ``size`` is the bytes
-    of the response body(ies) the client read (0 when unknown).
+    of the response body(ies) the client read (0 when unknown). ``cluster_id`` is the
+    header's cluster id (0 when unknown).
     """
 
     kvs: tuple[KeyValue, ...]
@@ -98,6 +100,7 @@ class RangeResult:
     more: bool = False
     count: int = 0
     size: int = 0
+    cluster_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +238,11 @@ def header_revision(body: Mapping[str, Any]) -> int:
     return int64(_mapping(body.get("header")).get("revision"))
 
 
+def header_cluster_id(body: Mapping[str, Any]) -> int:
+    """The cluster id from a response's ``header`` (0 if absent)."""
+    return int64(_mapping(body.get("header")).get("cluster_id"))
+
+
 # ------------------------------------------------------------------ requests
 
 
@@ -358,6 +366,7 @@ def decode_range(body: Mapping[str, Any]) -> RangeResult:
         revision=header_revision(body),
         more=bool(body.get("more", False)),
         count=int64(body.get("count")),
+        cluster_id=header_cluster_id(body),
     )
 
 

@@ -8,7 +8,16 @@ cost that grows with the changes since the last check, not with the number of ke
 (``_watchstate.py`` has the reasoning): a constant few hundred bytes when nothing was missed.
 What the watch missed is repaired (values fetched only for the keys that differ), and a watch
 that stays silent while etcd changes is restarted. A full relist happens only at start, on a
-compaction, or for a difference nothing else explains.
+compaction, or when etcd lost history.
+
+etcd can come back with less history than it had (data dir wiped, restored from an older
+snapshot): its revision goes backwards and a watch resumed from the old revision hears
+nothing. Every range answer is checked for that (a header revision below what the state
+already reached, or another cluster id; see ``WatchState.history_lost``): the informer then
+forgets every revision, relists everything (reason ``history_lost``) and watches from the new
+revision. After a watch fails, a cheap count read probes etcd between short backoff sleeps
+(capped at ``backoff_max``, 2 s), so the watch is back within about that long once etcd
+answers, and the probe is where a lost history is noticed first.
 
 Time is injected (``clock`` and ``sleep``, the protocol ``LeaseSession`` also takes), so unit
 tests run every interval, grace and backoff instantly.
@@ -24,7 +33,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
-from discovery_mdc._backoff import Backoff
+from discovery_mdc._backoff import RECONNECT_BACKOFF_MAX, Backoff
 from discovery_mdc._clock import Clock, Sleep, every
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import EtcdCompactedError, EtcdError
@@ -42,7 +51,7 @@ __all__ = [
 log = logging.getLogger("discovery_mdc.etcd")
 
 DEFAULT_RECONCILE_INTERVAL = 5.0
-RELIST_REASONS = ("start", "compaction", "reconcile")
+RELIST_REASONS = ("start", "compaction", "reconcile", "history_lost")
 CHECK_KINDS = ("count", "quick", "exact", "listing", "fetch")
 
 
@@ -51,7 +60,8 @@ class ChangeBatch:
     """Changes to apply together, in order.
 
     ``origin`` says where they came from: ``"watch"``, a relist (``"start"``,
-    ``"compaction"``, ``"reconcile"``) or ``"repair"`` (a check found what the watch missed).
+    ``"compaction"``, ``"reconcile"``, ``"history_lost"``) or ``"repair"`` (a check found
+    what the watch missed).
     ``revision`` is the informer's revision once they are applied.
     """
 
@@ -96,7 +106,7 @@ class PrefixInformer(AsyncService):
         watch_grace: float = 1.0,
         max_repair_fetches: int = 256,
         backoff_initial: float = 0.5,
-        backoff_max: float = 30.0,
+        backoff_max: float = RECONNECT_BACKOFF_MAX,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         rng: Callable[[], float] = random.random,
@@ -118,6 +128,7 @@ class PrefixInformer(AsyncService):
         self._watch_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._lost: str | None = None  # etcd lost history; relist before trusting anything
         self.connected = False
         """True while a watch stream is open (from its first message until it fails)."""
         self.stats = InformerStats(last_delivery=clock())
@@ -190,7 +201,18 @@ class PrefixInformer(AsyncService):
         changes; they were applied and the watch restarted) or ``"relisted"``.
         """
         async with self._lock:
-            return await self._reconcile_locked()
+            try:
+                return await self._reconcile_locked()
+            except _HistoryLost:
+                # Nothing from the old watch may mix with the relist; the new watch starts
+                # from the relist's revision (its loop relists first if this one fails).
+                self._stop_watch()
+                try:
+                    await self._relist_locked("history_lost", charged=True)
+                finally:
+                    if not self._closed:
+                        self._start_watch()
+                return "relisted"
 
     async def relist(self, reason: str = "reconcile") -> int:
         """Relist the prefix now and yield the diff; returns the number of changes."""
@@ -207,9 +229,7 @@ class PrefixInformer(AsyncService):
             self._state.revision + 1,
             why,
         )
-        self._watch_task.cancel()
-        self._tasks.remove(self._watch_task)
-        self.connected = False
+        self._stop_watch()
         self.stats.reconnects += 1
         self._start_watch()
 
@@ -220,12 +240,54 @@ class PrefixInformer(AsyncService):
         if batch:
             self._queue.put_nowait(ChangeBatch(batch, self._state.revision, origin))
 
-    def _observe_header(self, revision: int, *, complete: bool = False) -> None:
+    def _observe_header(
+        self,
+        revision: int,
+        *,
+        complete: bool = False,
+        floor: int | None = None,
+        cluster_id: int = 0,
+    ) -> None:
         """Every header revision etcd sends passes here (watch messages and range reads):
         the one place to notice etcd going backwards or a different cluster. Only a watch
-        message (``complete``) vouches that every event through it was delivered."""
+        message (``complete``) vouches that every event through it was delivered. A range
+        answer is checked against ``floor``, the state's revision when it was sent (none for
+        a listing pinned at a revision, whose result carries that revision): raises
+        :class:`_HistoryLost` if etcd lost history."""
         if complete:
             self._state.observe_revision(revision)
+            return
+        why = self._state.history_lost(revision if floor is None else floor, revision, cluster_id)
+        if why is not None:
+            self._lost = why
+            raise _HistoryLost(why)
+
+    async def _range(
+        self,
+        kind: str | None,
+        key: str,
+        *,
+        prefix: bool = False,
+        count_only: bool = False,
+        keys_only: bool = False,
+        min_mod_revision: int | None = None,
+        revision: int | None = None,
+    ) -> RangeResult:
+        """One range read, checked by :meth:`_observe_header` (and charged to ``kind``)."""
+        floor = self._state.revision
+        result = await self._store.range(
+            key,
+            prefix=prefix,
+            count_only=count_only,
+            keys_only=keys_only,
+            min_mod_revision=min_mod_revision,
+            revision=revision,
+            attempt_timeout=self._check_timeout,
+        )
+        if kind is not None:
+            self._charge(kind, result)
+        self._observe_header(result.revision, floor=floor, cluster_id=result.cluster_id)
+        return result
 
     # ------------------------------------------------------------------ watch
 
@@ -233,9 +295,35 @@ class PrefixInformer(AsyncService):
         self._watch_task = asyncio.create_task(self._watch_loop(), name="etcd-watch")
         self._tasks.append(self._watch_task)
 
+    def _stop_watch(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(ValueError):
+                self._tasks.remove(self._watch_task)
+            self._watch_task = None
+        self.connected = False
+
     async def _watch_loop(self) -> None:
         backoff = Backoff(*self._backoff)
+        probe = False
         while True:
+            if probe:
+                # etcd was unreachable: a cheap read says when it answers again (and whether
+                # it came back with less history) before a watch is opened.
+                try:
+                    await self._range(None, self._prefix, prefix=True, count_only=True)
+                except asyncio.CancelledError:
+                    raise
+                except _HistoryLost:
+                    pass
+                except Exception as exc:
+                    delay = backoff.next_delay()
+                    log.debug("etcd still unreachable (%s); probing again in %.1fs", exc, delay)
+                    await self._sleep(delay)
+                    continue
+                probe = False
+            if self._lost is not None:
+                await self._relist_with_retry("history_lost", backoff)
             start = self._state.revision + 1
             try:
                 stream = self._store.watch(
@@ -274,6 +362,7 @@ class PrefixInformer(AsyncService):
                     delay,
                 )
                 await self._sleep(delay)
+                probe = True
 
     def _on_response(self, resp: WatchResponse) -> None:
         self.stats.last_delivery = self._clock()
@@ -313,9 +402,26 @@ class PrefixInformer(AsyncService):
             return await self._relist_locked(reason)
 
     async def _relist_locked(self, reason: str, *, charged: bool = False) -> int:
+        floor = self._state.revision
         result = await self._store.range_prefix_all(self._prefix)
         if charged:
             self.stats.reconcile_bytes += result.size
+        state = self._state
+        lost = self._lost or state.history_lost(floor, result.revision, result.cluster_id)
+        if lost is not None:
+            log.error(
+                "etcd lost history under %s: %s (was its data dir wiped, or was it restored "
+                "from an older snapshot?); forgetting every revision, relisting %d key(s) at "
+                "revision %d and watching from there",
+                self._prefix,
+                lost,
+                len(result.kvs),
+                result.revision,
+            )
+            state.forget_history()
+            state.history_lost(0, result.revision, result.cluster_id)  # adopt the new cluster
+            self._lost = None
+            reason = "history_lost"
         self.stats.relists[reason] = self.stats.relists.get(reason, 0) + 1
         snapshot = {kv.key: (kv.value, kv.mod_revision) for kv in result.kvs}
         changes = self._state.diff(snapshot, result.revision)
@@ -344,15 +450,14 @@ class PrefixInformer(AsyncService):
     ) -> RangeResult:
         """Keys (no values) under the prefix modified after ``revision``, read at ``at``
         (default: now), with the count of all keys under the prefix."""
-        result = await self._store.range(
+        return await self._range(
+            kind,
             self._prefix,
             prefix=True,
             keys_only=True,
             min_mod_revision=revision + 1,
             revision=at,
-            attempt_timeout=self._check_timeout,
         )
-        return self._charge(kind, result)
 
     async def _reconcile_locked(self) -> str:
         state = self._state
@@ -360,16 +465,10 @@ class PrefixInformer(AsyncService):
         self._delivered.clear()
         # etcd counts from its in-memory index; a min_mod_revision read makes it scan every
         # key's value. While nothing in etcd changed since the last proof, the count is enough.
-        counted = self._charge(
-            "count",
-            await self._store.range(
-                self._prefix, prefix=True, count_only=True, attempt_timeout=self._check_timeout
-            ),
-        )
+        counted = await self._range("count", self._prefix, prefix=True, count_only=True)
         if state.unchanged(probe, counted.count, counted.revision):
             return "clean"
         res = await self._modified_after(probe.verified, "quick")
-        self._observe_header(res.revision)
         changed = {kv.key: kv.mod_revision for kv in res.kvs}
         if state.quick_check(probe, changed, res.count, res.revision):
             return "clean"
@@ -424,7 +523,10 @@ class PrefixInformer(AsyncService):
             # History at the state's revision is gone: only a relist can compare now.
             await self._relist_locked("compaction", charged=True)
             return "relisted", 0
-        if found.unexplained or len(found.puts) > self._max_fetches:
+        if found.unexplained:
+            self._lost = "etcd holds an older revision of a key than it already reported"
+            raise _HistoryLost(self._lost)
+        if len(found.puts) > self._max_fetches:
             await self._relist_locked("reconcile", charged=True)
             return "relisted", 0
         if found.clean:
@@ -457,13 +559,14 @@ class PrefixInformer(AsyncService):
 
         async def one(key: str) -> tuple[str, KeyValue | None, int]:
             async with sem:
-                res = self._charge(
-                    "fetch", await self._store.range(key, attempt_timeout=self._check_timeout)
-                )
-            self._observe_header(res.revision)
+                res = await self._range("fetch", key)
             return key, (res.kvs[0] if res.kvs else None), res.revision
 
         return list(await asyncio.gather(*(one(k) for k in keys)))
+
+
+class _HistoryLost(Exception):
+    """etcd answered in a way only lost history explains (the reason is the message)."""
 
 
 def _mods(kvs: Iterable[KeyValue]) -> dict[str, int]:

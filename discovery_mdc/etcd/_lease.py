@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from discovery_mdc import _env
-from discovery_mdc._backoff import Backoff
+from discovery_mdc._backoff import RECONNECT_BACKOFF_MAX, Backoff
 from discovery_mdc._clock import Clock, Sleep
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import EtcdError, KeyExistsError
@@ -102,7 +102,7 @@ class LeaseSession(AsyncService):
         sleep: Sleep = asyncio.sleep,
         on_state_change: Callable[[SessionState], None] | None = None,
         backoff_initial: float = 0.5,
-        backoff_max: float = 30.0,
+        backoff_max: float = RECONNECT_BACKOFF_MAX,
         rng: Callable[[], float] = random.random,
         close_timeout: float = 5.0,
         key_check_every: int = 3,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from discovery_mdc._backoff import Backoff
+from discovery_mdc._backoff import RECONNECT_BACKOFF_MAX, Backoff
 from discovery_mdc._clock import Clock, Sleep
 from discovery_mdc.errors import EtcdConnectionError
 
@@ -43,7 +43,7 @@ async def retry_until_reachable(
     even when the last attempt only timed out).
     """
     deadline = clock() + timeout
-    backoff = backoff or Backoff(0.5, 5.0)
+    backoff = backoff or Backoff(0.5, RECONNECT_BACKOFF_MAX)
     attempt = 0
     last: EtcdConnectionError | None = None  # the last error etcd's client itself raised
     while True:

@@ -165,6 +165,7 @@ class MemoryStore:
         self.now = 0.0
         self.revision = 1  # etcd starts at revision 1 with an empty store
         self.compact_revision = 0
+        self.cluster_id = 0x7B5A1C3E9D2F4A61
         self.unavailable = False
         self.min_ttl = min_ttl
         self._kvs: dict[str, KeyValue] = {}
@@ -195,6 +196,19 @@ class MemoryStore:
         self.compact_revision = max(self.compact_revision, revision)
         cut = bisect.bisect_left([r for r, _ in self._history], revision)
         del self._history[:cut]
+
+    def wipe(self, *, cluster_id: int | None = None) -> None:
+        """Lose everything, as etcd restarted with its data dir wiped: no keys, leases or
+        history, revision 1 again (``cluster_id`` changes it too, as a different cluster);
+        open watches drop."""
+        self.disconnect_watches()
+        self.revision = 1
+        self.compact_revision = 0
+        self._kvs.clear()
+        self._history.clear()
+        self._leases.clear()
+        if cluster_id is not None:
+            self.cluster_id = cluster_id
 
     def disconnect_watches(self) -> None:
         """Make every open watch raise EtcdConnectionError, like a dropped connection."""
@@ -322,7 +336,7 @@ class MemoryStore:
         if keys_only:
             matched = [dataclasses.replace(kv, value=b"") for kv in matched]
         size = _gateway_size(matched, count)
-        return RangeResult(tuple(matched), self.revision, more, count, size)
+        return RangeResult(tuple(matched), self.revision, more, count, size, self.cluster_id)
 
     async def range_prefix_all(
         self,
@@ -339,7 +353,9 @@ class MemoryStore:
         if keys_only:
             found = [dataclasses.replace(kv, value=b"") for kv in found]
         size = _gateway_size(found, len(found))
-        return RangeResult(tuple(found), revision or self.revision, False, len(found), size)
+        return RangeResult(
+            tuple(found), revision or self.revision, False, len(found), size, self.cluster_id
+        )
 
     async def create(self, key: str, value: bytes, *, lease: int | None = None) -> bool:
         """Put ``key`` only if absent; False if it existed."""

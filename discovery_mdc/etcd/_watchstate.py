@@ -18,7 +18,10 @@ reconcile proves it, cheaply, against etcd:
   :meth:`WatchState.compare` settles it exactly against etcd *at the state's own revision*
   (a pinned read, so nothing is in flight): the keys to fetch, the deletes the watch never
   delivered, whether the count still hides a delete (then a keys-only listing decides), and
-  whether the difference cannot be explained at all (then a full relist).
+  whether the difference cannot be explained at all (then etcd lost history: forget every
+  revision and relist).
+- :meth:`WatchState.history_lost` checks every range answer: a header revision below what
+  the state already reached, or another cluster id, means etcd lost history.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Comparison:
     listing: bool = False
     """The count still differs: some older key was deleted unseen; list every key to find it."""
     unexplained: bool = False
-    """etcd holds an older revision of a key than the state: only a full relist can tell."""
+    """etcd holds an older revision of a key than the state: its history changed under us
+    (data loss, not a lost event); only forgetting every revision and relisting can tell."""
 
     @property
     def clean(self) -> bool:
@@ -84,10 +88,43 @@ class WatchState:
     snapshot_revision: int = 0
     tombstones: dict[str, int] = field(default_factory=dict)  # key -> delete revision
     version: int = 0
+    cluster_id: int = 0
 
     def observe_revision(self, revision: int) -> None:
         if revision > self.revision:
             self.revision = revision
+
+    def forget_history(self) -> None:
+        """etcd lost history (data dir wiped, restored from an older snapshot, another
+        cluster): its revisions no longer relate to ours. Keep the keys, so the next
+        :meth:`diff` deletes those that vanished, but trust none of their revisions: every
+        key etcd lists is applied again, and no snapshot counts as stale."""
+        self.known = dict.fromkeys(self.known, 0)
+        self.revision = 0
+        self.snapshot_revision = 0
+        self.tombstones.clear()
+        self.version += 1
+        self.cluster_id = 0
+
+    def history_lost(self, floor: int, header_revision: int, cluster_id: int = 0) -> str | None:
+        """Why an answer from etcd shows that it lost history, or None.
+
+        ``floor`` is :attr:`revision` when the read was sent. etcd's reads are linearizable,
+        so one sent after the state reached ``floor`` answers at ``floor`` or later, whatever
+        member serves it: a header revision below it means etcd went back in time (data dir
+        wiped, restored from an older snapshot). A different ``cluster_id`` is another
+        cluster altogether. Otherwise the cluster id is remembered (0: unknown, not checked).
+        """
+        if cluster_id and self.cluster_id and cluster_id != self.cluster_id:
+            return f"etcd's cluster id changed from {self.cluster_id:x} to {cluster_id:x}"
+        if header_revision < floor:
+            return (
+                f"etcd answered at revision {header_revision}, below revision {floor} "
+                "it had already reached"
+            )
+        if cluster_id:
+            self.cluster_id = cluster_id
+        return None
 
     # ------------------------------------------------------------------ watch events
 

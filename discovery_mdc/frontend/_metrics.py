@@ -86,9 +86,11 @@ class _InformerCollector(Collector):
             value=s.reconnects,
         )
         yield _labelled(
-            "discovery_mdc_relists", "full relists (start, compaction or reconcile)", "reason",
+            "discovery_mdc_relists",
+            "full relists (start, compaction, reconcile, history_lost)",
+            "reason",
             s.relists,
-        )  # fmt: skip
+        )
         yield _labelled(
             "discovery_mdc_reconcile_checks",
             "etcd reads by reconciles: quick check, exact (pinned) check, keys-only listing, "
@@ -160,7 +162,8 @@ class FrontendMetrics:
         self._informer: PrefixInformer | None = None
         self.rejected = Counter(
             "discovery_mdc_rejected_instances",
-            "instances rejected by mdcsum, by model",
+            "instances rejected by mdcsum, or for a model id /v1/models/{id} cannot serve, "
+            "by model",
             ["model"],
             registry=r,
         )

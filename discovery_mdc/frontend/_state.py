@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,10 @@ __all__ = [
     "Registry",
     "RejectedInstance",
     "WorkerSetInfo",
+    "MAX_MODEL_ID",
     "diff_json",
     "model_id",
+    "unservable_model_id",
     "worker_set_key",
 ]
 
@@ -103,6 +106,43 @@ def model_id(card: ModelDeploymentCard) -> str:
     return card.lora.name if card.lora is not None else card.display_name
 
 
+#: The longest model id served. Percent-encoded (up to 12 characters for one), its
+#: ``GET /v1/models/{id}`` request line stays under aiohttp's 8 KiB limit.
+MAX_MODEL_ID: Final = 512
+_UNSERVABLE_CATEGORIES: Final = {
+    "Cc": "a control character",
+    "Cs": "a lone surrogate",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+}
+
+
+def unservable_model_id(name: str) -> str | None:
+    """Why ``GET /v1/models/{id}`` could not answer for the model id ``name``, or None.
+
+    A listed id must come back from its own URL, percent-encoded or with ``/`` left as is
+    (the OpenAI clients' way): so it is not empty, holds no control character (a newline
+    cannot be matched in a path), line or paragraph separator or lone surrogate, has no
+    ``.`` or ``..`` path segment (clients and servers resolve those away), does not end in
+    ``/ready`` (``/v1/models/{id}/ready`` is a model's readiness) and is at most
+    :data:`MAX_MODEL_ID` characters long.
+    """
+    if not name:
+        return "the model id is empty"
+    if len(name) > MAX_MODEL_ID:
+        return f"the model id is {len(name)} characters long, above {MAX_MODEL_ID}"
+    for ch in name:
+        what = _UNSERVABLE_CATEGORIES.get(unicodedata.category(ch))
+        if what is not None:
+            return f"the model id contains U+{ord(ch):04X}, {what}"
+    segments = name.split("/")
+    if any(segment in (".", "..") for segment in segments):
+        return "the model id has a '.' or '..' path segment"
+    if len(segments) > 1 and segments[-1] == "ready":
+        return "the model id ends in '/ready', the path of the readiness of another model id"
+    return None
+
+
 def worker_set_key(env: ModelEnvelope) -> str:
     worker_type = env.card.worker_type.value if env.card.worker_type else "none"
     return f"{env.namespace}:{format_model_type(env.card.model_type)}:{worker_type}"
@@ -132,8 +172,9 @@ class ModelEvent:
 
 @dataclass(frozen=True, slots=True)
 class RejectedInstance:
-    """An instance refused by the mdcsum gate: its key and mdcsum, the worker set it would
-    have joined (and that set's mdcsum), and what differs."""
+    """An instance refused at admission: its key and mdcsum, the worker set it would have
+    joined, and why. Refused by the mdcsum gate: that set's mdcsum and what differs; refused
+    for a model id ``/v1/models/{id}`` could not serve: ``worker_set_mdcsum`` is empty."""
 
     key: str
     mdcsum: str
@@ -378,6 +419,16 @@ class Registry:
 
     def _add(self, key: str, card_key: CardKey, env: ModelEnvelope, out: Outcome, now: int) -> None:
         name = model_id(env.card)
+        unservable = unservable_model_id(name)
+        if unservable is not None:
+            # Listing it would advertise an id that /v1/models/{id} answers with 404.
+            self._remove(key, out, now)
+            reason = f"{unservable}: /v1/models/{{id}} could not serve it"
+            log.error("rejected instance %s of model %r: %s", key, name, reason)
+            out.events.append(ModelEvent(EventKind.REJECTED, name, key, reason))
+            info = RejectedInstance(key, self._mdcsum(env.card), worker_set_key(env), "", reason)
+            self._rejected[key] = (card_key, env, info)
+            return
         sum_ = self._mdcsum(env.card)
         ws_key = worker_set_key(env)
         previous = self._by_key.get(key)

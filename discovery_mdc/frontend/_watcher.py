@@ -16,14 +16,14 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from discovery_mdc._backoff import Backoff
 from discovery_mdc._clock import Clock, Sleep, every
 from discovery_mdc._lifecycle import AsyncService
-from discovery_mdc.cache import refresh_last_used
+from discovery_mdc.cache import SourceHealth, http_source, refresh_last_used
 from discovery_mdc.card import ModelDeploymentCard
 from discovery_mdc.etcd import (
     DEFAULT_RECONCILE_INTERVAL,
@@ -56,8 +56,12 @@ _T = TypeVar("_T")
 #: place whose files do not share a directory.
 PrepareHook = Callable[[ModelDeploymentCard, Path | None], Awaitable[None]]
 
-#: A dead replica should cost a failover little: connect attempts give up after this long.
+#: A dead replica should cost a failover little: connect attempts give up after this long,
+#: a server that accepts and never answers (a tarpit, a frozen process) after the second, and
+#: a body that stops flowing after the third.
 FETCH_CONNECT_TIMEOUT = 3.0
+FETCH_FIRST_BYTE_TIMEOUT = 3.0
+FETCH_STALL_TIMEOUT = 10.0
 
 
 class Resolved(Protocol):
@@ -91,6 +95,9 @@ class ModelWatcher(AsyncService):
     in between, so a watch batch, a relist diff and a finished pipeline are each applied
     atomically and in the order they arrive.
 
+    ``backoff_initial`` and ``backoff_max`` pace the retries of a failing pipeline; the
+    etcd watch reconnects on the informer's own, shorter cap.
+
     With the default resolver, every ``cache_upkeep_interval`` seconds (default: the reconcile
     interval, at most 60) :meth:`cache_upkeep` marks the cache directories of the served models
     as used and fetches again any that were removed from the cache.
@@ -107,6 +114,8 @@ class ModelWatcher(AsyncService):
         resolver: Resolver | None = None,
         reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL,
         max_concurrent_pipelines: int = 8,
+        max_concurrent_fetches: int = 64,
+        max_fetches_per_source: int = 2,
         slow_pipeline_after: float = 10.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
@@ -124,7 +133,6 @@ class ModelWatcher(AsyncService):
             self._filter.etcd_prefix(),
             reconcile_interval=reconcile_interval,
             backoff_initial=backoff_initial,
-            backoff_max=backoff_max,
             clock=clock,
             sleep=sleep,
         )
@@ -132,7 +140,11 @@ class ModelWatcher(AsyncService):
         #: Spreads this frontend's metadata fetches over a model's replicas (see
         #: ``resolve_metadata_files(spread=...)``).
         self.frontend_id = frontend_id or default_frontend_id(cache_dir)
-        self._resolver = resolver or _cache_resolver(cache_dir, self.frontend_id)
+        #: Metadata sources (``host:port``) backing off after failing (the default resolver).
+        self.source_health = SourceHealth()
+        self._resolver = resolver or _cache_resolver(
+            cache_dir, self.frontend_id, self.source_health
+        )
         # Only cards this watcher cached itself (the default resolver) are kept up.
         self._by_slug = None if resolver is not None else _cache_by_slug(cache_dir)
         if cache_upkeep_interval is None:
@@ -143,6 +155,8 @@ class ModelWatcher(AsyncService):
         self._startup_timeout = startup_timeout
         self._endpoints: tuple[str, ...] = tuple(getattr(store, "endpoints", ()))
         self._sem = asyncio.Semaphore(max_concurrent_pipelines)
+        self._fetch_sem = asyncio.Semaphore(max_concurrent_fetches)
+        self._per_source = _PerKey(max_fetches_per_source)
         self._slow_after = slow_pipeline_after
         self._backoff = (backoff_initial, backoff_max)
         self._sleep = sleep
@@ -217,7 +231,8 @@ class ModelWatcher(AsyncService):
         return self._registry.instance_keys()
 
     def rejected_keys(self) -> set[str]:
-        """Keys of instances rejected by mdcsum (and not admitted since)."""
+        """Keys of instances rejected by mdcsum, or because ``/v1/models/{id}`` could not
+        serve their model id (and not admitted since)."""
         return self._registry.rejected_keys()
 
     @property
@@ -375,22 +390,43 @@ class ModelWatcher(AsyncService):
             )
 
     async def _attempt(self, req: PipelineRequest) -> Resolved | None:
-        """Resolve and prepare once; None if no instance waits for this pipeline any more."""
+        """Fetch, verify and prepare once; None if no instance waits for this pipeline any
+        more.
+
+        Fetching waits on the network, so it has its own, wider limit, and at most
+        ``max_fetches_per_source`` pipelines fetch from the same sources at once: cards on a
+        host that accepts connections and never answers queue behind each other, not in
+        front of other models (and fail at once while that host is backing off, see
+        ``SourceHealth``). The prepare hook is CPU work, bounded by
+        ``max_concurrent_pipelines``.
+        """
         # Replicas that joined (or left) since the last attempt count now.
         sources = self._registry.sources(req.model, req.mdcsum)
         if sources is None:
             return None
         card, alternates = sources
-        resolved = await self._resolver(card, alternates=alternates)
-        if self._prepare is not None:
-            await self._prepare(resolved.card, resolved.local_dir)
+        label = f"pipeline of {req.model!r} ({req.mdcsum[:12]})"
+        async with self._per_source.hold(_source_key(alternates)):
+            resolved = await self._bounded(
+                self._fetch_sem, lambda: self._resolver(card, alternates=alternates), label
+            )
+        prepare = self._prepare
+        if prepare is not None:
+            await self._bounded(
+                self._sem, lambda: prepare(resolved.card, resolved.local_dir), label
+            )
         return resolved
 
-    async def _bounded(self, attempt: Callable[[], Coroutine[Any, Any, _T]], label: str) -> _T:
-        """Run ``attempt()`` under the concurrency limit. An attempt still running after
+    async def _bounded(
+        self,
+        sem: asyncio.Semaphore,
+        attempt: Callable[[], Awaitable[_T]],
+        label: str,
+    ) -> _T:
+        """Run ``attempt()`` holding a permit of ``sem``. An attempt still running after
         ``slow_pipeline_after`` seconds gives its permit back, so a few stuck models (an
         unreachable worker, a huge tokenizer) cannot keep every other model from loading."""
-        await self._sem.acquire()
+        await sem.acquire()
         held = True
         task = asyncio.ensure_future(attempt())
         try:
@@ -401,12 +437,12 @@ class ModelWatcher(AsyncService):
                     label,
                     self._slow_after,
                 )
-                self._sem.release()
+                sem.release()
                 held = False
             return await task
         finally:
             if held:
-                self._sem.release()
+                sem.release()
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -418,10 +454,7 @@ class ModelWatcher(AsyncService):
         try:
             while True:
                 try:
-                    resolved = await self._bounded(
-                        lambda: self._attempt(req),
-                        f"pipeline of {req.model!r} ({req.mdcsum[:12]})",
-                    )
+                    resolved = await self._attempt(req)
                     if resolved is None:
                         return
                 except asyncio.CancelledError:
@@ -463,7 +496,9 @@ def _cache_by_slug(cache_dir: str | Path | None) -> Path:
     return CacheLayout(resolve_cache_root(cache_dir)).by_slug
 
 
-def _cache_resolver(cache_dir: str | Path | None, frontend_id: str) -> Resolver:
+def _cache_resolver(
+    cache_dir: str | Path | None, frontend_id: str, health: SourceHealth
+) -> Resolver:
     from discovery_mdc.cache import resolve_metadata_files
 
     async def resolve(card: ModelDeploymentCard, *, alternates: dict[str, list[str]]) -> Any:
@@ -473,6 +508,45 @@ def _cache_resolver(cache_dir: str | Path | None, frontend_id: str) -> Resolver:
             alternates=alternates,
             spread=frontend_id,
             connect_timeout=FETCH_CONNECT_TIMEOUT,
+            first_byte_timeout=FETCH_FIRST_BYTE_TIMEOUT,
+            read_timeout=FETCH_STALL_TIMEOUT,
+            health=health,
         )
 
     return resolve
+
+
+def _source_key(alternates: dict[str, list[str]]) -> frozenset[str] | None:
+    """The ``host:port`` sources a pipeline fetches from (None: none over http)."""
+    hosts = frozenset(
+        host for uris in alternates.values() for uri in uris if (host := http_source(uri))
+    )
+    return hosts or None
+
+
+class _PerKey:
+    """At most ``limit`` holders per key at once (a key is forgotten when nobody holds it or
+    waits for it)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._sems: dict[Hashable, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable | None) -> AsyncIterator[None]:
+        if key is None:
+            yield
+            return
+        sem, users = self._sems.get(key, (None, 0))
+        if sem is None:
+            sem = asyncio.Semaphore(self._limit)
+        self._sems[key] = (sem, users + 1)
+        try:
+            async with sem:
+                yield
+        finally:
+            users = self._sems[key][1] - 1
+            if users:
+                self._sems[key] = (sem, users)
+            else:
+                del self._sems[key]
