@@ -20,6 +20,7 @@ from discovery_mdc._lazy import lazy_attributes as _lazy_attributes
 
 if typing.TYPE_CHECKING:
     from discovery_mdc.cache import (
+        MetadataCache,
         ResolvedCard,
         resolve_metadata_files,
     )
@@ -79,6 +80,7 @@ __version__ = "0.1.0"
 
 # name -> the subpackage that defines it
 _LAZY: dict[str, str] = {
+    "MetadataCache": "discovery_mdc.cache",
     "ResolvedCard": "discovery_mdc.cache",
     "resolve_metadata_files": "discovery_mdc.cache",
     "CheckedFile": "discovery_mdc.card",
@@ -146,6 +148,7 @@ __all__ = [
     "LeaseLostError",
     "LeaseSession",
     "LockTimeoutError",
+    "MetadataCache",
     "ModelDeploymentCard",
     "ModelDirError",
     "ModelEnvelope",

@@ -27,7 +27,7 @@ from discovery_mdc.cache import (
     resolve_metadata_files,
     scan_cache,
 )
-from discovery_mdc.cache._store import forget_verified
+from discovery_mdc.cache._store import remove_link_dir
 from discovery_mdc.card import CheckedFile, ModelDeploymentCard, encode_card, from_dir
 from discovery_mdc.errors import ChecksumMismatchError
 
@@ -38,7 +38,6 @@ _ENV = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_"
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DYN_MDC_CACHE_DIR", raising=False)
-    forget_verified()
 
 
 @pytest.fixture
@@ -307,7 +306,6 @@ def test_last_used_is_the_last_resolve_not_a_dir_mtime_prune_moves(
     [entry] = cards_by_id(cache).values()
     assert abs(entry["last_used_unix"] - when) < 2
     # Using the card is what moves it.
-    forget_verified()
     resolve(card, cache)
     [entry] = cards_by_id(cache).values()
     assert abs(entry["last_used_unix"] - time.time()) < 120
@@ -368,7 +366,6 @@ def test_verify_fix_removes_corrupt_blobs_and_their_cards_then_verify_passes(
     assert cli_main("cache", "verify", "--cache-dir", str(cache.root)).returncode == 0
     # The healthy card is untouched; the sick one is fetched and verified anew when needed.
     assert snapshot(well_dir) == well_files
-    forget_verified()
     assert resolve(sick, cache).local_dir == sick_dir
 
 
@@ -684,11 +681,81 @@ def test_a_reference_scan_sees_links_whose_dir_is_renamed_during_the_scan(
     assert renamed
 
 
+def test_a_reference_scan_sees_the_links_of_a_dir_renamed_while_it_is_read(
+    make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staging dir published (renamed) after its entries were listed, before its links were
+    read: they still count (reading them by path then found nothing, and a prune deleted the
+    blobs of a card just published)."""
+    from discovery_mdc.cache import _manage
+
+    done = resolve(from_dir(make_model_dir("moving")), cache)
+    assert done.local_dir is not None
+    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
+    done.local_dir.rename(staging)
+    real_readlink = os.readlink
+    renamed = []
+
+    def publish_then_readlink(path: Any, *, dir_fd: int | None = None) -> str:
+        if not renamed:
+            staging.rename(done.local_dir)  # the publish lands between listing and reading
+            renamed.append(True)
+        return real_readlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "readlink", publish_then_readlink)
+    assert _manage.referenced_hexes(cache) == {f.checksum.hex for _, f in done.card.files()}
+    assert renamed
+
+
+def test_a_scan_never_fails_on_a_card_dir_renamed_under_it(
+    make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from discovery_mdc.cache import _manage
+
+    done = resolve(from_dir(make_model_dir("moving")), cache)
+    assert done.local_dir is not None
+    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
+    done.local_dir.rename(staging)
+    real_scandir = _manage._scandir
+
+    def scandir_then_publish(path: Path) -> list[os.DirEntry[str]]:
+        entries = real_scandir(path)
+        if path == staging.parent and staging.exists():
+            staging.rename(done.local_dir)  # the publish lands right after the listing
+        return entries
+
+    monkeypatch.setattr(_manage, "_scandir", scandir_then_publish)
+    scan = scan_cache(cache)
+    assert scan.warnings == () and scan.incomplete == ()
+    assert not done.local_dir.parent.joinpath(staging.name).exists()
+
+
+def test_staging_a_card_outlives_a_prune_removing_its_empty_model_dir(
+    make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    card = from_dir(make_model_dir("again"))
+    model_dir = resolve(card, cache).local_dir
+    assert model_dir is not None
+    remove_link_dir(model_dir)
+    model_dir.parent.rmdir()
+    real_mkdir = os.mkdir
+    pruned = []
+
+    def mkdir_then_prune(path: Any, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        if Path(path) == model_dir.parent and not pruned:
+            os.rmdir(path)  # a prune's rmdir of the (empty) model dir lands right after
+            pruned.append(True)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_prune)
+    assert resolve(card, cache).local_dir == model_dir
+    assert pruned and plan_prune(scan_cache(cache)).empty
+
+
 async def test_prune_racing_resolves_never_leaves_a_card_with_a_missing_blob(
     make_model_dir: Callable[..., Path], cache: CacheLayout
 ) -> None:
     from discovery_mdc.cache import execute_plan
-    from discovery_mdc.cache._store import remove_link_dir
 
     cards = [from_dir(make_model_dir(f"race{i}", seed=i)) for i in range(4)]
     for _ in range(12):
@@ -697,7 +764,6 @@ async def test_prune_racing_resolves_never_leaves_a_card_with_a_missing_blob(
             done = await resolve_metadata_files(card, cache_dir=cache.root)
             assert done.local_dir is not None
             remove_link_dir(done.local_dir)
-        forget_verified()
         pruning = asyncio.to_thread(lambda: execute_plan(plan_prune(scan_cache(cache))))
         results = await asyncio.gather(
             pruning, *(resolve_metadata_files(c, cache_dir=cache.root) for c in cards)
