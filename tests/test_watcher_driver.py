@@ -81,11 +81,13 @@ class FakeResolved:
 
 @dataclass
 class FakeResolver:
-    """Records calls; per model it can block on a gate or fail a number of times."""
+    """Records calls; per model it can block on a gate, fail a number of times, or end a
+    number of times with the CancelledError of a future someone else cancelled (``lost``)."""
 
     calls: list[tuple[str, dict[str, list[str]]]] = field(default_factory=list)
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, int] = field(default_factory=dict)
 
     async def __call__(
         self, card: ModelDeploymentCard, *, alternates: dict[str, list[str]]
@@ -98,6 +100,11 @@ class FakeResolver:
         if self.failures.get(name, 0) > 0:
             self.failures[name] -= 1
             raise FetchError(f"fake fetch of {name} failed")
+        if self.lost.get(name, 0) > 0:
+            self.lost[name] -= 1
+            cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            cancelled.cancel()
+            await cancelled  # raises CancelledError, though nobody cancelled this call
         return FakeResolved(card, Path("/cache/by-slug") / card.slug / mdcsum(card))
 
     def count(self, name: str) -> int:
@@ -554,6 +561,20 @@ async def test_deleting_the_only_instance_cancels_its_pending_pipeline(
         await store.delete(key(1))
         await until(lambda: h.watcher.instance_keys() == set())
         await until(lambda: not h.watcher._pipelines)
+
+
+async def test_a_pipeline_that_ends_while_its_instance_still_waits_is_started_again(
+    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+) -> None:
+    """A pipeline can end without making its instances ready and without the watcher
+    cancelling it: a CancelledError out of something it awaited ends it all the same. Its
+    instance still waits, so the watcher starts the pipeline again."""
+    resolver.lost["org/m"] = 1
+    async with running(store, resolver, sleep) as h:
+        await publish(store, 1)
+        await until(lambda: names(h.watcher) == ["org/m"])
+        assert resolver.count("org/m") == 2 and sleep.backoffs == []
+        assert instances(h.watcher, "org/m") == {key(1)}
 
 
 # --------------------------------------------------------------------------- API

@@ -515,8 +515,9 @@ class ModelWatcher(AsyncService):
         finally:
             if self._pipelines.get(ident) is asyncio.current_task():
                 del self._pipelines[ident]
-                # An instance admitted after the last check found no one waiting would
-                # otherwise join a pipeline that is already on its way out.
+                # However it ended (say, a CancelledError out of something it awaited, though
+                # nobody cancelled it), an instance still waiting must not be left without a
+                # pipeline.
                 if not self._closed and self._registry.pending(*ident):
                     self._start_pipeline(req)
 
