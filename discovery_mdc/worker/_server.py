@@ -468,9 +468,8 @@ class StatusServer(AsyncService):
             not_modified.etag = etag
             return not_modified
 
-        loop = asyncio.get_running_loop()
         try:
-            fobj = await loop.run_in_executor(None, _open_checked, registered)
+            fobj = await asyncio.to_thread(_open_checked, registered)
         except OSError as exc:
             log.error("cannot serve metadata %s from %s: %s", key, registered.path, exc)
             return web.Response(status=500, text="500: Internal Server Error")
@@ -523,9 +522,8 @@ class StatusServer(AsyncService):
 
     @staticmethod
     async def _send_fallback(writer: Any, fobj: IO[bytes], count: int) -> None:
-        loop = asyncio.get_running_loop()
         while count > 0:
-            chunk = await loop.run_in_executor(None, fobj.read, min(_FALLBACK_CHUNK, count))
+            chunk = await asyncio.to_thread(fobj.read, min(_FALLBACK_CHUNK, count))
             if not chunk:
                 raise OSError("file shrank while sending")
             await writer.write(chunk)
