@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from typing import Any
 
-from discovery_mdc import _env
 from discovery_mdc.card import CheckedFile, LoraInfo, ModelDeploymentCard, from_dir, slugify
 from discovery_mdc.errors import RegistryError
 from discovery_mdc.worker._registry import (
@@ -49,29 +47,15 @@ __all__ = [
     "model_ref",
     "move_to_self_host",
     "prepare_card",
-    "self_host_enabled",
     "will_self_host",
 ]
 
 log = logging.getLogger("discovery_mdc.worker")
 
 
-def self_host_enabled(explicit: bool | None, *, env: Mapping[str, str] | None = None) -> bool:
-    """Whether self-hosting is wanted: ``explicit`` if given, else ``DYN_SELF_HOST_METADATA``.
-
-    ``0``, ``false``, ``no``, ``off`` or empty (case-insensitive) turn it off; unset or any
-    other value leaves it on.
-    """
-    if explicit is not None:
-        return explicit
-    return _env.SELF_HOST_METADATA.get(env)
-
-
-def will_self_host(
-    server: StatusServer | None, self_host: bool | None, *, env: Mapping[str, str] | None = None
-) -> bool:
+def will_self_host(server: StatusServer | None, self_host: bool) -> bool:
     """True when :func:`prepare_card` will self-host: enabled and a server is running."""
-    return self_host_enabled(self_host, env=env) and server is not None and server.is_running
+    return self_host and server is not None and server.is_running
 
 
 def model_ref(
@@ -175,7 +159,7 @@ def prepare_card(
     card: ModelDeploymentCard,
     *,
     server: StatusServer | None,
-    self_host: bool | None,
+    self_host: bool,
     hf_repo: str | None,
     namespace: str,
     component: str,
@@ -183,13 +167,12 @@ def prepare_card(
 ) -> ModelDeploymentCard:
     """The card to publish: design steps 3 (self-host) and 4 (``hf://`` for HF repo ids).
 
-    Self-hosting happens when :func:`self_host_enabled` (``self_host`` beats the env) and
-    ``server`` is running. Enabled without a server logs one info line and keeps local paths.
-    Without self-hosting ``extra_files`` are dropped (as the reference does), and for an HF
-    repo id every slot still holding a local path becomes ``hf://<repo>/<filename>``.
+    Self-hosting happens when ``self_host`` is true and ``server`` is running. Enabled
+    without a server logs one info line and keeps local paths. Without self-hosting
+    ``extra_files`` are dropped (as the reference does), and for an HF repo id every slot
+    still holding a local path becomes ``hf://<repo>/<filename>``.
     """
-    enabled = self_host_enabled(self_host)
-    if enabled and server is not None and server.is_running:
+    if self_host and server is not None and server.is_running:
         card = move_to_self_host(
             card,
             server.registry,
@@ -199,7 +182,7 @@ def prepare_card(
             endpoint=endpoint,
         )
     else:
-        if enabled:
+        if self_host:
             log.info(
                 "metadata self-hosting for %s skipped: no status server is running "
                 "(set DYN_SYSTEM_PORT to start one); publishing local paths",
@@ -216,7 +199,7 @@ def build_worker_card(
     model: str,
     *,
     server: StatusServer | None,
-    self_host: bool | None,
+    self_host: bool,
     namespace: str,
     component: str,
     endpoint: str,
