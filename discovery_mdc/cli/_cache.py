@@ -41,6 +41,7 @@ from discovery_mdc.cli._common import (
     UsageError,
     add_env_option,
     examples,
+    load_card_file,
     seconds,
 )
 from discovery_mdc.cli._logging import final_line
@@ -134,8 +135,6 @@ def _fetched_json(resolved: ResolvedCard) -> dict[str, Any]:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from discovery_mdc.cli._card import load_card_file
-
     card = load_card_file(Path(args.path))
     bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     try:

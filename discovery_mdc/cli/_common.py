@@ -24,8 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import msgspec
+
 from discovery_mdc import _env
+from discovery_mdc.card import ModelDeploymentCard, decode_card, decode_envelope
 from discovery_mdc.cli._logging import final_line
+from discovery_mdc.errors import CardDecodeError
 from discovery_mdc.etcd import EtcdClient
 
 __all__ = [
@@ -45,6 +49,7 @@ __all__ = [
     "argtype",
     "etcd_client",
     "examples",
+    "load_card_file",
     "model_path",
     "port_number",
     "seconds",
@@ -131,6 +136,22 @@ def _model_path(text: str) -> str:
 
 #: ``--model-path`` (and ``card inspect PATH``): any path or HF repo id that is UTF-8.
 model_path = argtype(_model_path, "model path")
+
+
+def load_card_file(path: Path) -> ModelDeploymentCard:
+    """A card from a JSON file holding either a card or a ``{"type": "Model"}`` envelope
+    (``card inspect`` and ``card fetch`` take both)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CardDecodeError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        obj = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
+    except msgspec.DecodeError as exc:
+        raise CardDecodeError(f"{path} is not a JSON object: {exc}") from None
+    if "card_json" in obj:
+        return decode_envelope(data).card
+    return decode_card(data)
 
 
 def _resolvable(value: str) -> None:
