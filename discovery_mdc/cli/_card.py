@@ -8,7 +8,7 @@ from pathlib import Path
 
 from discovery_mdc.card import encode_card, from_dir, mdcsum, slugify
 from discovery_mdc.cli._cache import add_fetch_parser
-from discovery_mdc.cli._common import EXIT_OK, examples, load_card_file, model_path
+from discovery_mdc.cli._common import EXIT_OK, Subcommands, examples, load_card_file, model_path
 from discovery_mdc.worker import resolve_model_source
 
 __all__ = ["register"]
@@ -36,7 +36,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Subcommands) -> None:
     card = sub.add_parser(
         "card",
         help="build, inspect and fetch model deployment cards",

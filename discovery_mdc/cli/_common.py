@@ -22,7 +22,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeAlias, TypeVar
 
 import msgspec
 
@@ -43,6 +43,7 @@ __all__ = [
     "CliParser",
     "EnvOption",
     "HelpFormatter",
+    "Subcommands",
     "UsageError",
     "add_env_option",
     "apply_env_options",
@@ -66,6 +67,9 @@ EXIT_INTERRUPTED: Final = 130
 LOG_FORMATS: Final = ("text", "json")
 
 _T = TypeVar("_T")
+
+#: What ``add_subparsers`` returns; each subcommand module's ``register`` adds to one.
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 class UsageError(Exception):

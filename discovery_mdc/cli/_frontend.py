@@ -16,6 +16,7 @@ from aiohttp import web
 from discovery_mdc.card import MDC_PREFIX, decode_envelope, mdcsum, parse_card_key
 from discovery_mdc.cli._common import (
     EXIT_OK,
+    Subcommands,
     add_env_option,
     etcd_client,
     examples,
@@ -193,7 +194,7 @@ def _ls(args: argparse.Namespace) -> int:
     return asyncio.run(_list_cards(args))
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Subcommands) -> None:
     fe = sub.add_parser(
         "frontend",
         help="watch etcd for cards, verify and cache their metadata, serve /v1/models",
