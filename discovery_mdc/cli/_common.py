@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import signal
@@ -27,6 +26,7 @@ from typing import Any, Final, TypeAlias, TypeVar
 import msgspec
 
 from discovery_mdc import _env
+from discovery_mdc._lifecycle import cancel_and_wait
 from discovery_mdc.card import ModelDeploymentCard, decode_card, decode_envelope
 from discovery_mdc.cli._logging import final_line
 from discovery_mdc.errors import CardDecodeError
@@ -429,7 +429,5 @@ async def until_stopped(work: Awaitable[_T], stop: asyncio.Event) -> tuple[bool,
         stopping.cancel()
     if task.done():
         return True, task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    await cancel_and_wait(task)
     return False, None
