@@ -34,7 +34,6 @@ from discovery_mdc.etcd import EtcdClient
 
 __all__ = [
     "ENV_OPTIONS",
-    "ETCD_TLS_FILES",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -378,12 +377,6 @@ def apply_env_options(args: argparse.Namespace, env: Mapping[str, str] | None = 
             except ValueError as exc:
                 raise UsageError(f"{source}: {exc}") from None
     return from_env
-
-
-#: Variables naming files the etcd client reads for TLS.
-ETCD_TLS_FILES: Final = tuple(
-    v.name for v in (_env.ETCD_AUTH_CA, _env.ETCD_AUTH_CLIENT_CERT, _env.ETCD_AUTH_CLIENT_KEY)
-)
 
 
 def etcd_client(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> EtcdClient:
