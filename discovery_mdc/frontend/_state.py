@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from discovery_mdc.card import (
     format_model_type,
     mdcsum,
     parse_card_key,
+    unservable_model_id,
 )
 from discovery_mdc.errors import CardDecodeError
 
@@ -44,10 +44,8 @@ __all__ = [
     "Registry",
     "RejectedInstance",
     "WorkerSetInfo",
-    "MAX_MODEL_ID",
     "diff_json",
     "model_id",
-    "unservable_model_id",
     "worker_set_key",
 ]
 
@@ -99,43 +97,6 @@ class NamespaceFilter:
 def model_id(card: ModelDeploymentCard) -> str:
     """The name a model is served under: the LoRA name for an adapter, else display_name."""
     return card.lora.name if card.lora is not None else card.display_name
-
-
-#: The longest model id served. Percent-encoded (up to 12 characters for one), its
-#: ``GET /v1/models/{id}`` request line stays under aiohttp's 8 KiB limit.
-MAX_MODEL_ID: Final = 512
-_UNSERVABLE_CATEGORIES: Final = {
-    "Cc": "a control character",
-    "Cs": "a lone surrogate",
-    "Zl": "a line separator",
-    "Zp": "a paragraph separator",
-}
-
-
-def unservable_model_id(name: str) -> str | None:
-    """Why ``GET /v1/models/{id}`` could not answer for the model id ``name``, or None.
-
-    A listed id must come back from its own URL, percent-encoded or with ``/`` left as is
-    (the OpenAI clients' way): so it is not empty, holds no control character (a newline
-    cannot be matched in a path), line or paragraph separator or lone surrogate, has no
-    ``.`` or ``..`` path segment (clients and servers resolve those away), does not end in
-    ``/ready`` (``/v1/models/{id}/ready`` is a model's readiness) and is at most
-    :data:`MAX_MODEL_ID` characters long.
-    """
-    if not name:
-        return "the model id is empty"
-    if len(name) > MAX_MODEL_ID:
-        return f"the model id is {len(name)} characters long, above {MAX_MODEL_ID}"
-    for ch in name:
-        what = _UNSERVABLE_CATEGORIES.get(unicodedata.category(ch))
-        if what is not None:
-            return f"the model id contains U+{ord(ch):04X}, {what}"
-    segments = name.split("/")
-    if any(segment in (".", "..") for segment in segments):
-        return "the model id has a '.' or '..' path segment"
-    if len(segments) > 1 and segments[-1] == "ready":
-        return "the model id ends in '/ready', the path of the readiness of another model id"
-    return None
 
 
 def worker_set_key(env: ModelEnvelope) -> str:
