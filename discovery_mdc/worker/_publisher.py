@@ -29,7 +29,6 @@ from discovery_mdc.card import (
     ModelEnvelope,
     ModelInput,
     WorkerType,
-    card_key,
     encode_envelope,
     endpoint_key,
 )
@@ -84,16 +83,15 @@ def _card_entry(
     card: ModelDeploymentCard, namespace: str, component: str, endpoint: str, lease_id: int
 ) -> tuple[str, bytes]:
     """The card's key and envelope under lease ``lease_id``."""
-    suffix = card.lora_slug
     env = ModelEnvelope(
         namespace=namespace,
         component=component,
         endpoint=endpoint,
         instance_id=lease_id,
         card=card,
-        model_suffix=suffix,
+        model_suffix=card.lora_slug,
     )
-    return card_key(namespace, component, endpoint, lease_id, suffix), encode_envelope(env)
+    return env.key, encode_envelope(env)
 
 
 def _endpoint_entry(

@@ -238,33 +238,23 @@ def prepare_for_publishing(
     return prepared
 
 
-def build_for_publishing(
+def _model_card(
     model: str,
     *,
-    base_url: str | None,
-    self_host: bool,
-    namespace: str,
-    component: str,
-    endpoint: str,
+    with_extras: bool,
     display_name: str | None = None,
     custom_template: str | os.PathLike[str] | None = None,
     lora_name: str | None = None,
     **card_fields: Any,
-) -> PreparedCard:
-    """Resolve ``model`` (a dir or a cached HF repo id), build its card and prepare it
-    (:func:`prepare_for_publishing`). Registers nothing.
-
-    ``card_fields`` go to :func:`discovery_mdc.card.from_dir` (``model_type``,
-    ``worker_type``, ``cancel``...). Extra files are hashed only when the card will be
-    self-hosted. This hashes files and blocks; from async code run it in a thread.
-    """
+) -> tuple[ModelDeploymentCard, str | None]:
+    """The card of ``model`` (a dir or a cached HF repo id) as built, and its HF repo id."""
     source = resolve_model_source(model)
     card = from_dir(
         source.local_dir,
         display_name=display_name if display_name is not None else source.display_name_default,
         source_path=source.source_path,
         custom_template=custom_template,
-        include_extra_files=self_host and base_url is not None,
+        include_extra_files=with_extras,
         **card_fields,
     )
     if lora_name is not None:
@@ -274,11 +264,33 @@ def build_for_publishing(
         card = card.replace(
             display_name=lora_name, slug=slugify(lora_name), lora=LoraInfo(lora_name)
         )
+    return card, source.hf_repo
+
+
+def build_for_publishing(
+    model: str,
+    *,
+    base_url: str | None,
+    self_host: bool,
+    namespace: str,
+    component: str,
+    endpoint: str,
+    **options: Any,
+) -> PreparedCard:
+    """Resolve ``model`` (a dir or a cached HF repo id), build its card and prepare it
+    (:func:`prepare_for_publishing`). Registers nothing.
+
+    ``options``: ``display_name``, ``custom_template``, ``lora_name`` and the
+    :func:`~discovery_mdc.card.from_dir` fields (``model_type``, ``cancel``...). Extra files
+    are hashed only when the card will be self-hosted. This hashes files and blocks; from
+    async code run it in a thread.
+    """
+    card, hf_repo = _model_card(model, with_extras=self_host and base_url is not None, **options)
     return prepare_for_publishing(
         card,
         base_url=base_url,
         self_host=self_host,
-        hf_repo=source.hf_repo,
+        hf_repo=hf_repo,
         namespace=namespace,
         component=component,
         endpoint=endpoint,
@@ -330,21 +342,17 @@ def build_worker_card(
     endpoint: str,
     **options: Any,
 ) -> ModelDeploymentCard:
-    """:func:`build_for_publishing` for ``server``, registering the self-hosted files on it;
-    returns the card to publish. ``self_host`` None reads ``DYN_SELF_HOST_METADATA``.
-
-    ``options``: ``display_name``, ``custom_template``, ``lora_name`` and the
-    :func:`~discovery_mdc.card.from_dir` fields. Blocks while it hashes.
+    """:func:`build_for_publishing` then :func:`prepare_card` for ``server`` (its files
+    registered on it); returns the card to publish. ``self_host`` None reads
+    ``DYN_SELF_HOST_METADATA``. Blocks while it hashes.
     """
-    prepared = build_for_publishing(
-        model,
-        base_url=running_base_url(server),
-        self_host=self_host_enabled(self_host),
+    card, hf_repo = _model_card(model, with_extras=will_self_host(server, self_host), **options)
+    return prepare_card(
+        card,
+        server=server,
+        self_host=self_host,
+        hf_repo=hf_repo,
         namespace=namespace,
         component=component,
         endpoint=endpoint,
-        **options,
     )
-    if server is not None:
-        prepared.register(server.registry)
-    return prepared.card
