@@ -154,16 +154,11 @@ async def _publisher(args: argparse.Namespace) -> None:
     cards = []
     for d in args.models:
         card = await asyncio.to_thread(from_dir, d, include_extra_files=True)
-        cards.append(
-            move_to_self_host(
-                card,
-                registry,
-                server.base_url,
-                namespace="dynamo",
-                component="backend",
-                endpoint="generate",
-            )
+        prepared = move_to_self_host(
+            card, server.base_url, namespace="dynamo", component="backend", endpoint="generate"
         )
+        prepared.register(registry)
+        cards.append(prepared.card)
     blobs = sorted({f.checksum.hex for c in cards for _, f in c.files()})
     leases: list[int] = []
     sem = asyncio.Semaphore(args.concurrency)
@@ -213,7 +208,7 @@ async def _publisher(args: argparse.Namespace) -> None:
         try:
             await _commands(handle)
         finally:
-            await server.stop()
+            await server.close()
 
 
 # --------------------------------------------------------------------------- P4/P5 server

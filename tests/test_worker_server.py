@@ -57,7 +57,9 @@ def self_hosted(
     server: StatusServer, model_dir: Path, **from_dir_kwargs: object
 ) -> ModelDeploymentCard:
     card = from_dir(model_dir, include_extra_files=True, **from_dir_kwargs)  # type: ignore[arg-type]
-    return move_to_self_host(card, server.registry, server.base_url, **ENDPOINT)
+    prepared = move_to_self_host(card, server.base_url, **ENDPOINT)
+    prepared.register(server.registry)
+    return prepared.card
 
 
 def url_path(url: str) -> str:
@@ -325,7 +327,7 @@ async def test_a_raising_health_callback_reports_not_ready() -> None:
         assert b"boom" not in body
 
 
-async def test_start_returns_the_bound_port_and_stop_is_idempotent() -> None:
+async def test_start_returns_the_bound_port_and_close_is_idempotent() -> None:
     srv = StatusServer("127.0.0.1", 0, registry=MetadataRegistry())
     assert not srv.is_running
     with pytest.raises(RuntimeError):
@@ -336,8 +338,8 @@ async def test_start_returns_the_bound_port_and_stop_is_idempotent() -> None:
         assert srv.base_url == f"http://127.0.0.1:{port}"
         assert (await raw_request(port, "/live"))[0] == 200
     finally:
-        await srv.stop()
-        await srv.stop()
+        await srv.close()
+        await srv.close()
     assert not srv.is_running
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from discovery_mdc import _env
-from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type
+from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type, unservable_model_id
 from discovery_mdc.cli._common import (
     EXIT_OK,
     Subcommands,
@@ -149,6 +149,16 @@ def _model_type(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _model_id(text: str) -> str:
+    # The frontends' admission rule: a name they would reject is refused here, at start.
+    why = unservable_model_id(text)
+    if why is not None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {why}, so no frontend could serve it at /v1/models/{{id}}"
+        )
+    return text
+
+
 def _transport(text: str) -> str:
     try:
         parse_instance_transport(text)
@@ -215,6 +225,7 @@ def _add_model_options(w: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--model-name",
         default=None,
+        type=_model_id,
         help="served name (default: the directory's base name, or the repo id)",
     )
     for dest in ("namespace", "component", "endpoint"):
@@ -230,4 +241,9 @@ def _add_model_options(w: argparse.ArgumentParser) -> None:
         default=None,
         help="a chat template file to publish instead of the model's own",
     )
-    w.add_argument("--lora-name", default=None, help="publish the card as this LoRA adapter")
+    w.add_argument(
+        "--lora-name",
+        default=None,
+        type=_model_id,
+        help="publish the card as this LoRA adapter",
+    )

@@ -4,6 +4,7 @@ from discovery_mdc.worker._advertise import advertise_host, format_host_for_url,
 from discovery_mdc.worker._publisher import PublishedModel, Worker, parse_instance_transport
 from discovery_mdc.worker._registry import MetadataRegistry, ModelRef, RegisteredFile
 from discovery_mdc.worker._selfhost import (
+    PreparedCard,
     build_worker_card,
     move_to_self_host,
     prepare_card,
@@ -15,6 +16,7 @@ __all__ = [
     "MetadataRegistry",
     "ModelRef",
     "ModelSource",
+    "PreparedCard",
     "PublishedModel",
     "RegisteredFile",
     "StatusServer",

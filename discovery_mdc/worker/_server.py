@@ -225,7 +225,7 @@ def _open_checked(registered: RegisteredFile) -> IO[bytes]:
 
 
 class StatusServer(AsyncService):
-    """The worker's status server. ``await start()`` binds it; ``await stop()`` shuts it down.
+    """The worker's status server. ``await start()`` binds it; ``await close()`` shuts it down.
 
     ``health`` decides /health (``None`` means always ready); it may be replaced
     at any time, e.g. once the publisher exists. ``advertise`` overrides the host put in
@@ -390,10 +390,6 @@ class StatusServer(AsyncService):
         return web.TCPSite(runner, bind, self._requested_port, backlog=default_backlog())
 
     async def close(self) -> None:
-        """Same as :meth:`stop` (what ``async with`` calls)."""
-        await self.stop()
-
-    async def stop(self) -> None:
         """Stop serving and close every connection. Idempotent."""
         runner, self._runner = self._runner, None
         if runner is not None:
