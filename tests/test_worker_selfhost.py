@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from discovery_mdc import _env
 from discovery_mdc.card import LoraInfo, ModelDeploymentCard, from_dir, mdcsum
 from discovery_mdc.errors import RegistryError
 from discovery_mdc.worker._registry import MetadataRegistry
@@ -20,7 +21,6 @@ from discovery_mdc.worker._selfhost import (
     move_to_self_host,
     prepare_card,
     prepare_for_publishing,
-    self_host_enabled,
     will_self_host,
 )
 from discovery_mdc.worker._server import StatusServer
@@ -174,36 +174,33 @@ def test_extra_names_are_percent_encoded_and_unservable_ones_dropped(
 
 
 @pytest.mark.parametrize(
-    ("explicit", "env", "expected"),
+    ("env", "expected"),
     [
-        (None, None, True),
-        (None, "1", True),
-        (None, "on", True),
-        (None, "yes", True),
-        (None, "0", False),
-        (None, "false", False),
-        (None, "FALSE", False),
-        (None, "No", False),
-        (None, " off ", False),
-        (None, "", False),
-        (True, "off", True),
-        (False, None, False),
-        (False, "on", False),
+        (None, True),
+        ("1", True),
+        ("on", True),
+        ("yes", True),
+        ("0", False),
+        ("false", False),
+        ("FALSE", False),
+        ("No", False),
+        (" off ", False),
+        ("", False),
     ],
 )
-def test_self_host_enabled_explicit_beats_env(
-    explicit: bool | None, env: str | None, expected: bool
+def test_dyn_self_host_metadata_is_off_only_for_dynamos_falsy_values(
+    env: str | None, expected: bool
 ) -> None:
     environ = {} if env is None else {"DYN_SELF_HOST_METADATA": env}
-    assert self_host_enabled(explicit, env=environ) is expected
+    assert _env.SELF_HOST_METADATA.get(environ) is expected
 
 
 async def test_prepare_card_self_hosts_when_enabled_and_server_running(
     server: StatusServer, make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("DYN_SELF_HOST_METADATA", raising=False)
+    monkeypatch.setenv("DYN_SELF_HOST_METADATA", "off")  # read by from_env and the CLI only
     card = card_of(make_model_dir("tiny"))
-    published = prepare_card(card, server=server, self_host=None, hf_repo=None, **ENDPOINT)
+    published = prepare_card(card, server=server, self_host=True, hf_repo=None, **ENDPOINT)
     assert all(
         f.path.startswith(f"http://127.0.0.1:{server.port}/v1/metadata/tiny/")
         for _, f in published.files()
@@ -211,26 +208,23 @@ async def test_prepare_card_self_hosts_when_enabled_and_server_running(
     assert published.extra_files
 
 
-async def test_env_opt_out_keeps_local_paths_and_drops_extras(
-    server: StatusServer, make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+async def test_opt_out_keeps_local_paths_and_drops_extras(
+    server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
-    monkeypatch.setenv("DYN_SELF_HOST_METADATA", "off")
     card = card_of(make_model_dir("tiny"))
-    assert not will_self_host(server, None)
-    published = prepare_card(card, server=server, self_host=None, hf_repo=None, **ENDPOINT)
+    assert not will_self_host(server, False)
+    assert will_self_host(server, True)
+    published = prepare_card(card, server=server, self_host=False, hf_repo=None, **ENDPOINT)
     assert published == card.replace(extra_files=())
     assert len(server.registry) == 0
 
 
 def test_no_server_keeps_local_paths_and_logs_exactly_one_info_line(
-    make_model_dir: Callable[..., Path],
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    make_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.delenv("DYN_SELF_HOST_METADATA", raising=False)
     card = from_dir(make_model_dir("tiny"))
     caplog.set_level(logging.DEBUG, logger="discovery_mdc")
-    published = prepare_card(card, server=None, self_host=None, hf_repo=None, **ENDPOINT)
+    published = prepare_card(card, server=None, self_host=True, hf_repo=None, **ENDPOINT)
     assert published == card
     records = [r for r in caplog.records if r.name.startswith("discovery_mdc.worker")]
     assert [(r.levelno, "no status server" in r.getMessage()) for r in records] == [

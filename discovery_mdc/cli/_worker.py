@@ -11,6 +11,7 @@ from discovery_mdc import _env
 from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type, unservable_model_id
 from discovery_mdc.cli._common import (
     EXIT_OK,
+    Subcommands,
     UsageError,
     add_env_option,
     etcd_client,
@@ -166,7 +167,7 @@ def _transport(text: str) -> str:
     return text
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Subcommands) -> None:
     w = sub.add_parser(
         "worker",
         help="publish a model's deployment card until stopped",
@@ -192,6 +193,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     add_env_option(w, "etcd")
+    _add_model_options(w)
+    for dest in (
+        "lease_ttl",
+        "system_port",
+        "system_host",
+        "self_host",
+        "startup_timeout",
+        "shutdown_timeout",
+    ):
+        add_env_option(w, dest)
+    w.add_argument(
+        "--instance-transport",
+        type=_transport,
+        default=None,
+        help="also publish a Dynamo endpoint record v1/instances/... with this "
+        "transport, e.g. tcp://127.0.0.1:9000/generate, so a Dynamo frontend "
+        "routes to this worker",
+    )
+    w.set_defaults(func=_worker)
+
+
+def _add_model_options(w: argparse.ArgumentParser) -> None:
+    """What to publish, and as what: the model, its name, endpoint, type and template."""
     w.add_argument(
         "--model-path",
         required=True,
@@ -223,21 +247,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_model_id,
         help="publish the card as this LoRA adapter",
     )
-    for dest in (
-        "lease_ttl",
-        "system_port",
-        "system_host",
-        "self_host",
-        "startup_timeout",
-        "shutdown_timeout",
-    ):
-        add_env_option(w, dest)
-    w.add_argument(
-        "--instance-transport",
-        type=_transport,
-        default=None,
-        help="also publish a Dynamo endpoint record v1/instances/... with this "
-        "transport, e.g. tcp://127.0.0.1:9000/generate, so a Dynamo frontend "
-        "routes to this worker",
-    )
-    w.set_defaults(func=_worker)

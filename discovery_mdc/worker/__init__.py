@@ -8,9 +8,8 @@ from discovery_mdc.worker._selfhost import (
     build_worker_card,
     move_to_self_host,
     prepare_card,
-    self_host_enabled,
 )
-from discovery_mdc.worker._server import StatusServer, system_server_config
+from discovery_mdc.worker._server import StatusServer
 from discovery_mdc.worker._source import ModelSource, resolve_model_source
 
 __all__ = [
@@ -30,6 +29,4 @@ __all__ = [
     "parse_instance_transport",
     "prepare_card",
     "resolve_model_source",
-    "self_host_enabled",
-    "system_server_config",
 ]

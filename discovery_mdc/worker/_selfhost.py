@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from discovery_mdc import _env
 from discovery_mdc.card import CheckedFile, LoraInfo, ModelDeploymentCard, from_dir, slugify
 from discovery_mdc.errors import RegistryError
 from discovery_mdc.worker._registry import (
@@ -58,29 +56,15 @@ __all__ = [
     "prepare_card",
     "prepare_for_publishing",
     "running_base_url",
-    "self_host_enabled",
     "will_self_host",
 ]
 
 log = logging.getLogger("discovery_mdc.worker")
 
 
-def self_host_enabled(explicit: bool | None, *, env: Mapping[str, str] | None = None) -> bool:
-    """Whether self-hosting is wanted: ``explicit`` if given, else ``DYN_SELF_HOST_METADATA``.
-
-    ``0``, ``false``, ``no``, ``off`` or empty (case-insensitive) turn it off; unset or any
-    other value leaves it on.
-    """
-    if explicit is not None:
-        return explicit
-    return _env.SELF_HOST_METADATA.get(env)
-
-
-def will_self_host(
-    server: StatusServer | None, self_host: bool | None, *, env: Mapping[str, str] | None = None
-) -> bool:
+def will_self_host(server: StatusServer | None, self_host: bool) -> bool:
     """True when :func:`prepare_card` will self-host: enabled and a server is running."""
-    return self_host_enabled(self_host, env=env) and running_base_url(server) is not None
+    return self_host and running_base_url(server) is not None
 
 
 def model_ref(
@@ -306,7 +290,7 @@ def prepare_card(
     card: ModelDeploymentCard,
     *,
     server: StatusServer | None,
-    self_host: bool | None,
+    self_host: bool,
     hf_repo: str | None,
     namespace: str,
     component: str,
@@ -315,13 +299,12 @@ def prepare_card(
     """:func:`prepare_for_publishing` for ``server``, registering the self-hosted files on
     it; returns the card to publish.
 
-    Self-hosting happens when :func:`self_host_enabled` (``self_host`` beats the env) and
-    ``server`` is running.
+    Self-hosting happens when ``self_host`` is true and ``server`` is running.
     """
     prepared = prepare_for_publishing(
         card,
         base_url=running_base_url(server),
-        self_host=self_host_enabled(self_host),
+        self_host=self_host,
         hf_repo=hf_repo,
         namespace=namespace,
         component=component,
@@ -336,15 +319,14 @@ def build_worker_card(
     model: str,
     *,
     server: StatusServer | None,
-    self_host: bool | None,
+    self_host: bool,
     namespace: str,
     component: str,
     endpoint: str,
     **options: Any,
 ) -> ModelDeploymentCard:
     """:func:`build_for_publishing` then :func:`prepare_card` for ``server`` (its files
-    registered on it); returns the card to publish. ``self_host`` None reads
-    ``DYN_SELF_HOST_METADATA``. Blocks while it hashes.
+    registered on it); returns the card to publish. Blocks while it hashes.
     """
     card, hf_repo = _model_card(model, with_extras=will_self_host(server, self_host), **options)
     return prepare_card(
