@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from discovery_mdc._env import child_environ
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 HOST = "127.0.0.1"
@@ -382,7 +384,7 @@ def run_child(name: str, args: Sequence[str], *, log: Path, timeout: float) -> d
 
 def child_env(**extra: str) -> dict[str, str]:
     """Our environment minus Dynamo/etcd knobs, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_"))}
+    env = child_environ(without_prefix=("DYN_", "ETCD_"))
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

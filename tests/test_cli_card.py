@@ -35,6 +35,18 @@ def test_inspect_model_dir_prints_one_wire_object(make_model_dir: Callable[..., 
     assert encode_card(card).decode() == lines[0]
 
 
+def test_inspect_name_renames_a_card_file_and_its_slug_as_building_under_that_name_does(
+    make_model_dir: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = make_model_dir("old-name")
+    path = tmp_path / "card.json"
+    path.write_bytes(encode_card(from_dir(model)))
+    assert main(["card", "inspect", str(path), "--name", "Org/New Name"]) == 0
+    renamed = decode_card(capsys.readouterr().out.strip())
+    assert (renamed.display_name, renamed.slug) == ("Org/New Name", "org_new_name")
+    assert renamed == from_dir(model, display_name="Org/New Name")
+
+
 def test_inspect_mdcsum_of_card_and_envelope_files(
     make_model_dir: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,8 +10,8 @@ verification, locks, links and the last-use mark; ``_resolve`` holds :class:`Met
 and runs the pipeline for a card; ``_manage`` scans and verifies a cache and plans, then
 executes, removals (prune, rm, fix).
 
-Cache layout under the root (``cache_dir``, else ``DYN_MDC_CACHE_DIR``, else
-``$HOME/.cache/dynamo/mdc``)::
+Cache layout under the root (``cache_dir``, else ``$HOME/.cache/dynamo/mdc``; the CLI's
+``--cache-dir`` defaults to ``DYN_MDC_CACHE_DIR``)::
 
     blobs/<blake3-hex>                        verified bytes
     by-slug/<slug>/<mdcsum>/<filename>        relative symlink to ../../../blobs/<hex>

@@ -235,14 +235,14 @@ class MetadataCache(AsyncService):
     as ``async with MetadataCache(cache_dir) as cache:``, from one event loop;
     :class:`~discovery_mdc.frontend.ModelWatcher` keeps one for its lifetime.
 
-    ``cache_dir`` defaults to ``DYN_MDC_CACHE_DIR``, else ``$HOME/.cache/dynamo/mdc``. With
-    ``spread`` (a frontend's id), each card's http(s) sources are tried in the order
+    ``cache_dir`` defaults to ``$HOME/.cache/dynamo/mdc``. With ``spread`` (a frontend's id),
+    each card's http(s) sources are tried in the order
     :func:`~discovery_mdc.cache.spread_sources` picks, so one frontend's GETs and a fleet's
     spread evenly over the replicas and each frontend still makes one GET per blob. With
     ``health``, transport failures are remembered per ``host:port``: a source backing off is
     tried after the others, and not at all until its time is up (see :class:`SourceHealth`),
     so a card on an unresponsive host fails at once instead of waiting out the timeouts again.
-    The Hugging Face settings for ``hf://`` sources are read from the environment once, here.
+    The Hugging Face settings for ``hf://`` sources are read once, here, by the HF resolver.
     """
 
     def __init__(
