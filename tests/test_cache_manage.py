@@ -730,22 +730,30 @@ def test_a_scan_never_fails_on_a_card_dir_renamed_under_it(
     assert not done.local_dir.parent.joinpath(staging.name).exists()
 
 
+@pytest.mark.parametrize("window", ["after making it", "after finding it"])
 def test_staging_a_card_outlives_a_prune_removing_its_empty_model_dir(
-    make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+    window: str,
+    make_model_dir: Callable[..., Path],
+    cache: CacheLayout,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     card = from_dir(make_model_dir("again"))
     model_dir = resolve(card, cache).local_dir
     assert model_dir is not None
-    remove_link_dir(model_dir)
-    model_dir.parent.rmdir()
+    remove_link_dir(model_dir)  # the model dir is left empty: a prune removes it
+    if window == "after making it":
+        model_dir.parent.rmdir()
     real_mkdir = os.mkdir
     pruned = []
 
     def mkdir_then_prune(path: Any, mode: int = 0o777) -> None:
-        real_mkdir(path, mode)
-        if Path(path) == model_dir.parent and not pruned:
-            os.rmdir(path)  # a prune's rmdir of the (empty) model dir lands right after
-            pruned.append(True)
+        if Path(path) != model_dir.parent or pruned:
+            return real_mkdir(path, mode)
+        pruned.append(True)
+        try:
+            real_mkdir(path, mode)
+        finally:
+            os.rmdir(path)  # the prune's rmdir lands right after the resolve's mkdir
 
     monkeypatch.setattr(os, "mkdir", mkdir_then_prune)
     assert resolve(card, cache).local_dir == model_dir

@@ -322,7 +322,9 @@ class BlobStore:
         tries = 0
         while True:
             try:
-                link_dir.parent.mkdir(parents=True, exist_ok=True)
+                # FileExistsError: it was there, and a prune removed it (empty) just now.
+                with contextlib.suppress(FileExistsError):
+                    link_dir.parent.mkdir(parents=True, exist_ok=True)
                 path.mkdir()
                 return path
             except OSError as exc:
