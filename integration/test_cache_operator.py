@@ -13,16 +13,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from discovery_mdc.card import encode_card, from_dir, hash_file
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import FrontendProcess, WorkerProc, child_env, model_dirs
-from integration._util import wait_until
+from testkit import FrontendProcess, Process, Spawn, child_env, model_dirs, wait_until
 
 DEADLINE = 60.0
 DAY = 86400.0
@@ -50,31 +46,6 @@ def backdate(card_dir: Path, seconds_ago: float) -> None:
         os.utime(link, (when, when), follow_symlinks=False)
 
 
-class Procs:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.all: list[WorkerProc | FrontendProcess] = []
-
-    def worker(self, etcd: str, model_dir: Path, *extra: str) -> WorkerProc:
-        proc = WorkerProc(etcd, model_dir, log_path=self.tmp / f"worker-{len(self.all)}.log",
-                          extra_args=extra)  # fmt: skip
-        self.all.append(proc)
-        return proc
-
-    def frontend(self, etcd: str, cache_dir: Path) -> FrontendProcess:
-        proc = FrontendProcess(etcd, tmp=self.tmp, cache_dir=cache_dir, reconcile_interval=1.0)
-        self.all.append(proc)
-        return proc
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    for proc in p.all:
-        proc.close()
-
-
 async def served_files_intact(fe: FrontendProcess, expected: set[str]) -> bool:
     """The frontend lists exactly ``expected``, and every file of every listed model is in its
     cache dir with the bytes its card names."""
@@ -90,15 +61,16 @@ async def served_files_intact(fe: FrontendProcess, expected: set[str]) -> bool:
 
 
 async def test_rm_and_prune_older_than_while_a_frontend_serves_the_same_cache(
-    etcd_server: EtcdServer, procs: Procs, tmp_path: Path
+    etcd_server: EtcdServer, procs: list[Process], spawn_worker: Spawn, tmp_path: Path
 ) -> None:
     etcd = etcd_server.client_url
     cache = tmp_path / "cache"
     dirs = model_dirs(tmp_path / "models", 5)
     served = {d.name for d in dirs[:2]}
-    fe = procs.frontend(etcd, cache)
+    fe = FrontendProcess(etcd, tmp=tmp_path, cache_dir=cache, reconcile_interval=1.0)
+    procs.append(fe)
     for d in dirs[:2]:
-        procs.worker(etcd, d)
+        spawn_worker(d)
     await fe.wait_listening()
     await wait_until(lambda: served_files_intact(fe, served), timeout=DEADLINE,
                      message=fe.describe)  # fmt: skip
@@ -129,7 +101,7 @@ async def test_rm_and_prune_older_than_while_a_frontend_serves_the_same_cache(
     await wait_until(refreshed, timeout=DEADLINE, message=fe.describe)
 
     # A new model comes up while the prune runs.
-    procs.worker(etcd, dirs[4])
+    spawn_worker(dirs[4])
     doc = await cli_json("cache", "prune", "--older-than", "30d", "-y", "--cache-dir", str(cache))
     removed = {i["path"] for i in doc["result"]["removed"] if i["kind"] == "card"}
     assert removed == {str(p) for p in stale}, doc
@@ -158,15 +130,20 @@ async def test_rm_and_prune_older_than_while_a_frontend_serves_the_same_cache(
 
 
 async def test_a_custom_template_named_with_a_space_is_served_and_cached_under_its_name(
-    etcd_server: EtcdServer, etcd_client: EtcdClient, procs: Procs, tmp_path: Path
+    etcd_server: EtcdServer,
+    etcd_client: EtcdClient,
+    procs: list[Process],
+    spawn_worker: Spawn,
+    tmp_path: Path,
 ) -> None:
     etcd = etcd_server.client_url
     [model] = model_dirs(tmp_path / "models", 1)
     template = tmp_path / "my template.jinja"
     template.write_text("{{ messages[0]['content'] }}")
-    fe = procs.frontend(etcd, tmp_path / "cache")
-    worker = procs.worker(etcd, model, "--custom-template", str(template))
-    key, _ = await worker.wait_registered()
+    fe = FrontendProcess(etcd, tmp=tmp_path, cache_dir=tmp_path / "cache", reconcile_interval=1.0)
+    procs.append(fe)
+    worker = spawn_worker(model, extra_args=("--custom-template", str(template)))
+    key = (await worker.wait_registered()).key
     kv = await etcd_client.get(key)
     assert kv is not None and b"/my%20template.jinja" in kv.value
     await fe.wait_listening()
@@ -178,12 +155,17 @@ async def test_a_custom_template_named_with_a_space_is_served_and_cached_under_i
 
 
 async def test_ls_json_and_quiet_against_real_etcd(
-    etcd_server: EtcdServer, etcd_client: EtcdClient, procs: Procs, tmp_path: Path
+    etcd_server: EtcdServer,
+    etcd_client: EtcdClient,
+    procs: list[Process],
+    spawn_worker: Spawn,
+    tmp_path: Path,
 ) -> None:
     etcd = etcd_server.client_url
     [model] = model_dirs(tmp_path / "models", 1)
-    worker = procs.worker(etcd, model)
-    key, lease = await worker.wait_registered()
+    worker = spawn_worker(model)
+    reg = await worker.wait_registered()
+    key, lease = reg.key, reg.lease
     await etcd_client.put("v1/mdc/dynamo/backend/generate/abc", b"{not json")
     await etcd_client.put("v1/mdc/stray", b"x")
     doc = await cli_json("ls", "--etcd", etcd)

@@ -8,8 +8,7 @@ import os
 import resource
 import signal
 import sys
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -33,58 +32,16 @@ from discovery_mdc.card import (
     from_dir,
     hash_file,
 )
+from testkit import Handler, MetaServer, wait_until
 
 CLI = "import sys, discovery_mdc.cli as c; sys.exit(c.main(sys.argv[1:]))"
 DEADLINE = 60.0
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class MetaServer:
-    """A real aiohttp server on 127.0.0.1 that serves files, counts GETs and can hold or
-    script responses for chosen paths."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes | Path] = {}
-        self.handlers: dict[str, Handler] = {}
-        self.gets: Counter[str] = Counter()
-        self.release = asyncio.Event()
-        self.port = 0
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.gets[request.path] += 1
-        if request.path in self.handlers:
-            return await self.handlers[request.path](request)
-        body = self.files.get(request.path)
-        if isinstance(body, Path):
-            return web.FileResponse(body)
-        if body is not None:
-            return web.Response(body=body)
-        return web.Response(status=404)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def http_card(self, card: ModelDeploymentCard) -> ModelDeploymentCard:
-        def serve(f: CheckedFile) -> str:
-            path = f"/v1/metadata/{card.slug}/{f.basename}"
-            self.files[path] = Path(f.path).read_bytes()
-            return self.url(path)
-
-        return card.with_paths(lambda _, f: serve(f))
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[MetaServer]:
-    srv = MetaServer()
-    app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", srv.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    srv.port = runner.addresses[0][1]
-    yield srv
-    srv.release.set()
-    await runner.cleanup()
+    async with MetaServer() as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -114,30 +71,8 @@ async def spawn(*args: str, **kwargs: object) -> asyncio.subprocess.Process:
     )
 
 
-async def wait_until(condition: Callable[[], bool], deadline: float = DEADLINE) -> None:
-    """Poll state owned by another process under a generous deadline."""
-    async with asyncio.timeout(deadline):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
 def parts(cache: CacheLayout, hexdigest: str) -> list[Path]:
     return sorted(cache.tmp.glob(f"{hexdigest}.*.part")) if cache.tmp.exists() else []
-
-
-def holding_handler(server: MetaServer, body: bytes, sent: asyncio.Event) -> Handler:
-    """Send half of ``body`` (with the full Content-Length), then hold until released."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        resp.content_length = len(body)
-        await resp.prepare(request)
-        await resp.write(body[: len(body) // 2])
-        sent.set()
-        await server.release.wait()
-        return resp
-
-    return handler
 
 
 async def test_kill_9_mid_download_leaves_no_blob_and_the_next_run_completes(
@@ -146,24 +81,26 @@ async def test_kill_9_mid_download_leaves_no_blob_and_the_next_run_completes(
     card = server.http_card(model_card(tmp_path))
     _, tok = list(card.files())[1]
     tok_path = f"/v1/metadata/{card.slug}/tokenizer.json"
-    sent = asyncio.Event()
-    server.handlers[tok_path] = holding_handler(server, server.files[tok_path], sent)  # type: ignore[arg-type]
+    server.gated.add(tok_path)  # half of it, then the server holds the connection
     card_file = write_card(tmp_path, card)
 
     proc = await spawn("card", "fetch", str(card_file), "--cache-dir", str(cache.root))
-    await asyncio.wait_for(sent.wait(), DEADLINE)
-    await wait_until(lambda: any(p.stat().st_size > 0 for p in parts(cache, tok.checksum.hex)))
+    await asyncio.wait_for(server.half_sent.wait(), DEADLINE)
+    await wait_until(
+        lambda: any(p.stat().st_size > 0 for p in parts(cache, tok.checksum.hex)), timeout=DEADLINE
+    )
     proc.kill()
     await proc.communicate()
     assert proc.returncode == -signal.SIGKILL
 
     assert not cache.blob(tok.checksum.hex).exists()
     assert verify_cache(cache).ok  # whatever was published is whole and verified
-    leftover = parts(cache, tok.checksum.hex)
-    assert leftover
-    assert {i.path for i in plan_prune(scan_cache(cache)).temp_files} == set(leftover)
+    assert parts(cache, tok.checksum.hex)  # the held download left its part file
+    # ... and so may any other file in flight at the kill: prune offers exactly those.
+    leftover = set(cache.tmp.glob("*.part"))
+    assert {i.path for i in plan_prune(scan_cache(cache)).temp_files} == leftover
 
-    del server.handlers[tok_path]
+    server.gated.discard(tok_path)
     proc = await spawn("card", "fetch", str(card_file), "--cache-dir", str(cache.root))
     out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
     assert proc.returncode == 0, err.decode()
@@ -205,7 +142,7 @@ async def test_two_processes_on_one_cache_make_one_get_per_blob(
         waiting = f"lock {cache.lock(paths[path])} is held by another process"
         return server.gets[path] >= 1 and any(waiting in line for line in logs)
 
-    await wait_until(lambda: all(contended(p) for p in paths))
+    await wait_until(lambda: all(contended(p) for p in paths), timeout=DEADLINE)
     gate.set()
     for proc in procs:
         await asyncio.wait_for(proc.wait(), DEADLINE)

@@ -34,13 +34,13 @@ import pytest
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import ModelDeploymentCard, decode_envelope, mdcsum
 from discovery_mdc.etcd import EtcdServer
-from integration._dynamo import (
+from testkit import free_port, wait_until_sync
+from testkit.dynamo import (
     dynamo_env,
     dynamo_instances,
     dynamo_model_workers,
     ensure_dynamo_venv,
     etcd_get_prefix,
-    free_port,
     free_port_below_32768,
     http_json,
     list_models,
@@ -52,7 +52,6 @@ from integration._dynamo import (
     start_our_frontend,
     start_our_worker,
     stop,
-    wait_for,
     wait_for_keys,
     wait_for_models,
 )
@@ -106,16 +105,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         try:
             our_port = read_port_file(work / "our-port", timeout=DEADLINE, proc=our_fe)
-            wait_for(
+            wait_until_sync(
                 lambda: list_models(dyn_port) is not None,
                 timeout=DEADLINE,
-                what="the Dynamo frontend to serve /v1/models",
+                message="the Dynamo frontend to serve /v1/models",
                 proc=dyn_fe,
             )
-            wait_for(
+            wait_until_sync(
                 lambda: list_models(our_port) is not None,
                 timeout=DEADLINE,
-                what="our frontend to serve /v1/models",
+                message="our frontend to serve /v1/models",
                 proc=our_fe,
             )
             yield Stack(
@@ -195,20 +194,20 @@ def _wait_our_instances(stack: Stack, name: str, keys: set[str]) -> dict[str, An
         ws: dict[str, Any] = body["worker_sets"][0]
         return ws if ws["ready"] and set(ws["instances"]) == keys else None
 
-    ws: dict[str, Any] = wait_for(
+    ws: dict[str, Any] = wait_until_sync(
         check,
         timeout=DEADLINE,
-        what=f"our frontend: {name!r} as one ready worker set with {sorted(keys)}",
+        message=f"our frontend: {name!r} as one ready worker set with {sorted(keys)}",
         proc=stack.our_fe,
     )
     return ws
 
 
 def _wait_dynamo_workers(stack: Stack, name: str, expected: dict[str, int]) -> None:
-    wait_for(
+    wait_until_sync(
         lambda: dynamo_model_workers(stack.dyn_port, name) == expected,
         timeout=DEADLINE,
-        what=f"Dynamo frontend: {name!r} admitted workers == {expected}",
+        message=f"Dynamo frontend: {name!r} admitted workers == {expected}",
         proc=stack.dyn_fe,
     )
 
@@ -470,10 +469,10 @@ def test_mixed_replicas_share_one_worker_set(
     stop(first)
     _wait_our_instances(stack, name, {by_lease[i] for i in by_lease if i != gone_id})
     _wait_dynamo_workers(stack, name, {ns: 1})
-    wait_for(
+    wait_until_sync(
         lambda: _dyn_instance_ids(stack, ns) == set(by_lease) - {gone_id},
         timeout=DEADLINE,
-        what="the Dynamo frontend to drop the stopped instance",
+        message="the Dynamo frontend to drop the stopped instance",
         proc=stack.dyn_fe,
     )
     assert name in list_models(stack.dyn_port)
@@ -526,19 +525,19 @@ def test_mixed_self_host_settings_split_by_design(
     (our_key,) = set(cards) - {dyn_key}
     assert mdcsum(cards[our_key][0]) != mdcsum(dyn_card)
     # Both frontends say so in their logs, and keep the incumbent set with one instance.
-    wait_for(
+    wait_until_sync(
         lambda: f"rejected instance {our_key}" in stack.our_log(),
         timeout=DEADLINE,
-        what="our frontend to reject the local-path replica",
+        message="our frontend to reject the local-path replica",
         proc=stack.our_fe,
     )
-    wait_for(
+    wait_until_sync(
         lambda: any(
             "Rejected incompatible" in ln and f"model={name} " in ln
             for ln in stack.dyn_log().splitlines()
         ),
         timeout=DEADLINE,
-        what="the Dynamo frontend to reject the local-path replica",
+        message="the Dynamo frontend to reject the local-path replica",
         proc=stack.dyn_fe,
     )
     _wait_our_instances(stack, name, {dyn_key})

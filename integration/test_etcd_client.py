@@ -28,9 +28,7 @@ from discovery_mdc.etcd import (
     WatchEvent,
     WatchResponse,
 )
-from discovery_mdc.etcd._server import free_port
-from integration._faults import tcp_connections
-from integration._util import wait_until
+from testkit import free_port, tcp_connections, wait_until
 
 
 async def collect_events(

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,9 +20,16 @@ import pytest
 
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import CliProcess, FrontendProcess, card_keys, child_env
-from integration._util import wait_until
-from integration._worker_proc import WorkerSpawner
+from testkit import (
+    CliProcess,
+    FrontendProcess,
+    Process,
+    Spawn,
+    card_keys,
+    child_env,
+    silent_port,
+    wait_until,
+)
 
 DEADLINE = 60.0
 _WAITING = r"etcd not reachable for"
@@ -32,13 +38,8 @@ _WAITING = r"etcd not reachable for"
 @pytest.fixture
 def blackhole() -> Iterator[str]:
     """An "etcd" that accepts connections and never answers."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        sock.close()
+    with silent_port() as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def _get(url: str) -> int:
@@ -61,7 +62,7 @@ def _errors(proc: CliProcess) -> list[str]:
 
 
 async def test_worker_and_frontend_started_before_etcd_come_up_by_themselves(
-    spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+    spawn: Spawn, procs: list[Process], tmp_path: Path
 ) -> None:
     etcd = EtcdServer()  # its ports are chosen; it is not running yet
     try:
@@ -97,7 +98,7 @@ async def test_worker_and_frontend_started_before_etcd_come_up_by_themselves(
 
 @pytest.mark.parametrize("half", ["worker", "frontend"])
 async def test_the_startup_wait_gives_up_with_exit_1_and_one_line(
-    half: str, tmp_path: Path, procs: list[CliProcess]
+    half: str, tmp_path: Path, procs: list[Process]
 ) -> None:
     from discovery_mdc.etcd._server import free_port
 
@@ -125,7 +126,7 @@ async def test_the_startup_wait_gives_up_with_exit_1_and_one_line(
 
 @pytest.mark.parametrize("half", ["frontend", "worker"])
 async def test_sigterm_while_etcd_hangs_at_start_exits_0_at_once(
-    half: str, blackhole: str, tmp_path: Path, procs: list[CliProcess]
+    half: str, blackhole: str, tmp_path: Path, procs: list[Process]
 ) -> None:
     args = (
         ["worker", "--model-path", str(write_sample_model(tmp_path / "m"))]
@@ -181,12 +182,6 @@ def test_ctrl_c_while_the_command_is_still_starting_exits_130_without_a_tracebac
 
 
 # --------------------------------------------------------------------------- bad input
-
-
-@pytest.fixture(scope="module")
-def shared_etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
 
 
 def _leases(etcd: EtcdServer) -> list[Any]:

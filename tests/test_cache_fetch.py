@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,57 +51,13 @@ from discovery_mdc.errors import (
     SourceUnreachableError,
     UnsupportedSchemeError,
 )
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class MetaServer:
-    """A real aiohttp server on 127.0.0.1: serves registered bytes, counts GETs, and runs
-    scripted handlers for misbehaving paths."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.handlers: dict[str, Handler] = {}
-        self.gets: Counter[str] = Counter()
-        self.auth: dict[str, str | None] = {}
-        self.release = asyncio.Event()
-        self.port = 0
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.gets[request.path] += 1
-        self.auth[request.path] = request.headers.get("Authorization")
-        if request.path in self.handlers:
-            return await self.handlers[request.path](request)
-        if request.path in self.files:
-            return web.Response(body=self.files[request.path])
-        return web.Response(status=404)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def serve(self, slug: str, f: CheckedFile) -> str:
-        path = f"/v1/metadata/{slug}/{f.basename}"
-        self.files[path] = Path(f.path).read_bytes()
-        return self.url(path)
-
-    def http_card(self, card: ModelDeploymentCard) -> ModelDeploymentCard:
-        """The card with every slot rewritten to a URL on this server (self-hosting)."""
-        return card.with_paths(lambda _, f: self.serve(card.slug, f))
+from testkit import MetaServer, wait_until
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[MetaServer]:
-    srv = MetaServer()
-    app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", srv.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    srv.port = runner.addresses[0][1]
-    yield srv
-    srv.release.set()
-    await runner.cleanup()
+    async with MetaServer() as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -124,13 +80,6 @@ def read(path: str | Path) -> bytes:
 
 def tree(path: Path) -> list[str]:
     return sorted(str(p) for p in path.rglob("*"))
-
-
-async def wait_until(condition: Callable[[], bool], deadline: float = 30.0) -> None:
-    """Poll state owned by something else (logs, the file system) under a generous deadline."""
-    async with asyncio.timeout(deadline):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 def listing(path: Path) -> list[str]:

@@ -34,6 +34,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
+from testkit._process import child_env
+from testkit._servers import free_port
+from testkit._wait import wait_until_sync
+
 __all__ = [
     "DYNAMO_VERSION",
     "FRONTEND_MODULE",
@@ -48,7 +52,6 @@ __all__ = [
     "etcd_lease_grant",
     "etcd_lease_revoke",
     "etcd_put",
-    "free_port",
     "free_port_below_32768",
     "http_json",
     "in_ci",
@@ -56,7 +59,6 @@ __all__ = [
     "list_models",
     "oracle_local_dir",
     "oracle_local_dirs",
-    "our_env",
     "raw_card_json",
     "read_port_file",
     "start_dynamo_frontend",
@@ -64,7 +66,6 @@ __all__ = [
     "start_our_frontend",
     "start_our_worker",
     "stop",
-    "wait_for",
     "wait_for_keys",
     "wait_for_models",
     "write_dynamo_sample_model",
@@ -192,13 +193,6 @@ def ensure_dynamo_venv(venv: Path | None = None, *, fresh: bool = False) -> Path
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def free_port_below_32768(host: str = "127.0.0.1") -> int:
@@ -448,18 +442,6 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
 # --------------------------------------------------------------------------- our processes
 
 
-def our_env(**extra: str) -> dict[str, str]:
-    """This environment without any inherited ``DYN_*``/``ETCD_*``/``HF_*`` knob, plus ``extra``
-    (so a developer's shell cannot change what a test publishes)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DYN_", "ETCD_", "NATS_", "HF_")) and k != "PYTHONPATH"
-    }
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 def start_our_worker(
     etcd_url: str,
     model_dir: str | os.PathLike[str],
@@ -479,7 +461,7 @@ def start_our_worker(
     ``DYN_SYSTEM_HOST=127.0.0.1``; ``self_host=False`` adds ``--no-self-host``;
     ``instance_transport`` adds ``--instance-transport``. Stop it with :func:`stop`.
     """
-    env = our_env(**dict(env_extra or {}))
+    env = child_env(**dict(env_extra or {}))
     if system_port is not None:
         env.update(DYN_SYSTEM_HOST="127.0.0.1", DYN_SYSTEM_PORT=str(system_port))
     argv = [
@@ -508,7 +490,7 @@ def start_our_frontend(
         "--http-host", "127.0.0.1", "--http-port", "0", "--port-file", os.fspath(port_file),
         "--cache-dir", os.fspath(cache_dir),
     ]  # fmt: skip
-    return _spawn(argv, our_env(), log)
+    return _spawn(argv, child_env(), log)
 
 
 def read_port_file(
@@ -523,7 +505,7 @@ def read_port_file(
         text = Path(path).read_text().strip() if Path(path).exists() else ""
         return int(text) if text.isdigit() else None
 
-    port: int = wait_for(read, timeout=timeout, what=f"port file {path}", proc=proc)
+    port: int = wait_until_sync(read, timeout=timeout, message=f"port file {path}", proc=proc)
     return port
 
 
@@ -670,35 +652,6 @@ def etcd_delete_prefix(etcd_url: str, prefix: str) -> int:
 # --------------------------------------------------------------------------- waiting
 
 
-def wait_for(
-    predicate: Any,
-    *,
-    timeout: float = 60.0,
-    interval: float = 0.2,
-    what: str = "condition",
-    proc: subprocess.Popen[bytes] | None = None,
-) -> Any:
-    """Poll ``predicate()`` until it returns something truthy and return that.
-
-    Fails fast if ``proc`` exits first (its log usually says why).
-    """
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except (OSError, ValueError) as exc:
-            value, last_exc = None, exc
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.pid} exited ({proc.returncode}) before {what}")
-        time.sleep(interval)
-    raise TimeoutError(
-        f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})"
-    )
-
-
 def wait_for_keys(
     etcd_url: str,
     prefix: str,
@@ -713,8 +666,8 @@ def wait_for_keys(
         kvs = etcd_get_prefix(etcd_url, prefix)
         return kvs if len(kvs) >= count else None
 
-    result: dict[str, bytes] = wait_for(
-        check, timeout=timeout, what=f"{count} key(s) under {prefix!r}", proc=proc
+    result: dict[str, bytes] = wait_until_sync(
+        check, timeout=timeout, message=f"{count} key(s) under {prefix!r}", proc=proc
     )
     return result
 
@@ -745,8 +698,8 @@ def wait_for_models(
             ok = not any(m in models for m in expected)
         return (models or ["<none>"]) if ok else None
 
-    result: list[str] = wait_for(
-        check, timeout=timeout, what=f"models {list(expected)} present={present}", proc=proc
+    result: list[str] = wait_until_sync(
+        check, timeout=timeout, message=f"models {list(expected)} present={present}", proc=proc
     )
     return result
 
@@ -861,7 +814,7 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
     work = Path(tempfile.mkdtemp(prefix="dyn-capture-"))
     manifest: dict[str, Any] = {
         "dynamo": {"ai-dynamo": DYNAMO_VERSION, "ai-dynamo-runtime": DYNAMO_VERSION},
-        "produced_by": "python integration/_dynamo.py capture (capture_goldens)",
+        "produced_by": "python -m testkit.dynamo capture (capture_goldens)",
         "envelopes": [],
         "instances": [],
     }
@@ -872,7 +825,9 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
         fport = free_port()
         fe = start_dynamo_frontend(py, dynamo_env(url, fhome), fport, log=work / "fe.log")
         try:
-            wait_for(lambda: list_models(fport) is not None, what="frontend up", proc=fe)
+            wait_until_sync(
+                lambda: list_models(fport) is not None, message="frontend up", proc=fe, timeout=60.0
+            )
             for scen, model, display, opts in _SCENARIOS:
                 opts = dict(opts)
                 sysport = free_port_below_32768() if opts.pop("sysport") else None
@@ -945,7 +900,7 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
 
 
 def _main(argv: Sequence[str]) -> int:
-    usage = "usage: python integration/_dynamo.py capture [OUT_DIR] | install [--fresh]"
+    usage = "usage: python -m testkit.dynamo capture [OUT_DIR] | install [--fresh]"
     if argv[:1] == ["capture"]:
         out = Path(argv[1]) if len(argv) > 1 else Path("tests/data/dynamo")
         result = capture_goldens(out.resolve())
