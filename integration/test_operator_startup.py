@@ -4,7 +4,6 @@ bad input before touching anything: real etcd, real worker and frontend processe
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,8 +25,10 @@ from testkit import (
     Spawn,
     card_keys,
     child_env,
+    etcd_leases,
     silent_port,
     wait_until,
+    wait_until_sync,
 )
 
 DEADLINE = 60.0
@@ -165,11 +165,13 @@ def test_ctrl_c_while_the_command_is_still_starting_exits_130_without_a_tracebac
     try:
         # Wait until it is importing its libraries (aiohttp's C extension is being loaded):
         # the first half second of a start, where Ctrl-C used to print a traceback.
-        deadline = time.monotonic() + DEADLINE
-        while "aiohttp" not in _maps(proc.pid):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the command never imported aiohttp"
-            time.sleep(0.001)
+        wait_until_sync(
+            lambda: "aiohttp" in _maps(proc.pid),
+            timeout=DEADLINE,
+            interval=0.001,
+            message="the command never imported aiohttp",
+            proc=proc,
+        )
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=DEADLINE)
     finally:
@@ -182,12 +184,6 @@ def test_ctrl_c_while_the_command_is_still_starting_exits_130_without_a_tracebac
 
 
 # --------------------------------------------------------------------------- bad input
-
-
-def _leases(etcd: EtcdServer) -> list[Any]:
-    req = urllib.request.Request(f"{etcd.client_url}/v3/lease/leases", data=b"{}", method="POST")
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return list(json.loads(resp.read()).get("leases") or [])
 
 
 def _bad_input_cases(tmp: Path) -> dict[str, tuple[list[str | bytes], dict[str, str], str]]:
@@ -271,5 +267,5 @@ def test_bad_input_exits_2_with_one_line_before_any_side_effect(
     assert needle in lines[0], lines[0]
     print(f"\n{case}: {lines[0]}")
     # Nothing was granted or written: it stopped before contacting etcd.
-    assert _leases(shared_etcd) == []
+    assert etcd_leases(shared_etcd.client_url) == []
     assert not (tmp_path / "a-file").is_dir()

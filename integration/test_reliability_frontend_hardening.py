@@ -133,7 +133,9 @@ async def test_after_a_long_etcd_outage_frontend_and_worker_recover_within_secon
     back = time.monotonic()
 
     async def seconds_until(predicate: Callable[[], Any], proc: CliProcess) -> float:
-        await wait_until(predicate, timeout=DEADLINE, interval=0.05, message=proc.describe)
+        """Fails unless ``predicate`` holds within the recovery deadline; how long it took."""
+        await wait_until(predicate, timeout=RECOVERY_DEADLINE_S, interval=0.05,
+                         message=proc.describe)  # fmt: skip
         return time.monotonic() - back
 
     healthy, reregistered = await asyncio.gather(
@@ -147,8 +149,6 @@ async def test_after_a_long_etcd_outage_frontend_and_worker_recover_within_secon
         f"after {OUTAGE_S:.0f}s without etcd: frontend healthy {healthy:.2f}s, worker "
         f"re-registered {reregistered:.2f}s, frontend exact {exact:.2f}s after etcd answered"
     )
-    assert healthy <= RECOVERY_DEADLINE_S, fe.describe()
-    assert reregistered <= RECOVERY_DEADLINE_S, worker.describe()
     # No retry loop waited longer than the 2 s cap between attempts (main: up to 30 s).
     delays = [float(d) for d in re.findall(r"resuming from revision \d+ in ([\d.]+)s", fe.log())]
     assert delays and max(delays) <= 2.0, delays
@@ -224,11 +224,12 @@ async def test_cards_on_a_host_that_never_answers_do_not_starve_a_healthy_model(
             good = spawn_worker(write_sample_model(tmp_path / "good-model", seed=4242))
             await good.wait_registered()
             published = time.monotonic()
-            await wait_until(lambda: fe.lists("good-model"), timeout=DEADLINE, message=fe.describe)
+            # Listed within its deadline although the tarpit cards hold connections.
+            await wait_until(lambda: fe.lists("good-model"), timeout=GOOD_MODEL_DEADLINE_S,
+                             message=fe.describe)  # fmt: skip
             listed = time.monotonic() - published
             print(f"healthy model listed {listed:.2f}s after it registered, behind "
                   f"{TARPIT_CARDS} tarpit cards ({host.tarpitted} connections held)")  # fmt: skip
-            assert listed <= GOOD_MODEL_DEADLINE_S, fe.describe()
             assert await fe.model_ids() == {"good-model"}
 
             # The host comes back: the failed models are retried (with backoff) and listed.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import ssl
 import urllib.error
 import urllib.request
@@ -24,6 +23,9 @@ from testkit import (
     Process,
     WorkerProcess,
     card_keys,
+    enable_auth,
+    gateway_post,
+    grant_prefix_user,
     make_pki,
     model_dirs,
     wait_until,
@@ -138,41 +140,10 @@ async def test_tls_without_valid_credentials_fails_with_one_clear_line(
 # --------------------------------------------------------------------------- user auth
 
 
-def _post(
-    url: str,
-    path: str,
-    payload: dict[str, object],
-    token: str = "",
-    context: ssl.SSLContext | None = None,
-) -> dict[str, object]:
-    headers = {"Authorization": token} if token else {}
-    req = urllib.request.Request(
-        url + path, data=json.dumps(payload).encode(), method="POST", headers=headers
-    )
-    with urllib.request.urlopen(req, timeout=10, context=context) as resp:
-        body: dict[str, object] = json.loads(resp.read())
-    return body
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
-
-
 def enable_auth_with_mdc_role(url: str, context: ssl.SSLContext | None = None) -> None:
     """root (all), and user ``mdc`` whose role may read and write ``v1/mdc/`` only."""
-
-    def post(path: str, payload: dict[str, object]) -> None:
-        _post(url, path, payload, context=context)
-
-    post("/v3/auth/user/add", {"name": "root", "password": "rootpw"})
-    post("/v3/auth/role/add", {"name": "root"})
-    post("/v3/auth/user/grant", {"user": "root", "role": "root"})
-    post("/v3/auth/user/add", {"name": USER, "password": PASSWORD})
-    post("/v3/auth/role/add", {"name": "mdc-rw"})
-    perm = {"permType": "READWRITE", "key": _b64("v1/mdc/"), "range_end": _b64("v1/mdc0")}
-    post("/v3/auth/role/grant", {"name": "mdc-rw", "perm": perm})
-    post("/v3/auth/user/grant", {"user": USER, "role": "mdc-rw"})
-    post("/v3/auth/enable", {})
+    grant_prefix_user(url, USER, PASSWORD, "v1/mdc/", context=context)
+    enable_auth(url, context=context)
 
 
 @pytest.fixture
@@ -253,11 +224,16 @@ async def test_an_invalidated_token_is_refreshed_without_the_caller_noticing(
         # Changing a user's password (here: to the same one) makes etcd drop that user's
         # tokens, exactly what an expired token looks like to the client.
         root = str(
-            _post(url, "/v3/auth/authenticate", {"name": "root", "password": "rootpw"})["token"]
+            gateway_post(url, "/v3/auth/authenticate", {"name": "root", "password": "rootpw"})[
+                "token"
+            ]
         )
-        _post(url, "/v3/auth/user/changepw", {"name": USER, "password": PASSWORD}, token=root)
+        gateway_post(
+            url, "/v3/auth/user/changepw", {"name": USER, "password": PASSWORD}, token=root
+        )
+        key = base64.b64encode(b"v1/mdc/token-test").decode()
         with pytest.raises(urllib.error.HTTPError):  # the old token is really gone
-            _post(url, "/v3/kv/range", {"key": _b64("v1/mdc/token-test")}, token=first)
+            gateway_post(url, "/v3/kv/range", {"key": key}, token=first)
         kv = await client.get("v1/mdc/token-test")
         assert kv is not None and kv.value == b"1"
         assert client._token and client._token != first

@@ -6,13 +6,11 @@ One etcd serves the whole module; each test uses its own namespace, so they neve
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -23,7 +21,7 @@ from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import CheckedFile, ModelDeploymentCard, decode_envelope
 from discovery_mdc.etcd import EtcdClient, EtcdServer, KeyExistsError
 from discovery_mdc.worker import Worker
-from testkit import Spawn, child_env, published_card, silent_port, wait_until
+from testkit import Spawn, child_env, etcd_get_prefix, published_card, silent_port, wait_until
 
 # A generous bound for process start-up on a busy machine; not a behavioural bound.
 START = 60.0
@@ -32,23 +30,6 @@ START = 60.0
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     return write_sample_model(tmp_path / "models" / "Tiny-Llama-1.1")
-
-
-def raw_range(endpoint: str, prefix: str) -> dict[str, bytes]:
-    """Every key under ``prefix`` straight from etcd's JSON gateway (no client code)."""
-    end = bytearray(prefix.encode())
-    end[-1] += 1
-    body = json.dumps({
-        "key": base64.b64encode(prefix.encode()).decode(),
-        "range_end": base64.b64encode(bytes(end)).decode(),
-    }).encode()  # fmt: skip
-    req = urllib.request.Request(f"{endpoint}/v3/kv/range", data=body, method="POST")
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        reply = json.loads(resp.read())
-    return {
-        base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
-        for kv in reply.get("kvs", [])
-    }
 
 
 def card_files(card: ModelDeploymentCard) -> list[CheckedFile]:
@@ -68,7 +49,7 @@ async def test_published_card_is_visible_by_raw_range_with_the_spec_key_and_enve
     reg = await worker.wait_registered(timeout=START)
     assert reg.key == f"v1/mdc/pub/backend/generate/{reg.lease:x}"
 
-    listed = raw_range(shared_etcd.client_url, "v1/mdc/pub/")
+    listed = etcd_get_prefix(shared_etcd.client_url, "v1/mdc/pub/")
     assert list(listed) == [reg.key]
     envelope = json.loads(listed[reg.key])
     assert list(envelope) == [

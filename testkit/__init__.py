@@ -22,6 +22,18 @@ from testkit._cards import (
 )
 from testkit._certs import Pki, make_pki
 from testkit._clock import FakeClock
+from testkit._files import backdate, snapshot
+from testkit._gateway import (
+    enable_auth,
+    etcd_delete_prefix,
+    etcd_get_prefix,
+    etcd_lease_grant,
+    etcd_lease_revoke,
+    etcd_leases,
+    etcd_put,
+    gateway_post,
+    grant_prefix_user,
+)
 from testkit._process import (
     CliProcess,
     FrontendProcess,
@@ -31,6 +43,7 @@ from testkit._process import (
     WorkerProcess,
     child_env,
     converged,
+    run_cli,
     start_frontend,
 )
 from testkit._procfs import (
@@ -62,12 +75,22 @@ __all__ = [
     "TcpConnection",
     "TcpProxy",
     "WorkerProcess",
+    "backdate",
     "card_keys",
     "card_keys_are",
     "child_env",
     "converged",
+    "enable_auth",
     "envelope_kv",
+    "etcd_delete_prefix",
+    "etcd_get_prefix",
+    "etcd_lease_grant",
+    "etcd_lease_revoke",
+    "etcd_leases",
+    "etcd_put",
     "free_port",
+    "gateway_post",
+    "grant_prefix_user",
     "instance_key",
     "make_card",
     "make_pki",
@@ -77,7 +100,9 @@ __all__ = [
     "proc_status_kib",
     "publish",
     "published_card",
+    "run_cli",
     "silent_port",
+    "snapshot",
     "start_frontend",
     "tcp_connections",
     "tcp_peer_ports",

@@ -35,6 +35,7 @@ __all__ = [
     "WorkerProcess",
     "child_env",
     "converged",
+    "run_cli",
     "start_frontend",
 ]
 
@@ -53,6 +54,28 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def run_cli(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+    cwd: Path | None = None,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m discovery_mdc <args>`` to completion, by default in :func:`child_env`;
+    stdout and stderr captured as text. stdin is not a terminal unless one is passed (a pty).
+    Raises ``subprocess.TimeoutExpired`` if it runs past ``timeout``."""
+    return subprocess.run(
+        [sys.executable, "-m", "discovery_mdc", *args],
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=child_env() if env is None else dict(env),
+        cwd=cwd,
+    )
 
 
 class Process:

@@ -15,7 +15,6 @@ downloads from an unreachable host, and neither the worker API nor the frontend 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import hashlib
@@ -34,6 +33,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
+from testkit._gateway import (
+    etcd_delete_prefix,
+    etcd_get_prefix,
+    etcd_lease_grant,
+    etcd_lease_revoke,
+    etcd_put,
+)
 from testkit._process import child_env
 from testkit._servers import free_port
 from testkit._wait import wait_until_sync
@@ -585,68 +591,6 @@ def oracle_local_dir(card_json: str, python: str | os.PathLike[str] | None = Non
 
 
 # --------------------------------------------------------------------------- etcd (gateway)
-
-
-def _post(etcd_url: str, path: str, body: Mapping[str, Any], timeout: float = 10.0) -> Any:
-    req = urllib.request.Request(
-        etcd_url.rstrip("/") + path,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    end = bytearray(prefix)
-    while end and end[-1] == 0xFF:
-        end.pop()
-    if not end:
-        return b"\x00"
-    end[-1] += 1
-    return bytes(end)
-
-
-def etcd_get_prefix(etcd_url: str, prefix: str) -> dict[str, bytes]:
-    """Every key under ``prefix`` with its raw value bytes, via etcd's v3 JSON gateway."""
-    p = prefix.encode()
-    body = _post(etcd_url, "/v3/kv/range", {"key": _b64(p), "range_end": _b64(_prefix_end(p))})
-    return {
-        base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
-        for kv in body.get("kvs", [])
-    }
-
-
-def etcd_put(etcd_url: str, key: str, value: bytes, lease: int | None = None) -> None:
-    """Put one key (optionally bound to ``lease``) through the gateway."""
-    body: dict[str, Any] = {"key": _b64(key.encode()), "value": _b64(value)}
-    if lease is not None:
-        body["lease"] = lease
-    _post(etcd_url, "/v3/kv/put", body)
-
-
-def etcd_lease_grant(etcd_url: str, ttl: int = 30) -> int:
-    """Grant a lease; return its id."""
-    return int(_post(etcd_url, "/v3/lease/grant", {"TTL": ttl})["ID"])
-
-
-def etcd_lease_revoke(etcd_url: str, lease: int) -> None:
-    """Revoke a lease, deleting every key bound to it."""
-    _post(etcd_url, "/v3/lease/revoke", {"ID": lease})
-
-
-def etcd_delete_prefix(etcd_url: str, prefix: str) -> int:
-    """Delete every key under ``prefix``; return how many were deleted."""
-    p = prefix.encode()
-    body = _post(
-        etcd_url, "/v3/kv/deleterange", {"key": _b64(p), "range_end": _b64(_prefix_end(p))}
-    )
-    return int(body.get("deleted", 0))
 
 
 # --------------------------------------------------------------------------- waiting

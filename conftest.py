@@ -1,3 +1,6 @@
+"""Fixtures that both ``tests/`` and ``integration/`` use (model dirs, HF cache repos); the
+helpers they build on are the test kit's (``testkit/``)."""
+
 from __future__ import annotations
 
 import os
