@@ -93,7 +93,7 @@ async def test_range_prefix_all_pins_later_pages_to_the_first_revision(
         await etcd_client.delete("snap/9")
         return result
 
-    etcd_client.range = range_then_write  # type: ignore[method-assign]
+    etcd_client.range = range_then_write  # type: ignore[method-assign, assignment]
     snapshot = await etcd_client.range_prefix_all("snap/", page_size=3)
     assert calls == 1
     assert [kv.key for kv in snapshot.kvs] == [f"snap/{i}" for i in range(10)]

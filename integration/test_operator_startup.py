@@ -190,10 +190,12 @@ def _bad_input_cases(tmp: Path) -> dict[str, tuple[list[str | bytes], dict[str, 
     model = str(write_sample_model(tmp / "m"))
     a_file = tmp / "a-file"
     a_file.write_text("not a directory")
-    w = ["worker", "--model-path", model, "--system-port", "0", "--system-host", "127.0.0.1"]
+    w: list[str | bytes] = [
+        "worker", "--model-path", model, "--system-port", "0", "--system-host", "127.0.0.1"
+    ]  # fmt: skip
     card = tmp / "card.json"
     card.write_text("{}")
-    cases = [
+    cases: list[tuple[str, list[str | bytes], dict[str, str], str]] = [
         ("lease TTL above etcd's maximum", [*w, "--lease-ttl", "9000000001"], {}, "9000000000"),
         ("ETCD_LEASE_TTL above etcd's maximum", w, {"ETCD_LEASE_TTL": "9000000001"},
          "ETCD_LEASE_TTL='9000000001'"),

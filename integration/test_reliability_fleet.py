@@ -182,7 +182,7 @@ async def test_a_reconcile_repairs_a_lost_put_and_a_lost_delete_without_a_relist
     kvs = [envelope_kv(card, 0x100 + i) for i, card in enumerate(cards)]
     store = _LossyWatch(client)
     watcher = ModelWatcher(
-        store,  # type: ignore[arg-type]
+        store,
         cache_dir=tmp_path / "cache",
         reconcile_interval=3600,  # reconciled on demand below
     )

@@ -613,15 +613,16 @@ def test_a_reference_scan_sees_links_whose_dir_is_renamed_during_the_scan(
     done = resolve(from_dir(make_model_dir("moving")), cache)
     assert done.local_dir is not None
     staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
-    done.local_dir.rename(staging)
+    local_dir = done.local_dir
+    local_dir.rename(staging)
     expected = {f.checksum.hex for _, f in done.card.files()}
     real_scandir = _manage._scandir
-    renamed = []
+    renamed: list[bool] = []
 
     def scandir_then_publish(path: Path) -> list[os.DirEntry[str]]:
         entries = real_scandir(path)
         if path == staging.parent and not renamed:
-            staging.rename(done.local_dir)  # the publish lands right after the listing
+            staging.rename(local_dir)  # the publish lands right after the listing
             renamed.append(True)
         return entries
 
@@ -645,10 +646,11 @@ async def test_prune_racing_resolves_never_leaves_a_card_with_a_missing_blob(
             remove_link_dir(done.local_dir)
         forget_verified()
         pruning = asyncio.to_thread(lambda: execute_plan(plan_prune(scan_cache(cache))))
-        results = await asyncio.gather(
-            pruning, *(resolve_metadata_files(c, cache_dir=cache.root) for c in cards)
+        pruned, _ = await asyncio.gather(
+            pruning,
+            asyncio.gather(*(resolve_metadata_files(c, cache_dir=cache.root) for c in cards)),
         )
-        assert not results[0].failed
+        assert not pruned.failed
         scan = scan_cache(cache)
         assert len(scan.cards) == len(cards) and not any(c.broken for c in scan.cards)
         assert scan.incomplete == ()

@@ -15,26 +15,30 @@ from discovery_mdc.etcd._codec import Lease
 from testkit import FakeClock
 
 
-def failing(times: int, error: Exception, clock: FakeClock, cost: float = 1.0) -> object:
-    calls = 0
+class Failing:
+    """An operation that raises ``error`` ``times`` times, then returns "ok"; each attempt
+    takes ``cost`` seconds of ``clock``, as the client's own rounds do."""
 
-    async def op() -> str:
-        nonlocal calls
-        calls += 1
-        clock.now += cost  # each attempt takes a while, as the client's own rounds do
-        if calls <= times:
-            raise error
+    def __init__(self, times: int, error: Exception, clock: FakeClock, cost: float = 1.0) -> None:
+        self.times, self.error, self.clock, self.cost = times, error, clock, cost
+        self.count = 0
+
+    async def __call__(self) -> str:
+        self.count += 1
+        self.clock.now += self.cost
+        if self.count <= self.times:
+            raise self.error
         return "ok"
 
-    op.calls = lambda: calls  # type: ignore[attr-defined]
-    return op
+    def calls(self) -> int:
+        return self.count
 
 
 async def test_retries_while_etcd_is_unreachable_logging_each_attempt(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = FakeClock(jump_below=math.inf)  # every sleep jumps
-    op = failing(3, EtcdConnectionError("refused"), clock)
+    op = Failing(3, EtcdConnectionError("refused"), clock)
     with caplog.at_level(logging.WARNING):
         got = await retry_until_reachable(
             op,
@@ -43,7 +47,7 @@ async def test_retries_while_etcd_is_unreachable_logging_each_attempt(
             clock=clock.clock,
             sleep=clock.sleep,
         )
-    assert got == "ok" and op.calls() == 4  # type: ignore[attr-defined]
+    assert got == "ok" and op.calls() == 4
     assert len(clock.sleeps) == 3
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3 and all("etcd not reachable for a lease" in ln for ln in lines)
@@ -52,10 +56,10 @@ async def test_retries_while_etcd_is_unreachable_logging_each_attempt(
 
 async def test_gives_up_after_the_timeout_naming_endpoints_and_the_variable() -> None:
     clock = FakeClock(jump_below=math.inf)  # every sleep jumps
-    op = failing(10**6, EtcdConnectionError("refused by 127.0.0.1:9"), clock)
+    op = Failing(10**6, EtcdConnectionError("refused by 127.0.0.1:9"), clock)
     with pytest.raises(EtcdConnectionError) as err:
         await retry_until_reachable(
-            op, timeout=10, what="a lease", endpoints=("http://e1:2379", "http://e2:2379"),  # type: ignore[arg-type]
+            op, timeout=10, what="a lease", endpoints=("http://e1:2379", "http://e2:2379"),
             clock=clock.clock, sleep=clock.sleep,
         )  # fmt: skip
     text = str(err.value)
@@ -69,16 +73,16 @@ async def test_gives_up_after_the_timeout_naming_endpoints_and_the_variable() ->
 )
 async def test_what_waiting_cannot_fix_is_raised_at_once(error: Exception) -> None:
     clock = FakeClock(jump_below=math.inf)  # every sleep jumps
-    op = failing(1, error, clock)
+    op = Failing(1, error, clock)
     with pytest.raises(type(error)):
         await retry_until_reachable(op, timeout=120, what="x", clock=clock.clock, sleep=clock.sleep)
-    assert op.calls() == 1 and clock.sleeps == []  # type: ignore[attr-defined]
+    assert op.calls() == 1 and clock.sleeps == []
 
 
 async def test_timeout_0_is_one_attempt_and_the_original_error() -> None:
     clock = FakeClock(jump_below=math.inf)  # every sleep jumps
     error = EtcdConnectionError("refused")
-    op = failing(1, error, clock)
+    op = Failing(1, error, clock)
     with pytest.raises(EtcdConnectionError) as err:
         await retry_until_reachable(op, timeout=0, what="x", clock=clock.clock, sleep=clock.sleep)
     assert err.value is error and clock.sleeps == []

@@ -190,7 +190,7 @@ async def test_unexpected_exceptions_never_kill_the_keepalive_loop() -> None:
             return await super().lease_keepalive(lease_id)
 
     store = Flaky()
-    session, store, _, _ = make(store=store, ttl=30)
+    session, _, _, _ = make(store=store, ttl=30)
     async with session:
         await wait_until(lambda: store.calls.count("lease_keepalive") >= 3, interval=0)
         assert store.failures == 3
@@ -238,7 +238,7 @@ async def test_add_while_lost_is_created_with_the_next_lease() -> None:
         store.unavailable = False
         await session.wait_state(SessionState.REGISTERED)
         assert handle.key == card_key(session.lease_id)[0]
-        assert store.get(handle.key) is not None
+        assert handle.key is not None and store.get(handle.key) is not None
 
 
 async def test_add_before_start_is_an_error() -> None:

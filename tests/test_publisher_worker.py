@@ -346,7 +346,7 @@ async def test_a_failed_unregister_changes_nothing_and_can_be_retried(
         assert published.key is not None
         store.unavailable = False
         await worker.unregister(published)
-        assert store.keys() == [] and len(worker.registry) == 0 and worker.published == ()
+        assert store.keys() == [] and len(worker.registry) == 0 and not worker.published
 
 
 async def test_registration_duration_is_a_histogram_on_the_status_server(
