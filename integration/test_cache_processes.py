@@ -8,10 +8,8 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from aiohttp import web
 
 from discovery_mdc._sample import write_sample_model
@@ -36,17 +34,6 @@ from testkit import Handler, MetaServer, wait_until
 
 CLI = "import sys, discovery_mdc.cli as c; sys.exit(c.main(sys.argv[1:]))"
 DEADLINE = 60.0
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[MetaServer]:
-    async with MetaServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> CacheLayout:
-    return CacheLayout(tmp_path / "cache")
 
 
 def model_card(tmp_path: Path, name: str = "proc-model", **kwargs: object) -> ModelDeploymentCard:
@@ -76,16 +63,16 @@ def parts(cache: CacheLayout, hexdigest: str) -> list[Path]:
 
 
 async def test_kill_9_mid_download_leaves_no_blob_and_the_next_run_completes(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path
 ) -> None:
-    card = server.http_card(model_card(tmp_path))
+    card = meta_server.http_card(model_card(tmp_path))
     _, tok = list(card.files())[1]
     tok_path = f"/v1/metadata/{card.slug}/tokenizer.json"
-    server.gated.add(tok_path)  # half of it, then the server holds the connection
+    meta_server.gated.add(tok_path)  # half of it, then the server holds the connection
     card_file = write_card(tmp_path, card)
 
     proc = await spawn("card", "fetch", str(card_file), "--cache-dir", str(cache.root))
-    await asyncio.wait_for(server.half_sent.wait(), DEADLINE)
+    await asyncio.wait_for(meta_server.half_sent.wait(), DEADLINE)
     await wait_until(
         lambda: any(p.stat().st_size > 0 for p in parts(cache, tok.checksum.hex)), timeout=DEADLINE
     )
@@ -100,13 +87,13 @@ async def test_kill_9_mid_download_leaves_no_blob_and_the_next_run_completes(
     leftover = set(cache.tmp.glob("*.part"))
     assert {i.path for i in plan_prune(scan_cache(cache)).temp_files} == leftover
 
-    server.gated.discard(tok_path)
+    meta_server.gated.discard(tok_path)
     proc = await spawn("card", "fetch", str(card_file), "--cache-dir", str(cache.root))
     out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
     assert proc.returncode == 0, err.decode()
     local = Path(out.decode().strip())
     assert hash_file(local / "tokenizer.json")[0] == tok.checksum
-    assert server.gets[tok_path] == 2
+    assert meta_server.gets[tok_path] == 2
     assert verify_cache(cache).ok
 
 
@@ -116,9 +103,9 @@ async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
 
 
 async def test_two_processes_on_one_cache_make_one_get_per_blob(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path
 ) -> None:
-    card = server.http_card(model_card(tmp_path))
+    card = meta_server.http_card(model_card(tmp_path))
     gate = asyncio.Event()
     paths = {f"/v1/metadata/{card.slug}/{f.basename}": f.checksum.hex for _, f in card.files()}
 
@@ -130,7 +117,7 @@ async def test_two_processes_on_one_cache_make_one_get_per_blob(
         return handler
 
     for path in paths:
-        server.handlers[path] = gated(server.files[path])  # type: ignore[arg-type]
+        meta_server.handlers[path] = gated(meta_server.files[path])  # type: ignore[arg-type]
     card_file = write_card(tmp_path, card)
     argv = ["--log-level", "debug", "card", "fetch", str(card_file), "--cache-dir", str(cache.root)]
     procs = [await spawn(*argv), await spawn(*argv)]
@@ -140,7 +127,7 @@ async def test_two_processes_on_one_cache_make_one_get_per_blob(
     def contended(path: str) -> bool:
         # One process is fetching it (the server holds its GET) and another waits on its lock.
         waiting = f"lock {cache.lock(paths[path])} is held by another process"
-        return server.gets[path] >= 1 and any(waiting in line for line in logs)
+        return meta_server.gets[path] >= 1 and any(waiting in line for line in logs)
 
     await wait_until(lambda: all(contended(p) for p in paths), timeout=DEADLINE)
     gate.set()
@@ -148,7 +135,7 @@ async def test_two_processes_on_one_cache_make_one_get_per_blob(
         await asyncio.wait_for(proc.wait(), DEADLINE)
         assert proc.returncode == 0, "".join(logs)
     await asyncio.gather(*readers)
-    assert {p: server.gets[p] for p in paths} == dict.fromkeys(paths, 1)
+    assert {p: meta_server.gets[p] for p in paths} == dict.fromkeys(paths, 1)
     assert verify_cache(cache).ok
 
 
@@ -159,9 +146,9 @@ def _limit_file_size() -> None:
 
 
 async def test_full_disk_is_a_clear_error_and_leaves_no_partial_blob(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path
 ) -> None:
-    card = server.http_card(model_card(tmp_path, vocab_size=5000))
+    card = meta_server.http_card(model_card(tmp_path, vocab_size=5000))
     _, tok = list(card.files())[1]
     assert tok.size is not None and tok.size > 16 * 1024
     proc = await spawn(
@@ -183,9 +170,9 @@ async def test_full_disk_is_a_clear_error_and_leaves_no_partial_blob(
 
 
 async def test_lock_left_by_a_killed_holder_does_not_block(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path
 ) -> None:
-    card = server.http_card(model_card(tmp_path))
+    card = meta_server.http_card(model_card(tmp_path))
     _, config = next(card.files())
     lock = cache.lock(config.checksum.hex)
     holder = await asyncio.create_subprocess_exec(
@@ -225,7 +212,7 @@ print(before, peak_kib())
 
 
 async def test_a_1_gib_file_fetches_with_bounded_memory(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path
 ) -> None:
     big = tmp_path / "config.json"
     with big.open("wb") as f:
@@ -233,12 +220,12 @@ async def test_a_1_gib_file_fetches_with_bounded_memory(
         f.seek(0, os.SEEK_END)
         f.write(os.urandom(4096))
     checksum, size, _ = hash_file(big)
-    server.files["/big/config.json"] = big
+    meta_server.files["/big/config.json"] = big
     card = ModelDeploymentCard.new(
         "Big",
         model_info=Slot(
             SlotVariant.HF_CONFIG_JSON,
-            CheckedFile(server.url("/big/config.json"), checksum, size),
+            CheckedFile(meta_server.url("/big/config.json"), checksum, size),
         ),
     )
     proc = await asyncio.create_subprocess_exec(

@@ -176,7 +176,10 @@ class Process:
 
 
 class CliProcess(Process):
-    """``python -m discovery_mdc <args>``, by default in :func:`child_env`."""
+    """``python -m discovery_mdc <command> <args>``, by default in :func:`child_env`."""
+
+    command: tuple[str, ...] = ()
+    """The subcommand a subclass runs (``("worker",)``); none here."""
 
     def __init__(
         self,
@@ -188,7 +191,7 @@ class CliProcess(Process):
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(
-            [sys.executable, "-m", "discovery_mdc", *args],
+            [sys.executable, "-m", "discovery_mdc", *self.command, *args],
             log_path=log_path,
             env=child_env() if env is None else env,
             cwd=cwd,
@@ -217,17 +220,7 @@ class Registered:
 class WorkerProcess(CliProcess):
     """``discovery-mdc worker <args>``; :meth:`serving` is the usual one-model worker."""
 
-    def __init__(
-        self,
-        args: Sequence[str],
-        *,
-        log_path: Path,
-        env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
-        preexec_fn: Callable[[], None] | None = None,
-    ) -> None:
-        super().__init__(["worker", *args], log_path=log_path, env=env, cwd=cwd,
-                         preexec_fn=preexec_fn)  # fmt: skip
+    command = ("worker",)
 
     @classmethod
     def serving(
@@ -306,6 +299,8 @@ class FrontendProcess(CliProcess):
     """``discovery-mdc frontend`` on a free loopback port (read from its ``--port-file``),
     with its HTTP API, Prometheus samples and peak RSS at hand."""
 
+    command = ("frontend",)
+
     def __init__(
         self,
         etcd: str,
@@ -322,7 +317,6 @@ class FrontendProcess(CliProcess):
         self._port_file = tmp / f"{name}.port"
         self._port_file.unlink(missing_ok=True)
         args = [
-            "frontend",
             "--etcd", etcd,
             "--http-port", "0",
             "--port-file", str(self._port_file),

@@ -48,11 +48,6 @@ def _no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
 
 
-@pytest.fixture
-def cache(tmp_path: Path) -> CacheLayout:
-    return CacheLayout(tmp_path / "cache")
-
-
 def cli_main(*argv: str) -> subprocess.CompletedProcess[str]:
     """The CLI entry point in this process (stdin is not a terminal: ``_no_terminal``)."""
     out, err = io.StringIO(), io.StringIO()
