@@ -147,10 +147,7 @@ async def test_cold_start_lists_the_model_with_every_file_cached_and_verified(
         tmp_path,
         procs,
         cache_dir=tmp_path / "cache",
-        extra_args=(
-            "--namespace",
-            "cold",
-        ),
+        extra_args=("--namespace", "cold"),
     )
     await wait_until(lambda: fe.model_ids(), timeout=DEADLINE, message=fe.describe)
     assert await fe.model_ids() == {"org/cold"}
@@ -196,10 +193,7 @@ async def test_replicas_form_one_worker_set_and_a_different_tokenizer_is_rejecte
         tmp_path,
         procs,
         cache_dir=tmp_path / "cache",
-        extra_args=(
-            "--namespace",
-            "rep",
-        ),
+        extra_args=("--namespace", "rep"),
     )
     # Two replicas with identical files in separate copies, as on two hosts that both keep
     # the model at ./model (the same source_path, so the same mdcsum).
@@ -300,12 +294,7 @@ async def test_compaction_while_cut_off_converges_to_exactly_what_etcd_holds(
             tmp_path,
             procs,
             cache_dir=tmp_path / "cache",
-            extra_args=(
-                "--namespace",
-                ns,
-                "--reconcile-interval",
-                "3600",
-            ),
+            extra_args=("--namespace", ns, "--reconcile-interval", "3600"),
         )
 
         async def converged() -> bool:
@@ -369,10 +358,7 @@ async def test_malformed_values_and_bad_checksums_are_skipped_counted_and_logged
         tmp_path,
         procs,
         cache_dir=tmp_path / "cache",
-        extra_args=(
-            "--namespace",
-            ns,
-        ),
+        extra_args=("--namespace", ns),
     )
     await wait_until(lambda: fe.model_ids(), timeout=DEADLINE, message=fe.describe)
 
