@@ -4,6 +4,9 @@ python -m bench all [--quick]      every scenario; writes docs/benchmarks.md
 python -m bench P1 P4 [--quick]    some scenarios; prints the table only (or --out FILE)
 python -m bench profile P4         run P4 with our side under pyinstrument; writes
                                    bench/out/profile-P4.txt (top frames + call tree)
+
+BENCH_CHILD_LOG=LEVEL sets the log level of the child processes (default WARNING; their logs
+are under the scenario's work dir). Children get our environment minus DYN_* and ETCD_*.
 """
 
 from __future__ import annotations

@@ -22,9 +22,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 log = logging.getLogger("bench.child")
+
+#: The one variable the benchmarks read: a child's log level (default WARNING). The parent
+#: passes it on with the rest of its environment (``bench._util.child_env``), so
+#: ``BENCH_CHILD_LOG=DEBUG python -m bench P4`` turns it up for every child.
+LOG_LEVEL_VAR: Final = "BENCH_CHILD_LOG"
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -149,16 +154,11 @@ async def _publisher(args: argparse.Namespace) -> None:
     cards = []
     for d in args.models:
         card = await asyncio.to_thread(from_dir, d, include_extra_files=True)
-        cards.append(
-            move_to_self_host(
-                card,
-                registry,
-                server.base_url,
-                namespace="dynamo",
-                component="backend",
-                endpoint="generate",
-            )
+        prepared = move_to_self_host(
+            card, server.base_url, namespace="dynamo", component="backend", endpoint="generate"
         )
+        prepared.register(registry)
+        cards.append(prepared.card)
     blobs = sorted({f.checksum.hex for c in cards for _, f in c.files()})
     leases: list[int] = []
     sem = asyncio.Semaphore(args.concurrency)
@@ -208,7 +208,7 @@ async def _publisher(args: argparse.Namespace) -> None:
         try:
             await _commands(handle)
         finally:
-            await server.stop()
+            await server.close()
 
 
 # --------------------------------------------------------------------------- P4/P5 server
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         wp.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=os.environ.get("BENCH_CHILD_LOG", "WARNING"),
+        level=os.environ.get(LOG_LEVEL_VAR) or "WARNING",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

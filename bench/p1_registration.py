@@ -66,14 +66,12 @@ async def _measure(
 ) -> dict[str, list[float]]:
     lat: dict[str, list[float]] = {k: [] for k in urls}
     lat["worker put (first create → last ack)"] = []
-    loop = asyncio.get_running_loop()
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for i, model_dir in enumerate(models):
             name = f"bench-p1-{i}"
             polls = {k: asyncio.create_task(_poll(session, u, name)) for k, u in urls.items()}
-            reply = await loop.run_in_executor(
-                None,
+            reply = await asyncio.to_thread(
                 worker.call,
                 {
                     "op": "register",
@@ -95,7 +93,7 @@ async def _measure(
                 lat["worker put (first create → last ack)"].append(
                     1000 * (float(reply["t_ack"]) - t0)
                 )
-            await loop.run_in_executor(None, worker.call, {"op": "unregister"})
+            await asyncio.to_thread(worker.call, {"op": "unregister"})
             await asyncio.gather(*(_poll(session, u, name, present=False) for u in urls.values()))
     return lat
 

@@ -9,14 +9,18 @@ Layers, bottom up (each a subpackage with a curated ``__all__``):
 - ``discovery_mdc.frontend``: the ``ModelWatcher`` and its HTTP API.
 
 The names below are the friendly top level; everything else lives in the subpackages. They
-are imported on first use, so ``import discovery_mdc`` (and the CLI's start) stays cheap.
+are imported on first use, so ``import discovery_mdc`` (and the CLI's start) stays cheap; the
+error classes of :mod:`discovery_mdc.errors` (every one of them, a module that imports
+nothing) are there at once.
 """
 
 from __future__ import annotations
 
 import typing
 
+from discovery_mdc import errors as _errors
 from discovery_mdc._lazy import lazy_attributes as _lazy_attributes
+from discovery_mdc.errors import *  # noqa: F403 - the error classes, eagerly (errors imports nothing)
 
 if typing.TYPE_CHECKING:
     from discovery_mdc.cache import (
@@ -36,30 +40,6 @@ if typing.TYPE_CHECKING:
         is_new_format,
         mdcsum,
         slugify,
-    )
-    from discovery_mdc.errors import (
-        AllSourcesFailedError,
-        CacheError,
-        CardDecodeError,
-        CardError,
-        ChecksumMismatchError,
-        ConfigError,
-        DiscoveryError,
-        EtcdAuthError,
-        EtcdCompactedError,
-        EtcdConnectionError,
-        EtcdError,
-        EtcdTlsError,
-        FetchError,
-        HfOfflineError,
-        KeyExistsError,
-        LeaseLostError,
-        LockTimeoutError,
-        ModelDirError,
-        RegistryError,
-        SizeLimitError,
-        SourceUnreachableError,
-        UnsupportedSchemeError,
     )
     from discovery_mdc.etcd import (
         EtcdClient,
@@ -93,28 +73,6 @@ _LAZY: dict[str, str] = {
     "is_new_format": "discovery_mdc.card",
     "mdcsum": "discovery_mdc.card",
     "slugify": "discovery_mdc.card",
-    "AllSourcesFailedError": "discovery_mdc.errors",
-    "CacheError": "discovery_mdc.errors",
-    "CardDecodeError": "discovery_mdc.errors",
-    "CardError": "discovery_mdc.errors",
-    "ChecksumMismatchError": "discovery_mdc.errors",
-    "ConfigError": "discovery_mdc.errors",
-    "DiscoveryError": "discovery_mdc.errors",
-    "EtcdAuthError": "discovery_mdc.errors",
-    "EtcdCompactedError": "discovery_mdc.errors",
-    "EtcdConnectionError": "discovery_mdc.errors",
-    "EtcdError": "discovery_mdc.errors",
-    "EtcdTlsError": "discovery_mdc.errors",
-    "FetchError": "discovery_mdc.errors",
-    "HfOfflineError": "discovery_mdc.errors",
-    "KeyExistsError": "discovery_mdc.errors",
-    "LeaseLostError": "discovery_mdc.errors",
-    "LockTimeoutError": "discovery_mdc.errors",
-    "ModelDirError": "discovery_mdc.errors",
-    "RegistryError": "discovery_mdc.errors",
-    "SizeLimitError": "discovery_mdc.errors",
-    "SourceUnreachableError": "discovery_mdc.errors",
-    "UnsupportedSchemeError": "discovery_mdc.errors",
     "EtcdClient": "discovery_mdc.etcd",
     "LeaseSession": "discovery_mdc.etcd",
     "ModelEvent": "discovery_mdc.frontend",
@@ -125,39 +83,17 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
-    "AllSourcesFailedError",
-    "CacheError",
-    "CardDecodeError",
-    "CardError",
     "CheckedFile",
     "Checksum",
-    "ChecksumMismatchError",
-    "ConfigError",
-    "DiscoveryError",
-    "EtcdAuthError",
     "EtcdClient",
-    "EtcdCompactedError",
-    "EtcdConnectionError",
-    "EtcdError",
-    "EtcdTlsError",
-    "FetchError",
-    "HfOfflineError",
-    "KeyExistsError",
-    "LeaseLostError",
     "LeaseSession",
-    "LockTimeoutError",
     "ModelDeploymentCard",
-    "ModelDirError",
     "ModelEnvelope",
     "ModelEvent",
     "ModelInfo",
     "ModelWatcher",
     "PublishedModel",
-    "RegistryError",
     "ResolvedCard",
-    "SizeLimitError",
-    "SourceUnreachableError",
-    "UnsupportedSchemeError",
     "Worker",
     "__version__",
     "decode_card",
@@ -170,6 +106,7 @@ __all__ = [
     "resolve_metadata_files",
     "slugify",
 ]
+__all__ += _errors.__all__
 
 
 __getattr__, __dir__ = _lazy_attributes(globals(), _LAZY)

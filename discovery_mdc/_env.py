@@ -63,6 +63,8 @@ __all__ = [
     "DynEndpoint",
     "EnvVar",
     "LogFilter",
+    "check_lease_ttl",
+    "check_port",
     "child_environ",
     "default_cache_root",
     "parse_dyn_endpoint",
@@ -129,12 +131,23 @@ def _whole_number(text: str, what: str) -> int:
         raise ValueError(f"{what} must be a whole number, got {text!r}") from None
 
 
-def parse_lease_ttl(text: str) -> int:
-    """A lease TTL: whole seconds, 1 to etcd's maximum (:data:`MAX_LEASE_TTL`)."""
-    ttl = _whole_number(text, "the lease TTL (seconds)")
+def check_lease_ttl(ttl: int) -> int:
+    """``ttl`` if it is a lease TTL etcd grants: 1 to :data:`MAX_LEASE_TTL` seconds."""
     if not 1 <= ttl <= MAX_LEASE_TTL:
         raise ValueError(f"the lease TTL must be 1 to {MAX_LEASE_TTL} seconds, got {ttl}")
     return ttl
+
+
+def parse_lease_ttl(text: str) -> int:
+    """A lease TTL: whole seconds, 1 to etcd's maximum (:data:`MAX_LEASE_TTL`)."""
+    return check_lease_ttl(_whole_number(text, "the lease TTL (seconds)"))
+
+
+def check_port(port: int) -> int:
+    """``port`` if it is a TCP port 0..65535 (0 picks a free one)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return port
 
 
 def parse_port(text: str) -> int:
@@ -143,9 +156,7 @@ def parse_port(text: str) -> int:
         value = int(text.strip())
     except ValueError:
         raise ValueError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise ValueError(f"port {value} is out of range 0-65535")
-    return value
+    return check_port(value)
 
 
 def _host(text: str) -> str:
@@ -458,15 +469,17 @@ VARIABLES: Final[tuple[EnvVar[Any], ...]] = (
 )
 
 
-def child_environ(*, without_prefix: str) -> dict[str, str]:
-    """This process's environment for a child, minus the variables starting with the prefix."""
+def child_environ(*, without_prefix: str | tuple[str, ...]) -> dict[str, str]:
+    """This process's environment for a child, minus the variables starting with the prefix
+    (or any of the prefixes)."""
     return {k: v for k, v in os.environ.items() if not k.startswith(without_prefix)}
 
 
 def default_cache_root(env: Mapping[str, str] | None = None) -> Path:
-    """``DYN_MDC_CACHE_DIR``, else ``$HOME/.cache/dynamo/mdc``."""
-    explicit = CACHE_DIR.get(env)
-    if explicit:
-        return Path(explicit)
+    """``$HOME/.cache/dynamo/mdc``: the cache root when no directory is given.
+
+    The library's default; ``DYN_MDC_CACHE_DIR`` is not consulted here but by the CLI
+    (``--cache-dir``), which passes the directory it names as a plain value.
+    """
     home = (os.environ if env is None else env).get("HOME")
     return (Path(home) if home else Path.home()) / ".cache" / "dynamo" / "mdc"

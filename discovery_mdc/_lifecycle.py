@@ -1,11 +1,24 @@
-"""``with``/``async with`` support for the package's long-lived objects, written once."""
+"""``with``/``async with`` support for the package's long-lived objects, and their task
+shutdown, written once."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["AsyncService", "Service"]
+__all__ = ["AsyncService", "Service", "cancel_and_wait"]
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel every task, then wait until each has finished. What they end with (their
+    cancellation, or an error) is dropped: they are being shut down."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 class AsyncService:

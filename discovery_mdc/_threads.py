@@ -1,5 +1,8 @@
 """Blocking work the event loop can walk away from.
 
+Blocking work is offloaded with ``asyncio.to_thread`` throughout the package (never
+``loop.run_in_executor``), except work a stop must not wait for, which goes here.
+
 ``asyncio.to_thread`` runs in the loop's default executor, which ``asyncio.run`` joins on
 exit: a worker stopped by SIGTERM while it hashes a large file would wait for the hash to
 finish. :func:`run_cancellable` runs the function in its own daemon thread instead and, when

@@ -197,7 +197,7 @@ RSS_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
 from discovery_mdc.cache import resolve_metadata_files
-from discovery_mdc.cli._card import load_card_file
+from discovery_mdc.cli._common import load_card_file
 
 def peak_kib():
     for line in open("/proc/self/status"):

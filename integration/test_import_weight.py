@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-IO_LIBRARIES = ("aiohttp", "prometheus_client", "filelock", "tenacity")
+IO_LIBRARIES = ("aiohttp", "prometheus_client", "filelock")
 
 
 @pytest.mark.parametrize(

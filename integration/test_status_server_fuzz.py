@@ -46,14 +46,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
     async def setup() -> Served:
         await server.start()
-        card = move_to_self_host(
+        prepared = move_to_self_host(
             from_dir(model_dir, include_extra_files=True),
-            server.registry,
             server.base_url,
             namespace="ns",
             component="comp",
             endpoint="ep",
         )
+        prepared.register(server.registry)
+        card = prepared.card
         paths = {}
         for _, f in card.files():
             name = f.basename
@@ -64,7 +65,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     try:
         yield asyncio.run_coroutine_threadsafe(setup(), loop).result(timeout=60)
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=60)
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout=60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=60)
         loop.close()

@@ -35,14 +35,11 @@ async def test_200_concurrent_downloads_of_a_10mb_file_are_all_whole(tmp_path: P
     (model_dir / "tiktoken.model").write_bytes(os.urandom(SIZE))
     card = from_dir(model_dir)
     async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as server:
-        hosted = move_to_self_host(
-            card,
-            server.registry,
-            server.base_url,
-            namespace="dynamo",
-            component="backend",
-            endpoint="generate",
+        prepared = move_to_self_host(
+            card, server.base_url, namespace="dynamo", component="backend", endpoint="generate"
         )
+        prepared.register(server.registry)
+        hosted = prepared.card
         assert hosted.tokenizer is not None
         tokenizer = hosted.tokenizer.file
         assert tokenizer.size == SIZE

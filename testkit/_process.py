@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from discovery_mdc._env import child_environ
 from discovery_mdc.etcd import EtcdClient
 from testkit._cards import card_keys
 from testkit._procfs import parse_metrics, peak_rss_kib
@@ -46,11 +47,8 @@ def child_env(**extra: str) -> dict[str, str]:
     """This environment without any ``ETCD_*``, ``DYN_*``, ``NATS_*`` or ``HF_*`` variable or
     ``PYTHONPATH`` (so a developer's shell cannot change what a child does), unbuffered, plus
     ``extra``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ETCD_", "DYN_", "NATS_", "HF_")) and k != "PYTHONPATH"
-    }
+    env = child_environ(without_prefix=("ETCD_", "DYN_", "NATS_", "HF_"))
+    env.pop("PYTHONPATH", None)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

@@ -134,12 +134,15 @@ async def test_file_paths_are_copied_into_the_cache(
     assert_cached(resolved, card, cache)
 
 
-async def test_cache_root_comes_from_env(
+async def test_the_default_cache_root_is_under_home_whatever_the_variable_says(
     card: ModelDeploymentCard, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # DYN_MDC_CACHE_DIR is the CLI's (--cache-dir); the library takes the directory as a value.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DYN_MDC_CACHE_DIR", str(tmp_path / "envcache"))
     resolved = await resolve_metadata_files(card)
-    assert_cached(resolved, card, CacheLayout(tmp_path / "envcache"))
+    assert_cached(resolved, card, CacheLayout(tmp_path / "home" / ".cache" / "dynamo" / "mdc"))
+    assert not (tmp_path / "envcache").exists()
 
 
 def hf_card(card: ModelDeploymentCard, repo: str) -> ModelDeploymentCard:

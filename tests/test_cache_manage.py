@@ -577,8 +577,8 @@ def test_prune_of_legacy_in_place_paths_is_not_touched(
 def test_cache_dir_defaults_to_env(
     make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    asyncio.run(resolve_metadata_files(from_dir(make_model_dir("env-model")), cache_dir=cache.root))
     monkeypatch.setenv("DYN_MDC_CACHE_DIR", str(cache.root))
-    asyncio.run(resolve_metadata_files(from_dir(make_model_dir("env-model"))))
     ids = cli_main("cache", "ls", "-q").stdout
     assert ids.startswith("env-model/")
 

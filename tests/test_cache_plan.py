@@ -287,9 +287,11 @@ def test_uri_helpers() -> None:
     assert local_path_of("file://otherhost/y") is None
 
 
-def test_default_cache_root_prefers_env_then_home() -> None:
-    assert default_cache_root({"DYN_MDC_CACHE_DIR": "/c", "HOME": "/h"}) == Path("/c")
+def test_default_cache_root_is_under_home_and_leaves_the_variable_to_the_cli() -> None:
     assert default_cache_root({"HOME": "/h"}) == Path("/h/.cache/dynamo/mdc")
+    assert default_cache_root({"DYN_MDC_CACHE_DIR": "/c", "HOME": "/h"}) == Path(
+        "/h/.cache/dynamo/mdc"
+    )
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from discovery_mdc.card import encode_card, encode_envelope, from_dir, mdcsum
+from discovery_mdc.card import decode_card, encode_card, encode_envelope, from_dir, mdcsum
 from discovery_mdc.card._envelope import ModelEnvelope
 from discovery_mdc.cli import main
+
+
+def test_inspect_name_renames_a_card_file_and_its_slug_as_building_under_that_name_does(
+    make_model_dir: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = make_model_dir("old-name")
+    path = tmp_path / "card.json"
+    path.write_bytes(encode_card(from_dir(model)))
+    assert main(["card", "inspect", str(path), "--name", "Org/New Name"]) == 0
+    renamed = decode_card(capsys.readouterr().out.strip())
+    assert (renamed.display_name, renamed.slug) == ("Org/New Name", "org_new_name")
+    assert renamed == from_dir(model, display_name="Org/New Name")
 
 
 def test_inspect_mdcsum_of_card_and_envelope_files(

@@ -4,6 +4,7 @@ precedence the CLI applies (flag > variable > default)."""
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import re
 from collections.abc import Iterator
@@ -32,6 +33,70 @@ def test_only_the_settings_module_reads_the_environment() -> None:
         if re.search(r"os\.environ|os\.getenv|environ\.get", path.read_text())
     }
     assert readers - HF_READERS == {"_env.py"}
+
+
+# Functions outside the CLI that may read a variable: the ``from_env`` constructors, the
+# endpoint list ``EtcdClient.from_env`` uses, and the etcd binary lookup of the demo and tests.
+ENV_READERS = {"from_env", "endpoints_from_env", "find_etcd_binary"}
+
+
+def _env_reads(tree: ast.AST) -> Iterator[tuple[str, str, int]]:
+    """(enclosing function, variable, line) for each ``VAR.get()``/``VAR.raw()`` of an
+    :class:`~discovery_mdc._env.EnvVar`, however it was imported."""
+    variables = {v_name for v_name, v in vars(_env).items() if isinstance(v, _env.EnvVar)}
+    imported = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "discovery_mdc._env"
+        for alias in node.names
+        if alias.name in variables
+    }
+
+    def visit(node: ast.AST, function: str) -> Iterator[tuple[str, str, int]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield from visit(child, child.name)
+                continue
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
+                target = child.func.value
+                if child.func.attr in ("get", "raw") and (
+                    (isinstance(target, ast.Name) and target.id in imported)
+                    or (
+                        isinstance(target, ast.Attribute)
+                        and isinstance(target.value, ast.Name)
+                        and target.value.id == "_env"
+                        and target.attr in variables
+                    )
+                ):
+                    name = target.id if isinstance(target, ast.Name) else target.attr
+                    yield function, name, child.lineno
+            yield from visit(child, function)
+
+    yield from visit(tree, "<module>")
+
+
+def test_outside_the_cli_only_from_env_constructors_read_a_variable() -> None:
+    package = ROOT / "discovery_mdc"
+    stray = [
+        f"{path.relative_to(package)}:{line} {function}() reads {name}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name not in ("_env.py", *HF_READERS) and path.parent.name != "cli"
+        for function, name, line in _env_reads(ast.parse(path.read_text()))
+        if function not in ENV_READERS
+    ]
+    assert stray == []
+
+
+def test_the_env_read_finder_finds_reads_in_both_import_styles() -> None:
+    source = (
+        "from discovery_mdc import _env\n"
+        "from discovery_mdc._env import SYSTEM_PORT as PORT\n"
+        "def a(): return _env.SELF_HOST_METADATA.get()\n"
+        "def from_env(): return PORT.raw({})\n"
+        "def b(): return _env.parse_port('1'), {}.get('x')\n"
+    )
+    found = list(_env_reads(ast.parse(source)))
+    assert found == [("a", "SELF_HOST_METADATA", 3), ("from_env", "PORT", 4)]
 
 
 def _readme_variable_rows() -> dict[str, str]:
@@ -213,6 +278,18 @@ def test_a_bad_value_is_a_config_error_naming_the_variable(var: str, value: str)
     (parsed,) = [v for v in _env.VARIABLES if v.name == var]
     with pytest.raises(ConfigError, match=f"^{var}={value!r}: "):
         parsed.get({var: value})
+
+
+@pytest.mark.parametrize(("env", "ttl"), [({}, 10), ({"ETCD_LEASE_TTL": "3"}, 3),
+                                          ({"ETCD_LEASE_TTL": " 7 "}, 7)])  # fmt: skip
+def test_etcd_lease_ttl(env: dict[str, str], ttl: int) -> None:
+    assert _env.ETCD_LEASE_TTL.get(env) == ttl
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "1.5", "ten"])
+def test_etcd_lease_ttl_rejects_bad_values(bad: str) -> None:
+    with pytest.raises(ValueError, match="ETCD_LEASE_TTL"):
+        _env.ETCD_LEASE_TTL.get({"ETCD_LEASE_TTL": bad})
 
 
 @pytest.mark.parametrize(

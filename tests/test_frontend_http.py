@@ -15,10 +15,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from discovery_mdc.cache import CacheStats
-from discovery_mdc.card import ModelDeploymentCard, mdcsum
+from discovery_mdc.card import ModelDeploymentCard, mdcsum, unservable_model_id
 from discovery_mdc.etcd import MemoryStore
 from discovery_mdc.frontend import FrontendMetrics, ModelWatcher, build_app, model_id
-from discovery_mdc.frontend._state import ModelInfo, ModelStats, unservable_model_id
+from discovery_mdc.frontend._state import ModelInfo, ModelStats
 from testkit import FakeResolved, instance_key, make_card, publish, wait_until
 
 

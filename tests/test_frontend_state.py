@@ -240,6 +240,35 @@ def test_replicas_share_one_decoded_card_and_same_bytes_are_skipped() -> None:
     assert again.pipelines == [] and again.events == []
 
 
+def test_each_distinct_card_json_is_hashed_once_and_its_mdcsum_travels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from discovery_mdc.frontend import _state
+
+    hashed: list[str] = []
+
+    def counting(card: ModelDeploymentCard) -> str:
+        hashed.append(card.tokenizer.file.checksum.hex[:1] if card.tokenizer else "?")
+        return mdcsum(card)
+
+    monkeypatch.setattr(_state, "mdcsum", counting)
+    reg = Registry()
+    first = reg.apply(_put(1))
+    reg.apply(_put(2))  # a replica: same card_json
+    reg.apply(_put(3, make_card(tok="9")))  # other files: rejected by the mdcsum gate
+    # Enough other cards (ids no frontend can serve, so no model is kept) to flush the
+    # bounded memo: the rejected card's mdcsum must not be needed again.
+    for i in range(100):
+        reg.apply(_put(0x100 + i, make_card(f"bad\n{i}", tok="5")))
+    reg.apply(_delete(1))
+    out = reg.apply(_delete(2))  # the blocking set is gone: 3 is admitted again
+    assert (hashed.count("2"), hashed.count("9"), hashed.count("5")) == (1, 1, 100)
+    assert [p.mdcsum for p in first.pipelines] == [mdcsum(make_card())]
+    assert [p.mdcsum for p in out.pipelines] == [mdcsum(make_card(tok="9"))]
+    (inst,) = reg.instances_for("org/m", mdcsum(make_card(tok="9")))
+    assert inst.mdcsum == mdcsum(make_card(tok="9"))
+
+
 def test_sources_are_the_waiting_replicas_uris_per_blob() -> None:
     def served_by(host: str) -> ModelDeploymentCard:
         return make_card().with_paths(lambda _, f: f"http://{host}:8081/v1/metadata/m/{f.basename}")

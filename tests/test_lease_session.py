@@ -14,7 +14,6 @@ from discovery_mdc.etcd import (
     LeaseSession,
     MemoryStore,
     SessionState,
-    lease_ttl_from_env,
 )
 from testkit import FakeClock, wait_until
 
@@ -264,16 +263,10 @@ async def test_wait_state_returns_when_the_state_is_reached() -> None:
             await waiter
 
 
-@pytest.mark.parametrize(("env", "ttl"), [({}, 10), ({"ETCD_LEASE_TTL": "3"}, 3),
-                                          ({"ETCD_LEASE_TTL": " 7 "}, 7)])  # fmt: skip
-def test_lease_ttl_from_env(env: dict[str, str], ttl: int) -> None:
-    assert lease_ttl_from_env(env) == ttl
-
-
-@pytest.mark.parametrize("bad", ["0", "-1", "1.5", "ten"])
-def test_lease_ttl_from_env_rejects_bad_values(bad: str) -> None:
-    with pytest.raises(ValueError, match="ETCD_LEASE_TTL"):
-        lease_ttl_from_env({"ETCD_LEASE_TTL": bad})
+@pytest.mark.parametrize("bad", [0, -1, 9_000_000_001])
+def test_a_session_refuses_a_ttl_etcd_would_not_grant(bad: int) -> None:
+    with pytest.raises(ValueError, match="lease TTL must be 1 to 9000000000 seconds"):
+        LeaseSession(MemoryStore(), ttl=bad)
 
 
 async def test_a_key_deleted_while_the_lease_lives_is_created_again_once() -> None:

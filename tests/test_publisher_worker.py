@@ -314,6 +314,23 @@ async def test_etcd_down_at_the_first_registration_raises_and_serves_nothing(
         assert store.keys() == [published.key]
 
 
+async def test_files_that_cannot_be_served_together_are_refused_before_the_lease(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    from discovery_mdc.errors import RegistryError
+
+    # A custom template named like the model's tokenizer_config.json cannot share its URL.
+    template = tmp_path / "elsewhere" / "tokenizer_config.json"
+    template.parent.mkdir()
+    template.write_text('{"chat_template": "x"}')
+    store = MemoryStore()
+    async with Worker(store, lease_ttl=10, system_port=0, system_host="127.0.0.1") as worker:
+        with pytest.raises(RegistryError, match=r"tokenizer_config\.json"):
+            await worker.register_model(make_model_dir(), custom_template=template)
+        assert len(worker.registry) == 0 and worker.published == ()
+        assert store.calls == [] and worker.session.state is SessionState.STARTING
+
+
 async def test_concurrent_registrations_on_one_endpoint_share_one_instance_record(
     make_model_dir: Callable[..., Path],
 ) -> None:

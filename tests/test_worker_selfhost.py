@@ -1,4 +1,5 @@
-"""The self-host rewrite and the card the worker publishes (design steps 3 and 4)."""
+"""The self-host rewrite (pure: the card plus its registrations) and the card the worker
+publishes (self-hosted, local paths, or ``hf://`` paths)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from discovery_mdc import _env
 from discovery_mdc.card import LoraInfo, ModelDeploymentCard, from_dir, mdcsum
 from discovery_mdc.errors import RegistryError
 from discovery_mdc.worker._registry import MetadataRegistry
 from discovery_mdc.worker._selfhost import (
+    PreparedCard,
+    build_for_publishing,
     build_worker_card,
     model_ref,
     move_to_self_host,
     prepare_card,
-    self_host_enabled,
+    prepare_for_publishing,
     will_self_host,
 )
 from discovery_mdc.worker._server import StatusServer
@@ -35,6 +39,15 @@ def card_of(model_dir: Path, **kwargs: object) -> ModelDeploymentCard:
     return from_dir(model_dir, include_extra_files=True, **kwargs)  # type: ignore[arg-type]
 
 
+def host(
+    card: ModelDeploymentCard, registry: MetadataRegistry, base_url: str = BASE, **endpoint: str
+) -> ModelDeploymentCard:
+    """Self-host ``card`` as the Worker does: the pure rewrite, then its registrations."""
+    prepared = move_to_self_host(card, base_url, **{**ENDPOINT, **endpoint})
+    prepared.register(registry)
+    return prepared.card
+
+
 def test_every_slot_and_extra_is_rewritten_and_registered_under_both_routes(
     make_model_dir: Callable[..., Path],
 ) -> None:
@@ -42,7 +55,7 @@ def test_every_slot_and_extra_is_rewritten_and_registered_under_both_routes(
     (model_dir / "chat_template.jinja").write_text("{{ messages }}")
     card = card_of(model_dir)
     registry = MetadataRegistry()
-    hosted = move_to_self_host(card, registry, BASE + "/", **ENDPOINT)
+    hosted = host(card, registry, BASE + "/")
 
     before = dict(card.files())
     after = dict(hosted.files())
@@ -71,7 +84,7 @@ def test_every_slot_and_extra_is_rewritten_and_registered_under_both_routes(
 def test_lora_cards_use_the_lora_slug_as_suffix(make_model_dir: Callable[..., Path]) -> None:
     card = card_of(make_model_dir("tiny")).replace(lora=LoraInfo("My Adapter"))
     registry = MetadataRegistry()
-    move_to_self_host(card, registry, BASE, **ENDPOINT)
+    host(card, registry)
     assert "dynamo/backend/generate/tiny/my_adapter/config.json" in registry
     ref = model_ref(card, **ENDPOINT)
     assert ref.suffix == "my_adapter"
@@ -87,7 +100,7 @@ def test_custom_template_is_served_under_its_own_name(
     template.write_text("{{ custom }}")
     card = card_of(make_model_dir("tiny"), custom_template=template)
     registry = MetadataRegistry()
-    hosted = move_to_self_host(card, registry, BASE, **ENDPOINT)
+    hosted = host(card, registry)
     assert hosted.chat_template_file is not None and hosted.chat_template_file.is_custom
     assert hosted.chat_template_file.file.path == f"{BASE}/v1/metadata/tiny/my-template.jinja"
     registered = registry.lookup("tiny/my-template.jinja")
@@ -103,7 +116,7 @@ def test_custom_template_colliding_with_another_slot_is_an_error_and_registers_n
     card = card_of(make_model_dir("tiny"), custom_template=template)
     registry = MetadataRegistry()
     with pytest.raises(RegistryError, match=r"tokenizer_config\.json"):
-        move_to_self_host(card, registry, BASE, **ENDPOINT)
+        host(card, registry)
     assert len(registry) == 0
 
 
@@ -112,8 +125,8 @@ def test_same_model_on_a_second_endpoint_shares_the_short_route(
 ) -> None:
     card = card_of(make_model_dir("tiny"))
     registry = MetadataRegistry()
-    first = move_to_self_host(card, registry, BASE, **ENDPOINT)
-    second = move_to_self_host(card, registry, BASE, **{**ENDPOINT, "endpoint": "other"})
+    first = host(card, registry)
+    second = host(card, registry, endpoint="other")
     assert first == second
     n = len(list(card.files()))
     assert len(registry) == 3 * n
@@ -125,17 +138,17 @@ def test_a_different_model_with_the_same_slug_is_refused(
     make_model_dir: Callable[..., Path],
 ) -> None:
     registry = MetadataRegistry()
-    move_to_self_host(card_of(make_model_dir("a")), registry, BASE, **ENDPOINT)
+    host(card_of(make_model_dir("a")), registry)
     clash = card_of(make_model_dir("b", seed=1)).replace(slug="a")
     with pytest.raises(RegistryError, match="already registered"):
-        move_to_self_host(clash, registry, BASE, **{**ENDPOINT, "endpoint": "e2"})
+        host(clash, registry, endpoint="e2")
 
 
 def test_empty_slug_cannot_be_self_hosted(make_model_dir: Callable[..., Path]) -> None:
     card = from_dir(make_model_dir("tiny"), display_name="日本語")
     assert card.slug == ""
     with pytest.raises(RegistryError, match="slug"):
-        move_to_self_host(card, MetadataRegistry(), BASE, **ENDPOINT)
+        move_to_self_host(card, BASE, **ENDPOINT)
 
 
 def test_extra_names_are_percent_encoded_and_unservable_ones_dropped(
@@ -146,7 +159,7 @@ def test_extra_names_are_percent_encoded_and_unservable_ones_dropped(
     (model_dir / "tab\there.txt").write_text("no")  # a control character: no URL form
     card = card_of(model_dir)
     registry = MetadataRegistry()
-    hosted = move_to_self_host(card, registry, BASE, **ENDPOINT)
+    hosted = host(card, registry)
     assert [f.basename for f in card.extra_files] == [
         "notes for you.txt",
         "special_tokens_map.json",
@@ -161,36 +174,33 @@ def test_extra_names_are_percent_encoded_and_unservable_ones_dropped(
 
 
 @pytest.mark.parametrize(
-    ("explicit", "env", "expected"),
+    ("env", "expected"),
     [
-        (None, None, True),
-        (None, "1", True),
-        (None, "on", True),
-        (None, "yes", True),
-        (None, "0", False),
-        (None, "false", False),
-        (None, "FALSE", False),
-        (None, "No", False),
-        (None, " off ", False),
-        (None, "", False),
-        (True, "off", True),
-        (False, None, False),
-        (False, "on", False),
+        (None, True),
+        ("1", True),
+        ("on", True),
+        ("yes", True),
+        ("0", False),
+        ("false", False),
+        ("FALSE", False),
+        ("No", False),
+        (" off ", False),
+        ("", False),
     ],
 )
-def test_self_host_enabled_explicit_beats_env(
-    explicit: bool | None, env: str | None, expected: bool
+def test_dyn_self_host_metadata_is_off_only_for_dynamos_falsy_values(
+    env: str | None, expected: bool
 ) -> None:
     environ = {} if env is None else {"DYN_SELF_HOST_METADATA": env}
-    assert self_host_enabled(explicit, env=environ) is expected
+    assert _env.SELF_HOST_METADATA.get(environ) is expected
 
 
 async def test_prepare_card_self_hosts_when_enabled_and_server_running(
     server: StatusServer, make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("DYN_SELF_HOST_METADATA", raising=False)
+    monkeypatch.setenv("DYN_SELF_HOST_METADATA", "off")  # read by from_env and the CLI only
     card = card_of(make_model_dir("tiny"))
-    published = prepare_card(card, server=server, self_host=None, hf_repo=None, **ENDPOINT)
+    published = prepare_card(card, server=server, self_host=True, hf_repo=None, **ENDPOINT)
     assert all(
         f.path.startswith(f"http://127.0.0.1:{server.port}/v1/metadata/tiny/")
         for _, f in published.files()
@@ -198,26 +208,23 @@ async def test_prepare_card_self_hosts_when_enabled_and_server_running(
     assert published.extra_files
 
 
-async def test_env_opt_out_keeps_local_paths_and_drops_extras(
-    server: StatusServer, make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+async def test_opt_out_keeps_local_paths_and_drops_extras(
+    server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
-    monkeypatch.setenv("DYN_SELF_HOST_METADATA", "off")
     card = card_of(make_model_dir("tiny"))
-    assert not will_self_host(server, None)
-    published = prepare_card(card, server=server, self_host=None, hf_repo=None, **ENDPOINT)
+    assert not will_self_host(server, False)
+    assert will_self_host(server, True)
+    published = prepare_card(card, server=server, self_host=False, hf_repo=None, **ENDPOINT)
     assert published == card.replace(extra_files=())
     assert len(server.registry) == 0
 
 
 def test_no_server_keeps_local_paths_and_logs_exactly_one_info_line(
-    make_model_dir: Callable[..., Path],
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    make_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.delenv("DYN_SELF_HOST_METADATA", raising=False)
     card = from_dir(make_model_dir("tiny"))
     caplog.set_level(logging.DEBUG, logger="discovery_mdc")
-    published = prepare_card(card, server=None, self_host=None, hf_repo=None, **ENDPOINT)
+    published = prepare_card(card, server=None, self_host=True, hf_repo=None, **ENDPOINT)
     assert published == card
     records = [r for r in caplog.records if r.name.startswith("discovery_mdc.worker")]
     assert [(r.levelno, "no status server" in r.getMessage()) for r in records] == [
@@ -278,3 +285,86 @@ async def test_build_worker_card_hashes_extras_only_when_self_hosting(
     assert local.extra_files == ()
     assert local.model_info is not None
     assert local.model_info.file.path == str(model_dir / "config.json")
+
+
+# --------------------------------------------------------------------------- pure rewrite
+
+
+def test_move_to_self_host_returns_the_registrations_and_touches_nothing(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    model_dir = make_model_dir("tiny")
+    card = card_of(model_dir)
+    prepared = move_to_self_host(card, BASE, **ENDPOINT)
+    assert prepared.owner == model_ref(card, **ENDPOINT)
+    # Two registrations per file, one per route, naming the file as the card had it.
+    expected = []
+    for _, f in card.files():
+        for key in (f"tiny/{f.basename}", f"dynamo/backend/generate/tiny/_base/{f.basename}"):
+            expected.append((key, f.path, f.checksum, f.size))
+    assert [(r.key, r.path, r.checksum, r.size) for r in prepared.registrations] == expected
+    assert move_to_self_host(card, BASE, **ENDPOINT) == prepared  # same card, same answer
+    # No file is opened or stat'ed: the rewrite works on a card whose files are gone, and
+    # only registering them notices.
+    for _, f in card.files():
+        Path(f.path).unlink()
+    gone = move_to_self_host(card, BASE, **ENDPOINT)
+    assert gone == prepared
+    registry = MetadataRegistry()
+    with pytest.raises(RegistryError, match="not readable"):
+        gone.register(registry)
+    assert len(registry) == 0
+
+
+def test_prepared_card_registers_all_or_nothing_and_its_owner_releases_it(
+    make_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    registry = MetadataRegistry()
+    prepared = move_to_self_host(card_of(make_model_dir("tiny")), BASE, **ENDPOINT)
+    prepared.register(registry)
+    assert registry.keys() == sorted(r.key for r in prepared.registrations)
+    prepared.register(registry)  # the same files again: nothing changes
+    assert len(registry) == len(prepared.registrations)
+    assert registry.unregister_model(prepared.owner) == len(prepared.registrations)
+    # A card that clashes with what is served registers none of its files.
+    template = tmp_path / "elsewhere" / "tokenizer_config.json"
+    template.parent.mkdir()
+    template.write_text('{"chat_template": "x"}')
+    clash = move_to_self_host(
+        card_of(make_model_dir("other"), custom_template=template), BASE, **ENDPOINT
+    )
+    with pytest.raises(RegistryError, match=r"tokenizer_config\.json"):
+        clash.register(registry)
+    assert len(registry) == 0
+
+
+def test_prepare_for_publishing_without_a_server_has_no_registrations(
+    make_model_dir: Callable[..., Path],
+) -> None:
+    card = card_of(make_model_dir("tiny"))
+    assert card.extra_files
+    local = prepare_for_publishing(card, base_url=None, self_host=True, hf_repo=None, **ENDPOINT)
+    assert local == PreparedCard(card.replace(extra_files=()), model_ref(card, **ENDPOINT))
+    hf = prepare_for_publishing(card, base_url=BASE, self_host=False, hf_repo="Org/M", **ENDPOINT)
+    assert hf.registrations == () and hf.card.extra_files == ()
+    assert {f.path for _, f in hf.card.files()} == {
+        f"hf://Org/M/{slot.file.basename}" for _, slot in card.slots()
+    }
+    hosted = prepare_for_publishing(
+        card, base_url=BASE, self_host=True, hf_repo="Org/M", **ENDPOINT
+    )
+    assert hosted == move_to_self_host(card, BASE, **ENDPOINT)
+
+
+async def test_build_for_publishing_leaves_the_running_server_untouched(
+    server: StatusServer, make_model_dir: Callable[..., Path]
+) -> None:
+    model_dir = make_model_dir("tiny")
+    prepared = build_for_publishing(
+        str(model_dir), base_url=server.base_url, self_host=True, **ENDPOINT
+    )
+    assert len(server.registry) == 0
+    assert prepared.card.extra_files and prepared.registrations
+    assert all(f.path.startswith(server.base_url) for _, f in prepared.card.files())
+    prepared.register(server.registry)
+    assert len(server.registry) == len(prepared.registrations)

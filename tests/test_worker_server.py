@@ -13,9 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from discovery_mdc.card import ModelDeploymentCard, from_dir
+from discovery_mdc.errors import ConfigError
 from discovery_mdc.worker._registry import MetadataRegistry
 from discovery_mdc.worker._selfhost import move_to_self_host
-from discovery_mdc.worker._server import StatusServer, _ConnectionGuard, system_server_config
+from discovery_mdc.worker._server import StatusServer, _ConnectionGuard
 
 ENDPOINT = {"namespace": "dynamo", "component": "backend", "endpoint": "generate"}
 
@@ -56,7 +57,9 @@ def self_hosted(
     server: StatusServer, model_dir: Path, **from_dir_kwargs: object
 ) -> ModelDeploymentCard:
     card = from_dir(model_dir, include_extra_files=True, **from_dir_kwargs)  # type: ignore[arg-type]
-    return move_to_self_host(card, server.registry, server.base_url, **ENDPOINT)
+    prepared = move_to_self_host(card, server.base_url, **ENDPOINT)
+    prepared.register(server.registry)
+    return prepared.card
 
 
 def url_path(url: str) -> str:
@@ -324,7 +327,7 @@ async def test_a_raising_health_callback_reports_not_ready() -> None:
         assert b"boom" not in body
 
 
-async def test_start_returns_the_bound_port_and_stop_is_idempotent() -> None:
+async def test_start_returns_the_bound_port_and_close_is_idempotent() -> None:
     srv = StatusServer("127.0.0.1", 0, registry=MetadataRegistry())
     assert not srv.is_running
     with pytest.raises(RuntimeError):
@@ -335,8 +338,8 @@ async def test_start_returns_the_bound_port_and_stop_is_idempotent() -> None:
         assert srv.base_url == f"http://127.0.0.1:{port}"
         assert (await raw_request(port, "/live"))[0] == 200
     finally:
-        await srv.stop()
-        await srv.stop()
+        await srv.close()
+        await srv.close()
     assert not srv.is_running
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
@@ -355,19 +358,27 @@ async def test_start_returns_the_bound_port_and_stop_is_idempotent() -> None:
         (None, None, {"DYN_SYSTEM_PORT": "7", "DYN_SYSTEM_HOST": ""}, ("0.0.0.0", 7)),
     ],
 )
-def test_system_server_config_flag_beats_env_beats_default(
+def test_from_env_arguments_beat_variables_beat_defaults(
     port_flag: int | None,
     host_flag: str | None,
     env: dict[str, str],
     expected: tuple[str, int] | None,
 ) -> None:
-    assert system_server_config(port_flag, host_flag, env=env) == expected
+    registry = MetadataRegistry()
+    srv = StatusServer.from_env(registry=registry, port=port_flag, host=host_flag, env=env)
+    assert (None if srv is None else (srv.host, srv._requested_port)) == expected
 
 
 @pytest.mark.parametrize("bad", ["http", "-1", "65536", "1.5"])
-def test_system_server_config_rejects_bad_ports(bad: str) -> None:
-    with pytest.raises(ValueError, match="port"):
-        system_server_config(None, None, env={"DYN_SYSTEM_PORT": bad})
+def test_from_env_rejects_bad_ports_naming_the_variable(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"^DYN_SYSTEM_PORT="):
+        StatusServer.from_env(registry=MetadataRegistry(), env={"DYN_SYSTEM_PORT": bad})
+
+
+@pytest.mark.parametrize("bad", [-1, 65536])
+def test_a_port_out_of_range_is_refused_as_the_variable_is(bad: int) -> None:
+    with pytest.raises(ValueError, match=f"^port {bad} is out of range 0-65535$"):
+        StatusServer("127.0.0.1", bad, registry=MetadataRegistry())
 
 
 async def test_from_env_starts_only_when_a_port_is_configured() -> None:

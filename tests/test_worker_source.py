@@ -123,7 +123,7 @@ async def test_hf_snapshot_symlinks_keep_real_names_in_urls_and_are_served(
     )
     async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as server:
         published = prepare_card(
-            card, server=server, self_host=None, hf_repo=source.hf_repo, **ENDPOINT
+            card, server=server, self_host=True, hf_repo=source.hf_repo, **ENDPOINT
         )
         names = sorted(f.path.rsplit("/", 1)[1] for _, f in published.files())
         assert names == [
@@ -145,13 +145,10 @@ async def test_hf_snapshot_symlinks_keep_real_names_in_urls_and_are_served(
 
 
 def test_hf_repo_not_self_hosted_gets_hf_urls(
-    hf_cache: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    make_hf_cache: Callable[..., Path],
+    hf_cache: Path, make_hf_cache: Callable[..., Path]
 ) -> None:
     make_hf_cache(hf_cache, "Org/Snap")
-    monkeypatch.setenv("DYN_SELF_HOST_METADATA", "0")
-    card = build_worker_card("Org/Snap", server=None, self_host=None, **ENDPOINT)
+    card = build_worker_card("Org/Snap", server=None, self_host=False, **ENDPOINT)
     assert card.display_name == "Org/Snap" and card.slug == "org_snap"
     assert card.source_path == "Org/Snap"
     assert card.extra_files == ()

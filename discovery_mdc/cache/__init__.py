@@ -5,8 +5,8 @@ Layers: ``_plan`` is pure (layout, what to fetch, where to link, name validation
 verification, locks, links and the last-use mark; ``_resolve`` runs the pipeline for a card;
 ``_manage`` scans and verifies a cache and plans, then executes, removals (prune, rm, fix).
 
-Cache layout under the root (``cache_dir``, else ``DYN_MDC_CACHE_DIR``, else
-``$HOME/.cache/dynamo/mdc``)::
+Cache layout under the root (``cache_dir``, else ``$HOME/.cache/dynamo/mdc``; the CLI's
+``--cache-dir`` defaults to ``DYN_MDC_CACHE_DIR``)::
 
     blobs/<blake3-hex>                        verified bytes
     by-slug/<slug>/<mdcsum>/<filename>        relative symlink to ../../../blobs/<hex>

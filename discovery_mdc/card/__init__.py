@@ -40,11 +40,12 @@ from discovery_mdc.card._model import (
     parse_model_type,
     uri_basename,
 )
-from discovery_mdc.card._slug import slugify, validate_slug
+from discovery_mdc.card._slug import MAX_MODEL_ID, slugify, unservable_model_id, validate_slug
 
 __all__ = [
     "INSTANCES_PREFIX",
     "MAX_FILE_SIZE",
+    "MAX_MODEL_ID",
     "MAX_PARSED_JSON",
     "MDC_PREFIX",
     "MODEL_TYPE_FLAGS",
@@ -83,6 +84,7 @@ __all__ = [
     "parse_card_key",
     "parse_model_type",
     "slugify",
+    "unservable_model_id",
     "uri_basename",
     "validate_slug",
 ]

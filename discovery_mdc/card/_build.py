@@ -39,6 +39,7 @@ from discovery_mdc.card._model import (
     Slot,
     SlotVariant,
     WorkerType,
+    is_u32,
 )
 from discovery_mdc.card._slug import slugify
 from discovery_mdc.errors import CardError, ModelDirError
@@ -135,9 +136,54 @@ def _context_field(obj: Any, dotted: str, source: Path) -> int | None:
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
-    if isinstance(node, bool) or not isinstance(node, int) or not 0 < node < 2**32:
+    if not (is_u32(node) and node > 0):
         raise CardError(f"{source}: {dotted} must be a positive u32 integer, got {node!r}")
     return node
+
+
+def context_length(config: Any, tokenizer_config: Any, config_path: Path) -> int | None:
+    """The architectural context length of a model, as the reference reads it.
+
+    ``max_position_embeddings`` of ``config.json`` (else of its ``text_config``), which must
+    be a positive u32 when present (:class:`CardError` otherwise); else ``tokenizer_config``'s
+    ``model_max_length`` when it is one (the reference treats an unusable value, often
+    ``1e30``, as absent); else None.
+    """
+    for dotted in ("max_position_embeddings", "text_config.max_position_embeddings"):
+        value = _context_field(config, dotted, config_path)
+        if value is not None:
+            return value
+    if isinstance(tokenizer_config, dict):
+        mml = tokenizer_config.get("model_max_length")
+        if is_u32(mml) and mml > 0:
+            return mml
+    return None
+
+
+# Where each typed slot is found in a model dir: the first candidate that is a file wins. A
+# candidate with a '*' is a pattern that must match exactly one file.
+_SLOT_CANDIDATES: Final[tuple[tuple[str, tuple[tuple[str, SlotVariant], ...]], ...]] = (
+    ("model_info", (("config.json", SlotVariant.HF_CONFIG_JSON),)),
+    (
+        "tokenizer",
+        (
+            ("tokenizer.json", SlotVariant.HF_TOKENIZER_JSON),
+            ("tiktoken.model", SlotVariant.TIK_TOKEN_MODEL),
+            ("*.tiktoken", SlotVariant.TIK_TOKEN_MODEL),
+        ),
+    ),
+    ("prompt_formatter", (("tokenizer_config.json", SlotVariant.HF_TOKENIZER_CONFIG_JSON),)),
+    (
+        "chat_template_file",
+        (
+            ("chat_template.jinja", SlotVariant.HF_CHAT_TEMPLATE),
+            ("chat_template.json", SlotVariant.HF_CHAT_TEMPLATE_JSON),
+        ),
+    ),
+    ("gen_config", (("generation_config.json", SlotVariant.HF_GENERATION_CONFIG_JSON),)),
+)
+# Slots whose JSON from_dir reads (for the context length), parsed as soon as they are hashed.
+_READ_SLOTS: Final = ("model_info", "prompt_formatter")
 
 
 class _Reader:
@@ -164,6 +210,10 @@ class _Reader:
         except OSError as exc:
             raise ModelDirError(f"cannot read {path}: {exc.strerror or exc}") from None
 
+    def json(self, slot: Slot) -> Any:
+        """The parsed JSON of a slot this reader hashed."""
+        return self.hashed[Path(slot.file.path)].json()
+
     def check_json(self, slots: Iterable[Slot | None], parsed: set[Path]) -> None:
         """Parse every ``*.json`` typed slot a frontend parses (``parsed``: done already)."""
         for slot in slots:
@@ -171,25 +221,36 @@ class _Reader:
                 continue
             hashed = self.hashed[Path(slot.file.path)]
             if hashed.path not in parsed and hashed.size <= MAX_PARSED_JSON:
-                hashed.json()
+                self.json(slot)
 
-    def tokenizer(self) -> Slot | None:
-        model_dir = self.model_dir
-        tokenizer_json = model_dir / "tokenizer.json"
-        if tokenizer_json.is_file():
-            return Slot(SlotVariant.HF_TOKENIZER_JSON, self.slot(tokenizer_json).checked())
-        tiktoken_model = model_dir / "tiktoken.model"
-        if tiktoken_model.is_file():
-            return Slot(SlotVariant.TIK_TOKEN_MODEL, self.slot(tiktoken_model).checked())
-        candidates = sorted(p for p in model_dir.glob("*.tiktoken") if p.is_file())
-        if len(candidates) > 1:
-            raise CardError(
-                f"{model_dir}: several *.tiktoken files ({[p.name for p in candidates]}); "
-                "keep exactly one"
-            )
-        if candidates:
-            return Slot(SlotVariant.TIK_TOKEN_MODEL, self.slot(candidates[0]).checked())
+    def find(self, candidates: tuple[tuple[str, SlotVariant], ...]) -> Slot | None:
+        """The slot of the first candidate present in the model dir, hashed; or None."""
+        for name, variant in candidates:
+            if "*" in name:
+                matches = sorted(p for p in self.model_dir.glob(name) if p.is_file())
+                if len(matches) > 1:
+                    raise CardError(
+                        f"{self.model_dir}: several {name} files ({[p.name for p in matches]}); "
+                        "keep exactly one"
+                    )
+                path = matches[0] if matches else None
+            else:
+                path = self.model_dir / name if (self.model_dir / name).is_file() else None
+            if path is not None:
+                return Slot(variant, self.slot(path).checked())
         return None
+
+    def custom_template(self, template: str | os.PathLike[str]) -> Slot:
+        """The operator's chat template, from anywhere (``.json``: the JSON variant)."""
+        custom = Path(template)
+        if not custom.is_file():
+            raise ModelDirError(f"custom chat template {os.fspath(custom)!r} does not exist")
+        variant = (
+            SlotVariant.HF_CHAT_TEMPLATE_JSON
+            if custom.suffix == ".json"
+            else SlotVariant.HF_CHAT_TEMPLATE
+        )
+        return Slot(variant, self.slot(custom, contained=False).checked(), is_custom=True)
 
 
 # Dynamo 1.6.1 leaves exactly this name out of extra_files (case-sensitive: readme.md and
@@ -273,63 +334,19 @@ def from_dir(
         raise ModelDirError(f"model directory {given!r} has no config.json")
 
     reader = _Reader(path, model_root(path), cancel)
-    config = reader.slot(config_path)
-    config_json = config.json()
-    tokenizer = reader.tokenizer()
-
-    prompt_formatter = None
-    tokenizer_config_json: Any = None
-    tc_path = path / "tokenizer_config.json"
-    if tc_path.is_file():
-        tc = reader.slot(tc_path)
-        prompt_formatter = Slot(SlotVariant.HF_TOKENIZER_CONFIG_JSON, tc.checked())
-        tokenizer_config_json = tc.json()
-
-    chat_template = None
-    if custom_template is not None:
-        custom = Path(custom_template)
-        if not custom.is_file():
-            raise ModelDirError(f"custom chat template {os.fspath(custom)!r} does not exist")
-        variant = (
-            SlotVariant.HF_CHAT_TEMPLATE_JSON
-            if custom.suffix == ".json"
-            else SlotVariant.HF_CHAT_TEMPLATE
+    slots: dict[str, Any] = {}  # field -> Slot | None, for the card's constructor
+    parsed: dict[str, Any] = {}  # the JSON of the _READ_SLOTS, by field
+    for field, candidates in _SLOT_CANDIDATES:
+        slot = (
+            reader.custom_template(custom_template)
+            if field == "chat_template_file" and custom_template is not None
+            else reader.find(candidates)
         )
-        custom_file = reader.slot(custom, contained=False).checked()
-        chat_template = Slot(variant, custom_file, is_custom=True)
-    elif (path / "chat_template.jinja").is_file():
-        chat_template = Slot(
-            SlotVariant.HF_CHAT_TEMPLATE, reader.slot(path / "chat_template.jinja").checked()
-        )
-    elif (path / "chat_template.json").is_file():
-        chat_template = Slot(
-            SlotVariant.HF_CHAT_TEMPLATE_JSON, reader.slot(path / "chat_template.json").checked()
-        )
-
-    gen_config = None
-    if (path / "generation_config.json").is_file():
-        gen_config = Slot(
-            SlotVariant.HF_GENERATION_CONFIG_JSON,
-            reader.slot(path / "generation_config.json").checked(),
-        )
-
-    context_length = _context_field(
-        config_json, "max_position_embeddings", config_path
-    ) or _context_field(config_json, "text_config.max_position_embeddings", config_path)
-    if context_length is None and isinstance(tokenizer_config_json, dict):
-        # The reference treats an unusable model_max_length (often 1e30) as absent.
-        mml = tokenizer_config_json.get("model_max_length")
-        if isinstance(mml, int) and not isinstance(mml, bool) and 0 < mml < 2**32:
-            context_length = mml
-
-    slots: dict[str, Any] = {
-        "model_info": Slot(SlotVariant.HF_CONFIG_JSON, config.checked()),
-        "tokenizer": tokenizer,
-        "prompt_formatter": prompt_formatter,
-        "chat_template_file": chat_template,
-        "gen_config": gen_config,
-    }
-    reader.check_json(slots.values(), parsed={config_path, tc_path})
+        slots[field] = slot
+        if field in _READ_SLOTS and slot is not None:
+            parsed[field] = reader.json(slot)
+    context = context_length(parsed["model_info"], parsed.get("prompt_formatter"), config_path)
+    reader.check_json(slots.values(), parsed={config_path, path / "tokenizer_config.json"})
     extra_files: tuple[CheckedFile, ...] = ()
     if include_extra_files:
         used = {s.file.basename for s in slots.values() if s is not None}
@@ -340,8 +357,8 @@ def from_dir(
         display_name=name,
         slug=slugify(name),
         source_path=source_path if source_path is not None else given,
-        architectural_max_context_length=context_length,
-        context_length=context_length,
+        architectural_max_context_length=context,
+        context_length=context,
         kv_cache_block_size=kv_cache_block_size,
         migration_limit=migration_limit,
         model_type=model_type,

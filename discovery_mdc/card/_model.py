@@ -8,9 +8,8 @@ exact bytes received, and unknown fields are preserved and written back after th
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 from urllib.parse import urlsplit
 
 import msgspec
@@ -40,8 +39,6 @@ __all__ = [
     "parse_model_type",
     "uri_basename",
 ]
-
-log = logging.getLogger("discovery_mdc.card")
 
 MODEL_TYPE_FLAGS: Final = (
     "Chat", "Completions", "Embedding", "TensorBased", "Prefill", "Images", "Audios",
@@ -280,7 +277,16 @@ def format_model_type(flags: tuple[str, ...]) -> str:
 # --------------------------------------------------------------------------- decoding
 
 _raw_dict_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_U32_MAX: Final = 2**32 - 1
+U32_MAX: Final = 2**32 - 1
+
+
+def is_u32(value: object) -> TypeGuard[int]:
+    """True for an ``int`` (not a ``bool``) in ``0..2**32-1``: the one u32 rule.
+
+    The decoder checks the card fields the mdcsum packs as u32 with it, and ``from_dir`` the
+    context lengths it reads from a model's JSON (which must also be positive there).
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U32_MAX
 
 
 class _WireCheckedFile(msgspec.Struct, forbid_unknown_fields=False):
@@ -309,7 +315,7 @@ def _typed(field: str, raw: msgspec.Raw, type_: Any) -> Any:
 
 
 def _u32(field: str, value: int) -> int:
-    if not 0 <= value <= _U32_MAX:
+    if not is_u32(value):
         raise CardDecodeError(f"invalid card field {field!r}: {value} is not a u32")
     return value
 
@@ -360,6 +366,112 @@ def _worker_type(field: str, value: str) -> WorkerType:
         ) from None
 
 
+# A field decoder turns one top-level field's raw JSON into the value for the card's
+# constructor, or _DEFAULT to leave the field at its default (a null u32 field).
+_FieldDecoder = Callable[[str, msgspec.Raw], Any]
+_DEFAULT: Final = object()
+
+
+def _plain(type_: Any) -> _FieldDecoder:
+    return lambda field, raw: _typed(field, raw, type_)
+
+
+def _slot_field(allowed: frozenset[SlotVariant]) -> _FieldDecoder:
+    return lambda field, raw: _decode_slot(field, raw, allowed)
+
+
+def _slug_field(field: str, raw: msgspec.Raw) -> str:
+    try:
+        return validate_slug(_typed(field, raw, str))
+    except CardError as exc:
+        raise CardDecodeError(f"invalid card field {field!r}: {exc}") from None
+
+
+def _u32_field(field: str, raw: msgspec.Raw) -> Any:
+    value = _typed(field, raw, int | None)
+    return _DEFAULT if value is None else _u32(field, value)
+
+
+def _prompt_context_field(field: str, raw: msgspec.Raw) -> tuple[str, ...] | None:
+    pc = _typed(field, raw, list[str] | None)
+    return tuple(pc) if pc is not None else None
+
+
+def _model_type_field(field: str, raw: msgspec.Raw) -> tuple[str, ...]:
+    try:
+        return parse_model_type(_typed(field, raw, str))
+    except CardError as exc:
+        raise CardDecodeError(str(exc)) from None
+
+
+def _model_input_field(field: str, raw: msgspec.Raw) -> ModelInput:
+    text = _typed(field, raw, str)
+    try:
+        return ModelInput(text)
+    except ValueError:
+        raise CardDecodeError(
+            f"invalid card field {field!r}: {text!r} is not one of {[m.value for m in ModelInput]}"
+        ) from None
+
+
+def _worker_type_field(field: str, raw: msgspec.Raw) -> WorkerType | None:
+    wt = _typed(field, raw, str | None)
+    return _worker_type(field, wt) if wt is not None else None
+
+
+def _needs_field(field: str, raw: msgspec.Raw) -> tuple[tuple[WorkerType, ...], ...]:
+    needs = _typed(field, raw, list[list[str]] | None) or []
+    return tuple(tuple(_worker_type(field, w) for w in alt) for alt in needs)
+
+
+def _lora_field(field: str, raw: msgspec.Raw) -> LoraInfo | None:
+    lora: LoraInfo | None = _typed(field, raw, LoraInfo | None)
+    if lora is not None and lora.max_gpu_lora_count is not None:
+        _u32(f"{field}.max_gpu_lora_count", lora.max_gpu_lora_count)
+    return lora
+
+
+def _aliases_field(field: str, raw: msgspec.Raw) -> tuple[str, ...]:
+    return tuple(_typed(field, raw, list[str] | None) or ())
+
+
+def _runtime_config_field(field: str, raw: msgspec.Raw) -> msgspec.Raw | None:
+    runtime = _typed(field, raw, _RuntimeContext | None)
+    if runtime is None:
+        return None
+    if runtime.context_length is not None:
+        # It feeds the mdcsum as a u32, so it must be one.
+        _u32(f"{field}.context_length", runtime.context_length)
+    return raw  # kept byte for byte
+
+
+def _extra_files_field(field: str, raw: msgspec.Raw) -> tuple[CheckedFile, ...]:
+    extras = _typed(field, raw, list[_WireCheckedFile] | None) or []
+    return tuple(_checked_file(f"{field}[{i}]", w) for i, w in enumerate(extras))
+
+
+#: The known card fields and their decoders; every other field is kept as opaque raw JSON.
+_FIELD_DECODERS: Final[Mapping[str, _FieldDecoder]] = {
+    "display_name": _plain(str),
+    "slug": _slug_field,
+    "source_path": _plain(str | None),
+    **{name: _slot_field(allowed) for name, allowed in SLOT_FIELDS},
+    "prompt_context": _prompt_context_field,
+    "architectural_max_context_length": _u32_field,
+    "context_length": _u32_field,
+    "kv_cache_block_size": _u32_field,
+    "migration_limit": _u32_field,
+    "model_type": _model_type_field,
+    "model_input": _model_input_field,
+    "worker_type": _worker_type_field,
+    "needs": _needs_field,
+    "lora": _lora_field,
+    "aliases": _aliases_field,
+    "runtime_config": _runtime_config_field,
+    "extra_files": _extra_files_field,
+}
+
+
 def decode_card(data: bytes | str | msgspec.Raw) -> ModelDeploymentCard:
     """Decode card JSON. Raises :class:`CardDecodeError` (a ``ValueError``) naming the field."""
     try:
@@ -373,76 +485,18 @@ def card_from_fields(fields: dict[str, msgspec.Raw]) -> ModelDeploymentCard:
     """Build a card from its top-level fields, each still raw JSON."""
     kw: dict[str, Any] = {}
     opaque: dict[str, msgspec.Raw] = {}
-    seen_slots = {name: allowed for name, allowed in SLOT_FIELDS}
     for key, raw in fields.items():
-        if key in seen_slots:
-            kw[key] = _decode_slot(key, raw, seen_slots[key])
-        elif key in ("display_name",):
-            kw[key] = _typed(key, raw, str)
-        elif key == "slug":
-            slug = _typed(key, raw, str)
-            try:
-                kw[key] = validate_slug(slug)
-            except CardError as exc:
-                raise CardDecodeError(f"invalid card field 'slug': {exc}") from None
-        elif key == "source_path":
-            kw[key] = _typed(key, raw, str | None)
-        elif key == "prompt_context":
-            pc = _typed(key, raw, list[str] | None)
-            kw[key] = tuple(pc) if pc is not None else None
-        elif key in (
-            "architectural_max_context_length",
-            "context_length",
-            "kv_cache_block_size",
-            "migration_limit",
-        ):
-            value = _typed(key, raw, int | None)
-            if value is not None:
-                kw[key] = _u32(key, value)
-        elif key == "model_type":
-            text = _typed(key, raw, str)
-            try:
-                kw[key] = parse_model_type(text)
-            except CardError as exc:
-                raise CardDecodeError(str(exc)) from None
-        elif key == "model_input":
-            text = _typed(key, raw, str)
-            try:
-                kw[key] = ModelInput(text)
-            except ValueError:
-                raise CardDecodeError(
-                    f"invalid card field 'model_input': {text!r} is not one of "
-                    f"{[m.value for m in ModelInput]}"
-                ) from None
-        elif key == "worker_type":
-            wt = _typed(key, raw, str | None)
-            kw[key] = _worker_type(key, wt) if wt is not None else None
-        elif key == "needs":
-            needs = _typed(key, raw, list[list[str]] | None) or []
-            kw[key] = tuple(tuple(_worker_type(key, w) for w in alt) for alt in needs)
-        elif key == "lora":
-            lora = _typed(key, raw, LoraInfo | None)
-            if lora is not None and lora.max_gpu_lora_count is not None:
-                _u32("lora.max_gpu_lora_count", lora.max_gpu_lora_count)
-            kw[key] = lora
-        elif key == "aliases":
-            kw[key] = tuple(_typed(key, raw, list[str] | None) or ())
-        elif key == "runtime_config":
-            runtime = _typed(key, raw, _RuntimeContext | None)
-            if runtime is not None and runtime.context_length is not None:
-                # It feeds the mdcsum as a u32, so it must be one.
-                _u32("runtime_config.context_length", runtime.context_length)
-            kw[key] = raw if runtime is not None else None
-        elif key == "extra_files":
-            extras = _typed(key, raw, list[_WireCheckedFile] | None) or []
-            kw[key] = tuple(_checked_file(f"extra_files[{i}]", w) for i, w in enumerate(extras))
-        else:
+        decode = _FIELD_DECODERS.get(key)
+        if decode is None:
             opaque[key] = raw
+            continue
+        value = decode(key, raw)
+        if value is not _DEFAULT:
+            kw[key] = value
     for required in ("display_name", "slug"):
         if required not in kw:
             raise CardDecodeError(f"invalid card: missing required field {required!r}")
-    kw["opaque"] = opaque
-    return ModelDeploymentCard(**kw)
+    return ModelDeploymentCard(**kw, opaque=opaque)
 
 
 # --------------------------------------------------------------------------- encoding

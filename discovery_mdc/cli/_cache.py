@@ -38,9 +38,11 @@ from discovery_mdc.cache import (
 from discovery_mdc.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
+    Subcommands,
     UsageError,
     add_env_option,
     examples,
+    load_card_file,
     seconds,
 )
 from discovery_mdc.cli._logging import final_line
@@ -134,8 +136,6 @@ def _fetched_json(resolved: ResolvedCard) -> dict[str, Any]:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from discovery_mdc.cli._card import load_card_file
-
     card = load_card_file(Path(args.path))
     bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     try:
@@ -162,7 +162,7 @@ def _fetch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_fetch_parser(card_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_fetch_parser(card_sub: Subcommands) -> None:
     """Add ``card fetch`` to the ``card`` subcommand."""
     fetch = card_sub.add_parser(
         "fetch",
@@ -181,27 +181,18 @@ def add_fetch_parser(card_sub: argparse._SubParsersAction[argparse.ArgumentParse
     )
     fetch.add_argument("path", metavar="CARD.json", help="a card or envelope JSON file")
     add_env_option(fetch, "cache_dir")
-    fetch.add_argument(
-        "--lock-timeout",
-        type=seconds(above=True),
-        default=600.0,
-        metavar="S",
-        help="give up waiting for another process's fetch after S seconds (default %(default)s)",
-    )
-    fetch.add_argument(
-        "--connect-timeout",
-        type=seconds(above=True),
-        default=10.0,
-        metavar="S",
-        help="HTTP connect timeout (default %(default)s)",
-    )
-    fetch.add_argument(
-        "--timeout",
-        type=seconds(above=True),
-        default=300.0,
-        metavar="S",
-        help="total time allowed for one file from one URI (default %(default)s)",
-    )
+    for flag, default, what in (
+        ("--lock-timeout", 600.0, "give up waiting for another process's fetch after S seconds"),
+        ("--connect-timeout", 10.0, "HTTP connect timeout"),
+        ("--timeout", 300.0, "total time allowed for one file from one URI"),
+    ):
+        fetch.add_argument(
+            flag,
+            type=seconds(above=True),
+            default=default,
+            metavar="S",
+            help=f"{what} (default %(default)s)",
+        )
     _add_json(fetch, "the cached card (local dir, mdcsum, files)")
     fetch.set_defaults(func=_fetch)
 
@@ -491,7 +482,7 @@ def _rm(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Subcommands) -> None:
     cache = sub.add_parser(
         "cache",
         help="list, verify, prune and remove from the metadata cache",
@@ -505,7 +496,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    for add in (_add_ls, _add_verify, _add_prune, _add_rm):
+        add_env_option(add(cache_sub), "cache_dir")
 
+
+def _add_ls(cache_sub: Subcommands) -> argparse.ArgumentParser:
     ls = cache_sub.add_parser(
         "ls",
         help="list cached cards and files",
@@ -527,7 +522,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "docs/operations.md)"
     )  # fmt: skip
     ls.set_defaults(func=_ls)
+    return ls
 
+
+def _add_verify(cache_sub: Subcommands) -> argparse.ArgumentParser:
     verify = cache_sub.add_parser(
         "verify",
         help="re-hash every blob (and remove corrupt ones with --fix)",
@@ -555,7 +553,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_confirm_options(verify, " (with --fix)")
     _add_json(verify, "the report (and what --fix removed)")
     verify.set_defaults(func=_verify)
+    return verify
 
+
+def _add_prune(cache_sub: Subcommands) -> argparse.ArgumentParser:
     prune = cache_sub.add_parser(
         "prune",
         help="delete what nobody needs: broken or unused cards, orphaned blobs, temp files",
@@ -593,7 +594,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _add_plan_options(prune)
     prune.set_defaults(func=_prune)
+    return prune
 
+
+def _add_rm(cache_sub: Subcommands) -> argparse.ArgumentParser:
     rm = cache_sub.add_parser(
         "rm",
         help="remove cached models or single mdcsums",
@@ -613,6 +617,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _add_plan_options(rm)
     rm.set_defaults(func=_rm)
-
-    for parser in (ls, verify, prune, rm):
-        add_env_option(parser, "cache_dir")
+    return rm

@@ -1,4 +1,4 @@
-"""``discovery-mdc card inspect``."""
+"""``discovery-mdc card inspect`` (and ``card fetch``, from :mod:`._cache`)."""
 
 from __future__ import annotations
 
@@ -6,36 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import msgspec
-
-from discovery_mdc.card import (
-    ModelDeploymentCard,
-    decode_card,
-    decode_envelope,
-    encode_card,
-    from_dir,
-    mdcsum,
-)
-from discovery_mdc.cli._common import EXIT_OK, examples, model_path
-from discovery_mdc.errors import CardDecodeError
+from discovery_mdc.card import encode_card, from_dir, mdcsum, slugify
+from discovery_mdc.cli._cache import add_fetch_parser
+from discovery_mdc.cli._common import EXIT_OK, Subcommands, examples, load_card_file, model_path
 from discovery_mdc.worker import resolve_model_source
 
-__all__ = ["load_card_file", "register"]
-
-
-def load_card_file(path: Path) -> ModelDeploymentCard:
-    """A card from a JSON file holding either a card or a ``{"type": "Model"}`` envelope."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CardDecodeError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        obj = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
-    except msgspec.DecodeError as exc:
-        raise CardDecodeError(f"{path} is not a JSON object: {exc}") from None
-    if "card_json" in obj:
-        return decode_envelope(data).card
-    return decode_card(data)
+__all__ = ["register"]
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -43,7 +19,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if path.is_file():
         card = load_card_file(path)
         if args.name is not None:
-            card = card.replace(display_name=args.name)
+            # The slug follows the name, as when a worker builds the card under that name.
+            card = card.replace(display_name=args.name, slug=slugify(args.name))
     else:
         # A model dir or an HF repo id in the local HF cache, as `worker --model-path` takes.
         source = resolve_model_source(args.path)
@@ -59,7 +36,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Subcommands) -> None:
     card = sub.add_parser(
         "card",
         help="build, inspect and fetch model deployment cards",
@@ -98,7 +75,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--mdcsum", action="store_true", help="print only the 64-hex mdcsum of the card"
     )
     inspect.set_defaults(func=_inspect)
-
-    from discovery_mdc.cli._cache import add_fetch_parser
-
     add_fetch_parser(card_sub)

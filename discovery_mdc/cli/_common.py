@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import signal
@@ -22,15 +21,19 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeAlias, TypeVar
+
+import msgspec
 
 from discovery_mdc import _env
+from discovery_mdc._lifecycle import cancel_and_wait
+from discovery_mdc.card import ModelDeploymentCard, decode_card, decode_envelope
 from discovery_mdc.cli._logging import final_line
+from discovery_mdc.errors import CardDecodeError
 from discovery_mdc.etcd import EtcdClient
 
 __all__ = [
     "ENV_OPTIONS",
-    "ETCD_TLS_FILES",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -39,12 +42,14 @@ __all__ = [
     "CliParser",
     "EnvOption",
     "HelpFormatter",
+    "Subcommands",
     "UsageError",
     "add_env_option",
     "apply_env_options",
     "argtype",
     "etcd_client",
     "examples",
+    "load_card_file",
     "model_path",
     "port_number",
     "seconds",
@@ -61,6 +66,9 @@ EXIT_INTERRUPTED: Final = 130
 LOG_FORMATS: Final = ("text", "json")
 
 _T = TypeVar("_T")
+
+#: What ``add_subparsers`` returns; each subcommand module's ``register`` adds to one.
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 class UsageError(Exception):
@@ -131,6 +139,22 @@ def _model_path(text: str) -> str:
 
 #: ``--model-path`` (and ``card inspect PATH``): any path or HF repo id that is UTF-8.
 model_path = argtype(_model_path, "model path")
+
+
+def load_card_file(path: Path) -> ModelDeploymentCard:
+    """A card from a JSON file holding either a card or a ``{"type": "Model"}`` envelope
+    (``card inspect`` and ``card fetch`` take both)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CardDecodeError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        obj = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
+    except msgspec.DecodeError as exc:
+        raise CardDecodeError(f"{path} is not a JSON object: {exc}") from None
+    if "card_json" in obj:
+        return decode_envelope(data).card
+    return decode_card(data)
 
 
 def _resolvable(value: str) -> None:
@@ -355,12 +379,6 @@ def apply_env_options(args: argparse.Namespace, env: Mapping[str, str] | None = 
     return from_env
 
 
-#: Variables naming files the etcd client reads for TLS.
-ETCD_TLS_FILES: Final = tuple(
-    v.name for v in (_env.ETCD_AUTH_CA, _env.ETCD_AUTH_CLIENT_CERT, _env.ETCD_AUTH_CLIENT_KEY)
-)
-
-
 def etcd_client(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> EtcdClient:
     """A client for ``--etcd``, with auth and TLS from the ``ETCD_AUTH_*`` variables.
 
@@ -404,7 +422,5 @@ async def until_stopped(work: Awaitable[_T], stop: asyncio.Event) -> tuple[bool,
         stopping.cancel()
     if task.done():
         return True, task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    await cancel_and_wait(task)
     return False, None

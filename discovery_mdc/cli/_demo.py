@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -37,9 +37,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.cache import cache_stats
 from discovery_mdc.card import decode_envelope
-from discovery_mdc.cli._common import EXIT_INTERRUPTED, EXIT_OK, examples, model_path
+from discovery_mdc.cli._common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Subcommands,
+    examples,
+    model_path,
+    seconds,
+)
 from discovery_mdc.errors import CardDecodeError, DiscoveryError
-from discovery_mdc.etcd import EtcdClient, EtcdServer
+from discovery_mdc.etcd import EtcdClient, EtcdServer, RangeResult
 from discovery_mdc.frontend import ModelWatcher, build_app, model_id
 from discovery_mdc.worker import PublishedModel, Worker, resolve_model_source
 
@@ -154,82 +161,85 @@ def _cache_tree(root: Path) -> Iterator[str]:
             yield f"    {'  ' * (depth - 1)}{link.name}/"
 
 
-async def _summary(run: _Run, watcher: ModelWatcher, fetched: dict[str, int]) -> None:
+def _section(title: str, lines: Iterable[str]) -> None:
+    _say()
+    _say(f"== {title}")
+    for line in lines:
+        _say(f"  {line}")
+
+
+def _etcd_keys(listing: RangeResult) -> Iterator[str]:
+    for kv in listing.kvs:
+        try:
+            what = f"model {decode_envelope(kv.value).card.display_name!r}"
+        except CardDecodeError:
+            what = "not a card"
+        yield f"{kv.key}  lease {kv.lease:x}  {len(kv.value)} B  ({what})"
+
+
+def _card_urls(run: _Run) -> Iterator[str]:
+    for replica in run.replicas:
+        yield f"{replica.name} ({replica.published.key}):"
+        for slot, f in replica.published.card.files():
+            yield f"  {slot:<18} {f.path}"
+
+
+def _timings(run: _Run) -> Iterator[str]:
+    yield f"{'etcd started':<36}{_ms(run.etcd_seconds)}"
+    for replica in run.replicas:
+        yield f"{replica.name + ': build + publish the card':<36}{_ms(replica.publish_seconds)}"
+        yield f"{replica.name + ': publish -> ready':<36}{_ms(replica.ready_seconds)}"
+    yield f"{'total so far':<36}{_ms(time.monotonic() - run.started)}"
+
+
+def _second_replica(
+    run: _Run, watcher: ModelWatcher, fetched: dict[str, int], served: dict[str, int]
+) -> Iterator[str]:
+    """The lines proving the second replica joined without a download; raises
+    :class:`DemoError` when the counters do not show that."""
     first, second = run.replicas
+    info = watcher.model(run.model)
+    assert info is not None
+    ws = next(ws for ws in info.worker_sets if second.published.key in ws.instances)
+    files = len(list(first.published.card.files()))
+    yield (
+        f"worker set {ws.key} (mdcsum {ws.mdcsum[:16]}...) has {len(ws.instances)} "
+        f"instances: {', '.join(k.rsplit('/', 1)[-1] for k in ws.instances)}"
+    )
+    yield (
+        f"frontend fetches: {fetched['after_first']} after {first.name} "
+        f"({fetched['bytes']} B, {files} files), {fetched['after_second']} after "
+        f"{second.name}"
+    )
+    yield "metadata requests served: " + ", ".join(f"{n} {c}" for n, c in served.items())
+    no_download = (
+        fetched["after_second"] == fetched["after_first"] == files
+        and served[second.name] == 0
+        and len(ws.instances) == 2
+    )
+    if not no_download:
+        raise DemoError(
+            f"{second.name} joined, but the counters do not show a single download: "
+            f"fetches {fetched}, metadata requests {served}, files {files}"
+        )
+    yield f"=> {second.name} joined the ready worker set without another download."
+
+
+async def _summary(run: _Run, watcher: ModelWatcher, fetched: dict[str, int]) -> None:
     async with EtcdClient([run.etcd.client_url]) as client:
         listing = await client.range_prefix_all("v1/")
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{run.frontend_url}/v1/models") as resp:
             models_json = await resp.json()
         served = {r.name: await _metadata_requests(http, r) for r in run.replicas}
-
-    info = watcher.model(run.model)
-    assert info is not None
-    files = list(first.published.card.files())
-
-    _say()
-    _say(f"== etcd keys under v1/ (revision {listing.revision}, {run.etcd.client_url})")
-    for kv in listing.kvs:
-        try:
-            what = f"model {decode_envelope(kv.value).card.display_name!r}"
-        except CardDecodeError:
-            what = "not a card"
-        _say(f"  {kv.key}  lease {kv.lease:x}  {len(kv.value)} B  ({what})")
-
-    _say()
-    _say(f"== the card's self-hosted URLs ({len(files)} files)")
-    for replica in run.replicas:
-        _say(f"  {replica.name} ({replica.published.key}):")
-        for slot, f in replica.published.card.files():
-            _say(f"    {slot:<18} {f.path}")
-
-    _say()
-    _say(f"== GET {run.frontend_url}/v1/models")
-    for line in json.dumps(models_json, indent=2).splitlines():
-        _say(f"  {line}")
-
-    _say()
-    _say("== frontend cache")
-    for line in _cache_tree(run.cache_dir):
-        _say(f"  {line}")
-
-    _say()
-    _say("== timings")
-    _say(f"  {'etcd started':<36}{_ms(run.etcd_seconds)}")
-    for replica in run.replicas:
-        _say(f"  {replica.name + ': build + publish the card':<36}{_ms(replica.publish_seconds)}")
-        _say(f"  {replica.name + ': publish -> ready':<36}{_ms(replica.ready_seconds)}")
-    _say(f"  {'total so far':<36}{_ms(time.monotonic() - run.started)}")
-
-    _say()
-    _say("== second replica")
-    sets = [ws for ws in info.worker_sets if second.published.key in ws.instances]
-    ws = sets[0]
-    _say(
-        f"  worker set {ws.key} (mdcsum {ws.mdcsum[:16]}...) has {len(ws.instances)} "
-        f"instances: {', '.join(k.rsplit('/', 1)[-1] for k in ws.instances)}"
-    )
-    _say(
-        f"  frontend fetches: {fetched['after_first']} after {first.name} "
-        f"({fetched['bytes']} B, {len(files)} files), {fetched['after_second']} after "
-        f"{second.name}"
-    )
-    _say(
-        "  metadata requests served: "
-        + ", ".join(f"{name} {count}" for name, count in served.items())
-    )
-    no_download = (
-        fetched["after_second"] == fetched["after_first"] == len(files)
-        and served[second.name] == 0
-        and len(ws.instances) == 2
-    )
-    if no_download:
-        _say(f"  => {second.name} joined the ready worker set without another download.")
-    else:
-        raise DemoError(
-            f"{second.name} joined, but the counters do not show a single download: "
-            f"fetches {fetched}, metadata requests {served}, files {len(files)}"
-        )
+    files = len(list(run.replicas[0].published.card.files()))
+    _section(f"etcd keys under v1/ (revision {listing.revision}, {run.etcd.client_url})",
+             _etcd_keys(listing))  # fmt: skip
+    _section(f"the card's self-hosted URLs ({files} files)", _card_urls(run))
+    _section(f"GET {run.frontend_url}/v1/models", json.dumps(models_json, indent=2).splitlines())
+    _section("frontend cache", _cache_tree(run.cache_dir))
+    _section("timings", _timings(run))
+    _section("second replica", _second_replica(run, watcher, fetched, served))
 
 
 def _print_urls(run: _Run) -> None:
@@ -421,17 +431,12 @@ def _sample_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
-    return value
+def register(sub: Subcommands) -> None:
+    _add_demo(sub)
+    _add_sample_model(sub)
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_demo(sub: Subcommands) -> None:
     demo = sub.add_parser(
         "demo",
         help="run etcd, two workers and a frontend in one process tree, and show what happens",
@@ -465,7 +470,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     demo.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=seconds(above=True),
         default=30.0,
         metavar="S",
         help="seconds to wait for the model (and then the second replica) to be ready on the "
@@ -479,6 +484,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     demo.set_defaults(func=_demo, default_log_level="warning")
 
+
+def _add_sample_model(sub: Subcommands) -> None:
     sample = sub.add_parser(
         "sample-model",
         help="write a small sample HF-style model directory",

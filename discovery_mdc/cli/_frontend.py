@@ -13,9 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
-from discovery_mdc.card import decode_envelope, mdcsum, parse_card_key
+from discovery_mdc.card import MDC_PREFIX, decode_envelope, mdcsum, parse_card_key
 from discovery_mdc.cli._common import (
     EXIT_OK,
+    Subcommands,
     add_env_option,
     etcd_client,
     examples,
@@ -140,7 +141,8 @@ def _card_rows(kvs: Sequence[KeyValue]) -> list[dict[str, Any]]:
         }
         if parsed is None:
             row.update(
-                status="not_a_card_key", reason="not v1/mdc/{ns}/{component}/{endpoint}/{id:x}"
+                status="not_a_card_key",
+                reason=f"not {MDC_PREFIX}{{ns}}/{{component}}/{{endpoint}}/{{id:x}}",
             )
         else:
             try:
@@ -162,7 +164,7 @@ def _card_rows(kvs: Sequence[KeyValue]) -> list[dict[str, Any]]:
 
 async def _list_cards(args: argparse.Namespace) -> int:
     async with etcd_client(args) as client:
-        result = await client.range_prefix_all("v1/mdc/")
+        result = await client.range_prefix_all(MDC_PREFIX)
     rows = _card_rows(result.kvs)
     if args.json:
         sys.stdout.write(json.dumps({"revision": result.revision, "cards": rows}, indent=2) + "\n")
@@ -192,7 +194,7 @@ def _ls(args: argparse.Namespace) -> int:
     return asyncio.run(_list_cards(args))
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Subcommands) -> None:
     fe = sub.add_parser(
         "frontend",
         help="watch etcd for cards, verify and cache their metadata, serve /v1/models",

@@ -72,16 +72,16 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _configure_logging(args: argparse.Namespace) -> str:
-    """Flags win; then ``DYN_LOG`` and ``DYN_LOGGING_JSONL``; then the defaults. Returns the
-    level."""
+def _configure_logging(args: argparse.Namespace, jsonl: bool) -> str:
+    """Flags win; then ``DYN_LOG`` and ``DYN_LOGGING_JSONL`` (``jsonl``); then the defaults.
+    Returns the level."""
     log_filter = _env.LOG.get()
     level = str(
         args.log_level
         or (log_filter.level if log_filter is not None else None)
         or getattr(args, "default_log_level", "info")
     )
-    fmt = args.log_format or ("json" if _env.LOGGING_JSONL.get() else "text")
+    fmt = args.log_format or ("json" if jsonl else "text")
     targets = log_filter.targets if log_filter is not None and not args.log_level else ()
     configure_logging(level, fmt, targets)
     if log_filter is not None and log_filter.skipped:
@@ -95,10 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 failed, 2 usage or bad input, 130
     interrupted)."""
     arguments = sys.argv[1:] if argv is None else list(argv)
-    guess_format(arguments, _env.LOGGING_JSONL.get())
+    jsonl = _env.LOGGING_JSONL.get()
+    guess_format(arguments, jsonl)
     parser = build_parser()
     args = parser.parse_args(arguments)
-    debug = _configure_logging(args) == "debug"
+    debug = _configure_logging(args, jsonl) == "debug"
     try:
         args.from_env = apply_env_options(args)
         code: int = args.func(args)

@@ -8,9 +8,10 @@ import logging
 from typing import Any
 
 from discovery_mdc import _env
-from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type
+from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type, unservable_model_id
 from discovery_mdc.cli._common import (
     EXIT_OK,
+    Subcommands,
     UsageError,
     add_env_option,
     etcd_client,
@@ -148,6 +149,16 @@ def _model_type(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _model_id(text: str) -> str:
+    # The frontends' admission rule: a name they would reject is refused here, at start.
+    why = unservable_model_id(text)
+    if why is not None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {why}, so no frontend could serve it at /v1/models/{{id}}"
+        )
+    return text
+
+
 def _transport(text: str) -> str:
     try:
         parse_instance_transport(text)
@@ -156,7 +167,7 @@ def _transport(text: str) -> str:
     return text
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Subcommands) -> None:
     w = sub.add_parser(
         "worker",
         help="publish a model's deployment card until stopped",
@@ -182,31 +193,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     add_env_option(w, "etcd")
-    w.add_argument(
-        "--model-path",
-        required=True,
-        type=model_path,
-        help="a local HF-style model directory, or an HF repo id in the local HF cache",
-    )
-    w.add_argument(
-        "--model-name",
-        default=None,
-        help="served name (default: the directory's base name, or the repo id)",
-    )
-    for dest in ("namespace", "component", "endpoint"):
-        add_env_option(w, dest)
-    w.add_argument(
-        "--model-type",
-        type=_model_type,
-        default=("Chat", "Completions"),
-        help=f"flags joined by '|' from {', '.join(MODEL_TYPE_FLAGS)} (default 'Chat|Completions')",
-    )
-    w.add_argument(
-        "--custom-template",
-        default=None,
-        help="a chat template file to publish instead of the model's own",
-    )
-    w.add_argument("--lora-name", default=None, help="publish the card as this LoRA adapter")
+    _add_model_options(w)
     for dest in (
         "lease_ttl",
         "system_port",
@@ -225,3 +212,38 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "routes to this worker",
     )
     w.set_defaults(func=_worker)
+
+
+def _add_model_options(w: argparse.ArgumentParser) -> None:
+    """What to publish, and as what: the model, its name, endpoint, type and template."""
+    w.add_argument(
+        "--model-path",
+        required=True,
+        type=model_path,
+        help="a local HF-style model directory, or an HF repo id in the local HF cache",
+    )
+    w.add_argument(
+        "--model-name",
+        default=None,
+        type=_model_id,
+        help="served name (default: the directory's base name, or the repo id)",
+    )
+    for dest in ("namespace", "component", "endpoint"):
+        add_env_option(w, dest)
+    w.add_argument(
+        "--model-type",
+        type=_model_type,
+        default=("Chat", "Completions"),
+        help=f"flags joined by '|' from {', '.join(MODEL_TYPE_FLAGS)} (default 'Chat|Completions')",
+    )
+    w.add_argument(
+        "--custom-template",
+        default=None,
+        help="a chat template file to publish instead of the model's own",
+    )
+    w.add_argument(
+        "--lora-name",
+        default=None,
+        type=_model_id,
+        help="publish the card as this LoRA adapter",
+    )

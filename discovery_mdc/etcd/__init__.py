@@ -35,7 +35,6 @@ from discovery_mdc.etcd._lease import (
     LeaseSession,
     Registration,
     SessionState,
-    lease_ttl_from_env,
 )
 from discovery_mdc.etcd._server import EtcdCluster, EtcdServer, find_etcd_binary
 from discovery_mdc.etcd._startup import retry_until_reachable
@@ -70,6 +69,5 @@ __all__ = [
     "WatchState",
     "endpoints_from_env",
     "find_etcd_binary",
-    "lease_ttl_from_env",
     "retry_until_reachable",
 ]

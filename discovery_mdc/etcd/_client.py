@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import random
 import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -40,9 +41,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
-import tenacity
 
 from discovery_mdc import _env
+from discovery_mdc._backoff import Backoff
+from discovery_mdc._clock import Sleep
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc.errors import (
     EtcdAuthError,
@@ -96,6 +98,8 @@ _RETRYABLE_HTTP = frozenset({502, 503, 504})
 KEEPALIVE_IDLE = 5
 KEEPALIVE_INTERVAL = 2
 KEEPALIVE_COUNT = 3
+#: The longest pause between two rounds over the endpoints.
+_ROUND_PAUSE_MAX = 1.0
 _T = TypeVar("_T")
 
 
@@ -108,14 +112,6 @@ class _Retryable(Exception):
     def __init__(self, message: str, *, tls: bool = False) -> None:
         super().__init__(message)
         self.tls = tls
-
-
-class _RoundFailed(Exception):
-    """Every endpoint failed once in this round."""
-
-
-class _TlsRefused(Exception):
-    """Every endpoint refused the TLS handshake on certificates in this round."""
 
 
 def _certificate_problem(exc: BaseException) -> bool:
@@ -184,7 +180,10 @@ def _normalize_endpoint(endpoint: str, tls: bool) -> str:
 class EtcdClient(AsyncService):
     """Async etcd v3 client over the JSON gateway, with endpoint failover and auth.
 
-    Use as ``async with EtcdClient([...]) as client:`` or call :meth:`close`.
+    Use as ``async with EtcdClient([...]) as client:`` or call :meth:`close`. A request
+    tries every endpoint up to ``connect_retries`` times, pausing between rounds for a
+    jittered exponential backoff from ``retry_backoff`` seconds (``rng`` and ``sleep`` are
+    injectable, as in :class:`~discovery_mdc.etcd.LeaseSession`).
     """
 
     def __init__(
@@ -199,6 +198,8 @@ class EtcdClient(AsyncService):
         request_timeout: float = 5.0,
         connect_retries: int = 5,
         retry_backoff: float = 0.1,
+        rng: Callable[[], float] = random.random,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = endpoints.split(",")
@@ -216,6 +217,8 @@ class EtcdClient(AsyncService):
         self._request_timeout = request_timeout
         self._connect_retries = max(1, connect_retries)
         self._retry_backoff = retry_backoff
+        self._rng = rng
+        self._sleep = sleep
         self._current = 0
         self._token: str | None = None
         self._auth_lock = asyncio.Lock()
@@ -356,60 +359,54 @@ class EtcdClient(AsyncService):
     ) -> tuple[_T, str, bool]:
         """Run ``attempt(endpoint)`` round-robin from the current endpoint until one works.
 
-        Rounds over all endpoints are retried by tenacity with jittered exponential waits.
-        Returns (result, endpoint, whether an earlier attempt may have reached etcd).
+        Up to ``connect_retries`` rounds over all endpoints, with a jittered exponential pause
+        (:class:`~discovery_mdc._backoff.Backoff`, at most :data:`_ROUND_PAUSE_MAX`) between
+        rounds. Returns (result, endpoint, whether an earlier attempt may have reached etcd).
         """
-        n = len(self._endpoints)
-        last: list[BaseException] = []
-        maybe_sent = False
-
-        async def one_round() -> tuple[_T, str]:
-            nonlocal maybe_sent
-            start = self._current
-            tls_refusals = 0
-            for i in range(n):
-                idx = (start + i) % n
-                endpoint = self._endpoints[idx]
-                try:
-                    result = await attempt(endpoint)
-                except _Retryable as exc:
-                    last.append(exc)
-                    tls_refusals += exc.tls
-                    # Only a refused or failed connect proves the request never left.
-                    if not isinstance(exc.__cause__, aiohttp.ClientConnectorError):
-                        maybe_sent = True
-                    log.debug(
-                        "etcd %s%s failed (%s); trying the next endpoint", endpoint, path, exc
-                    )
-                    continue
-                if self._current != idx:
-                    log.info("etcd: now using endpoint %s", endpoint)
-                self._current = idx
-                return result, endpoint
-            if tls_refusals == n:
-                raise _TlsRefused
-            raise _RoundFailed
-
-        retrying: tenacity.AsyncRetrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(self._connect_retries),
-            wait=tenacity.wait_random_exponential(multiplier=self._retry_backoff, max=1.0),
-            retry=tenacity.retry_if_exception_type(_RoundFailed),
-            reraise=True,
+        failures: list[_Retryable] = []
+        backoff = Backoff(self._retry_backoff, _ROUND_PAUSE_MAX, self._rng)
+        for round_no in range(self._connect_retries):
+            if round_no:
+                await self._sleep(backoff.next_delay())
+            done = await self._one_round(path, attempt, failures)
+            if done is not None:
+                # Only a refused or failed connect proves the request never left.
+                maybe_sent = any(
+                    not isinstance(f.__cause__, aiohttp.ClientConnectorError) for f in failures
+                )
+                return done[0], done[1], maybe_sent
+            if all(f.tls for f in failures[-len(self._endpoints) :]):
+                raise EtcdTlsError(
+                    f"TLS handshake with etcd refused on certificates for {path} (tried "
+                    f"{', '.join(self._endpoints)}; check ETCD_AUTH_CA, ETCD_AUTH_CLIENT_CERT "
+                    f"and ETCD_AUTH_CLIENT_KEY): {failures[-1]}"
+                )
+        raise EtcdConnectionError(
+            f"no etcd endpoint reachable for {path} (tried {', '.join(self._endpoints)}, "
+            f"{self._connect_retries} round(s)); last error: {failures[-1]}"
         )
-        try:
-            outcome: tuple[_T, str] = await retrying(one_round)
-        except _TlsRefused:
-            raise EtcdTlsError(
-                f"TLS handshake with etcd refused on certificates for {path} (tried "
-                f"{', '.join(self._endpoints)}; check ETCD_AUTH_CA, ETCD_AUTH_CLIENT_CERT and "
-                f"ETCD_AUTH_CLIENT_KEY): {last[-1]}"
-            ) from None
-        except _RoundFailed:
-            raise EtcdConnectionError(
-                f"no etcd endpoint reachable for {path} (tried {', '.join(self._endpoints)}, "
-                f"{self._connect_retries} round(s)); last error: {last[-1] if last else None}"
-            ) from None
-        return outcome[0], outcome[1], maybe_sent
+
+    async def _one_round(
+        self, path: str, attempt: Callable[[str], Awaitable[_T]], failures: list[_Retryable]
+    ) -> tuple[_T, str] | None:
+        """Try every endpoint once, from the current one: (result, endpoint) from the first
+        that works, or None (each failure appended to ``failures``)."""
+        n = len(self._endpoints)
+        start = self._current
+        for i in range(n):
+            idx = (start + i) % n
+            endpoint = self._endpoints[idx]
+            try:
+                result = await attempt(endpoint)
+            except _Retryable as exc:
+                failures.append(exc)
+                log.debug("etcd %s%s failed (%s); trying the next endpoint", endpoint, path, exc)
+                continue
+            if self._current != idx:
+                log.info("etcd: now using endpoint %s", endpoint)
+            self._current = idx
+            return result, endpoint
+        return None
 
     async def _auth_headers(self, *, refresh: bool = False) -> dict[str, str]:
         if self._username is None:

@@ -64,7 +64,6 @@ __all__ = [
 ]
 
 # gRPC status codes the client maps to specific errors.
-GRPC_INVALID_ARGUMENT = 3
 GRPC_NOT_FOUND = 5
 GRPC_PERMISSION_DENIED = 7
 GRPC_OUT_OF_RANGE = 11

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from discovery_mdc._backoff import RECONNECT_BACKOFF_MAX, Backoff
 from discovery_mdc._clock import Clock, Sleep, every
-from discovery_mdc._lifecycle import AsyncService
+from discovery_mdc._lifecycle import AsyncService, cancel_and_wait
 from discovery_mdc.errors import EtcdCompactedError, EtcdError
 from discovery_mdc.etcd._codec import KeyValue, RangeResult, WatchResponse
 from discovery_mdc.etcd._store import Store
@@ -166,12 +166,7 @@ class PrefixInformer(AsyncService):
     async def close(self) -> None:
         """Stop watching and end :meth:`batches`."""
         self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()
         self.connected = False
         self._queue.put_nowait(None)

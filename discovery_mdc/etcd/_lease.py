@@ -24,7 +24,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from discovery_mdc import _env
 from discovery_mdc._backoff import RECONNECT_BACKOFF_MAX, Backoff
@@ -42,7 +42,6 @@ __all__ = [
     "LeaseSession",
     "Registration",
     "SessionState",
-    "lease_ttl_from_env",
 ]
 
 log = logging.getLogger("discovery_mdc.etcd")
@@ -77,12 +76,6 @@ class KeyHandle:
         return f"KeyHandle(key={self.key!r})"
 
 
-def lease_ttl_from_env(env: Mapping[str, str] | None = None) -> int:
-    """``ETCD_LEASE_TTL`` in whole seconds (default 10). Raises
-    :class:`~discovery_mdc.errors.ConfigError` (a ValueError) unless it is 1 to etcd's maximum."""
-    return _env.ETCD_LEASE_TTL.get(env)
-
-
 class LeaseSession(AsyncService):
     """Holds one lease for a set of keys and re-registers them when the lease is lost.
 
@@ -109,9 +102,7 @@ class LeaseSession(AsyncService):
         on_key_recreated: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
-        if not 1 <= ttl <= _env.MAX_LEASE_TTL:
-            raise ValueError(f"lease TTL must be 1 to {_env.MAX_LEASE_TTL} seconds, got {ttl}")
-        self._ttl = ttl
+        self._ttl = _env.check_lease_ttl(ttl)
         self._startup_timeout = startup_timeout
         self._clock = clock
         self._sleep = sleep

@@ -24,24 +24,15 @@ class _CacheStatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
-        yield CounterMetricFamily(
-            "discovery_mdc_fetched_bytes",
-            "metadata bytes fetched into the cache",
-            value=s.bytes_fetched,
-        )
-        yield CounterMetricFamily(
-            "discovery_mdc_blob_fetches",
-            "blobs fetched and published into the cache",
-            value=s.fetches,
-        )
-        yield CounterMetricFamily(
-            "discovery_mdc_blob_hits", "blobs already in the cache and verified", value=s.hits
-        )
-        yield CounterMetricFamily(
-            "discovery_mdc_blob_failures",
-            "blob fetches or verifications that failed",
-            value=s.failures,
-        )
+        yield from _counters(
+            ("discovery_mdc_fetched_bytes", "metadata bytes fetched into the cache",
+             s.bytes_fetched),
+            ("discovery_mdc_blob_fetches", "blobs fetched and published into the cache",
+             s.fetches),
+            ("discovery_mdc_blob_hits", "blobs already in the cache and verified", s.hits),
+            ("discovery_mdc_blob_failures", "blob fetches or verifications that failed",
+             s.failures),
+        )  # fmt: skip
         by_source = CounterMetricFamily(
             "discovery_mdc_source_fetches",
             "metadata fetches by source (host:port, or the scheme for file/hf) and result",
@@ -54,6 +45,12 @@ class _CacheStatsCollector(Collector):
             "discovery_mdc_blob_fetch_seconds",
             "time to fetch and verify one blob into the cache (all its attempts), seconds",
         )
+
+
+def _counters(*rows: tuple[str, str, float]) -> Iterator[CounterMetricFamily]:
+    """One counter family without labels per ``(name, help, value)``."""
+    for name, doc, value in rows:
+        yield CounterMetricFamily(name, doc, value=value)
 
 
 def _labelled(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
@@ -80,11 +77,6 @@ class _InformerCollector(Collector):
             "type",
             {"put": s.events_put, "delete": s.events_delete},
         )
-        yield CounterMetricFamily(
-            "discovery_mdc_watch_reconnects",
-            "watch reconnects after a failure or a silent watch",
-            value=s.reconnects,
-        )
         yield _labelled(
             "discovery_mdc_relists",
             "full relists (start, compaction, reconcile, history_lost)",
@@ -104,14 +96,13 @@ class _InformerCollector(Collector):
             "kind",
             s.repairs,
         )
-        yield CounterMetricFamily(
-            "discovery_mdc_reconcile_read_bytes",
-            "response bytes read from etcd by reconciles",
-            value=s.reconcile_bytes,
-        )
-        yield CounterMetricFamily(
-            "discovery_mdc_reconcile_failures", "reconciles that failed", value=s.reconcile_failures
-        )
+        yield from _counters(
+            ("discovery_mdc_watch_reconnects", "watch reconnects after a failure or a silent "
+             "watch", s.reconnects),
+            ("discovery_mdc_reconcile_read_bytes", "response bytes read from etcd by reconciles",
+             s.reconcile_bytes),
+            ("discovery_mdc_reconcile_failures", "reconciles that failed", s.reconcile_failures),
+        )  # fmt: skip
         yield GaugeMetricFamily(
             "discovery_mdc_watch_silence_seconds",
             "seconds since the etcd watch last delivered anything (events or progress)",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from discovery_mdc._changes import Change, ChangeKind
 from discovery_mdc.card import (
     MDC_PREFIX,
     CardFieldDiff,
-    CardKey,
     ModelDeploymentCard,
     ModelEnvelope,
     card_diff,
@@ -32,6 +30,7 @@ from discovery_mdc.card import (
     format_model_type,
     mdcsum,
     parse_card_key,
+    unservable_model_id,
 )
 from discovery_mdc.errors import CardDecodeError
 
@@ -45,10 +44,8 @@ __all__ = [
     "Registry",
     "RejectedInstance",
     "WorkerSetInfo",
-    "MAX_MODEL_ID",
     "diff_json",
     "model_id",
-    "unservable_model_id",
     "worker_set_key",
 ]
 
@@ -81,10 +78,6 @@ class NamespaceFilter:
             prefix = None
         return cls(namespace, prefix)
 
-    @property
-    def is_global(self) -> bool:
-        return self.namespace is None and self.prefix is None
-
     def etcd_prefix(self) -> str:
         """The narrowest etcd prefix that still holds every admitted key."""
         if self.namespace is not None:
@@ -104,43 +97,6 @@ class NamespaceFilter:
 def model_id(card: ModelDeploymentCard) -> str:
     """The name a model is served under: the LoRA name for an adapter, else display_name."""
     return card.lora.name if card.lora is not None else card.display_name
-
-
-#: The longest model id served. Percent-encoded (up to 12 characters for one), its
-#: ``GET /v1/models/{id}`` request line stays under aiohttp's 8 KiB limit.
-MAX_MODEL_ID: Final = 512
-_UNSERVABLE_CATEGORIES: Final = {
-    "Cc": "a control character",
-    "Cs": "a lone surrogate",
-    "Zl": "a line separator",
-    "Zp": "a paragraph separator",
-}
-
-
-def unservable_model_id(name: str) -> str | None:
-    """Why ``GET /v1/models/{id}`` could not answer for the model id ``name``, or None.
-
-    A listed id must come back from its own URL, percent-encoded or with ``/`` left as is
-    (the OpenAI clients' way): so it is not empty, holds no control character (a newline
-    cannot be matched in a path), line or paragraph separator or lone surrogate, has no
-    ``.`` or ``..`` path segment (clients and servers resolve those away), does not end in
-    ``/ready`` (``/v1/models/{id}/ready`` is a model's readiness) and is at most
-    :data:`MAX_MODEL_ID` characters long.
-    """
-    if not name:
-        return "the model id is empty"
-    if len(name) > MAX_MODEL_ID:
-        return f"the model id is {len(name)} characters long, above {MAX_MODEL_ID}"
-    for ch in name:
-        what = _UNSERVABLE_CATEGORIES.get(unicodedata.category(ch))
-        if what is not None:
-            return f"the model id contains U+{ord(ch):04X}, {what}"
-    segments = name.split("/")
-    if any(segment in (".", "..") for segment in segments):
-        return "the model id has a '.' or '..' path segment"
-    if len(segments) > 1 and segments[-1] == "ready":
-        return "the model id ends in '/ready', the path of the readiness of another model id"
-    return None
 
 
 def worker_set_key(env: ModelEnvelope) -> str:
@@ -192,8 +148,10 @@ def diff_json(diff: Iterable[CardFieldDiff]) -> list[dict[str, str]]:
 
 @dataclass(slots=True)
 class Instance:
+    """An admitted card key: its envelope, its card's mdcsum (computed once per distinct
+    ``card_json``), and whether its worker set is ready."""
+
     key: str
-    card_key: CardKey
     envelope: ModelEnvelope
     mdcsum: str
     ready: bool = False
@@ -243,11 +201,11 @@ class ModelStats:
 
 @dataclass(frozen=True, slots=True)
 class PipelineRequest:
-    """Run verify-and-cache (and prepare) for this card; identity is (model, mdcsum)."""
+    """Run verify-and-cache (and prepare) for (model, mdcsum); :meth:`Registry.sources`
+    gives the card and its sources at each attempt."""
 
     model: str
     mdcsum: str
-    envelope: ModelEnvelope
 
 
 @dataclass(slots=True)
@@ -275,12 +233,12 @@ class Registry:
         self._by_key: dict[str, tuple[str, str]] = {}  # key -> (model, worker set key)
         # Rejected instances, reconsidered when the worker set that blocked them is dropped:
         # a fresh frontend would admit them then, and this one must converge to the same.
-        self._rejected: dict[str, tuple[CardKey, ModelEnvelope, RejectedInstance]] = {}
+        self._rejected: dict[str, tuple[ModelEnvelope, RejectedInstance]] = {}
         # name -> (created, when it left), for models that left recently (CREATED_MEMORY).
         self._gone: dict[str, tuple[int, int]] = {}
-        # Replicas publish the same card_json; decode and hash each distinct one once.
+        # Replicas publish the same card_json; decode and hash each distinct one once
+        # (raw card_json -> (card, mdcsum)). The mdcsum then travels with the instance.
         self._cards: dict[bytes, tuple[ModelDeploymentCard, str]] = {}
-        self._sums: dict[int, str] = {}  # id(card) -> mdcsum, for cards in self._cards
         # key -> digest of the value last applied (a 16-byte digest, not the ~2 KB value).
         self._values: dict[str, bytes] = {}
 
@@ -308,7 +266,7 @@ class Registry:
     def model_stats(self) -> list[ModelStats]:
         """Every known model (ready, still being prepared, or with rejected instances)."""
         rejected: dict[str, int] = {}
-        for _, env, _ in self._rejected.values():
+        for env, _ in self._rejected.values():
             rejected[model_id(env.card)] = rejected.get(model_id(env.card), 0) + 1
         out = []
         for name in sorted(self._models.keys() | rejected.keys()):
@@ -329,7 +287,7 @@ class Registry:
         """The instances of model ``name`` refused by the mdcsum gate, by key."""
         return tuple(
             info
-            for key, (_, env, info) in sorted(self._rejected.items())
+            for key, (env, info) in sorted(self._rejected.items())
             if model_id(env.card) == name
         )
 
@@ -378,7 +336,7 @@ class Registry:
         if not self.filter.admits(card_key.namespace):
             return out
         try:
-            env = decode_envelope(change.value, card_decoder=self._card)
+            env, sum_ = self._decode(change.value)
         except CardDecodeError as exc:
             log.warning(
                 "skipping malformed card at %s: %s", change.key, exc, extra={"key": change.key}
@@ -396,28 +354,30 @@ class Registry:
             self._remove(change.key, out, now)
             out.malformed = True
             return out
-        self._add(change.key, card_key, env, out, now)
+        self._add(change.key, env, sum_, out, now)
         self._values[change.key] = digest
         return out
 
-    def _card(self, card_json: msgspec.Raw) -> ModelDeploymentCard:
-        key = bytes(card_json)
-        hit = self._cards.get(key)
-        if hit is None:
-            if len(self._cards) > 4 * len(self._models) + 64:
-                self._cards.clear()  # bounded: only cards of live models stay hot
-                self._sums.clear()
-            card = decode_card(card_json)
-            hit = self._cards[key] = (card, mdcsum(card))
-            self._sums[id(card)] = hit[1]
-        return hit[0]
+    def _decode(self, value: bytes) -> tuple[ModelEnvelope, str]:
+        """The envelope in ``value`` and its card's mdcsum, each distinct card decoded and
+        hashed once (memo keyed by the raw ``card_json``)."""
+        sums: list[str] = []
 
-    def _mdcsum(self, card: ModelDeploymentCard) -> str:
-        # Cards from _card stay referenced by self._cards, so their ids are stable.
-        cached = self._sums.get(id(card))
-        return cached if cached is not None else mdcsum(card)
+        def card(card_json: msgspec.Raw) -> ModelDeploymentCard:
+            raw = bytes(card_json)
+            hit = self._cards.get(raw)
+            if hit is None:
+                if len(self._cards) > 4 * len(self._models) + 64:
+                    self._cards.clear()  # bounded: only cards of live models stay hot
+                decoded = decode_card(raw)
+                hit = self._cards[raw] = (decoded, mdcsum(decoded))
+            sums.append(hit[1])
+            return hit[0]
 
-    def _add(self, key: str, card_key: CardKey, env: ModelEnvelope, out: Outcome, now: int) -> None:
+        env = decode_envelope(value, card_decoder=card)
+        return env, sums[0]
+
+    def _add(self, key: str, env: ModelEnvelope, sum_: str, out: Outcome, now: int) -> None:
         name = model_id(env.card)
         unservable = unservable_model_id(name)
         if unservable is not None:
@@ -426,10 +386,9 @@ class Registry:
             reason = f"{unservable}: /v1/models/{{id}} could not serve it"
             log.error("rejected instance %s of model %r: %s", key, name, reason)
             out.events.append(ModelEvent(EventKind.REJECTED, name, key, reason))
-            info = RejectedInstance(key, self._mdcsum(env.card), worker_set_key(env), "", reason)
-            self._rejected[key] = (card_key, env, info)
+            info = RejectedInstance(key, sum_, worker_set_key(env), "", reason)
+            self._rejected[key] = (env, info)
             return
-        sum_ = self._mdcsum(env.card)
         ws_key = worker_set_key(env)
         previous = self._by_key.get(key)
         if previous is not None:
@@ -444,7 +403,7 @@ class Registry:
             model = self._models[name] = _Model(name)
         ws = model.worker_sets.get(ws_key)
         if ws is not None and ws.mdcsum != sum_:
-            self._reject(key, card_key, env, name, ws, sum_, out)
+            self._reject(key, env, name, ws, sum_, out)
             return
         if ws is None:
             ws = model.worker_sets[ws_key] = _WorkerSet(ws_key, sum_)
@@ -453,11 +412,11 @@ class Registry:
                 if other.mdcsum == sum_ and other.card is not None:
                     ws.card, ws.local_dir = other.card, other.local_dir
                     break
-        inst = Instance(key, card_key, env, sum_, ready=ws.card is not None)
+        inst = Instance(key, env, sum_, ready=ws.card is not None)
         ws.instances[key] = inst
         self._by_key[key] = (name, ws_key)
         if ws.card is None:
-            out.pipelines.append(PipelineRequest(name, sum_, env))
+            out.pipelines.append(PipelineRequest(name, sum_))
         elif model.visible:
             out.events.append(ModelEvent(EventKind.UPDATED, name, key, "instance added"))
         else:
@@ -466,7 +425,6 @@ class Registry:
     def _reject(
         self,
         key: str,
-        card_key: CardKey,
         env: ModelEnvelope,
         name: str,
         ws: _WorkerSet,
@@ -497,7 +455,7 @@ class Registry:
         )
         out.events.append(ModelEvent(EventKind.REJECTED, name, key, reason, diff))
         info = RejectedInstance(key, sum_, ws.key, ws.mdcsum, reason, diff)
-        self._rejected[key] = (card_key, env, info)
+        self._rejected[key] = (env, info)
 
     def _make_visible(self, model: _Model, now: int, out: Outcome, key: str | None) -> None:
         model.visible = True
@@ -551,7 +509,7 @@ class Registry:
 
     def _readmit(self, name: str, ws_key: str, out: Outcome, now: int) -> None:
         """Admit again the instances rejected by a worker set that is now gone."""
-        for key, (card_key, env, _) in list(self._rejected.items()):
+        for key, (env, info) in list(self._rejected.items()):
             if model_id(env.card) == name and worker_set_key(env) == ws_key:
                 del self._rejected[key]
                 log.info(
@@ -561,7 +519,7 @@ class Registry:
                     ws_key,
                     extra={"model": name, "key": key},
                 )
-                self._add(key, card_key, env, out, now)
+                self._add(key, env, info.mdcsum, out, now)
 
     def _forget_gone(self, now: int) -> None:
         self._gone = {n: v for n, v in self._gone.items() if now - v[1] <= CREATED_MEMORY}

@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 from discovery_mdc._backoff import Backoff
 from discovery_mdc._clock import Clock, Sleep, every
-from discovery_mdc._lifecycle import AsyncService
+from discovery_mdc._lifecycle import AsyncService, cancel_and_wait
 from discovery_mdc.cache import SourceHealth, http_source, refresh_last_used
 from discovery_mdc.card import ModelDeploymentCard
 from discovery_mdc.etcd import (
@@ -191,12 +191,7 @@ class ModelWatcher(AsyncService):
         """Stop watching, cancel the pipelines and end every ``events()`` stream."""
         self._closed = True
         await self._informer.close()
-        tasks = [*self._tasks, *self._pipelines.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(*self._tasks, *self._pipelines.values())
         self._tasks.clear()
         self._pipelines.clear()
         for queue in self._subscribers:
@@ -444,9 +439,7 @@ class ModelWatcher(AsyncService):
             if held:
                 sem.release()
             if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await cancel_and_wait(task)
 
     async def _run_pipeline(self, req: PipelineRequest, seen: float) -> None:
         ident = (req.model, req.mdcsum)

@@ -4,18 +4,19 @@ from discovery_mdc.worker._advertise import advertise_host, format_host_for_url,
 from discovery_mdc.worker._publisher import PublishedModel, Worker, parse_instance_transport
 from discovery_mdc.worker._registry import MetadataRegistry, ModelRef, RegisteredFile
 from discovery_mdc.worker._selfhost import (
+    PreparedCard,
     build_worker_card,
     move_to_self_host,
     prepare_card,
-    self_host_enabled,
 )
-from discovery_mdc.worker._server import StatusServer, system_server_config
+from discovery_mdc.worker._server import StatusServer
 from discovery_mdc.worker._source import ModelSource, resolve_model_source
 
 __all__ = [
     "MetadataRegistry",
     "ModelRef",
     "ModelSource",
+    "PreparedCard",
     "PublishedModel",
     "RegisteredFile",
     "StatusServer",
@@ -28,6 +29,4 @@ __all__ = [
     "parse_instance_transport",
     "prepare_card",
     "resolve_model_source",
-    "self_host_enabled",
-    "system_server_config",
 ]

@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,13 +29,18 @@ from discovery_mdc.card import (
     ModelEnvelope,
     ModelInput,
     WorkerType,
-    card_key,
     encode_envelope,
     endpoint_key,
 )
-from discovery_mdc.etcd import KeyHandle, LeaseSession, Registration, SessionState, Store
+from discovery_mdc.etcd import KeyHandle, LeaseSession, SessionState, Store
+from discovery_mdc.etcd import Registration as EtcdRegistration
 from discovery_mdc.worker._registry import MetadataRegistry, ModelRef
-from discovery_mdc.worker._selfhost import build_worker_card, model_ref
+from discovery_mdc.worker._selfhost import (
+    PreparedCard,
+    build_for_publishing,
+    model_ref,
+    running_base_url,
+)
 from discovery_mdc.worker._server import StatusServer
 
 __all__ = ["PublishedModel", "Worker", "parse_instance_transport"]
@@ -71,6 +77,37 @@ def parse_instance_transport(uri: str) -> dict[str, Any]:
     if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
         raise ValueError(f"instance transport {uri!r} must look like tcp://host:port[/path]")
     return {"tcp": uri[len("tcp://") :]}
+
+
+def _card_entry(
+    card: ModelDeploymentCard, namespace: str, component: str, endpoint: str, lease_id: int
+) -> tuple[str, bytes]:
+    """The card's key and envelope under lease ``lease_id``."""
+    env = ModelEnvelope(
+        namespace=namespace,
+        component=component,
+        endpoint=endpoint,
+        instance_id=lease_id,
+        card=card,
+        model_suffix=card.lora_slug,
+    )
+    return env.key, encode_envelope(env)
+
+
+def _endpoint_entry(
+    namespace: str, component: str, endpoint: str, transport: dict[str, Any], lease_id: int
+) -> tuple[str, bytes]:
+    """The Dynamo endpoint-instance record's key and value under lease ``lease_id``."""
+    value = {
+        "type": "Endpoint",
+        "component": component,
+        "endpoint": endpoint,
+        "namespace": namespace,
+        "instance_id": lease_id,
+        "transport": transport,
+    }
+    key = endpoint_key(namespace, component, endpoint, lease_id)
+    return key, json.dumps(value, separators=(",", ":")).encode()
 
 
 class Worker(AsyncService):
@@ -171,8 +208,8 @@ class Worker(AsyncService):
 
     async def start(self) -> None:
         """Start the status server (if configured). The lease is granted by the first
-        :meth:`register_model`, once its card is built (design steps 1-2 before 5), so a bad
-        model dir fails before etcd is contacted."""
+        :meth:`register_model`, once its card is built, so a bad model dir fails before etcd
+        is contacted."""
         if self.server is not None:
             await self.server.start()  # it logs the bound address and the advertised URL
 
@@ -187,7 +224,7 @@ class Worker(AsyncService):
             await self.session.close()
         finally:
             if self.server is not None:
-                await self.server.stop()
+                await self.server.close()
 
     @property
     def published(self) -> tuple[PublishedModel, ...]:
@@ -220,82 +257,68 @@ class Worker(AsyncService):
         same lease, so a Dynamo frontend routes to it.
         """
         began = time.monotonic()
-        # Bad input fails before any hashing or etcd traffic.
-        transport = (
-            None if instance_transport is None else parse_instance_transport(instance_transport)
-        )
-        endpoint_id = (namespace, component, endpoint)
         if instance_transport is not None:
-            self._shared_record(endpoint_id, instance_transport)  # a conflict fails early
-        server = self.server if self.server is not None and self.server.is_running else None
+            parse_instance_transport(instance_transport)  # bad input fails before any work
+        endpoint_id = (namespace, component, endpoint)
+        prepared = await self._build(
+            os.fspath(model),
+            endpoint_id,
+            self_host=self._self_host if self_host_metadata is None else self_host_metadata,
+            display_name=model_name,
+            custom_template=custom_template,
+            lora_name=lora_name,
+            model_type=model_type,
+            model_input=model_input,
+            worker_type=worker_type,
+            kv_cache_block_size=kv_cache_block_size,
+        )
+        published = await self._publish(prepared, endpoint_id, instance_transport)
+        self._registered(published, began)
+        return published
+
+    async def _build(
+        self, model: str, endpoint_id: tuple[str, str, str], *, self_host: bool, **options: Any
+    ) -> PreparedCard:
+        """The card to publish and the files to serve for it; registers nothing (a bad model
+        dir fails before the status server or etcd is touched)."""
+        base_url = running_base_url(self.server)
+        namespace, component, endpoint = endpoint_id
         # Hashing a large file can take seconds: cancelling this call (SIGTERM) stops it
         # within one chunk, and nothing waits for the thread.
-        card = await run_cancellable(
-            lambda stop: build_worker_card(
-                os.fspath(model),
-                server=server,
-                self_host=self._self_host if self_host_metadata is None else self_host_metadata,
+        return await run_cancellable(
+            lambda stop: build_for_publishing(
+                model,
+                base_url=base_url,
+                self_host=self_host,
                 namespace=namespace,
                 component=component,
                 endpoint=endpoint,
-                display_name=model_name,
-                custom_template=custom_template,
-                lora_name=lora_name,
-                model_type=model_type,
-                model_input=model_input,
-                worker_type=worker_type,
-                kv_cache_block_size=kv_cache_block_size,
                 cancel=stop,
+                **options,
             ),
             name="build-card",
         )
-        suffix = card.lora_slug
 
-        def registration(lease_id: int) -> tuple[str, bytes]:
-            env = ModelEnvelope(
-                namespace=namespace,
-                component=component,
-                endpoint=endpoint,
-                instance_id=lease_id,
-                card=card,
-                model_suffix=suffix,
-            )
-            return card_key(namespace, component, endpoint, lease_id, suffix), encode_envelope(env)
-
-        ref = model_ref(card, namespace=namespace, component=component, endpoint=endpoint)
-        # One lock from the shared-record lookup to the last create, so concurrent calls on
+    async def _publish(
+        self,
+        prepared: PreparedCard,
+        endpoint_id: tuple[str, str, str],
+        instance_transport: str | None,
+    ) -> PublishedModel:
+        """Serve the card's files, then put the endpoint record (if new) and the card under
+        the lease. On any failure, undo what this call added and re-raise."""
+        card, owner = prepared.card, prepared.owner
+        # One lock from the endpoint-record lookup to the last create, so concurrent calls on
         # one endpoint cannot both create its record.
         async with self._publish_lock:
-            shared = (
-                None
-                if instance_transport is None
-                else self._shared_record(endpoint_id, instance_transport)
-            )
-            instance_record: Registration | None = None
-            if transport is not None and shared is None:
-                record = transport
-
-                def instance_record(lease_id: int) -> tuple[str, bytes]:
-                    value = {
-                        "type": "Endpoint",
-                        "component": component,
-                        "endpoint": endpoint,
-                        "namespace": namespace,
-                        "instance_id": lease_id,
-                        "transport": record,
-                    }
-                    key = endpoint_key(namespace, component, endpoint, lease_id)
-                    return key, json.dumps(value, separators=(",", ":")).encode()
-
-            # One endpoint record per endpoint and lease: cards on the same endpoint (a base
-            # model and its LoRAs) share it, since its key has no model in it.
-            instance_handle = shared
+            shared, new_record = self._endpoint_record(endpoint_id, instance_transport)
             added: KeyHandle | None = None
             try:
+                prepared.register(self.registry)
                 await self._ensure_lease()
-                if instance_record is not None:
-                    instance_handle = added = await self.session.add(instance_record)
-                handle = await self.session.add(registration)
+                if new_record is not None:
+                    added = await self.session.add(new_record)
+                handle = await self.session.add(partial(_card_entry, card, *endpoint_id))
             except BaseException:
                 if added is not None:
                     try:
@@ -304,42 +327,27 @@ class Worker(AsyncService):
                         log.warning("could not remove endpoint record %s: %s", added.key, exc)
                 # Stop serving files of a card that was never published, unless a
                 # published card (same model on the same endpoint) holds them too.
-                if not any(self._ref(p) == ref for p in self._published):
-                    self.registry.unregister_model(ref)
+                if not any(self._ref(p) == owner for p in self._published):
+                    self.registry.unregister_model(owner)
                 raise
-            published = PublishedModel(
-                card, namespace, component, endpoint, handle, instance_handle, instance_transport
-            )
+            record = shared if shared is not None else added
+            published = PublishedModel(card, *endpoint_id, handle, record, instance_transport)
             self._published.append(published)
-        if handle.key is not None:
-            if self._registration_seconds is not None:
-                self._registration_seconds.observe(time.monotonic() - began)
-            log.info(
-                "registered model %r at %s (lease %x)",
-                card.display_name,
-                handle.key,
-                self.session.lease_id,
-                extra={
-                    "model": card.display_name,
-                    "key": handle.key,
-                    "lease": f"{self.session.lease_id:x}",
-                    "namespace": namespace,
-                    "endpoint": f"{namespace}/{component}/{endpoint}",
-                },
-            )
-        else:
-            log.info(
-                "model %r will be registered once etcd grants a new lease (lease %x lost)",
-                card.display_name,
-                self.session.lease_id,
-            )
         return published
 
-    def _shared_record(self, endpoint_id: tuple[str, str, str], transport: str) -> KeyHandle | None:
-        """The endpoint record already published for ``endpoint_id``, if any.
+    def _endpoint_record(
+        self, endpoint_id: tuple[str, str, str], transport: str | None
+    ) -> tuple[KeyHandle | None, EtcdRegistration | None]:
+        """``(shared, new)``: the endpoint record already published for ``endpoint_id`` that
+        a card with ``transport`` shares, or else the record to create (both None without
+        ``transport``).
 
-        Raises ``ValueError`` if it advertises a different transport.
+        One endpoint record per endpoint and lease: cards on the same endpoint (a base model
+        and its LoRAs) share it, since its key has no model in it. Raises ``ValueError`` if
+        it advertises a different transport.
         """
+        if transport is None:
+            return None, None
         for p in self._published:
             if p.instance_handle is not None and p.endpoint_id == endpoint_id:
                 if p.instance_transport != transport:
@@ -348,8 +356,34 @@ class Worker(AsyncService):
                         f"{p.instance_transport!r}; cannot also advertise {transport!r} "
                         "under the same lease"
                     )
-                return p.instance_handle
-        return None
+                return p.instance_handle, None
+        return None, partial(_endpoint_entry, *endpoint_id, parse_instance_transport(transport))
+
+    def _registered(self, published: PublishedModel, began: float) -> None:
+        """Log the registration and time it (once the card is in etcd)."""
+        card, key = published.card, published.key
+        if key is None:
+            log.info(
+                "model %r will be registered once etcd grants a new lease (lease %x lost)",
+                card.display_name,
+                self.session.lease_id,
+            )
+            return
+        if self._registration_seconds is not None:
+            self._registration_seconds.observe(time.monotonic() - began)
+        log.info(
+            "registered model %r at %s (lease %x)",
+            card.display_name,
+            key,
+            self.session.lease_id,
+            extra={
+                "model": card.display_name,
+                "key": key,
+                "lease": f"{self.session.lease_id:x}",
+                "namespace": published.namespace,
+                "endpoint": "/".join(published.endpoint_id),
+            },
+        )
 
     @staticmethod
     def _ref(published: PublishedModel) -> ModelRef:

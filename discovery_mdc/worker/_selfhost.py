@@ -1,16 +1,20 @@
-"""Steps 3 and 4 of the worker state machine: self-host the card's files, or point at HF.
+"""The card a worker publishes: its files self-hosted on the status server, or ``hf://`` paths.
 
-Self-hosting registers every populated file of the card with the status server's registry
-and rewrites its path to ``http://<advertise-host>:<port>/v1/metadata/<slug>/<filename>``.
-Files are never copied; the registry maps the URL to the file's canonical path. The URL's
-file name is the one *as given* (``CheckedFile.basename``), because an HF cache snapshot
-links ``tokenizer.json`` to ``blobs/<sha>`` and the file must keep its real name.
+Self-hosting rewrites the path of every populated file of the card to
+``http://<advertise-host>:<port>/v1/metadata/<slug>/<filename>`` and lists the registrations
+that serve it (:class:`PreparedCard`); this rewrite is pure, and the
+:class:`~discovery_mdc.worker.Worker` registers them with the status server's registry just
+before it publishes the card. Files are never copied; the registry maps the URL to the
+file's canonical path. The URL's file name is the one *as given* (``CheckedFile.basename``),
+because an HF cache snapshot links ``tokenizer.json`` to ``blobs/<sha>`` and the file must
+keep its real name.
 
 Decisions the spec leaves open:
 
 * Two files of one card with the same base name but different content (say, a custom chat
-  template called ``tokenizer_config.json``) cannot share one URL: :class:`RegistryError`,
-  and nothing of that card is registered. The same file under two slots is fine.
+  template called ``tokenizer_config.json``) cannot share one URL: registering them is a
+  :class:`RegistryError`, and nothing of that card is registered. The same file under two
+  slots is fine.
 * A file name that is not URL-safe is percent-encoded in its URL, as the reference does
   (``my template.jinja`` -> ``my%20template.jinja``); a frontend decodes it and stores the
   file under its real name. Names that cannot be served at all (a leading ``.``, a ``\\`` or
@@ -19,18 +23,17 @@ Decisions the spec leaves open:
   slot. So is an empty slug or LoRA slug (a display name with no ``[a-z0-9]`` characters).
 * Slots that are already URLs are left as they are.
 * As in the reference (NVIDIA Dynamo), ``extra_files`` are published only with
-  self-hosting; :func:`prepare_card` drops them otherwise, and :func:`will_self_host` tells a
-  caller up front whether to hash them at all.
+  self-hosting; :func:`prepare_for_publishing` drops them otherwise, so
+  :func:`build_for_publishing` hashes them only when the card will be self-hosted.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-from discovery_mdc import _env
 from discovery_mdc.card import CheckedFile, LoraInfo, ModelDeploymentCard, from_dir, slugify
 from discovery_mdc.errors import RegistryError
 from discovery_mdc.worker._registry import (
@@ -45,33 +48,23 @@ from discovery_mdc.worker._server import METADATA_PREFIX, StatusServer
 from discovery_mdc.worker._source import resolve_model_source
 
 __all__ = [
+    "PreparedCard",
+    "build_for_publishing",
     "build_worker_card",
     "model_ref",
     "move_to_self_host",
     "prepare_card",
-    "self_host_enabled",
+    "prepare_for_publishing",
+    "running_base_url",
     "will_self_host",
 ]
 
 log = logging.getLogger("discovery_mdc.worker")
 
 
-def self_host_enabled(explicit: bool | None, *, env: Mapping[str, str] | None = None) -> bool:
-    """Whether self-hosting is wanted: ``explicit`` if given, else ``DYN_SELF_HOST_METADATA``.
-
-    ``0``, ``false``, ``no``, ``off`` or empty (case-insensitive) turn it off; unset or any
-    other value leaves it on.
-    """
-    if explicit is not None:
-        return explicit
-    return _env.SELF_HOST_METADATA.get(env)
-
-
-def will_self_host(
-    server: StatusServer | None, self_host: bool | None, *, env: Mapping[str, str] | None = None
-) -> bool:
+def will_self_host(server: StatusServer | None, self_host: bool) -> bool:
     """True when :func:`prepare_card` will self-host: enabled and a server is running."""
-    return self_host_enabled(self_host, env=env) and server is not None and server.is_running
+    return self_host and running_base_url(server) is not None
 
 
 def model_ref(
@@ -84,20 +77,40 @@ def model_ref(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedCard:
+    """A card ready to publish, and the files the status server must serve for it.
+
+    ``registrations`` is empty unless the card is self-hosted. Nothing is registered yet:
+    :meth:`register` does it (the :class:`~discovery_mdc.worker.Worker` just before it
+    publishes the card), and ``registry.unregister_model(owner)`` undoes it.
+    """
+
+    card: ModelDeploymentCard
+    owner: ModelRef
+    registrations: tuple[Registration, ...] = ()
+
+    def register(self, registry: MetadataRegistry) -> None:
+        """Serve the card's files from ``registry``: all or none (:class:`RegistryError`)."""
+        if self.registrations:
+            registry.register_many(self.registrations, owner=self.owner)
+
+
 def move_to_self_host(
     card: ModelDeploymentCard,
-    registry: MetadataRegistry,
     base_url: str,
     *,
     namespace: str,
     component: str,
     endpoint: str,
-) -> ModelDeploymentCard:
-    """Register every populated local file of ``card`` and return the card with URLs.
+) -> PreparedCard:
+    """``card`` with every populated local file rewritten to its self-hosted URL, and the
+    registrations that serve them. Pure: nothing is registered (see :meth:`PreparedCard.register`).
 
-    Each file is registered under ``<slug>/<filename>`` (the advertised route) and
-    ``<namespace>/<component>/<endpoint>/<slug>/<suffix>/<filename>``. All or nothing: on
-    :class:`RegistryError` nothing is registered. ``base_url`` is ``http://host:port``.
+    Each file gets two registrations, ``<slug>/<filename>`` (the advertised route) and
+    ``<namespace>/<component>/<endpoint>/<slug>/<suffix>/<filename>``. ``base_url`` is
+    ``http://host:port``. Raises :class:`RegistryError` for a slug, LoRA suffix or typed
+    slot's file name that cannot be served; extra files whose name cannot be are dropped.
     """
     owner = model_ref(card, namespace=namespace, component=component, endpoint=endpoint)
     for what, value in (("slug", owner.slug), ("LoRA suffix", owner.suffix)):
@@ -106,21 +119,7 @@ def move_to_self_host(
                 f"cannot self-host {card.display_name!r}: its {what} {value!r} is not a usable "
                 "URL path segment; choose a display name with ASCII letters or digits"
             )
-
-    kept_extras = []
-    for extra in card.extra_files:
-        if extra.is_url or url_segment(extra.basename) is not None:
-            kept_extras.append(extra)
-        else:
-            log.warning(
-                "not self-hosting extra file %r of %s: its name cannot be served in a URL; "
-                "dropping it from the card",
-                extra.path,
-                card.display_name,
-            )
-    if len(kept_extras) != len(card.extra_files):
-        card = card.replace(extra_files=tuple(kept_extras))
-
+    card = _servable_extras(card)
     prefix = base_url.rstrip("/") + METADATA_PREFIX
     entries: list[Registration] = []
 
@@ -139,7 +138,6 @@ def move_to_self_host(
         return file.with_path(f"{prefix}{owner.slug}/{name}")
 
     rewritten = card.map_files(rewrite)
-    registry.register_many(entries, owner=owner)
     log.info(
         "self-hosting %d metadata file(s) of %s at %s%s/",
         len(entries) // 2,
@@ -147,7 +145,23 @@ def move_to_self_host(
         prefix,
         owner.slug,
     )
-    return rewritten
+    return PreparedCard(rewritten, owner, tuple(entries))
+
+
+def _servable_extras(card: ModelDeploymentCard) -> ModelDeploymentCard:
+    """``card`` without the extra files whose name has no URL form (with a warning each)."""
+    kept = []
+    for extra in card.extra_files:
+        if extra.is_url or url_segment(extra.basename) is not None:
+            kept.append(extra)
+        else:
+            log.warning(
+                "not self-hosting extra file %r of %s: its name cannot be served in a URL; "
+                "dropping it from the card",
+                extra.path,
+                card.display_name,
+            )
+    return card if len(kept) == len(card.extra_files) else card.replace(extra_files=tuple(kept))
 
 
 def _hf_paths(card: ModelDeploymentCard, repo: str) -> ModelDeploymentCard:
@@ -171,35 +185,29 @@ def _hf_paths(card: ModelDeploymentCard, repo: str) -> ModelDeploymentCard:
     return card.with_paths(path)
 
 
-def prepare_card(
+def prepare_for_publishing(
     card: ModelDeploymentCard,
     *,
-    server: StatusServer | None,
-    self_host: bool | None,
+    base_url: str | None,
+    self_host: bool,
     hf_repo: str | None,
     namespace: str,
     component: str,
     endpoint: str,
-) -> ModelDeploymentCard:
-    """The card to publish: design steps 3 (self-host) and 4 (``hf://`` for HF repo ids).
+) -> PreparedCard:
+    """The card to publish and its registrations (pure): self-host, or ``hf://`` paths.
 
-    Self-hosting happens when :func:`self_host_enabled` (``self_host`` beats the env) and
-    ``server`` is running. Enabled without a server logs one info line and keeps local paths.
+    Self-hosts (:func:`move_to_self_host`) when ``self_host`` and a status server runs at
+    ``base_url``; wanted without a server, it logs one info line and keeps local paths.
     Without self-hosting ``extra_files`` are dropped (as the reference does), and for an HF
     repo id every slot still holding a local path becomes ``hf://<repo>/<filename>``.
     """
-    enabled = self_host_enabled(self_host)
-    if enabled and server is not None and server.is_running:
-        card = move_to_self_host(
-            card,
-            server.registry,
-            server.base_url,
-            namespace=namespace,
-            component=component,
-            endpoint=endpoint,
+    if self_host and base_url is not None:
+        prepared = move_to_self_host(
+            card, base_url, namespace=namespace, component=component, endpoint=endpoint
         )
     else:
-        if enabled:
+        if self_host:
             log.info(
                 "metadata self-hosting for %s skipped: no status server is running "
                 "(set DYN_SYSTEM_PORT to start one); publishing local paths",
@@ -207,37 +215,30 @@ def prepare_card(
             )
         if card.extra_files:
             card = card.replace(extra_files=())
+        owner = model_ref(card, namespace=namespace, component=component, endpoint=endpoint)
+        prepared = PreparedCard(card, owner)
     if hf_repo is not None:
-        card = _hf_paths(card, hf_repo)
-    return card
+        prepared = replace(prepared, card=_hf_paths(prepared.card, hf_repo))
+    return prepared
 
 
-def build_worker_card(
+def _model_card(
     model: str,
     *,
-    server: StatusServer | None,
-    self_host: bool | None,
-    namespace: str,
-    component: str,
-    endpoint: str,
+    with_extras: bool,
     display_name: str | None = None,
     custom_template: str | os.PathLike[str] | None = None,
     lora_name: str | None = None,
     **card_fields: Any,
-) -> ModelDeploymentCard:
-    """Design steps 2-4 in one call: resolve ``model``, build its card, prepare it.
-
-    ``card_fields`` go to :func:`discovery_mdc.card.from_dir` (``model_type``,
-    ``worker_type``...). Extra files are hashed only when the card will be self-hosted.
-    This hashes files and blocks; from async code run it in a thread.
-    """
+) -> tuple[ModelDeploymentCard, str | None]:
+    """The card of ``model`` (a dir or a cached HF repo id) as built, and its HF repo id."""
     source = resolve_model_source(model)
     card = from_dir(
         source.local_dir,
         display_name=display_name if display_name is not None else source.display_name_default,
         source_path=source.source_path,
         custom_template=custom_template,
-        include_extra_files=will_self_host(server, self_host),
+        include_extra_files=with_extras,
         **card_fields,
     )
     if lora_name is not None:
@@ -247,11 +248,92 @@ def build_worker_card(
         card = card.replace(
             display_name=lora_name, slug=slugify(lora_name), lora=LoraInfo(lora_name)
         )
+    return card, source.hf_repo
+
+
+def build_for_publishing(
+    model: str,
+    *,
+    base_url: str | None,
+    self_host: bool,
+    namespace: str,
+    component: str,
+    endpoint: str,
+    **options: Any,
+) -> PreparedCard:
+    """Resolve ``model`` (a dir or a cached HF repo id), build its card and prepare it
+    (:func:`prepare_for_publishing`). Registers nothing.
+
+    ``options``: ``display_name``, ``custom_template``, ``lora_name`` and the
+    :func:`~discovery_mdc.card.from_dir` fields (``model_type``, ``cancel``...). Extra files
+    are hashed only when the card will be self-hosted. This hashes files and blocks; from
+    async code run it in a thread.
+    """
+    card, hf_repo = _model_card(model, with_extras=self_host and base_url is not None, **options)
+    return prepare_for_publishing(
+        card,
+        base_url=base_url,
+        self_host=self_host,
+        hf_repo=hf_repo,
+        namespace=namespace,
+        component=component,
+        endpoint=endpoint,
+    )
+
+
+def running_base_url(server: StatusServer | None) -> str | None:
+    """``server.base_url`` if it is running, else None (no self-hosting)."""
+    return server.base_url if server is not None and server.is_running else None
+
+
+def prepare_card(
+    card: ModelDeploymentCard,
+    *,
+    server: StatusServer | None,
+    self_host: bool,
+    hf_repo: str | None,
+    namespace: str,
+    component: str,
+    endpoint: str,
+) -> ModelDeploymentCard:
+    """:func:`prepare_for_publishing` for ``server``, registering the self-hosted files on
+    it; returns the card to publish.
+
+    Self-hosting happens when ``self_host`` is true and ``server`` is running.
+    """
+    prepared = prepare_for_publishing(
+        card,
+        base_url=running_base_url(server),
+        self_host=self_host,
+        hf_repo=hf_repo,
+        namespace=namespace,
+        component=component,
+        endpoint=endpoint,
+    )
+    if server is not None:
+        prepared.register(server.registry)
+    return prepared.card
+
+
+def build_worker_card(
+    model: str,
+    *,
+    server: StatusServer | None,
+    self_host: bool,
+    namespace: str,
+    component: str,
+    endpoint: str,
+    **options: Any,
+) -> ModelDeploymentCard:
+    """:func:`build_for_publishing` then :func:`prepare_card` for ``server`` (its files
+    registered on it); returns the card to publish. Blocks while it hashes.
+    """
+    card, hf_repo = _model_card(model, with_extras=will_self_host(server, self_host), **options)
     return prepare_card(
         card,
         server=server,
         self_host=self_host,
-        hf_repo=source.hf_repo,
+        hf_repo=hf_repo,
         namespace=namespace,
         component=component,
         endpoint=endpoint,

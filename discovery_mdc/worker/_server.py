@@ -54,7 +54,6 @@ __all__ = [
     "StatusServer",
     "default_backlog",
     "default_max_connections",
-    "system_server_config",
 ]
 
 log = logging.getLogger("discovery_mdc.worker")
@@ -75,27 +74,6 @@ _MAX_BACKLOG: Final = 1024
 _CAP_LOG_INTERVAL: Final = 60.0
 
 HealthCheck = Callable[[], bool]
-
-
-def system_server_config(
-    port_flag: int | None,
-    host_flag: str | None,
-    *,
-    env: Mapping[str, str] | None = None,
-) -> tuple[str, int] | None:
-    """``(host, port)`` for the status server, or ``None`` when it should not run.
-
-    Flag beats environment beats default: the port comes from ``--system-port`` else
-    ``DYN_SYSTEM_PORT`` (unset or empty: no server; ``0``: a random port); the host from
-    ``--system-host`` else ``DYN_SYSTEM_HOST`` else ``0.0.0.0``. Raises ``ValueError`` for a
-    port that is not an integer in 0..65535.
-    """
-    port = port_flag if port_flag is not None else _env.SYSTEM_PORT.get(env)
-    if port is None:
-        return None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"status server port {port} is outside 0..65535")
-    return host_flag or _env.SYSTEM_HOST.get(env), port
 
 
 def _metadata_key(raw_path: str) -> str | None:
@@ -247,7 +225,7 @@ def _open_checked(registered: RegisteredFile) -> IO[bytes]:
 
 
 class StatusServer(AsyncService):
-    """The worker's status server. ``await start()`` binds it; ``await stop()`` shuts it down.
+    """The worker's status server. ``await start()`` binds it; ``await close()`` shuts it down.
 
     ``health`` decides /health (``None`` means always ready); it may be replaced
     at any time, e.g. once the publisher exists. ``advertise`` overrides the host put in
@@ -270,7 +248,7 @@ class StatusServer(AsyncService):
         self.host = host
         self.registry = registry
         self.health = health
-        self._requested_port = port
+        self._requested_port = _env.check_port(port)
         self._advertise = advertise
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
@@ -325,14 +303,17 @@ class StatusServer(AsyncService):
         host: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> StatusServer | None:
-        """A (not yet started) server per :func:`system_server_config`, or ``None``.
+        """A (not yet started) server on ``DYN_SYSTEM_HOST`` (default ``0.0.0.0``) and
+        ``DYN_SYSTEM_PORT`` (``0``: a random port), or ``None`` when no port is set (unset or
+        empty). ``port``/``host``, when given, beat the variables.
 
-        ``port``/``host`` are the CLI flags; they beat ``DYN_SYSTEM_PORT``/``DYN_SYSTEM_HOST``.
+        Raises :class:`~discovery_mdc.errors.ConfigError` naming a variable with a bad value.
         """
-        config = system_server_config(port, host, env=env)
-        if config is None:
+        if port is None:
+            port = _env.SYSTEM_PORT.get(env)
+        if port is None:
             return None
-        return cls(config[0], config[1], registry=registry, health=health)
+        return cls(host or _env.SYSTEM_HOST.get(env), port, registry=registry, health=health)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -409,10 +390,6 @@ class StatusServer(AsyncService):
         return web.TCPSite(runner, bind, self._requested_port, backlog=default_backlog())
 
     async def close(self) -> None:
-        """Same as :meth:`stop` (what ``async with`` calls)."""
-        await self.stop()
-
-    async def stop(self) -> None:
         """Stop serving and close every connection. Idempotent."""
         runner, self._runner = self._runner, None
         if runner is not None:
@@ -468,9 +445,8 @@ class StatusServer(AsyncService):
             not_modified.etag = etag
             return not_modified
 
-        loop = asyncio.get_running_loop()
         try:
-            fobj = await loop.run_in_executor(None, _open_checked, registered)
+            fobj = await asyncio.to_thread(_open_checked, registered)
         except OSError as exc:
             log.error("cannot serve metadata %s from %s: %s", key, registered.path, exc)
             return web.Response(status=500, text="500: Internal Server Error")
@@ -523,9 +499,8 @@ class StatusServer(AsyncService):
 
     @staticmethod
     async def _send_fallback(writer: Any, fobj: IO[bytes], count: int) -> None:
-        loop = asyncio.get_running_loop()
         while count > 0:
-            chunk = await loop.run_in_executor(None, fobj.read, min(_FALLBACK_CHUNK, count))
+            chunk = await asyncio.to_thread(fobj.read, min(_FALLBACK_CHUNK, count))
             if not chunk:
                 raise OSError("file shrank while sending")
             await writer.write(chunk)
