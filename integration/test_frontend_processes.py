@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from testkit import (
     child_env,
     publish,
     published_card,
+    run_cli,
     start_frontend,
     wait_until,
 )
@@ -129,14 +128,8 @@ async def test_cold_start_lists_the_model_with_every_file_cached_and_verified(
     )
 
     # `ls` lists the card and fetches nothing.
-    ls = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "discovery_mdc", "ls", "--etcd", shared_etcd.client_url],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=True,
-    )
+    ls = await asyncio.to_thread(run_cli, "ls", "--etcd", shared_etcd.client_url)
+    assert ls.returncode == 0, ls.stderr
     [row] = [line.split() for line in ls.stdout.splitlines() if key in line]
     assert row == [key, "org/cold", mdcsum(card), f"{kv.lease:x}"]
     assert ls.stdout.splitlines()[0].split() == ["KEY", "MODEL", "MDCSUM", "LEASE"]

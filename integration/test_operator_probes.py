@@ -8,8 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +29,7 @@ from testkit import (
     card_keys,
     child_env,
     parse_metrics,
+    run_cli,
     wait_until,
 )
 
@@ -317,11 +316,8 @@ async def test_a_rejected_replica_is_explained_naming_the_differing_slot(
     (ok_row,) = [ln for ln in ls.log().splitlines() if ln.startswith(reg.key)]
     assert "REJECTED" not in ok_row
     # ... and `ls --json`, field by field.
-    listed = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "discovery_mdc", "ls", "--etcd", url, "--json"],
-        capture_output=True, text=True, timeout=DEADLINE, check=True, env=child_env(),
-    )  # fmt: skip
+    listed = await asyncio.to_thread(run_cli, "ls", "--etcd", url, "--json", timeout=DEADLINE)
+    assert listed.returncode == 0, listed.stderr
     cards = {c["key"]: c for c in json.loads(listed.stdout)["cards"]}
     assert (cards[reg.key]["status"], cards[reg.key]["diff"]) == ("ok", None)
     assert cards[reg2.key]["status"] == "rejected" and expected in cards[reg2.key]["reason"]

@@ -10,7 +10,6 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from testkit import (
     child_env,
     parse_metrics,
     published_card,
+    run_cli,
     wait_until,
 )
 
@@ -116,10 +116,8 @@ def run_worker(
     etcd: str, model: Path, *, unprivileged: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """A worker that is expected to exit by itself (bad input)."""
-    return subprocess.run(
-        [sys.executable, "-m", "discovery_mdc", "worker",
-         "--etcd", etcd, "--model-path", str(model)],
-        capture_output=True, text=True, env=child_env(), timeout=START,
+    return run_cli(
+        "worker", "--etcd", etcd, "--model-path", str(model), timeout=START,
         preexec_fn=file_permissions_apply if unprivileged else None,
     )  # fmt: skip
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,15 @@ from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import CheckedFile, ModelDeploymentCard, decode_envelope
 from discovery_mdc.etcd import EtcdClient, EtcdServer, KeyExistsError
 from discovery_mdc.worker import Worker
-from testkit import Spawn, child_env, etcd_get_prefix, published_card, silent_port, wait_until
+from testkit import (
+    Spawn,
+    child_env,
+    etcd_get_prefix,
+    published_card,
+    run_cli,
+    silent_port,
+    wait_until,
+)
 
 # A generous bound for process start-up on a busy machine; not a behavioural bound.
 START = 60.0
@@ -262,19 +269,12 @@ async def test_without_self_hosting_the_card_keeps_local_paths_and_still_publish
 # ------------------------------------------------------------------ CLI input errors
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "discovery_mdc", "worker", *args],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        cwd=cwd,
-        timeout=START,
-    )
+def run_worker(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return run_cli("worker", *args, cwd=cwd, timeout=START)
 
 
 def test_help_lists_the_options() -> None:
-    done = run_cli("--help")
+    done = run_worker("--help")
     assert done.returncode == 0
     for flag in ("--model-path", "--model-name", "--namespace", "--component", "--endpoint",
                  "--etcd", "--lease-ttl", "--no-self-host"):  # fmt: skip
@@ -293,7 +293,7 @@ def test_help_lists_the_options() -> None:
     ids=["unknown-flag", "missing-model-path", "ttl-zero", "ttl-text", "port-range"],
 )
 def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:
-    done = run_cli(*args)
+    done = run_worker(*args)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], done.stderr
@@ -302,7 +302,7 @@ def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:
 def test_a_bad_model_path_exits_2_with_one_line_before_contacting_etcd(tmp_path: Path) -> None:
     # The endpoint is unreachable: the model path must be rejected first.
     for bad in [str(tmp_path / "absent"), str(tmp_path)]:
-        done = run_cli("--etcd", "http://127.0.0.1:9", "--model-path", bad)
+        done = run_worker("--etcd", "http://127.0.0.1:9", "--model-path", bad)
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("discovery-mdc: error:"), done.stderr

@@ -60,6 +60,7 @@ def run_cli(
     stdin: int | None = subprocess.DEVNULL,
     cwd: Path | None = None,
     timeout: float = 60.0,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m discovery_mdc <args>`` to completion, by default in :func:`child_env`;
     stdout and stderr captured as text. stdin is not a terminal unless one is passed (a pty).
@@ -73,6 +74,7 @@ def run_cli(
         check=False,
         env=child_env() if env is None else dict(env),
         cwd=cwd,
+        preexec_fn=preexec_fn,
     )
 
 

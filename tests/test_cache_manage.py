@@ -32,7 +32,6 @@ from discovery_mdc.errors import ChecksumMismatchError
 from testkit import backdate, snapshot
 
 DAY = 86400.0
-_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "HF_"))}
 
 
 @pytest.fixture(autouse=True)
