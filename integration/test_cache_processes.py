@@ -30,9 +30,8 @@ from discovery_mdc.card import (
     from_dir,
     hash_file,
 )
-from testkit import Handler, MetaServer, wait_until
+from testkit import CliProcess, Handler, MetaServer, Process, run_cli, wait_until
 
-CLI = "import sys, discovery_mdc.cli as c; sys.exit(c.main(sys.argv[1:]))"
 DEADLINE = 60.0
 
 
@@ -46,24 +45,12 @@ def write_card(tmp_path: Path, card: ModelDeploymentCard) -> Path:
     return path
 
 
-async def spawn(*args: str, **kwargs: object) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLI,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
 def parts(cache: CacheLayout, hexdigest: str) -> list[Path]:
     return sorted(cache.tmp.glob(f"{hexdigest}.*.part")) if cache.tmp.exists() else []
 
 
 async def test_kill_9_mid_download_leaves_no_blob_and_the_next_run_completes(
-    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path, procs: list[Process]
 ) -> None:
     card = meta_server.http_card(model_card(tmp_path))
     _, tok = list(card.files())[1]
@@ -71,14 +58,15 @@ async def test_kill_9_mid_download_leaves_no_blob_and_the_next_run_completes(
     meta_server.gated.add(tok_path)  # half of it, then the server holds the connection
     card_file = write_card(tmp_path, card)
 
-    proc = await spawn("card", "fetch", str(card_file), "--cache-dir", str(cache.root))
+    fetch = ["card", "fetch", str(card_file), "--cache-dir", str(cache.root)]
+    proc = CliProcess(fetch, log_path=tmp_path / "fetch.log")
+    procs.append(proc)
     await asyncio.wait_for(meta_server.half_sent.wait(), DEADLINE)
     await wait_until(
         lambda: any(p.stat().st_size > 0 for p in parts(cache, tok.checksum.hex)), timeout=DEADLINE
     )
-    proc.kill()
-    await proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    proc.signal(signal.SIGKILL)
+    assert await proc.wait_exit(DEADLINE) == -signal.SIGKILL
 
     assert not cache.blob(tok.checksum.hex).exists()
     assert verify_cache(cache).ok  # whatever was published is whole and verified
@@ -88,22 +76,16 @@ async def test_kill_9_mid_download_leaves_no_blob_and_the_next_run_completes(
     assert {i.path for i in plan_prune(scan_cache(cache)).temp_files} == leftover
 
     meta_server.gated.discard(tok_path)
-    proc = await spawn("card", "fetch", str(card_file), "--cache-dir", str(cache.root))
-    out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
-    assert proc.returncode == 0, err.decode()
-    local = Path(out.decode().strip())
+    done = await asyncio.to_thread(run_cli, *fetch, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    local = Path(done.stdout.strip())
     assert hash_file(local / "tokenizer.json")[0] == tok.checksum
     assert meta_server.gets[tok_path] == 2
     assert verify_cache(cache).ok
 
 
-async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
-    while line := await stream.readline():
-        lines.append(line.decode(errors="replace"))
-
-
 async def test_two_processes_on_one_cache_make_one_get_per_blob(
-    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path, procs: list[Process]
 ) -> None:
     card = meta_server.http_card(model_card(tmp_path))
     gate = asyncio.Event()
@@ -120,21 +102,18 @@ async def test_two_processes_on_one_cache_make_one_get_per_blob(
         meta_server.handlers[path] = gated(meta_server.files[path])  # type: ignore[arg-type]
     card_file = write_card(tmp_path, card)
     argv = ["--log-level", "debug", "card", "fetch", str(card_file), "--cache-dir", str(cache.root)]
-    procs = [await spawn(*argv), await spawn(*argv)]
-    logs: list[str] = []
-    readers = [asyncio.ensure_future(_collect(p.stderr, logs)) for p in procs if p.stderr]
+    fetchers = [CliProcess(argv, log_path=tmp_path / f"fetch-{i}.log") for i in range(2)]
+    procs.extend(fetchers)
 
     def contended(path: str) -> bool:
         # One process is fetching it (the server holds its GET) and another waits on its lock.
         waiting = f"lock {cache.lock(paths[path])} is held by another process"
-        return meta_server.gets[path] >= 1 and any(waiting in line for line in logs)
+        return meta_server.gets[path] >= 1 and any(waiting in p.log() for p in fetchers)
 
     await wait_until(lambda: all(contended(p) for p in paths), timeout=DEADLINE)
     gate.set()
-    for proc in procs:
-        await asyncio.wait_for(proc.wait(), DEADLINE)
-        assert proc.returncode == 0, "".join(logs)
-    await asyncio.gather(*readers)
+    for proc in fetchers:
+        assert await proc.wait_exit(DEADLINE) == 0, proc.describe()
     assert {p: meta_server.gets[p] for p in paths} == dict.fromkeys(paths, 1)
     assert verify_cache(cache).ok
 
@@ -151,17 +130,12 @@ async def test_full_disk_is_a_clear_error_and_leaves_no_partial_blob(
     card = meta_server.http_card(model_card(tmp_path, vocab_size=5000))
     _, tok = list(card.files())[1]
     assert tok.size is not None and tok.size > 16 * 1024
-    proc = await spawn(
-        "card",
-        "fetch",
-        str(write_card(tmp_path, card)),
-        "--cache-dir",
-        str(cache.root),
-        preexec_fn=_limit_file_size,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
-    assert proc.returncode == 1
-    errors = [line for line in err.decode().splitlines() if "discovery-mdc: error" in line]
+    done = await asyncio.to_thread(
+        run_cli, "card", "fetch", str(write_card(tmp_path, card)), "--cache-dir",
+        str(cache.root), timeout=DEADLINE, preexec_fn=_limit_file_size,
+    )  # fmt: skip
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if "discovery-mdc: error" in line]
     assert len(errors) == 1
     assert "disk full or file size limit" in errors[0] and str(cache.tmp) in errors[0]
     assert not cache.blob(tok.checksum.hex).exists()
@@ -170,23 +144,22 @@ async def test_full_disk_is_a_clear_error_and_leaves_no_partial_blob(
 
 
 async def test_lock_left_by_a_killed_holder_does_not_block(
-    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path, procs: list[Process]
 ) -> None:
     card = meta_server.http_card(model_card(tmp_path))
     _, config = next(card.files())
     lock = cache.lock(config.checksum.hex)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import sys, time, filelock; filelock.FileLock(sys.argv[1]).acquire(); "
-        "print('locked', flush=True); time.sleep(3600)",
-        str(lock),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert holder.stdout is not None
-    assert await asyncio.wait_for(holder.stdout.readline(), DEADLINE) == b"locked\n"
-    holder.kill()
-    await holder.wait()
+    holder = Process(
+        [sys.executable, "-c",
+         "import sys, time, filelock; filelock.FileLock(sys.argv[1]).acquire(); "
+         "print('locked', flush=True); time.sleep(3600)",
+         str(lock)],
+        log_path=tmp_path / "holder.log",
+    )  # fmt: skip
+    procs.append(holder)
+    await holder.wait_log("^locked$", timeout=DEADLINE)
+    holder.signal(signal.SIGKILL)
+    await holder.wait_exit(DEADLINE)
     assert lock.exists()
     resolved = await resolve_metadata_files(card, cache_dir=cache.root, lock_timeout=DEADLINE)
     assert verify_cache(cache).checked == len(resolved.files)

@@ -44,7 +44,6 @@ from testkit.dynamo import (
     oracle_local_dirs,
     start_dynamo_frontend,
     start_dynamo_worker,
-    stop,
     wait_for_models,
     write_dynamo_sample_model,
 )
@@ -131,7 +130,7 @@ def test_dynamo_frontend_lists_our_card_and_drops_it_with_the_lease(
         etcd_lease_revoke(etcd_url, lease)
         wait_for_models(port, ["ours-local"], present=False, proc=frontend)
     finally:
-        stop(frontend)
+        frontend.stop()
 
 
 def test_a_file_name_that_needs_encoding_is_encoded_as_dynamo_does_and_cached_by_name(
@@ -162,4 +161,4 @@ def test_a_file_name_that_needs_encoding_is_encoded_as_dynamo_does_and_cached_by
         assert resolved.local_dir is not None
         assert (resolved.local_dir / template.name).read_bytes() == template.read_bytes()
     finally:
-        stop(worker)
+        worker.stop()

@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any, Final
 
 from testkit._gateway import (
     etcd_delete_prefix,
@@ -40,7 +39,7 @@ from testkit._gateway import (
     etcd_lease_revoke,
     etcd_put,
 )
-from testkit._process import child_env
+from testkit._process import Process, child_env
 from testkit._servers import free_port
 from testkit._wait import wait_until_sync
 
@@ -71,7 +70,6 @@ __all__ = [
     "start_dynamo_worker",
     "start_our_frontend",
     "start_our_worker",
-    "stop",
     "wait_for_keys",
     "wait_for_models",
     "write_dynamo_sample_model",
@@ -342,21 +340,10 @@ def write_worker_script(directory: str | os.PathLike[str]) -> Path:
 
 def _spawn(
     argv: Sequence[str], env: Mapping[str, str], log: str | os.PathLike[str] | None
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """Start ``argv`` in its own session with stdout+stderr appended to ``log``."""
-    with contextlib.ExitStack() as stack:
-        out: IO[bytes] | int = subprocess.DEVNULL
-        if log is not None:
-            # The child inherits its own copy of the descriptor; ours closes right away.
-            out = stack.enter_context(open(log, "ab"))
-        return subprocess.Popen(
-            list(argv),
-            env=dict(env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    log_path = Path(log) if log is not None else Path(os.devnull)
+    return Process(argv, log_path=log_path, env=env, append=True, new_session=True)
 
 
 def start_dynamo_worker(
@@ -376,7 +363,7 @@ def start_dynamo_worker(
     register_kwargs: Mapping[str, Any] | None = None,
     log: str | os.PathLike[str] | None = None,
     workdir: str | os.PathLike[str] | None = None,
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """Start a Dynamo worker serving ``model_dir`` as ``name`` on ``endpoint`` (``ns.comp.ep``).
 
     Names are the Python enum members (``"Chat"``, ``"Tokens"``, ``"Aggregated"``,
@@ -386,7 +373,7 @@ def start_dynamo_worker(
     go to ``register_model`` as is (JSON values only: ``kv_cache_block_size``,
     ``custom_template_path``, ``self_host_metadata``, ``user_data``, ``model_aliases``, ...).
     Output goes to ``log``; the worker prints ``DYNAMO_WORKER_REGISTERED`` once registered.
-    Stop it with :func:`stop`.
+    Stop it with its ``stop()``.
     """
     cfg: dict[str, Any] = {
         "endpoint": endpoint,
@@ -413,7 +400,7 @@ def start_dynamo_frontend(
     *,
     extra_args: Sequence[str] = (),
     log: str | os.PathLike[str] | None = None,
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """Start ``python -m dynamo.frontend --http-host 127.0.0.1 --http-port P``."""
     argv = [
         os.fspath(python),
@@ -426,23 +413,6 @@ def start_dynamo_frontend(
         *extra_args,
     ]
     return _spawn(argv, env, log)
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    """SIGTERM ``proc`` (one we started), SIGKILL it after ``timeout``; return its exit code."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout)
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-    return proc.returncode
 
 
 # --------------------------------------------------------------------------- our processes
@@ -460,12 +430,12 @@ def start_our_worker(
     extra_args: Sequence[str] = (),
     env_extra: Mapping[str, str] | None = None,
     log: str | os.PathLike[str] | None = None,
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """``python -m discovery_mdc worker`` for ``model_dir`` (passed exactly as given).
 
     ``system_port`` sets ``DYN_SYSTEM_PORT`` (0: any free port; None: no status server) with
     ``DYN_SYSTEM_HOST=127.0.0.1``; ``self_host=False`` adds ``--no-self-host``;
-    ``instance_transport`` adds ``--instance-transport``. Stop it with :func:`stop`.
+    ``instance_transport`` adds ``--instance-transport``. Stop it with its ``stop()``.
     """
     env = child_env(**dict(env_extra or {}))
     if system_port is not None:
@@ -488,7 +458,7 @@ def start_our_frontend(
     port_file: str | os.PathLike[str],
     *,
     log: str | os.PathLike[str] | None = None,
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """``python -m discovery_mdc frontend`` on 127.0.0.1 with a free port (written to
     ``port_file``; read it with :func:`read_port_file`)."""
     argv = [
@@ -503,7 +473,7 @@ def read_port_file(
     path: str | os.PathLike[str],
     *,
     timeout: float = 60.0,
-    proc: subprocess.Popen[bytes] | None = None,
+    proc: Process | None = None,
 ) -> int:
     """Wait for a ``--port-file`` to hold a port number and return it."""
 
@@ -602,7 +572,7 @@ def wait_for_keys(
     count: int = 1,
     *,
     timeout: float = 60.0,
-    proc: subprocess.Popen[bytes] | None = None,
+    proc: Process | None = None,
 ) -> dict[str, bytes]:
     """Wait until at least ``count`` keys exist under ``prefix``; return them."""
 
@@ -630,7 +600,7 @@ def wait_for_models(
     *,
     present: bool = True,
     timeout: float = 60.0,
-    proc: subprocess.Popen[bytes] | None = None,
+    proc: Process | None = None,
 ) -> list[str]:
     """Wait until every model in ``expected`` is listed (or, with ``present=False``, none is)."""
 
@@ -797,7 +767,7 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
                         expected = [name, *(n for n, _ in loras)]
                         listed = wait_for_models(fport, expected, proc=fe)
                 finally:
-                    stop(w)
+                    w.stop()
                 etcd_delete_prefix(url, "v1/")
                 wait_for_models(fport, [name], present=False, proc=fe)
                 common = {
@@ -823,7 +793,7 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
                     else:
                         manifest["instances"].append(entry)
         finally:
-            stop(fe)
+            fe.stop()
         # What the frontend cached: by-slug/<slug>/<mdcsum>/<files>.
         by_slug = fhome / ".cache" / "dynamo" / "mdc" / "by-slug"
         frontend_dirs = {
