@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +24,7 @@ from testkit import (
     card_keys,
     child_env,
     etcd_leases,
+    run_cli,
     silent_port,
     wait_until,
     wait_until_sync,
@@ -156,29 +155,23 @@ def _maps(pid: int) -> str:
 
 @pytest.mark.parametrize("command", [["worker", "--model-path", "."], ["frontend"], ["ls"]])
 def test_ctrl_c_while_the_command_is_still_starting_exits_130_without_a_traceback(
-    command: list[str], tmp_path: Path
+    command: list[str], tmp_path: Path, procs: list[Process]
 ) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "discovery_mdc", *command, "--etcd", "http://127.0.0.1:9"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
-    )  # fmt: skip
-    try:
-        # Wait until it is importing its libraries (aiohttp's C extension is being loaded):
-        # the first half second of a start, where Ctrl-C used to print a traceback.
-        wait_until_sync(
-            lambda: "aiohttp" in _maps(proc.pid),
-            timeout=DEADLINE,
-            interval=0.001,
-            message="the command never imported aiohttp",
-            proc=proc,
-        )
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=DEADLINE)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    proc = CliProcess([*command, "--etcd", "http://127.0.0.1:9"], log_path=tmp_path / "cli.log")
+    procs.append(proc)
+    # Wait until it is importing its libraries (aiohttp's C extension is being loaded):
+    # the first half second of a start, where Ctrl-C used to print a traceback.
+    wait_until_sync(
+        lambda: "aiohttp" in _maps(proc.pid),
+        timeout=DEADLINE,
+        interval=0.001,
+        message="the command never imported aiohttp",
+        proc=proc,
+    )
+    proc.signal(signal.SIGINT)
+    wait_until_sync(lambda: proc.poll() is not None, timeout=DEADLINE, message=proc.describe)
+    err = proc.log()
+    assert proc.poll() == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1] == "discovery-mdc: interrupted"
 
@@ -257,11 +250,7 @@ def test_bad_input_exits_2_with_one_line_before_any_side_effect(
 ) -> None:
     argv, extra_env, needle = _bad_input_cases(tmp_path)[case]
     env = child_env(ETCD_ENDPOINTS=shared_etcd.client_url, **extra_env)
-    proc = subprocess.run(
-        [os.fsencode(sys.executable), b"-m", b"discovery_mdc",
-         *(a if isinstance(a, bytes) else os.fsencode(a) for a in argv)],
-        capture_output=True, text=True, timeout=DEADLINE, check=False, env=env, cwd=tmp_path,
-    )  # fmt: skip
+    proc = run_cli(*argv, env=env, cwd=tmp_path, timeout=DEADLINE)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert len(lines) == 1 and "error" in lines[0], proc.stderr

@@ -55,7 +55,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(
-    *args: str,
+    *args: str | bytes,
     env: Mapping[str, str] | None = None,
     stdin: int | None = subprocess.DEVNULL,
     cwd: Path | None = None,
@@ -64,6 +64,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``python -m discovery_mdc <args>`` to completion, by default in :func:`child_env`;
     stdout and stderr captured as text. stdin is not a terminal unless one is passed (a pty).
+    An argument may be bytes (a path that is not UTF-8).
     Raises ``subprocess.TimeoutExpired`` if it runs past ``timeout``."""
     return subprocess.run(
         [sys.executable, "-m", "discovery_mdc", *args],
