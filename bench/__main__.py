@@ -6,7 +6,8 @@ python -m bench profile P4         run P4 with our side under pyinstrument; writ
                                    bench/out/profile-P4.txt (top frames + call tree)
 
 BENCH_CHILD_LOG=LEVEL sets the log level of the child processes (default WARNING; their logs
-are under the scenario's work dir). Children get our environment minus DYN_* and ETCD_*.
+are under the scenario's work dir). Children get our environment minus DYN_*, ETCD_*, NATS_* and
+HF_* (the test kit's child_env).
 """
 
 from __future__ import annotations

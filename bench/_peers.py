@@ -1,6 +1,6 @@
 """The peers we compare against: the Dynamo 1.6.1 frontend, nginx, wrk, curl, etcdctl.
 
-The Dynamo helpers come from ``integration._dynamo`` (shared with the interop tests), which
+The Dynamo helpers come from ``testkit.dynamo`` (shared with the interop tests), which
 also creates the peer venv when it is missing.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._util import HOST, PY, Proc
-from integration._dynamo import dynamo_env as _dynamo_env
-from integration._dynamo import ensure_dynamo_venv as _ensure_dynamo_venv
+from testkit.dynamo import dynamo_env as _dynamo_env
+from testkit.dynamo import ensure_dynamo_venv as _ensure_dynamo_venv
 
 DYNAMO_VERSION = "1.6.1"
 

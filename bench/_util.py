@@ -1,6 +1,8 @@
 """Shared plumbing for the benchmarks: statistics, processes we start, /proc readers, models.
 
-Every server binds 127.0.0.1 and every process started here is stopped by its own PID.
+Processes, waiting, ports and the child environment are the test kit's (``testkit``), as in the
+integration tests. Every server binds 127.0.0.1 and every process started here is stopped by
+its own PID.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,12 +19,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any
 
-from discovery_mdc._env import child_environ
+from testkit import Process, child_env, proc_status_kib, wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -32,7 +32,6 @@ HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-_T = TypeVar("_T")
 
 # --------------------------------------------------------------------------- statistics
 
@@ -141,37 +140,6 @@ class ScenarioResult:
 # --------------------------------------------------------------------------- ports, waiting
 
 
-def free_port(host: str = HOST) -> int:
-    """A TCP port on ``host`` that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(
-    predicate: Callable[[], _T | None],
-    *,
-    timeout: float,
-    interval: float = 0.05,
-    what: str = "condition",
-    proc: subprocess.Popen[Any] | None = None,
-) -> _T:
-    """Poll ``predicate`` until it returns something truthy (bounded by ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except (OSError, ValueError, KeyError) as exc:
-            value, last = None, exc
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.pid} exited ({proc.returncode}) before {what}")
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
-
-
 def http_get(url: str, timeout: float = 5.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return bytes(resp.read())
@@ -209,28 +177,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def proc_status_kb(pid: int, key: str) -> int:
-    """A ``kB`` field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def rss_mb(pid: int) -> float:
-    return proc_status_kb(pid, "VmRSS") / 1024
+    return proc_status_kib(pid, "VmRSS") / 1024
 
 
 def hwm_mb(pid: int) -> float:
-    return proc_status_kb(pid, "VmHWM") / 1024
+    return proc_status_kib(pid, "VmHWM") / 1024
 
 
 # --------------------------------------------------------------------------- processes
 
 
-class Proc:
-    """A child process we started; :meth:`stop` signals only its PID."""
+class Proc(Process):
+    """A benchmark child (the kit's :class:`~testkit.Process`) in a session of its own, run
+    from the repository, appending to its log after a header line; it speaks the JSON-line
+    protocol of ``bench._child`` (:meth:`send`, :meth:`recv`, :meth:`call`). :func:`stop_all`
+    stops every one still running."""
 
     def __init__(
         self,
@@ -244,28 +206,11 @@ class Proc:
         cwd: Path | None = None,
     ) -> None:
         self.name = name
-        self.args = list(args)
-        self.log = log
-        self._log: IO[bytes] = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self._log.write(f"=== {' '.join(self.args)}\n".encode())
-        self._log.flush()
-        self.popen = subprocess.Popen(
-            self.args,
-            env=env,
-            cwd=cwd or ROOT,
-            stdin=stdin,
-            stdout=subprocess.PIPE if stdout_pipe else self._log,
-            stderr=self._log,
-            start_new_session=True,
-        )
+        with log.open("ab") as header:
+            header.write(f"=== {' '.join(args)}\n".encode())
+        super().__init__(args, log_path=log, env=env, cwd=cwd or ROOT, stdin=stdin,
+                         stdout_pipe=stdout_pipe, append=True, new_session=True)  # fmt: skip
         _LIVE.append(self)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
 
     def send(self, obj: dict[str, Any]) -> None:
         """One JSON command line on stdin (for our child processes)."""
@@ -283,21 +228,17 @@ class Proc:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"{self.name}: no reply within {timeout:.0f}s; see {self.log}")
+                raise TimeoutError(
+                    f"{self.name}: no reply within {timeout:.0f}s; see {self.log_path}"
+                )
             ready, _, _ = select.select([fd], [], [], min(left, 1.0))
             if not ready:
-                if self.popen.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.name} exited ({self.popen.returncode}); "
-                        f"log tail:\n{self.log_tail()}"
-                    )
+                if not self.alive:
+                    raise RuntimeError(f"{self.name} exited: {self.describe(15)}")
                 continue
             line = fd.readline()
             if not line:
-                raise RuntimeError(
-                    f"{self.name} closed stdout (exit {self.popen.poll()}); "
-                    f"log tail:\n{self.log_tail()}"
-                )
+                raise RuntimeError(f"{self.name} closed stdout: {self.describe(15)}")
             text = line.decode().strip()
             if text.startswith("{"):
                 result: dict[str, Any] = json.loads(text)
@@ -309,12 +250,6 @@ class Proc:
         self.send(obj)
         return self.recv(timeout)
 
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
     def finish(self, timeout: float = 60.0) -> int | None:
         """Let a one-shot child exit by itself (a profiler wrapped around it is writing its
         report), then :meth:`stop` it if it has not."""
@@ -324,24 +259,10 @@ class Proc:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM our child by PID, SIGKILL after ``timeout``; close its pipes."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout)
-        for stream in (self.popen.stdin, self.popen.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        with contextlib.suppress(OSError):
-            self._log.close()
+        code = super().stop(timeout)
         if self in _LIVE:
             _LIVE.remove(self)
-        return self.popen.returncode
+        return code
 
 
 _LIVE: list[Proc] = []
@@ -380,14 +301,6 @@ def run_child(name: str, args: Sequence[str], *, log: Path, timeout: float) -> d
         return proc.recv(timeout)
     finally:
         proc.finish()
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """Our environment minus Dynamo/etcd knobs, plus ``extra``."""
-    env = child_environ(without_prefix=("DYN_", "ETCD_"))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 @contextlib.contextmanager
@@ -488,18 +401,18 @@ def launch_our_frontend(
 def wait_our_frontend(proc: Proc, port_file: Path, name: str) -> int:
     """The HTTP port of a launched frontend, once /health answers."""
     port = int(
-        wait_for(
+        wait_until_sync(
             lambda: port_file.read_text().strip() if port_file.exists() else None,
             timeout=60,
-            what=f"{name} port file",
-            proc=proc.popen,
+            message=f"{name} port file",
+            proc=proc,
         )
     )
-    wait_for(
+    wait_until_sync(
         lambda: http_json(f"http://{HOST}:{port}/health").get("watch_connected"),
         timeout=30,
-        what=f"{name} /health",
-        proc=proc.popen,
+        message=f"{name} /health",
+        proc=proc,
     )
     return port
 

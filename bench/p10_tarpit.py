@@ -23,13 +23,12 @@ from bench._util import (
     Row,
     ScenarioResult,
     Stats,
-    free_port,
     http_json,
     start_our_frontend,
     start_publisher,
-    wait_for,
     write_bench_model,
 )
+from testkit import free_port, wait_until_sync
 
 NAME = "P10"
 TITLE = "Tarpits: a healthy model published behind 200 cards on hosts that never answer"
@@ -42,7 +41,7 @@ def _tarpit_cards(model: Path, urls: list[str]) -> list[tuple[str, bytes]]:
     """``CARDS`` cards of ``model`` under other names, their files on the hosts ``urls``
     (round robin), as (key, value) for etcd."""
     from discovery_mdc.card import CheckedFile, from_dir, slugify
-    from integration._faults import envelope_kv
+    from testkit import envelope_kv
 
     base = from_dir(model, include_extra_files=True)
     out = []
@@ -76,7 +75,7 @@ def _models(base: str) -> set[str]:
 def _round(work: Path, r: int, hosts: int, tarpit_model: Path, good_model: Path) -> float:
     """Seconds from the healthy model's registration to its listing."""
     from discovery_mdc.etcd import EtcdServer
-    from integration._proxy import TcpProxy
+    from testkit import TcpProxy
 
     tag = f"{hosts}-{r}"
     with EtcdServer(log_path=work / f"etcd-{tag}.log") as etcd:
@@ -91,17 +90,17 @@ def _round(work: Path, r: int, hosts: int, tarpit_model: Path, good_model: Path)
             (good,) = pub.recv(120)["models"]
             fe, port = start_our_frontend(etcd.client_url, work, f"frontend-{tag}")
             base = f"http://{HOST}:{port}"
-            wait_for(
+            wait_until_sync(
                 lambda: sum(p.tarpitted for p in proxies) > 0,
                 timeout=TIMEOUT,
-                what="the frontend fetching from the tarpits",
+                message="the frontend fetching from the tarpits",
             )
             registered = float(pub.call({"op": "go"}, 120)["t_done"])
-            wait_for(
+            wait_until_sync(
                 lambda: good in _models(base),
                 timeout=TIMEOUT,
                 interval=0.02,
-                what=f"{good!r} listed behind the tarpit cards",
+                message=f"{good!r} listed behind the tarpit cards",
             )
             seconds = time.monotonic() - registered
             fe.stop()

@@ -27,14 +27,12 @@ from bench._util import (
     ScenarioResult,
     Stats,
     child_args,
-    child_env,
-    free_port,
     http_json,
     model_files,
     start_our_frontend,
-    wait_for,
     write_bench_model,
 )
+from testkit import child_env, free_port, wait_until, wait_until_sync
 
 NAME = "P1"
 TITLE = "Cold registration latency (worker put → listed on /v1/models)"
@@ -47,19 +45,20 @@ async def _poll(
 ) -> float:
     """Poll ``url`` until ``name`` is (or is no longer) listed; the monotonic time of the
     response that showed it."""
-    deadline = time.monotonic() + LIST_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(url) as resp:
-                body = await resp.json(content_type=None)
-            now = time.monotonic()
-            ids = {m.get("id") for m in body.get("data", [])} if isinstance(body, dict) else set()
-            if (name in ids) == present:
-                return now
-        except (aiohttp.ClientError, ValueError):
-            pass
-        await asyncio.sleep(POLL_INTERVAL)
-    raise TimeoutError(f"{url}: model {name!r} present={present} not seen in {LIST_TIMEOUT}s")
+
+    async def seen() -> float | None:
+        async with session.get(url) as resp:
+            body = await resp.json(content_type=None)
+        now = time.monotonic()
+        ids = {m.get("id") for m in body.get("data", [])} if isinstance(body, dict) else set()
+        return now if (name in ids) == present else None
+
+    return await wait_until(
+        seen,
+        timeout=LIST_TIMEOUT,
+        interval=POLL_INTERVAL,
+        message=f"{url}: model {name!r} present={present}",
+    )
 
 
 async def _measure(
@@ -126,11 +125,11 @@ def run(ctx: Ctx) -> ScenarioResult:
                 etcd.client_url, dyn_home, dyn_port, work / "dynamo-frontend.log"
             )
             procs.append(dyn)
-            wait_for(
+            wait_until_sync(
                 lambda: http_json(f"http://{HOST}:{dyn_port}/v1/models") is not None,
                 timeout=120,
-                what="Dynamo frontend /v1/models",
-                proc=dyn.popen,
+                message="Dynamo frontend /v1/models",
+                proc=dyn,
             )
             worker = Proc(
                 "worker",

@@ -17,10 +17,10 @@ time until ``/v1/models`` is empty and the instance gauge is 0 is measured.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bench._ctx import Ctx
 from bench._util import (
@@ -39,6 +39,7 @@ from bench._util import (
     start_publishers,
     write_bench_model,
 )
+from testkit import wait_until_sync
 
 NAME = "P3"
 TITLE = "Fan-in: 500 instances / 5 models, then 10,000 / 50, in a burst, then revoke all"
@@ -84,16 +85,14 @@ def _empty(base: str) -> bool:
     return prom_value(http_get(f"{base}/metrics").decode(), "discovery_mdc_instances") == 0
 
 
-def _poll_until(pred: Any, what: str, poll: float) -> float:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return time.monotonic()
-        except OSError:
-            pass
-        time.sleep(poll)
-    raise TimeoutError(f"P3: {what} not reached within {TIMEOUT:.0f}s")
+def _poll_until(pred: Callable[[], bool], what: str, poll: float) -> float:
+    """The monotonic time at which ``pred`` was first seen true (polled every ``poll``)."""
+    return wait_until_sync(
+        lambda: time.monotonic() if pred() else None,
+        timeout=TIMEOUT,
+        interval=poll,
+        message=f"P3: {what}",
+    )
 
 
 def _one_run(ctx: Ctx, work: Path, models: list[Path], size: Size, run_no: int) -> dict[str, float]:

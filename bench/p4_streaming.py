@@ -27,9 +27,9 @@ from bench._util import (
     ScenarioResult,
     Stats,
     child_args,
-    child_env,
     run_child,
 )
+from testkit import child_env
 
 NAME = "P4"
 TITLE = "Streaming a 1 GiB blob: pipeline fetch vs curl"

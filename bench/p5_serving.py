@@ -22,12 +22,10 @@ from bench._util import (
     ScenarioResult,
     Stats,
     child_args,
-    child_env,
-    free_port,
     http_get,
-    wait_for,
     write_bench_model,
 )
+from testkit import child_env, free_port, wait_until_sync
 
 NAME = "P5"
 TITLE = "Serving tokenizer.json: status server vs nginx"
@@ -75,7 +73,7 @@ def _start_nginx(nginx: str, work: Path, root: Path) -> tuple[Proc, str]:
         log=work / "nginx.log",
     )
     url = f"http://{HOST}:{port}/tokenizer.json"
-    wait_for(lambda: http_get(url), timeout=30, what="nginx", proc=proc.popen)
+    wait_until_sync(lambda: http_get(url), timeout=30, message="nginx", proc=proc)
     return proc, url
 
 

@@ -33,10 +33,10 @@ from bench._util import (
     ScenarioResult,
     Stats,
     child_args,
-    child_env,
     run_child,
     write_bench_model,
 )
+from testkit import child_env
 
 NAME = "P6"
 TITLE = "Watch throughput: replaying a stream of card updates"

@@ -20,6 +20,7 @@ is met only if there was such a failover and all 12 converged.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import time
@@ -33,14 +34,13 @@ from bench._util import (
     Row,
     ScenarioResult,
     Stats,
-    child_env,
     http_json,
     launch_our_frontend,
     prom_get,
-    wait_for,
     wait_our_frontend,
     write_bench_model,
 )
+from testkit import child_env, wait_until_sync
 
 NAME = "P7"
 TITLE = "Fleet spread: 12 frontends x 4 replicas of one model, started together"
@@ -62,11 +62,11 @@ def _start_worker(etcd_url: str, model: Path, work: Path, i: int) -> tuple[Proc,
     )  # fmt: skip
 
     def registered() -> int | None:
-        text = proc.log.read_text(errors="replace")
+        text = proc.log()
         m = _LISTENING.search(text)
         return int(m["port"]) if m and "registered model" in text else None
 
-    port = wait_for(registered, timeout=60, what=f"worker-{i} registered", proc=proc.popen)
+    port = wait_until_sync(registered, timeout=60, message=f"worker-{i} registered", proc=proc)
     return proc, port
 
 
@@ -93,25 +93,29 @@ def _fleet(
     fes = [p for p, _, _ in launched]
     if kill is not None:
         # Mid-run: as soon as the first frontend has listed etcd and started fetching.
-        wait_for(
+        wait_until_sync(
             lambda: any(pf.exists() and pf.read_text().strip() for _, pf, _ in launched),
             timeout=TIMEOUT,
-            what="the first frontend",
+            message="the first frontend",
         )
         kill.popen.send_signal(signal.SIGKILL)
         kill.popen.wait()
     ports = [wait_our_frontend(*x) for x in launched]
     pending = set(ports)
-    while pending:
-        if time.monotonic() - t0 > TIMEOUT:
-            raise TimeoutError(f"P7: {len(pending)} frontend(s) never listed {MODEL}")
+
+    def all_listed() -> bool:
         for port in list(pending):
-            try:
+            with contextlib.suppress(OSError):
                 if _lists_model(port):
                     pending.discard(port)
-            except OSError:
-                pass
-        time.sleep(0.02)
+        return not pending
+
+    wait_until_sync(
+        all_listed,
+        timeout=max(0.0, TIMEOUT - (time.monotonic() - t0)),
+        interval=0.02,
+        message=lambda: f"P7: {len(pending)} frontend(s) never listed {MODEL}",
+    )
     return fes, ports, time.monotonic() - t0
 
 

@@ -31,9 +31,9 @@ from bench._util import (
     prom_get,
     start_our_frontend,
     start_publishers,
-    wait_for,
     write_bench_model,
 )
+from testkit import wait_until_sync
 
 NAME = "P8"
 TITLE = "Reconcile cost: 10,000 instances, one idle minute"
@@ -105,7 +105,7 @@ def _ticker(url: str, stop: threading.Event) -> None:
 
 def run(ctx: Ctx) -> ScenarioResult:
     from discovery_mdc.etcd import EtcdServer
-    from integration._proxy import TcpProxy
+    from testkit import TcpProxy
 
     result = ScenarioResult(NAME, TITLE)
     work = ctx.scenario_dir(NAME)
@@ -124,21 +124,21 @@ def run(ctx: Ctx) -> ScenarioResult:
         etcd_alone = (cpu_seconds(etcd_pid) - c0) * 60.0 / (time.monotonic() - t0)
         fe, port = start_our_frontend(proxy.url, work, "frontend")
         base = f"http://{HOST}:{port}"
-        wait_for(
+        wait_until_sync(
             lambda: (
                 prom_get(base, "discovery_mdc_instances") >= instances
                 and prom_get(base, "discovery_mdc_models_ready") >= MODELS
             ),
             timeout=300,
-            what="frontend convergence",
-            proc=fe.popen,
+            message="frontend convergence",
+            proc=fe,
         )
         settled = prom_get(base, "discovery_mdc_reconcile_checks_total") + 2
-        wait_for(
+        wait_until_sync(
             lambda: prom_get(base, "discovery_mdc_reconcile_checks_total") >= settled,
             timeout=60,
-            what="two reconciles",
-            proc=fe.popen,
+            message="two reconciles",
+            proc=fe,
         )
         quiet = _measure(proxy, fe, etcd_pid, base, idle)
         stop = threading.Event()

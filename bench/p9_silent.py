@@ -27,9 +27,9 @@ from bench._util import (
     http_json,
     start_our_frontend,
     start_publisher,
-    wait_for,
     write_bench_model,
 )
+from testkit import wait_until_sync
 
 NAME = "P9"
 TITLE = "Silent watch: frozen etcd connections, then keys change"
@@ -46,7 +46,7 @@ def _round(work: Path, r: int, model_a: Path, model_b: Path) -> tuple[float, boo
     """One round: seconds from the last change to an exact /v1/models, and whether the
     frontend logged a silent-watch restart."""
     from discovery_mdc.etcd import EtcdServer
-    from integration._proxy import TcpProxy
+    from testkit import TcpProxy
 
     with (
         EtcdServer(log_path=work / f"etcd-{r}.log") as etcd,
@@ -63,20 +63,20 @@ def _round(work: Path, r: int, model_a: Path, model_b: Path) -> tuple[float, boo
             pubs[0].call({"op": "go"}, 120)
             fe, port = start_our_frontend(proxy.url, work, f"frontend-{r}")
             base = f"http://{HOST}:{port}"
-            wait_for(lambda: _models(base) == {name_a}, timeout=TIMEOUT, what="model A")
+            wait_until_sync(lambda: _models(base) == {name_a}, timeout=TIMEOUT, message="model A")
             time.sleep(random.Random(9000 + r).uniform(0, 5))
             proxy.freeze()
             with ThreadPoolExecutor(2) as pool:
                 added = pool.submit(pubs[1].call, {"op": "go"}, 120)
                 gone = pool.submit(pubs[0].call, {"op": "revoke"}, 120)
                 changed = max(added.result()["t_done"], gone.result()["t_done"])
-            deadline = changed + TIMEOUT
-            while _models(base) != {name_b}:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"P9: /v1/models never became exactly {name_b!r}")
-                time.sleep(0.05)
+            wait_until_sync(
+                lambda: _models(base) == {name_b},
+                timeout=TIMEOUT,
+                message=f"P9: /v1/models never became exactly {name_b!r}",
+            )
             seconds = time.monotonic() - changed
-            restarted = "restarting the watch" in fe.log.read_text(errors="replace")
+            restarted = "restarting the watch" in fe.log()
             fe.stop()
             return seconds, restarted
         finally:

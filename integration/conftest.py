@@ -1,22 +1,22 @@
-"""Fixtures for real etcd: a fresh server or 3-member cluster per test, and a client.
+"""Fixtures for real etcd (a fresh server or 3-member cluster per test, one server per module,
+clients) and for the processes a test starts (``procs``, ``spawn``, ``spawn_worker``).
 
-Other integration modules get these by name, and ``spawn``/``procs`` for worker and other CLI
-processes. ``etcd_server_factory`` starts servers with
-custom flags (``etcd_server_factory(extra_args=["--max-request-bytes=4194304"])``).
+``etcd_server_factory`` starts servers with custom flags
+(``etcd_server_factory(extra_args=["--max-request-bytes=4194304"])``). The helpers these
+build on are the test kit's (``testkit``).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from discovery_mdc.etcd import EtcdClient, EtcdCluster, EtcdServer
-from integration._faults import CliProcess, Spawn, WorkerProc
-from integration._worker_proc import WorkerSpawner
+from testkit import Process, Spawn, WorkerProcess, child_env
 
 
 @pytest.fixture
@@ -40,12 +40,18 @@ def etcd_server(etcd_server_factory: Callable[..., EtcdServer]) -> EtcdServer:
     return etcd_server_factory()
 
 
+@pytest.fixture(scope="module")
+def shared_etcd() -> Iterator[EtcdServer]:
+    """One etcd for a whole module, whose tests keep to their own keys (or namespaces)."""
+    with EtcdServer() as server:
+        yield server
+
+
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[WorkerSpawner]:
-    """Start ``discovery-mdc worker`` processes (logs in ``tmp_path``); killed after the test."""
-    spawner = WorkerSpawner(tmp_path)
-    yield spawner
-    spawner.close()
+async def shared_client(shared_etcd: EtcdServer) -> AsyncIterator[EtcdClient]:
+    """An EtcdClient connected to ``shared_etcd``."""
+    async with EtcdClient([shared_etcd.client_url]) as client:
+        yield client
 
 
 @pytest.fixture
@@ -70,27 +76,55 @@ async def client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
 
 
 @pytest.fixture
-def procs() -> Iterator[list[CliProcess]]:
-    """Processes a test started; each is closed (SIGTERM, then SIGKILL) afterwards."""
-    started: list[CliProcess] = []
+def procs() -> Iterator[list[Process]]:
+    """Processes a test started. Afterwards all get SIGTERM at once, then each is waited for
+    (SIGKILL after a deadline)."""
+    started: list[Process] = []
     yield started
     for p in started:
-        p.close()
+        p.signal(signal.SIGTERM)
+    for p in started:
+        p.stop()
 
 
 @pytest.fixture
-def spawn_worker(etcd_server: EtcdServer, tmp_path: Path, procs: list[CliProcess]) -> Spawn:
-    """``spawn_worker(model_dir, ttl=3, name="w")``: a worker process on ``etcd_server``."""
+def spawn(tmp_path: Path, procs: list[Process]) -> Spawn:
+    """``spawn(*worker_args, env=None, cwd=None, preexec_fn=None)``: a ``discovery-mdc
+    worker`` process (default environment: :func:`testkit.child_env`), logging in
+    ``tmp_path``."""
 
-    def spawn(model_dir: Path, ttl: int = 3, name: str = "w") -> WorkerProc:
+    def start(
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> WorkerProcess:
+        proc = WorkerProcess(
+            args,
+            log_path=tmp_path / f"worker-{len(procs)}.log",
+            env=child_env() if env is None else env,
+            cwd=cwd,
+            preexec_fn=preexec_fn,
+        )
+        procs.append(proc)
+        return proc
+
+    return start
+
+
+@pytest.fixture
+def spawn_worker(etcd_server: EtcdServer, tmp_path: Path, procs: list[Process]) -> Spawn:
+    """``spawn_worker(model_dir, ttl=3, name="w", extra_args=())``: a worker serving
+    ``model_dir`` on ``etcd_server`` (:meth:`testkit.WorkerProcess.serving`)."""
+
+    def start(
+        model_dir: Path, ttl: int = 3, name: str = "w", extra_args: tuple[str, ...] = ()
+    ) -> WorkerProcess:
         log_path = tmp_path / f"{name}-{len(procs)}.log"
-        w = WorkerProc(etcd_server.client_url, model_dir, ttl=ttl, log_path=log_path)
+        w = WorkerProcess.serving(
+            etcd_server.client_url, model_dir, ttl=ttl, log_path=log_path, extra_args=extra_args
+        )
         procs.append(w)
         return w
 
-    return spawn
-
-
-async def to_thread(fn: Callable[[], Any]) -> Any:
-    """Run a blocking server operation (restart, stop) without stalling the event loop."""
-    return await asyncio.to_thread(fn)
+    return start

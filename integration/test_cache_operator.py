@@ -1,6 +1,6 @@
 """Operator commands against real processes: ``cache rm`` and ``cache prune --older-than``
-while a frontend serves the same cache, a self-hosted file name that needs encoding, and
-``ls --json``/``-q`` against real etcd.
+while a frontend serves the same cache, a self-hosted file name that needs encoding,
+``ls --json``/``-q`` against real etcd, and ``prune``/``verify --fix`` asking on a terminal.
 
 Every command runs as a real ``python -m discovery_mdc`` process; ``--json`` output is parsed.
 """
@@ -10,31 +10,34 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from discovery_mdc.cache import CacheLayout, resolve_metadata_files
 from discovery_mdc.card import encode_card, from_dir, hash_file
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import FrontendProcess, WorkerProc, child_env, model_dirs
-from integration._util import wait_until
+from testkit import (
+    FrontendProcess,
+    Process,
+    Spawn,
+    backdate,
+    model_dirs,
+    run_cli,
+    snapshot,
+    wait_until,
+)
 
 DEADLINE = 60.0
 DAY = 86400.0
 
 
 async def cli(*argv: str, code: int | None = 0) -> subprocess.CompletedProcess[str]:
-    proc = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "discovery_mdc", "--log-level", "warning", *argv],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=DEADLINE,
-        check=False, env=child_env(),
-    )  # fmt: skip
+    proc = await asyncio.to_thread(run_cli, "--log-level", "warning", *argv, timeout=DEADLINE)
     if code is not None:
         assert proc.returncode == code, (argv, proc.returncode, proc.stdout, proc.stderr)
     return proc
@@ -44,35 +47,15 @@ async def cli_json(*argv: str) -> Any:
     return json.loads((await cli(*argv, "--json")).stdout)
 
 
-def backdate(card_dir: Path, seconds_ago: float) -> None:
-    when = time.time() - seconds_ago
-    for link in card_dir.iterdir():
-        os.utime(link, (when, when), follow_symlinks=False)
-
-
-class Procs:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.all: list[WorkerProc | FrontendProcess] = []
-
-    def worker(self, etcd: str, model_dir: Path, *extra: str) -> WorkerProc:
-        proc = WorkerProc(etcd, model_dir, log_path=self.tmp / f"worker-{len(self.all)}.log",
-                          extra_args=extra)  # fmt: skip
-        self.all.append(proc)
-        return proc
-
-    def frontend(self, etcd: str, cache_dir: Path) -> FrontendProcess:
-        proc = FrontendProcess(etcd, tmp=self.tmp, cache_dir=cache_dir, reconcile_interval=1.0)
-        self.all.append(proc)
-        return proc
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    for proc in p.all:
-        proc.close()
+def on_terminal(answer: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with a terminal (a pty) as stdin, on which ``answer`` is typed."""
+    primary, secondary = pty.openpty()
+    try:
+        os.write(primary, answer.encode())
+        return run_cli("--log-level", "warning", *argv, stdin=secondary, timeout=DEADLINE)
+    finally:
+        os.close(primary)
+        os.close(secondary)
 
 
 async def served_files_intact(fe: FrontendProcess, expected: set[str]) -> bool:
@@ -90,15 +73,16 @@ async def served_files_intact(fe: FrontendProcess, expected: set[str]) -> bool:
 
 
 async def test_rm_and_prune_older_than_while_a_frontend_serves_the_same_cache(
-    etcd_server: EtcdServer, procs: Procs, tmp_path: Path
+    etcd_server: EtcdServer, procs: list[Process], spawn_worker: Spawn, tmp_path: Path
 ) -> None:
     etcd = etcd_server.client_url
     cache = tmp_path / "cache"
     dirs = model_dirs(tmp_path / "models", 5)
     served = {d.name for d in dirs[:2]}
-    fe = procs.frontend(etcd, cache)
+    fe = FrontendProcess(etcd, tmp=tmp_path, cache_dir=cache, reconcile_interval=1.0)
+    procs.append(fe)
     for d in dirs[:2]:
-        procs.worker(etcd, d)
+        spawn_worker(d)
     await fe.wait_listening()
     await wait_until(lambda: served_files_intact(fe, served), timeout=DEADLINE,
                      message=fe.describe)  # fmt: skip
@@ -124,12 +108,12 @@ async def test_rm_and_prune_older_than_while_a_frontend_serves_the_same_cache(
     async def refreshed() -> bool:
         doc = await cli_json("cache", "ls", "--cache-dir", str(cache))
         ages = {c["path"]: time.time() - c["last_used_unix"] for c in doc["cards"]}
-        return ages[str(served_dirs[0])] < 3600
+        return bool(ages[str(served_dirs[0])] < 3600)
 
     await wait_until(refreshed, timeout=DEADLINE, message=fe.describe)
 
     # A new model comes up while the prune runs.
-    procs.worker(etcd, dirs[4])
+    spawn_worker(dirs[4])
     doc = await cli_json("cache", "prune", "--older-than", "30d", "-y", "--cache-dir", str(cache))
     removed = {i["path"] for i in doc["result"]["removed"] if i["kind"] == "card"}
     assert removed == {str(p) for p in stale}, doc
@@ -158,15 +142,20 @@ async def test_rm_and_prune_older_than_while_a_frontend_serves_the_same_cache(
 
 
 async def test_a_custom_template_named_with_a_space_is_served_and_cached_under_its_name(
-    etcd_server: EtcdServer, etcd_client: EtcdClient, procs: Procs, tmp_path: Path
+    etcd_server: EtcdServer,
+    etcd_client: EtcdClient,
+    procs: list[Process],
+    spawn_worker: Spawn,
+    tmp_path: Path,
 ) -> None:
     etcd = etcd_server.client_url
     [model] = model_dirs(tmp_path / "models", 1)
     template = tmp_path / "my template.jinja"
     template.write_text("{{ messages[0]['content'] }}")
-    fe = procs.frontend(etcd, tmp_path / "cache")
-    worker = procs.worker(etcd, model, "--custom-template", str(template))
-    key, _ = await worker.wait_registered()
+    fe = FrontendProcess(etcd, tmp=tmp_path, cache_dir=tmp_path / "cache", reconcile_interval=1.0)
+    procs.append(fe)
+    worker = spawn_worker(model, extra_args=("--custom-template", str(template)))
+    key = (await worker.wait_registered()).key
     kv = await etcd_client.get(key)
     assert kv is not None and b"/my%20template.jinja" in kv.value
     await fe.wait_listening()
@@ -178,12 +167,17 @@ async def test_a_custom_template_named_with_a_space_is_served_and_cached_under_i
 
 
 async def test_ls_json_and_quiet_against_real_etcd(
-    etcd_server: EtcdServer, etcd_client: EtcdClient, procs: Procs, tmp_path: Path
+    etcd_server: EtcdServer,
+    etcd_client: EtcdClient,
+    procs: list[Process],
+    spawn_worker: Spawn,
+    tmp_path: Path,
 ) -> None:
     etcd = etcd_server.client_url
     [model] = model_dirs(tmp_path / "models", 1)
-    worker = procs.worker(etcd, model)
-    key, lease = await worker.wait_registered()
+    worker = spawn_worker(model)
+    reg = await worker.wait_registered()
+    key, lease = reg.key, reg.lease
     await etcd_client.put("v1/mdc/dynamo/backend/generate/abc", b"{not json")
     await etcd_client.put("v1/mdc/stray", b"x")
     doc = await cli_json("ls", "--etcd", etcd)
@@ -204,3 +198,44 @@ async def test_ls_json_and_quiet_against_real_etcd(
     assert rows["v1/mdc/stray"]["status"] == "not_a_card_key"
     quiet = await cli("ls", "-q", "--etcd", etcd)
     assert sorted(quiet.stdout.split()) == sorted(rows)
+
+
+# --------------------------------------------------------------------------- on a terminal
+
+
+@pytest.mark.parametrize(("answer", "code"), [("n\n", 1), ("y\n", 0)])
+async def test_on_a_terminal_prune_and_verify_fix_ask_first(
+    tmp_path: Path, answer: str, code: int
+) -> None:
+    cache = CacheLayout(tmp_path / "cache")
+    old, new, corrupt = [
+        await resolve_metadata_files(from_dir(d), cache_dir=cache.root)
+        for d in model_dirs(tmp_path / "models", 3)
+    ]
+    assert old.local_dir is not None and corrupt.local_dir is not None
+    backdate(old.local_dir, 40 * DAY)
+    root = str(cache.root)
+
+    before = snapshot(cache.root)
+    proc = await asyncio.to_thread(on_terminal, answer, "cache", "prune", "--older-than", "30d",
+                                   "--cache-dir", root)  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    assert "Delete these? [y/N]" in proc.stderr
+    assert old.local_dir.exists() is bool(code)
+    assert new.local_dir is not None and new.local_dir.exists()
+    if code:
+        assert snapshot(cache.root) == before
+
+    _, config = next(corrupt.card.files())
+    cache.blob(config.checksum.hex).write_bytes(b"garbage")
+    before = snapshot(cache.root)
+    proc = await asyncio.to_thread(on_terminal, answer, "cache", "verify", "--fix",
+                                   "--cache-dir", root)  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    assert "Delete these? [y/N]" in proc.stderr
+    if code:
+        assert snapshot(cache.root) == before
+    else:
+        assert not corrupt.local_dir.exists()
+        assert not cache.blob(config.checksum.hex).exists()
+        assert (await cli("cache", "verify", "--cache-dir", root)).returncode == 0

@@ -8,11 +8,8 @@ import os
 import resource
 import signal
 import sys
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import pytest
 from aiohttp import web
 
 from discovery_mdc._sample import write_sample_model
@@ -33,63 +30,9 @@ from discovery_mdc.card import (
     from_dir,
     hash_file,
 )
+from testkit import CliProcess, Handler, MetaServer, Process, run_cli, wait_until
 
-CLI = "import sys, discovery_mdc.cli as c; sys.exit(c.main(sys.argv[1:]))"
 DEADLINE = 60.0
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class MetaServer:
-    """A real aiohttp server on 127.0.0.1 that serves files, counts GETs and can hold or
-    script responses for chosen paths."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes | Path] = {}
-        self.handlers: dict[str, Handler] = {}
-        self.gets: Counter[str] = Counter()
-        self.release = asyncio.Event()
-        self.port = 0
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.gets[request.path] += 1
-        if request.path in self.handlers:
-            return await self.handlers[request.path](request)
-        body = self.files.get(request.path)
-        if isinstance(body, Path):
-            return web.FileResponse(body)
-        if body is not None:
-            return web.Response(body=body)
-        return web.Response(status=404)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def http_card(self, card: ModelDeploymentCard) -> ModelDeploymentCard:
-        def serve(f: CheckedFile) -> str:
-            path = f"/v1/metadata/{card.slug}/{f.basename}"
-            self.files[path] = Path(f.path).read_bytes()
-            return self.url(path)
-
-        return card.with_paths(lambda _, f: serve(f))
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[MetaServer]:
-    srv = MetaServer()
-    app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", srv.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    srv.port = runner.addresses[0][1]
-    yield srv
-    srv.release.set()
-    await runner.cleanup()
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> CacheLayout:
-    return CacheLayout(tmp_path / "cache")
 
 
 def model_card(tmp_path: Path, name: str = "proc-model", **kwargs: object) -> ModelDeploymentCard:
@@ -102,86 +45,49 @@ def write_card(tmp_path: Path, card: ModelDeploymentCard) -> Path:
     return path
 
 
-async def spawn(*args: str, **kwargs: object) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLI,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
-async def wait_until(condition: Callable[[], bool], deadline: float = DEADLINE) -> None:
-    """Poll state owned by another process under a generous deadline."""
-    async with asyncio.timeout(deadline):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
 def parts(cache: CacheLayout, hexdigest: str) -> list[Path]:
     return sorted(cache.tmp.glob(f"{hexdigest}.*.part")) if cache.tmp.exists() else []
 
 
-def holding_handler(server: MetaServer, body: bytes, sent: asyncio.Event) -> Handler:
-    """Send half of ``body`` (with the full Content-Length), then hold until released."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        resp.content_length = len(body)
-        await resp.prepare(request)
-        await resp.write(body[: len(body) // 2])
-        sent.set()
-        await server.release.wait()
-        return resp
-
-    return handler
-
-
 async def test_kill_9_mid_download_leaves_no_blob_and_the_next_run_completes(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path, procs: list[Process]
 ) -> None:
-    card = server.http_card(model_card(tmp_path))
+    card = meta_server.http_card(model_card(tmp_path))
     _, tok = list(card.files())[1]
     tok_path = f"/v1/metadata/{card.slug}/tokenizer.json"
-    sent = asyncio.Event()
-    server.handlers[tok_path] = holding_handler(server, server.files[tok_path], sent)  # type: ignore[arg-type]
+    meta_server.gated.add(tok_path)  # half of it, then the server holds the connection
     card_file = write_card(tmp_path, card)
 
-    proc = await spawn("card", "fetch", str(card_file), "--cache-dir", str(cache.root))
-    await asyncio.wait_for(sent.wait(), DEADLINE)
-    await wait_until(lambda: any(p.stat().st_size > 0 for p in parts(cache, tok.checksum.hex)))
-    proc.kill()
-    await proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    fetch = ["card", "fetch", str(card_file), "--cache-dir", str(cache.root)]
+    proc = CliProcess(fetch, log_path=tmp_path / "fetch.log")
+    procs.append(proc)
+    await asyncio.wait_for(meta_server.half_sent.wait(), DEADLINE)
+    await wait_until(
+        lambda: any(p.stat().st_size > 0 for p in parts(cache, tok.checksum.hex)), timeout=DEADLINE
+    )
+    proc.signal(signal.SIGKILL)
+    assert await proc.wait_exit(DEADLINE) == -signal.SIGKILL
 
     assert not cache.blob(tok.checksum.hex).exists()
     assert verify_cache(cache).ok  # whatever was published is whole and verified
-    leftover = parts(cache, tok.checksum.hex)
-    assert leftover
-    assert {i.path for i in plan_prune(scan_cache(cache)).temp_files} == set(leftover)
+    assert parts(cache, tok.checksum.hex)  # the held download left its part file
+    # ... and so may any other file in flight at the kill: prune offers exactly those.
+    leftover = set(cache.tmp.glob("*.part"))
+    assert {i.path for i in plan_prune(scan_cache(cache)).temp_files} == leftover
 
-    del server.handlers[tok_path]
-    proc = await spawn("card", "fetch", str(card_file), "--cache-dir", str(cache.root))
-    out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
-    assert proc.returncode == 0, err.decode()
-    local = Path(out.decode().strip())
+    meta_server.gated.discard(tok_path)
+    done = await asyncio.to_thread(run_cli, *fetch, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    local = Path(done.stdout.strip())
     assert hash_file(local / "tokenizer.json")[0] == tok.checksum
-    assert server.gets[tok_path] == 2
+    assert meta_server.gets[tok_path] == 2
     assert verify_cache(cache).ok
 
 
-async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
-    while line := await stream.readline():
-        lines.append(line.decode(errors="replace"))
-
-
 async def test_two_processes_on_one_cache_make_one_get_per_blob(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path, procs: list[Process]
 ) -> None:
-    card = server.http_card(model_card(tmp_path))
+    card = meta_server.http_card(model_card(tmp_path))
     gate = asyncio.Event()
     paths = {f"/v1/metadata/{card.slug}/{f.basename}": f.checksum.hex for _, f in card.files()}
 
@@ -193,25 +99,22 @@ async def test_two_processes_on_one_cache_make_one_get_per_blob(
         return handler
 
     for path in paths:
-        server.handlers[path] = gated(server.files[path])  # type: ignore[arg-type]
+        meta_server.handlers[path] = gated(meta_server.files[path])  # type: ignore[arg-type]
     card_file = write_card(tmp_path, card)
     argv = ["--log-level", "debug", "card", "fetch", str(card_file), "--cache-dir", str(cache.root)]
-    procs = [await spawn(*argv), await spawn(*argv)]
-    logs: list[str] = []
-    readers = [asyncio.ensure_future(_collect(p.stderr, logs)) for p in procs if p.stderr]
+    fetchers = [CliProcess(argv, log_path=tmp_path / f"fetch-{i}.log") for i in range(2)]
+    procs.extend(fetchers)
 
     def contended(path: str) -> bool:
         # One process is fetching it (the server holds its GET) and another waits on its lock.
         waiting = f"lock {cache.lock(paths[path])} is held by another process"
-        return server.gets[path] >= 1 and any(waiting in line for line in logs)
+        return meta_server.gets[path] >= 1 and any(waiting in p.log() for p in fetchers)
 
-    await wait_until(lambda: all(contended(p) for p in paths))
+    await wait_until(lambda: all(contended(p) for p in paths), timeout=DEADLINE)
     gate.set()
-    for proc in procs:
-        await asyncio.wait_for(proc.wait(), DEADLINE)
-        assert proc.returncode == 0, "".join(logs)
-    await asyncio.gather(*readers)
-    assert {p: server.gets[p] for p in paths} == dict.fromkeys(paths, 1)
+    for proc in fetchers:
+        assert await proc.wait_exit(DEADLINE) == 0, proc.describe()
+    assert {p: meta_server.gets[p] for p in paths} == dict.fromkeys(paths, 1)
     assert verify_cache(cache).ok
 
 
@@ -222,22 +125,17 @@ def _limit_file_size() -> None:
 
 
 async def test_full_disk_is_a_clear_error_and_leaves_no_partial_blob(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path
 ) -> None:
-    card = server.http_card(model_card(tmp_path, vocab_size=5000))
+    card = meta_server.http_card(model_card(tmp_path, vocab_size=5000))
     _, tok = list(card.files())[1]
     assert tok.size is not None and tok.size > 16 * 1024
-    proc = await spawn(
-        "card",
-        "fetch",
-        str(write_card(tmp_path, card)),
-        "--cache-dir",
-        str(cache.root),
-        preexec_fn=_limit_file_size,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
-    assert proc.returncode == 1
-    errors = [line for line in err.decode().splitlines() if "discovery-mdc: error" in line]
+    done = await asyncio.to_thread(
+        run_cli, "card", "fetch", str(write_card(tmp_path, card)), "--cache-dir",
+        str(cache.root), timeout=DEADLINE, preexec_fn=_limit_file_size,
+    )  # fmt: skip
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if "discovery-mdc: error" in line]
     assert len(errors) == 1
     assert "disk full or file size limit" in errors[0] and str(cache.tmp) in errors[0]
     assert not cache.blob(tok.checksum.hex).exists()
@@ -246,23 +144,22 @@ async def test_full_disk_is_a_clear_error_and_leaves_no_partial_blob(
 
 
 async def test_lock_left_by_a_killed_holder_does_not_block(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path, procs: list[Process]
 ) -> None:
-    card = server.http_card(model_card(tmp_path))
+    card = meta_server.http_card(model_card(tmp_path))
     _, config = next(card.files())
     lock = cache.lock(config.checksum.hex)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import sys, time, filelock; filelock.FileLock(sys.argv[1]).acquire(); "
-        "print('locked', flush=True); time.sleep(3600)",
-        str(lock),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert holder.stdout is not None
-    assert await asyncio.wait_for(holder.stdout.readline(), DEADLINE) == b"locked\n"
-    holder.kill()
-    await holder.wait()
+    holder = Process(
+        [sys.executable, "-c",
+         "import sys, time, filelock; filelock.FileLock(sys.argv[1]).acquire(); "
+         "print('locked', flush=True); time.sleep(3600)",
+         str(lock)],
+        log_path=tmp_path / "holder.log",
+    )  # fmt: skip
+    procs.append(holder)
+    await holder.wait_log("^locked$", timeout=DEADLINE)
+    holder.signal(signal.SIGKILL)
+    await holder.wait_exit(DEADLINE)
     assert lock.exists()
     resolved = await resolve_metadata_files(card, cache_dir=cache.root, lock_timeout=DEADLINE)
     assert verify_cache(cache).checked == len(resolved.files)
@@ -288,7 +185,7 @@ print(before, peak_kib())
 
 
 async def test_a_1_gib_file_fetches_with_bounded_memory(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path
 ) -> None:
     big = tmp_path / "config.json"
     with big.open("wb") as f:
@@ -296,12 +193,12 @@ async def test_a_1_gib_file_fetches_with_bounded_memory(
         f.seek(0, os.SEEK_END)
         f.write(os.urandom(4096))
     checksum, size, _ = hash_file(big)
-    server.files["/big/config.json"] = big
+    meta_server.files["/big/config.json"] = big
     card = ModelDeploymentCard.new(
         "Big",
         model_info=Slot(
             SlotVariant.HF_CONFIG_JSON,
-            CheckedFile(server.url("/big/config.json"), checksum, size),
+            CheckedFile(meta_server.url("/big/config.json"), checksum, size),
         ),
     )
     proc = await asyncio.create_subprocess_exec(

@@ -11,20 +11,20 @@ interrupted before the demo finished, 0 for Ctrl-C after ``--keep-running``'s su
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from testkit import Process, child_env, wait_until_sync
+
 ROOT = Path(__file__).resolve().parents[1]
-_CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "DYN_"))}
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -56,31 +56,37 @@ def _descendants(root: int) -> dict[int, int]:
 
 @dataclass
 class Demo:
-    proc: subprocess.Popen[str]
+    proc: Process  # stdout is a pipe read line by line; stderr goes to the log file
     tmpdir: Path
     seen: dict[int, int] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def watch_tree(self) -> None:
-        while not self._stop.is_set() and self.proc.poll() is None:
+        while not self._stop.is_set() and self.proc.alive:
             self.seen.update(_descendants(self.proc.pid))
             self._stop.wait(0.01)
 
     def read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+        assert self.proc.popen.stdout is not None
+        for line in self.proc.popen.stdout:
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
 
     def wait_for_line(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            assert self.proc.poll() is None or any(text in line for line in self.lines), (
-                f"demo exited ({self.proc.returncode}) before printing {text!r}:\n"
-                + "\n".join(self.lines)
-            )
-            assert time.monotonic() < deadline, f"no {text!r} within {timeout}s"
-            time.sleep(0.01)
+        wait_until_sync(
+            lambda: any(text in line for line in self.lines),
+            timeout=timeout,
+            message=lambda: f"no {text!r} on stdout:\n{self.stdout}",
+            proc=self.proc,
+        )
+
+    def wait_for_exit(self, timeout: float) -> None:
+        """Fails unless the demo exits within ``timeout`` seconds."""
+        wait_until_sync(
+            lambda: not self.proc.alive,
+            timeout=timeout,
+            message=lambda: f"the demo still runs after {timeout}s:\n{self.stdout}",
+        )
 
     @property
     def stdout(self) -> str:
@@ -95,16 +101,18 @@ def run_demo(tmp_path: Path) -> Iterator[Callable[..., Demo]]:
     demos: list[tuple[Demo, list[threading.Thread]]] = []
 
     def start(*args: str) -> Demo:
-        tmpdir = tmp_path / f"tmp{len(demos)}"
-        home = tmp_path / f"home{len(demos)}"
+        n = len(demos)
+        tmpdir, home = tmp_path / f"tmp{n}", tmp_path / f"home{n}"
         tmpdir.mkdir()
         home.mkdir()
-        proc = subprocess.Popen(
+        proc = Process(
             [sys.executable, "-m", "discovery_mdc", "demo", *args],
-            env={**_CLEAN_ENV, "TMPDIR": str(tmpdir), "HOME": str(home)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            start_new_session=True,  # its own process group, like a terminal job
-        )  # fmt: skip
+            log_path=tmp_path / f"demo{n}.stderr",
+            env=child_env(TMPDIR=str(tmpdir), HOME=str(home)),
+            cwd=ROOT,
+            stdout_pipe=True,
+            new_session=True,  # its own process group, like a terminal job
+        )
         demo = Demo(proc, tmpdir)
         threads = [
             threading.Thread(target=demo.watch_tree),
@@ -117,25 +125,23 @@ def run_demo(tmp_path: Path) -> Iterator[Callable[..., Demo]]:
 
     yield start
     for demo, threads in demos:
-        if demo.proc.poll() is None:
-            demo.proc.kill()
-        demo.proc.wait()
+        demo.proc.signal(signal.SIGKILL)
+        demo.proc.popen.wait()
         demo._stop.set()
         for t in threads:
             t.join(timeout=10)
+        demo.proc.stop()
         for pid in demo.survivors():  # never leave a test's etcd behind
             os.kill(pid, signal.SIGKILL)
 
 
 def _finish(demo: Demo, timeout: float) -> str:
-    """Wait for the demo to exit; return its stderr."""
-    assert demo.proc.stderr is not None
-    err = demo.proc.stderr.read()
-    demo.proc.wait(timeout=timeout)
-    deadline = time.monotonic() + 10
-    while demo.survivors() and time.monotonic() < deadline:  # let the reader threads settle
-        time.sleep(0.02)
-    return str(err)
+    """Wait, at most ``timeout`` seconds, for the demo to exit; return its stderr."""
+    demo.wait_for_exit(timeout)
+    # Let the tree watcher see the last exits (a survivor fails _assert_clean).
+    with contextlib.suppress(AssertionError):
+        wait_until_sync(lambda: not demo.survivors(), timeout=10)
+    return demo.proc.log()
 
 
 def _assert_clean(demo: Demo) -> None:
@@ -147,13 +153,10 @@ def _assert_clean(demo: Demo) -> None:
 def test_demo_end_to_end_lists_the_model_and_leaves_nothing_behind(
     run_demo: Callable[..., Demo],
 ) -> None:
-    begin = time.monotonic()
     demo = run_demo()
-    err = _finish(demo, timeout=60)
-    elapsed = time.monotonic() - begin
+    err = _finish(demo, timeout=60)  # the issue's explicit bound: done within a minute
     out = demo.stdout
-    assert demo.proc.returncode == 0, f"{out}\n{err}"
-    assert elapsed < 60, f"the demo took {elapsed:.1f}s"  # the issue's explicit bound
+    assert demo.proc.poll() == 0, f"{out}\n{err}"
     # The summary: keys, URLs, /v1/models, cache tree, timings, the second replica.
     keys = [line.split()[0] for line in out.splitlines() if line.startswith("  v1/mdc/")]
     assert len(keys) == 2 and all(k.startswith("v1/mdc/dynamo/backend/generate/") for k in keys)
@@ -174,7 +177,7 @@ def test_demo_serves_a_given_model_path(run_demo: Callable[..., Demo], tmp_path:
     model = write_sample_model(tmp_path / "models" / "My.Model", seed=3)
     demo = run_demo("--model-path", str(model), "--model-name", "org/My.Model")
     err = _finish(demo, timeout=60)
-    assert demo.proc.returncode == 0, f"{demo.stdout}\n{err}"
+    assert demo.proc.poll() == 0, f"{demo.stdout}\n{err}"
     assert '"id": "org/My.Model"' in demo.stdout
     assert "/v1/metadata/org_my_model/config.json" in demo.stdout
     assert model.is_dir()  # the user's model is not part of the temp dir
@@ -188,15 +191,12 @@ def test_ctrl_c_mid_run_exits_130_promptly_and_cleans_up(
     demo = run_demo("--timeout", "60")
     demo.wait_for_line(after, timeout=60)
     os.killpg(demo.proc.pid, signal.SIGINT)
-    sent = time.monotonic()
-    err = _finish(demo, timeout=30)
-    took = time.monotonic() - sent
+    err = _finish(demo, timeout=15)  # promptly: gone within 15 s of the signal
     # Usually 130; the demo may have finished (0) in the instant before the signal landed.
-    assert demo.proc.returncode in (130, 0), f"{demo.stdout}\n{err}"
-    if demo.proc.returncode == 130:
+    assert demo.proc.poll() in (130, 0), f"{demo.stdout}\n{err}"
+    if demo.proc.poll() == 130:
         assert "SIGINT: interrupted" in demo.stdout or "interrupted" in err
     assert "Traceback" not in err, err
-    assert took < 15, f"took {took:.1f}s to stop after SIGINT"
     _assert_clean(demo)
 
 
@@ -208,15 +208,15 @@ def test_keep_running_until_signal_then_exit_0(
     demo.wait_for_line("press Ctrl-C", timeout=60)
     # The URL block is printed after that line; wait for its last line, not a race with it.
     demo.wait_for_line("discovery-mdc cache ls", timeout=10)
-    assert demo.proc.poll() is None
+    assert demo.proc.alive
     assert any(line.strip().startswith("frontend") for line in demo.lines)
     assert "discovery-mdc ls" in demo.stdout
     if sig is signal.SIGINT:
         os.killpg(demo.proc.pid, sig)  # a terminal's Ctrl-C: etcd gets it too
     else:
-        demo.proc.send_signal(sig)  # e.g. a service manager stopping the demo
+        demo.proc.signal(sig)  # e.g. a service manager stopping the demo
     err = _finish(demo, timeout=30)
-    assert demo.proc.returncode == 0, f"{demo.stdout}\n{err}"
+    assert demo.proc.poll() == 0, f"{demo.stdout}\n{err}"
     assert f"{sig.name}: stopped" in demo.stdout
     assert "Traceback" not in err and "WARNING" not in err, err
     _assert_clean(demo)

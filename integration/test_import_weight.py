@@ -23,8 +23,7 @@ IO_LIBRARIES = ("aiohttp", "prometheus_client", "filelock")
 )
 def test_importing_the_pure_code_loads_no_io_library(module: str) -> None:
     script = (
-        f"import sys, {module}\n"
-        f"print(' '.join(m for m in {IO_LIBRARIES!r} if m in sys.modules))\n"
+        f"import sys, {module}\nprint(' '.join(m for m in {IO_LIBRARIES!r} if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True

@@ -8,8 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,9 +19,19 @@ from discovery_mdc._metrics import package_version
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import from_dir
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import CliProcess, FrontendProcess, card_keys, child_env, parse_metrics
-from integration._util import wait_until
-from integration._worker_proc import Registered, WorkerProcess, WorkerSpawner
+from testkit import (
+    CliProcess,
+    FrontendProcess,
+    Process,
+    Registered,
+    Spawn,
+    WorkerProcess,
+    card_keys,
+    child_env,
+    parse_metrics,
+    run_cli,
+    wait_until,
+)
 
 DEADLINE = 60.0
 
@@ -56,7 +64,7 @@ class Serving:
 
 
 async def serving(
-    etcd: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path,
+    etcd: EtcdServer, spawn: Spawn, procs: list[Process], tmp_path: Path,
     name: str, *worker_flags: str,
 ) -> Serving:  # fmt: skip
     model = write_sample_model(tmp_path / name)
@@ -65,19 +73,15 @@ async def serving(
     procs.append(fe)
     registered = await worker.wait_registered(timeout=DEADLINE)
     await fe.wait_listening()
-    await wait_until(lambda: _listed(fe, name), timeout=DEADLINE, message=fe.describe)
+    await wait_until(lambda: fe.lists(name), timeout=DEADLINE, message=fe.describe)
     return Serving(model, worker, registered, fe)
-
-
-async def _listed(fe: FrontendProcess, model: str) -> bool:
-    return model in await fe.model_ids()
 
 
 # --------------------------------------------------------------------------- probes
 
 
 async def test_etcd_down_keeps_live_200_while_health_turns_503_on_both_halves(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+    etcd_server: EtcdServer, spawn: Spawn, procs: list[Process], tmp_path: Path
 ) -> None:
     up = await serving(etcd_server, spawn, procs, tmp_path, "m", "--lease-ttl", "2")
     worker, fe = up.worker, up.fe
@@ -104,7 +108,7 @@ async def test_etcd_down_keeps_live_200_while_health_turns_503_on_both_halves(
 
 
 async def test_per_model_readiness_answers_200_once_ready_and_503_when_unknown(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+    etcd_server: EtcdServer, spawn: Spawn, procs: list[Process], tmp_path: Path
 ) -> None:
     model = write_sample_model(tmp_path / "ready-model")
     fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path)
@@ -115,7 +119,7 @@ async def test_per_model_readiness_answers_200_once_ready_and_503_when_unknown(
                "ready_instances": 0, "rejected_instances": 0, "namespaces": {}}  # fmt: skip
     assert await status(f"{base}/v1/models/ready-model/ready") == (503, unknown)
     spawn(*_worker_args(etcd_server.client_url, model))
-    await wait_until(lambda: _listed(fe, "ready-model"), timeout=DEADLINE, message=fe.describe)
+    await wait_until(lambda: fe.lists("ready-model"), timeout=DEADLINE, message=fe.describe)
     code, body = await status(f"{base}/v1/models/ready-model/ready")
     assert code == 200 and body["ready"] is True and body["instances"] == 1
     assert set(body) == set(unknown)  # one shape, known or not
@@ -132,7 +136,7 @@ async def test_per_model_readiness_answers_200_once_ready_and_503_when_unknown(
 
 
 async def test_dyn_namespace_and_dyn_endpoint_are_honoured_by_both_halves(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+    etcd_server: EtcdServer, spawn: Spawn, procs: list[Process], tmp_path: Path
 ) -> None:
     a = write_sample_model(tmp_path / "model-a", seed=1)
     b = write_sample_model(tmp_path / "model-b", seed=2)
@@ -207,11 +211,11 @@ async def test_dyn_http_port_and_json_logs_from_dynamos_variables(
         lines = [json.loads(ln) for ln in fe.log().splitlines() if ln.strip()]
         assert all(r["level"] != "info" or r["logger"] == "discovery_mdc.cli" for r in lines)
     finally:
-        fe.close()
+        fe.stop()
 
 
 async def test_json_logs_carry_structured_fields_and_the_fatal_line_is_json(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+    etcd_server: EtcdServer, spawn: Spawn, procs: list[Process], tmp_path: Path
 ) -> None:
     model = write_sample_model(tmp_path / "json-model")
     worker = spawn(
@@ -245,7 +249,7 @@ async def test_json_logs_carry_structured_fields_and_the_fatal_line_is_json(
 
 
 async def test_dyn_worker_graceful_shutdown_timeout_bounds_a_stop_against_a_frozen_etcd(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path
+    etcd_server: EtcdServer, spawn: Spawn, tmp_path: Path
 ) -> None:
     model = write_sample_model(tmp_path / "m")
     worker = spawn(*_worker_args(etcd_server.client_url, model),
@@ -275,7 +279,7 @@ def _stopped(pid: int | None) -> bool:
 
 
 async def test_a_rejected_replica_is_explained_naming_the_differing_slot(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+    etcd_server: EtcdServer, spawn: Spawn, procs: list[Process], tmp_path: Path
 ) -> None:
     url = etcd_server.client_url
     up = await serving(etcd_server, spawn, procs, tmp_path, "twin")
@@ -312,11 +316,8 @@ async def test_a_rejected_replica_is_explained_naming_the_differing_slot(
     (ok_row,) = [ln for ln in ls.log().splitlines() if ln.startswith(reg.key)]
     assert "REJECTED" not in ok_row
     # ... and `ls --json`, field by field.
-    listed = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "discovery_mdc", "ls", "--etcd", url, "--json"],
-        capture_output=True, text=True, timeout=DEADLINE, check=True, env=child_env(),
-    )  # fmt: skip
+    listed = await asyncio.to_thread(run_cli, "ls", "--etcd", url, "--json", timeout=DEADLINE)
+    assert listed.returncode == 0, listed.stderr
     cards = {c["key"]: c for c in json.loads(listed.stdout)["cards"]}
     assert (cards[reg.key]["status"], cards[reg.key]["diff"]) == ("ok", None)
     assert cards[reg2.key]["status"] == "rejected" and expected in cards[reg2.key]["reason"]
@@ -338,7 +339,7 @@ async def _entry(fe: FrontendProcess, model: str) -> dict[str, Any] | None:
 
 
 async def test_created_stays_the_same_when_a_model_drops_out_across_an_etcd_restart(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+    etcd_server: EtcdServer, spawn: Spawn, procs: list[Process], tmp_path: Path
 ) -> None:
     up = await serving(etcd_server, spawn, procs, tmp_path, "steady", "--lease-ttl", "2")
     worker, reg, fe = up.worker, up.registered, up.fe
@@ -389,7 +390,7 @@ def _histogram(samples: dict[str, float], name: str) -> tuple[float, float]:
 
 
 async def test_both_halves_export_standard_series_and_histograms_in_seconds(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+    etcd_server: EtcdServer, spawn: Spawn, procs: list[Process], tmp_path: Path
 ) -> None:
     up = await serving(etcd_server, spawn, procs, tmp_path, "metered")
     model, worker, fe = up.model, up.worker, up.fe

@@ -4,26 +4,31 @@ bad input before touching anything: real etcd, real worker and frontend processe
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import CliProcess, FrontendProcess, card_keys, child_env
-from integration._util import wait_until
-from integration._worker_proc import WorkerSpawner
+from testkit import (
+    CliProcess,
+    FrontendProcess,
+    Process,
+    Spawn,
+    card_keys,
+    child_env,
+    etcd_leases,
+    run_cli,
+    silent_port,
+    wait_until,
+    wait_until_sync,
+)
 
 DEADLINE = 60.0
 _WAITING = r"etcd not reachable for"
@@ -32,13 +37,8 @@ _WAITING = r"etcd not reachable for"
 @pytest.fixture
 def blackhole() -> Iterator[str]:
     """An "etcd" that accepts connections and never answers."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        sock.close()
+    with silent_port() as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def _get(url: str) -> int:
@@ -61,7 +61,7 @@ def _errors(proc: CliProcess) -> list[str]:
 
 
 async def test_worker_and_frontend_started_before_etcd_come_up_by_themselves(
-    spawn: WorkerSpawner, procs: list[CliProcess], tmp_path: Path
+    spawn: Spawn, procs: list[Process], tmp_path: Path
 ) -> None:
     etcd = EtcdServer()  # its ports are chosen; it is not running yet
     try:
@@ -97,7 +97,7 @@ async def test_worker_and_frontend_started_before_etcd_come_up_by_themselves(
 
 @pytest.mark.parametrize("half", ["worker", "frontend"])
 async def test_the_startup_wait_gives_up_with_exit_1_and_one_line(
-    half: str, tmp_path: Path, procs: list[CliProcess]
+    half: str, tmp_path: Path, procs: list[Process]
 ) -> None:
     from discovery_mdc.etcd._server import free_port
 
@@ -125,7 +125,7 @@ async def test_the_startup_wait_gives_up_with_exit_1_and_one_line(
 
 @pytest.mark.parametrize("half", ["frontend", "worker"])
 async def test_sigterm_while_etcd_hangs_at_start_exits_0_at_once(
-    half: str, blackhole: str, tmp_path: Path, procs: list[CliProcess]
+    half: str, blackhole: str, tmp_path: Path, procs: list[Process]
 ) -> None:
     args = (
         ["worker", "--model-path", str(write_sample_model(tmp_path / "m"))]
@@ -155,27 +155,23 @@ def _maps(pid: int) -> str:
 
 @pytest.mark.parametrize("command", [["worker", "--model-path", "."], ["frontend"], ["ls"]])
 def test_ctrl_c_while_the_command_is_still_starting_exits_130_without_a_traceback(
-    command: list[str], tmp_path: Path
+    command: list[str], tmp_path: Path, procs: list[Process]
 ) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "discovery_mdc", *command, "--etcd", "http://127.0.0.1:9"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
-    )  # fmt: skip
-    try:
-        # Wait until it is importing its libraries (aiohttp's C extension is being loaded):
-        # the first half second of a start, where Ctrl-C used to print a traceback.
-        deadline = time.monotonic() + DEADLINE
-        while "aiohttp" not in _maps(proc.pid):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the command never imported aiohttp"
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=DEADLINE)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    proc = CliProcess([*command, "--etcd", "http://127.0.0.1:9"], log_path=tmp_path / "cli.log")
+    procs.append(proc)
+    # Wait until it is importing its libraries (aiohttp's C extension is being loaded):
+    # the first half second of a start, where Ctrl-C used to print a traceback.
+    wait_until_sync(
+        lambda: "aiohttp" in _maps(proc.pid),
+        timeout=DEADLINE,
+        interval=0.001,
+        message="the command never imported aiohttp",
+        proc=proc,
+    )
+    proc.signal(signal.SIGINT)
+    wait_until_sync(lambda: proc.poll() is not None, timeout=DEADLINE, message=proc.describe)
+    err = proc.log()
+    assert proc.poll() == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1] == "discovery-mdc: interrupted"
 
@@ -183,26 +179,16 @@ def test_ctrl_c_while_the_command_is_still_starting_exits_130_without_a_tracebac
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.fixture(scope="module")
-def shared_etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
-
-
-def _leases(etcd: EtcdServer) -> list[Any]:
-    req = urllib.request.Request(f"{etcd.client_url}/v3/lease/leases", data=b"{}", method="POST")
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return list(json.loads(resp.read()).get("leases") or [])
-
-
 def _bad_input_cases(tmp: Path) -> dict[str, tuple[list[str | bytes], dict[str, str], str]]:
     model = str(write_sample_model(tmp / "m"))
     a_file = tmp / "a-file"
     a_file.write_text("not a directory")
-    w = ["worker", "--model-path", model, "--system-port", "0", "--system-host", "127.0.0.1"]
+    w: list[str | bytes] = [
+        "worker", "--model-path", model, "--system-port", "0", "--system-host", "127.0.0.1"
+    ]  # fmt: skip
     card = tmp / "card.json"
     card.write_text("{}")
-    cases = [
+    cases: list[tuple[str, list[str | bytes], dict[str, str], str]] = [
         ("lease TTL above etcd's maximum", [*w, "--lease-ttl", "9000000001"], {}, "9000000000"),
         ("ETCD_LEASE_TTL above etcd's maximum", w, {"ETCD_LEASE_TTL": "9000000001"},
          "ETCD_LEASE_TTL='9000000001'"),
@@ -264,11 +250,7 @@ def test_bad_input_exits_2_with_one_line_before_any_side_effect(
 ) -> None:
     argv, extra_env, needle = _bad_input_cases(tmp_path)[case]
     env = child_env(ETCD_ENDPOINTS=shared_etcd.client_url, **extra_env)
-    proc = subprocess.run(
-        [os.fsencode(sys.executable), b"-m", b"discovery_mdc",
-         *(a if isinstance(a, bytes) else os.fsencode(a) for a in argv)],
-        capture_output=True, text=True, timeout=DEADLINE, check=False, env=env, cwd=tmp_path,
-    )  # fmt: skip
+    proc = run_cli(*argv, env=env, cwd=tmp_path, timeout=DEADLINE)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert len(lines) == 1 and "error" in lines[0], proc.stderr
@@ -276,5 +258,5 @@ def test_bad_input_exits_2_with_one_line_before_any_side_effect(
     assert needle in lines[0], lines[0]
     print(f"\n{case}: {lines[0]}")
     # Nothing was granted or written: it stopped before contacting etcd.
-    assert _leases(shared_etcd) == []
+    assert etcd_leases(shared_etcd.client_url) == []
     assert not (tmp_path / "a-file").is_dir()

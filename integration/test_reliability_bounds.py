@@ -22,15 +22,15 @@ from discovery_mdc.card import (
     hash_bytes,
 )
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import (
-    CliProcess,
-    FileServer,
+from testkit import (
     FrontendProcess,
+    MetaServer,
+    Process,
     envelope_kv,
     model_dirs,
     start_frontend,
+    wait_until,
 )
-from integration._util import wait_until
 
 DEADLINE = 60.0
 RSS_LIMIT_KIB = 300 * 1024
@@ -42,13 +42,13 @@ NEAR_LIMIT = 1_400 * 1024
 def frontend(etcd_server: EtcdServer, tmp_path: Path) -> Iterator[FrontendProcess]:
     fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path / "fe", reconcile_interval=1.0)
     yield fe
-    fe.close()
+    fe.stop()
 
 
 async def test_endless_metadata_stream_is_cut_and_memory_stays_bounded(
     etcd_client: EtcdClient, frontend: FrontendProcess
 ) -> None:
-    async with FileServer() as server:
+    async with MetaServer() as server:
         server.endless.add("/m/config.json")
         card = ModelDeploymentCard.new(
             "endless",
@@ -79,13 +79,13 @@ async def test_watch_values_at_the_etcd_size_limit_keep_memory_bounded_and_other
     etcd_server: EtcdServer,
     etcd_client: EtcdClient,
     frontend: FrontendProcess,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     good = [from_dir(d) for d in model_dirs(tmp_path / "models", 2)]
     await etcd_client.put(*envelope_kv(good[0], 0x1))
     await frontend.wait_listening()
-    await wait_until(lambda: _listed(frontend, {"model-0"}), timeout=DEADLINE)
+    await wait_until(lambda: frontend.lists_only("model-0"), timeout=DEADLINE)
     garbage = os.urandom(NEAR_LIMIT)
     # Arriving live on the watch, and several revisions of it, plus a near-limit JSON value
     # shaped like an envelope: each one is skipped and counted; the reconciles (every second)
@@ -95,11 +95,11 @@ async def test_watch_values_at_the_etcd_size_limit_keep_memory_bounded_and_other
     padded = envelope_kv(good[1], 0xB00)[1][:-1] + b',"pad":"' + b"x" * NEAR_LIMIT + b'"}'
     await etcd_client.put("v1/mdc/dynamo/backend/generate/b00", padded)
     await etcd_client.put(*envelope_kv(good[1], 0x2))
-    await wait_until(lambda: _listed(frontend, {"model-0", "model-1"}), timeout=DEADLINE)
+    await wait_until(lambda: frontend.lists_only("model-0", "model-1"), timeout=DEADLINE)
     checks = 'discovery_mdc_reconcile_checks_total{kind="count"}'
     await wait_until(lambda: frontend.counter_at_least(checks, 3), timeout=DEADLINE)
     late = await start_frontend(etcd_server.client_url, tmp_path, procs, name="late")
-    await wait_until(lambda: _listed(late, {"model-0", "model-1"}), timeout=DEADLINE)
+    await wait_until(lambda: late.lists_only("model-0", "model-1"), timeout=DEADLINE)
     for fe in (frontend, late):
         peak = fe.peak_rss_kib()
         print(f"\nnear-limit watch values: peak RSS {peak // 1024} MiB")
@@ -107,7 +107,3 @@ async def test_watch_values_at_the_etcd_size_limit_keep_memory_bounded_and_other
         metrics = await fe.metrics()
         assert metrics["discovery_mdc_malformed_cards_total"] >= 8
         assert await fe.model_ids() == {"model-0", "model-1"}
-
-
-async def _listed(fe: FrontendProcess, want: set[str]) -> bool:
-    return await fe.model_ids() == want

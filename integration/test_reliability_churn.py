@@ -13,15 +13,12 @@ import os
 import random
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import FrontendProcess, WorkerProc, card_keys, model_dirs
-from integration._proxy import TcpProxy
-from integration._util import wait_until
+from testkit import FrontendProcess, TcpProxy, WorkerProcess, card_keys, model_dirs, wait_until
 
 SEED = int(os.environ.get("CHURN_SEED", "20250917"))
 MAX_WORKERS = 6
@@ -34,22 +31,16 @@ DEADLINE = 90.0
 RESTART_1, CUT, COMPACT, REVOKE, RESTART_2 = 25, 50, 75, 100, 125
 
 
-@pytest.fixture
-async def client(etcd_server: EtcdServer) -> AsyncIterator[EtcdClient]:
-    async with EtcdClient([etcd_server.client_url], request_timeout=2.0) as c:
-        yield c
-
-
 class Churn:
     def __init__(self, etcd: str, models: list[Path], logs: Path, rng: random.Random) -> None:
         self.etcd = etcd
         self.models = models
         self.logs = logs
         self.rng = rng
-        self.workers: list[WorkerProc] = []
+        self.workers: list[WorkerProcess] = []
         self.counts: Counter[str] = Counter()
 
-    def live(self) -> list[WorkerProc]:
+    def live(self) -> list[WorkerProcess]:
         return [w for w in self.workers if w.alive]
 
     async def step(self) -> None:
@@ -59,7 +50,7 @@ class Churn:
         self.counts[action] += 1
         if action == "spawn":
             model = self.rng.choice(self.models)
-            w = WorkerProc(
+            w = WorkerProcess.serving(
                 self.etcd, model, ttl=TTL, log_path=self.logs / f"w{len(self.workers)}.log"
             )
             self.workers.append(w)
@@ -73,7 +64,7 @@ class Churn:
 
     def close(self) -> None:
         for w in self.workers:
-            w.close()
+            w.stop()
 
 
 @pytest.mark.slow
@@ -161,7 +152,7 @@ async def test_churn_under_faults_ends_with_exactly_the_live_keys(
     finally:
         churn.close()
         if fe is not None:
-            fe.close()
+            fe.stop()
     events = sum(v for k, v in metrics.items() if k.startswith("discovery_mdc_watch_events_total"))
     relists = {k: int(v) for k, v in metrics.items() if k.startswith("discovery_mdc_relists_total")}
     reregistrations = sum(w.reregistrations() for w in churn.workers)

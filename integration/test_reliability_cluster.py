@@ -9,40 +9,34 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from discovery_mdc.etcd import EtcdClient, EtcdCluster
-from integration._faults import (
+from testkit import (
     FrontendProcess,
-    WorkerProc,
-    card_keys,
+    WorkerProcess,
+    card_keys_are,
     model_dirs,
     tcp_peer_ports,
+    wait_until,
 )
-from integration._util import wait_until
 
 DEADLINE = 60.0
 TTL = 5
 
 
 @pytest.fixture
-def cluster() -> Iterator[EtcdCluster]:
-    with EtcdCluster(3) as c:
+async def client(etcd_cluster: EtcdCluster) -> AsyncIterator[EtcdClient]:
+    async with EtcdClient(etcd_cluster.client_urls, request_timeout=2.0) as c:
         yield c
 
 
-@pytest.fixture
-async def client(cluster: EtcdCluster) -> AsyncIterator[EtcdClient]:
-    async with EtcdClient(cluster.client_urls, request_timeout=2.0) as c:
-        yield c
-
-
-async def connected_member(cluster: EtcdCluster, pid: int) -> int:
+async def connected_member(etcd_cluster: EtcdCluster, pid: int) -> int:
     """The index of the (running) member process ``pid`` holds a connection to."""
-    ports = {m.client_port: i for i, m in enumerate(cluster.members) if m.running}
+    ports = {m.client_port: i for i, m in enumerate(etcd_cluster.members) if m.running}
 
     def member() -> tuple[int, ...]:  # a tuple: member 0 must count as found
         hits = {ports[p] for p in tcp_peer_ports(pid) if p in ports}
@@ -53,20 +47,20 @@ async def connected_member(cluster: EtcdCluster, pid: int) -> int:
 
 
 async def test_publish_and_watch_continue_through_killed_members_with_no_lost_events(
-    cluster: EtcdCluster, client: EtcdClient, tmp_path: Path
+    etcd_cluster: EtcdCluster, client: EtcdClient, tmp_path: Path
 ) -> None:
-    endpoints = ",".join(cluster.client_urls)
+    endpoints = ",".join(etcd_cluster.client_urls)
     models = model_dirs(tmp_path, 4)
-    procs: list[WorkerProc | FrontendProcess] = []
+    procs: list[WorkerProcess | FrontendProcess] = []
 
-    def worker(i: int) -> WorkerProc:
-        w = WorkerProc(endpoints, models[i], ttl=TTL, log_path=tmp_path / f"w{i}.log")
+    def worker(i: int) -> WorkerProcess:
+        w = WorkerProcess.serving(endpoints, models[i], ttl=TTL, log_path=tmp_path / f"w{i}.log")
         procs.append(w)
         return w
 
-    async def expect(fe: FrontendProcess, live: WorkerProc) -> None:
-        key, _ = await live.wait_registered()
-        await wait_until(lambda: _keys_are(client, {key}), timeout=DEADLINE)
+    async def expect(fe: FrontendProcess, live: WorkerProcess) -> None:
+        key = (await live.wait_registered()).key
+        await wait_until(lambda: card_keys_are(client, {key}), timeout=DEADLINE)
 
         async def frontend_has_exactly_it() -> bool:
             return (
@@ -76,7 +70,7 @@ async def test_publish_and_watch_continue_through_killed_members_with_no_lost_ev
 
         await wait_until(frontend_has_exactly_it, timeout=DEADLINE, message=fe.describe)
 
-    async def handover(fe: FrontendProcess, old: WorkerProc, new: int) -> WorkerProc:
+    async def handover(fe: FrontendProcess, old: WorkerProcess, new: int) -> WorkerProcess:
         """Publish model ``new``, then unpublish ``old`` (a delete the frontend must see)."""
         w = worker(new)
         await w.wait_registered()
@@ -93,27 +87,27 @@ async def test_publish_and_watch_continue_through_killed_members_with_no_lost_ev
         await expect(fe, w)
 
         # 1. The leader dies.
-        leader = await asyncio.to_thread(cluster.leader_index)
-        await asyncio.to_thread(cluster.kill_member, leader)
+        leader = await asyncio.to_thread(etcd_cluster.leader_index)
+        await asyncio.to_thread(etcd_cluster.kill_member, leader)
         w = await handover(fe, w, 1)
-        await asyncio.to_thread(cluster.start_member, leader)
+        await asyncio.to_thread(etcd_cluster.start_member, leader)
 
         # 2. The member the frontend's watch is connected to dies.
-        watched = await connected_member(cluster, fe.pid)
-        await asyncio.to_thread(cluster.kill_member, watched)
+        watched = await connected_member(etcd_cluster, fe.pid)
+        await asyncio.to_thread(etcd_cluster.kill_member, watched)
         w = await handover(fe, w, 2)
-        await asyncio.to_thread(cluster.start_member, watched)
+        await asyncio.to_thread(etcd_cluster.start_member, watched)
 
         # 3. The member the worker keeps its lease alive through dies: the lease and its key
         #    survive (keepalives fail over), and publishing goes on.
         key, lease = w.keys()[-1]
-        used = await connected_member(cluster, w.pid)
-        await asyncio.to_thread(cluster.kill_member, used)
+        used = await connected_member(etcd_cluster, w.pid)
+        await asyncio.to_thread(etcd_cluster.kill_member, used)
         await wait_until(lambda: _keepalive_failed_over(w), timeout=DEADLINE, message=w.describe)
         assert await client.lease_keepalive(lease) > 0
         assert w.keys() == [(key, lease)]  # never re-registered
         w = await handover(fe, w, 3)
-        await asyncio.to_thread(cluster.start_member, used)
+        await asyncio.to_thread(etcd_cluster.start_member, used)
 
         metrics = await fe.metrics()
         assert metrics['discovery_mdc_relists_total{reason="compaction"}'] == 0
@@ -123,12 +117,8 @@ async def test_publish_and_watch_continue_through_killed_members_with_no_lost_ev
         assert await fe.model_ids() == {"model-3"}
     finally:
         for p in procs:
-            p.close()
+            p.stop()
 
 
-def _keepalive_failed_over(w: WorkerProc) -> bool:
+def _keepalive_failed_over(w: WorkerProcess) -> bool:
     return "now using endpoint" in w.log() or "keepalive for etcd lease" in w.log()
-
-
-async def _keys_are(client: EtcdClient, want: set[str]) -> bool:
-    return await card_keys(client) == want

@@ -21,25 +21,22 @@ from discovery_mdc.card import (
     hash_bytes,
 )
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import (
-    CliProcess,
-    FileServer,
+from testkit import (
     FrontendProcess,
+    MetaServer,
+    Process,
     Spawn,
+    TcpProxy,
     card_keys,
+    card_keys_are,
     converged,
     envelope_kv,
     model_dirs,
     start_frontend,
+    wait_until,
 )
-from integration._proxy import TcpProxy
-from integration._util import wait_until
 
 DEADLINE = 60.0
-
-
-async def _keys_are(client: EtcdClient, want: set[str]) -> bool:
-    return await card_keys(client) == want
 
 
 # --------------------------------------------------------------------------- workers
@@ -49,13 +46,14 @@ async def test_worker_killed_with_9_keys_vanish_with_the_lease_and_frontend_drop
     etcd_server: EtcdServer,
     client: EtcdClient,
     spawn_worker: Spawn,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     (model,) = model_dirs(tmp_path, 1)
     fe = await start_frontend(etcd_server.client_url, tmp_path, procs)
     w = spawn_worker(model, ttl=3)
-    key, lease = await w.wait_registered()
+    reg = await w.wait_registered()
+    key, lease = reg.key, reg.lease
     assert await converged(fe, client) == {key}
     # The key is bound to a lease of exactly the configured TTL: that is what bounds "within
     # TTL plus a little" once nobody keeps it alive.
@@ -63,7 +61,7 @@ async def test_worker_killed_with_9_keys_vanish_with_the_lease_and_frontend_drop
     assert info.granted_ttl == 3 and key in info.keys
     w.signal(signal.SIGKILL)
     await w.wait_exit()
-    await wait_until(lambda: _keys_are(client, set()), timeout=DEADLINE)
+    await wait_until(lambda: card_keys_are(client, set()), timeout=DEADLINE)
     assert await converged(fe, client) == set()
     assert (await client.lease_time_to_live(lease)).ttl == -1
     assert await fe.model_ids() == set()
@@ -74,7 +72,7 @@ async def test_worker_stopping_cleanly_revokes_so_its_keys_vanish_at_once(
 ) -> None:
     (model,) = model_dirs(tmp_path, 1)
     w = spawn_worker(model, ttl=60)
-    _, lease = await w.wait_registered()
+    lease = (await w.wait_registered()).lease
     w.signal(signal.SIGTERM)
     assert await w.wait_exit() == 0
     # No polling: the worker revokes before it exits, so the key is already gone.
@@ -89,13 +87,14 @@ async def test_etcd_restart_shorter_than_ttl_changes_nothing_visible(
     etcd_server: EtcdServer,
     client: EtcdClient,
     spawn_worker: Spawn,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     (model,) = model_dirs(tmp_path, 1)
     fe = await start_frontend(etcd_server.client_url, tmp_path, procs, reconcile_interval=2.0)
     w = spawn_worker(model, ttl=30)
-    key, lease = await w.wait_registered()
+    reg = await w.wait_registered()
+    key, lease = reg.key, reg.lease
     assert await converged(fe, client) == {key}
     before = await fe.metrics()
     await asyncio.to_thread(etcd_server.restart)
@@ -127,13 +126,13 @@ async def test_etcd_down_longer_than_ttl_workers_reregister_and_frontend_converg
     etcd_server: EtcdServer,
     client: EtcdClient,
     spawn_worker: Spawn,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     models = model_dirs(tmp_path, 2)
     fe = await start_frontend(etcd_server.client_url, tmp_path, procs, reconcile_interval=2.0)
     workers = [spawn_worker(m, ttl=2) for m in models]
-    first = {(await w.wait_registered())[0] for w in workers}
+    first = {(await w.wait_registered()).key for w in workers}
     assert await converged(fe, client) == first
     await asyncio.to_thread(etcd_server.stop)
     for w in workers:
@@ -153,7 +152,7 @@ async def test_etcd_down_longer_than_ttl_workers_reregister_and_frontend_converg
 async def test_frontend_cut_off_past_a_compaction_converges_with_no_lost_deletes(
     etcd_server: EtcdServer,
     client: EtcdClient,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     cards = [from_dir(d) for d in model_dirs(tmp_path, 4)]
@@ -194,11 +193,11 @@ async def _health_status(fe: FrontendProcess, want: int) -> bool:
 async def test_frontend_killed_mid_download_leaves_no_blob_and_the_next_start_completes(
     etcd_server: EtcdServer,
     client: EtcdClient,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     body = b'{"vocab_size": 32000}' + b" " * 200_000
-    async with FileServer() as server:
+    async with MetaServer() as server:
         server.files["/m/config.json"] = body
         server.gated.add("/m/config.json")
         url = server.url("/m/config.json")
@@ -213,30 +212,26 @@ async def test_frontend_killed_mid_download_leaves_no_blob_and_the_next_start_co
         fe = await start_frontend(etcd_server.client_url, tmp_path, procs, cache_dir=cache)
         await wait_until(lambda: server.gets["/m/config.json"] >= 1, timeout=DEADLINE)
         fe.signal(signal.SIGKILL)
-        fe.proc.wait()
+        fe.popen.wait()
         blobs = cache / "blobs"
         assert not blobs.exists() or list(blobs.iterdir()) == []
         server.release.set()
         fe2 = await start_frontend(
             etcd_server.client_url, tmp_path, procs, cache_dir=cache, name="frontend2"
         )
-        await wait_until(lambda: _has_model(fe2, "half-done"), timeout=DEADLINE)
+        await wait_until(lambda: fe2.lists("half-done"), timeout=DEADLINE)
     assert [p.name for p in blobs.iterdir()] == [hash_bytes(body).hex]
     assert (blobs / hash_bytes(body).hex).read_bytes() == body
-
-
-async def _has_model(fe: FrontendProcess, name: str) -> bool:
-    return name in await fe.model_ids()
 
 
 async def test_two_frontend_processes_on_one_cache_fetch_each_blob_once(
     etcd_server: EtcdServer,
     client: EtcdClient,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     (model,) = model_dirs(tmp_path, 1)
-    async with FileServer() as server:
+    async with MetaServer() as server:
         local = from_dir(model)
         for _, f in local.files():
             server.files[f"/s/{Path(f.path).name}"] = Path(f.path).read_bytes()  # noqa: ASYNC240
@@ -250,7 +245,7 @@ async def test_two_frontend_processes_on_one_cache_fetch_each_blob_once(
             for i in range(2)
         ]
         for fe in fes:
-            await wait_until(functools.partial(_has_model, fe, "model-0"), timeout=DEADLINE)
+            await wait_until(functools.partial(fe.lists, "model-0"), timeout=DEADLINE)
     assert sorted(server.gets.values()) == [1] * len(list(card.files()))
 
 
@@ -260,7 +255,7 @@ async def test_two_frontend_processes_on_one_cache_fetch_each_blob_once(
 async def test_malformed_cards_in_etcd_are_skipped_and_the_others_keep_being_served(
     etcd_server: EtcdServer,
     client: EtcdClient,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     good = [from_dir(d) for d in model_dirs(tmp_path, 2)]
@@ -271,11 +266,11 @@ async def test_malformed_cards_in_etcd_are_skipped_and_the_others_keep_being_ser
     # Nesting deeper than the recursion limit once escaped the decoder and wedged the watch.
     await client.put("v1/mdc/dynamo/backend/generate/7", b'{"a":' * 50_000)
     fe = await start_frontend(etcd_server.client_url, tmp_path, procs)
-    await wait_until(lambda: _has_model(fe, "model-0"), timeout=DEADLINE)
+    await wait_until(lambda: fe.lists("model-0"), timeout=DEADLINE)
     # Still watching: a malformed PUT arriving live, then a good one, are both handled.
     await client.put("v1/mdc/dynamo/backend/generate/5", bytes(range(256)))
     await client.put(*envelope_kv(good[1], 0x6))
-    await wait_until(lambda: _has_model(fe, "model-1"), timeout=DEADLINE)
+    await wait_until(lambda: fe.lists("model-1"), timeout=DEADLINE)
     metrics = await fe.metrics()
     assert metrics["discovery_mdc_malformed_cards_total"] >= 5
     assert await fe.model_ids() == {"model-0", "model-1"}

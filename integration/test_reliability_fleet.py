@@ -13,6 +13,7 @@ Every wait polls a condition under a generous deadline; nothing asserts on elaps
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -25,18 +26,18 @@ from discovery_mdc.card import decode_envelope, from_dir
 from discovery_mdc.etcd import EtcdClient, EtcdServer, WatchResponse
 from discovery_mdc.frontend import ModelWatcher
 from discovery_mdc.frontend._watcher import default_frontend_id
-from integration._faults import (
-    CliProcess,
+from testkit import (
     FrontendProcess,
+    Process,
     Spawn,
-    WorkerProc,
+    TcpProxy,
+    WorkerProcess,
     converged,
     envelope_kv,
     model_dirs,
     start_frontend,
+    wait_until,
 )
-from integration._proxy import TcpProxy
-from integration._util import wait_until
 
 DEADLINE = 60.0
 
@@ -56,11 +57,7 @@ def _first_choices(urls: dict[str, list[str]], cache_dir: Path) -> Counter[int]:
     return Counter(urlsplit(uris[0]).port or 0 for uris in ordered.values())
 
 
-async def _listed(fe: FrontendProcess, models: set[str]) -> bool:
-    return await fe.model_ids() == models
-
-
-async def _start_replicas(spawn_worker: Spawn, model: Path, n: int) -> list[WorkerProc]:
+async def _start_replicas(spawn_worker: Spawn, model: Path, n: int) -> list[WorkerProcess]:
     workers = [spawn_worker(model, ttl=60, name=f"replica{i}") for i in range(n)]
     for w in workers:
         await w.wait_registered()
@@ -74,7 +71,7 @@ async def test_a_fleet_of_frontends_spreads_its_gets_over_the_replicas(
     etcd_server: EtcdServer,
     client: EtcdClient,
     spawn_worker: Spawn,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     (model,) = model_dirs(tmp_path, 1)
@@ -87,7 +84,7 @@ async def test_a_fleet_of_frontends_spreads_its_gets_over_the_replicas(
     for fe in fes:
         await fe.wait_listening()
     for fe in fes:
-        await wait_until(lambda fe=fe: _listed(fe, {"model-0"}), timeout=DEADLINE)
+        await wait_until(functools.partial(fe.lists_only, "model-0"), timeout=DEADLINE)
     expected: Counter[int] = Counter()
     for fe in fes:
         expected += _first_choices(urls, fe.cache_dir)
@@ -102,7 +99,7 @@ async def test_a_dead_replica_costs_a_failover_not_the_model(
     etcd_server: EtcdServer,
     client: EtcdClient,
     spawn_worker: Spawn,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     (model,) = model_dirs(tmp_path, 1)
@@ -114,10 +111,10 @@ async def test_a_dead_replica_costs_a_failover_not_the_model(
     dead_port = victim.status_port()
     assert firsts[dead_port] >= 1
     victim.signal(signal.SIGKILL)
-    victim.proc.wait()
+    victim.popen.wait()
     # Its key outlives it (lease TTL 60 s): the frontend still lists it as a source.
     fe = await start_frontend(etcd_server.client_url, tmp_path, procs, cache_dir=cache)
-    await wait_until(lambda: _listed(fe, {"model-0"}), timeout=DEADLINE)
+    await wait_until(lambda: fe.lists_only("model-0"), timeout=DEADLINE)
     assert len(await _sources(client)) == len(urls)  # the dead replica's card is still there
     failed = await fe.metric(
         "discovery_mdc_source_fetches_total", source=f"127.0.0.1:{dead_port}", result="failed"
@@ -134,7 +131,7 @@ async def test_a_frozen_etcd_connection_converges_with_the_default_reconcile(
     etcd_server: EtcdServer,
     client: EtcdClient,
     spawn_worker: Spawn,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     first, second = model_dirs(tmp_path, 2)
@@ -142,14 +139,14 @@ async def test_a_frozen_etcd_connection_converges_with_the_default_reconcile(
         w0 = spawn_worker(first, ttl=30)
         await w0.wait_registered()
         fe = await start_frontend(proxy.url, tmp_path, procs)  # default reconcile interval
-        await wait_until(lambda: _listed(fe, {"model-0"}), timeout=DEADLINE)
+        await wait_until(lambda: fe.lists_only("model-0"), timeout=DEADLINE)
         accepted = proxy.accepted
         proxy.freeze()  # the watch and the pooled connection go silent, without an error
         w1 = spawn_worker(second, ttl=30)
         await w1.wait_registered()
         w0.signal(signal.SIGTERM)  # revokes its lease: model-0's key goes at once
         assert await w0.wait_exit() == 0
-        await wait_until(lambda: _listed(fe, {"model-1"}), timeout=DEADLINE)
+        await wait_until(lambda: fe.lists_only("model-1"), timeout=DEADLINE)
         assert await converged(fe, client) == {w1.current_key()}
         assert proxy.accepted > accepted  # it came back over new connections
     await fe.wait_log(r"restarting the watch on v1/mdc/ from revision \d+: etcd changed")
@@ -185,7 +182,7 @@ async def test_a_reconcile_repairs_a_lost_put_and_a_lost_delete_without_a_relist
     kvs = [envelope_kv(card, 0x100 + i) for i, card in enumerate(cards)]
     store = _LossyWatch(client)
     watcher = ModelWatcher(
-        store,  # type: ignore[arg-type]
+        store,
         cache_dir=tmp_path / "cache",
         reconcile_interval=3600,  # reconciled on demand below
     )
@@ -216,7 +213,7 @@ async def test_a_reconcile_repairs_a_lost_put_and_a_lost_delete_without_a_relist
 
 
 async def test_a_compaction_past_a_cut_off_frontend_still_relists_with_the_default_reconcile(
-    etcd_server: EtcdServer, client: EtcdClient, procs: list[CliProcess], tmp_path: Path
+    etcd_server: EtcdServer, client: EtcdClient, procs: list[Process], tmp_path: Path
 ) -> None:
     cards = [from_dir(d) for d in model_dirs(tmp_path, 3)]
     kvs = [envelope_kv(cards[i % 3], 0x200 + i) for i in range(6)]

@@ -26,19 +26,20 @@ import pytest
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import ModelDeploymentCard, decode_envelope, from_dir
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._faults import (
+from testkit import (
     CliProcess,
-    FileServer,
     FrontendProcess,
+    MetaServer,
+    Process,
     Spawn,
+    TcpProxy,
     card_keys,
     converged,
     envelope_kv,
     model_dirs,
     start_frontend,
+    wait_until,
 )
-from integration._proxy import TcpProxy
-from integration._util import wait_until
 
 DEADLINE = 60.0
 
@@ -61,13 +62,13 @@ async def test_etcd_wiped_and_restarted_frontend_drops_the_dead_and_workers_rere
     etcd_server: EtcdServer,
     client: EtcdClient,
     spawn_worker: Spawn,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     dead_dir, live_dir = model_dirs(tmp_path, 2)
     fe = await start_frontend(etcd_server.client_url, tmp_path, procs)
     dead, live = spawn_worker(dead_dir, ttl=10, name="dead"), spawn_worker(live_dir, ttl=10)
-    first = {(await w.wait_registered())[0] for w in (dead, live)}
+    first = {(await w.wait_registered()).key for w in (dead, live)}
     assert await converged(fe, client) == first
     # Writes elsewhere move etcd's revision well past what the wiped etcd will reach; the
     # frontend's periodic check follows it.
@@ -80,7 +81,7 @@ async def test_etcd_wiped_and_restarted_frontend_drops_the_dead_and_workers_rere
 
     await wait_until(lambda: frontend_at(rev), timeout=DEADLINE, message=fe.describe)
     dead.signal(signal.SIGKILL)
-    await asyncio.to_thread(dead.proc.wait)
+    await asyncio.to_thread(dead.popen.wait)
     await asyncio.to_thread(etcd_server.wipe_and_restart)  # empty, revision 1, same port
 
     # The live worker's lease is gone with the data: it re-registers under a new lease.
@@ -112,13 +113,13 @@ async def test_after_a_long_etcd_outage_frontend_and_worker_recover_within_secon
     etcd_server: EtcdServer,
     client: EtcdClient,
     spawn_worker: Spawn,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     (model,) = model_dirs(tmp_path, 1)
     fe = await start_frontend(etcd_server.client_url, tmp_path, procs)  # default settings
     worker = spawn_worker(model, ttl=10)
-    first, _ = await worker.wait_registered()
+    first = (await worker.wait_registered()).key
     assert await converged(fe, client) == {first}
     await asyncio.to_thread(etcd_server.stop)
     down = time.monotonic()
@@ -132,7 +133,9 @@ async def test_after_a_long_etcd_outage_frontend_and_worker_recover_within_secon
     back = time.monotonic()
 
     async def seconds_until(predicate: Callable[[], Any], proc: CliProcess) -> float:
-        await wait_until(predicate, timeout=DEADLINE, interval=0.05, message=proc.describe)
+        """Fails unless ``predicate`` holds within the recovery deadline; how long it took."""
+        await wait_until(predicate, timeout=RECOVERY_DEADLINE_S, interval=0.05,
+                         message=proc.describe)  # fmt: skip
         return time.monotonic() - back
 
     healthy, reregistered = await asyncio.gather(
@@ -146,8 +149,6 @@ async def test_after_a_long_etcd_outage_frontend_and_worker_recover_within_secon
         f"after {OUTAGE_S:.0f}s without etcd: frontend healthy {healthy:.2f}s, worker "
         f"re-registered {reregistered:.2f}s, frontend exact {exact:.2f}s after etcd answered"
     )
-    assert healthy <= RECOVERY_DEADLINE_S, fe.describe()
-    assert reregistered <= RECOVERY_DEADLINE_S, worker.describe()
     # No retry loop waited longer than the 2 s cap between attempts (main: up to 30 s).
     delays = [float(d) for d in re.findall(r"resuming from revision \d+ in ([\d.]+)s", fe.log())]
     assert delays and max(delays) <= 2.0, delays
@@ -160,13 +161,13 @@ async def test_every_listed_model_id_is_answered_and_unservable_ones_are_rejecte
     etcd_server: EtcdServer,
     client: EtcdClient,
     spawn_worker: Spawn,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     (model,) = model_dirs(tmp_path, 1)
     fe = await start_frontend(etcd_server.client_url, tmp_path, procs)
     worker = spawn_worker(model, ttl=10)
-    key, _ = await worker.wait_registered()
+    key = (await worker.wait_registered()).key
     assert await converged(fe, client) == {key}
     served = decode_envelope((await client.get(key)).value).card  # type: ignore[union-attr]
     # Cards a worker (or a peer) could publish: same files, other model ids.
@@ -208,11 +209,11 @@ async def test_cards_on_a_host_that_never_answers_do_not_starve_a_healthy_model(
     etcd_server: EtcdServer,
     client: EtcdClient,
     spawn_worker: Spawn,
-    procs: list[CliProcess],
+    procs: list[Process],
     tmp_path: Path,
 ) -> None:
     fe = await start_frontend(etcd_server.client_url, tmp_path, procs)  # default settings
-    async with FileServer() as files:
+    async with MetaServer() as files:
         with TcpProxy("127.0.0.1", files.port) as host:
             host.tarpit()  # accepts connections, never answers
             for i, model in enumerate(model_dirs(tmp_path / "tarpit", TARPIT_CARDS)):
@@ -223,29 +224,24 @@ async def test_cards_on_a_host_that_never_answers_do_not_starve_a_healthy_model(
             good = spawn_worker(write_sample_model(tmp_path / "good-model", seed=4242))
             await good.wait_registered()
             published = time.monotonic()
-            await wait_until(
-                lambda: _lists(fe, "good-model"), timeout=DEADLINE, message=fe.describe
-            )
+            # Listed within its deadline although the tarpit cards hold connections.
+            await wait_until(lambda: fe.lists("good-model"), timeout=GOOD_MODEL_DEADLINE_S,
+                             message=fe.describe)  # fmt: skip
             listed = time.monotonic() - published
             print(f"healthy model listed {listed:.2f}s after it registered, behind "
                   f"{TARPIT_CARDS} tarpit cards ({host.tarpitted} connections held)")  # fmt: skip
-            assert listed <= GOOD_MODEL_DEADLINE_S, fe.describe()
             assert await fe.model_ids() == {"good-model"}
 
             # The host comes back: the failed models are retried (with backoff) and listed.
             host.restore()
             tarpit_ids = {f"tarpit-{i}" for i in range(TARPIT_CARDS)}
             await wait_until(
-                lambda: _lists(fe, *tarpit_ids), timeout=180.0, interval=0.5, message=fe.describe
+                lambda: fe.lists(*tarpit_ids), timeout=180.0, interval=0.5, message=fe.describe
             )
     assert "no response within 3s" in fe.log()
 
 
-async def _lists(fe: FrontendProcess, *names: str) -> bool:
-    return set(names) <= await fe.model_ids()
-
-
-def _served_by(card: ModelDeploymentCard, files: FileServer, host: TcpProxy) -> ModelDeploymentCard:
+def _served_by(card: ModelDeploymentCard, files: MetaServer, host: TcpProxy) -> ModelDeploymentCard:
     """``card`` with its files on ``files``, reached through ``host``."""
     for _, f in card.files():
         files.files[f"/v1/metadata/{card.slug}/{f.basename}"] = Path(f.path).read_bytes()

@@ -10,7 +10,6 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -18,11 +17,18 @@ import aiohttp
 import pytest
 
 from discovery_mdc._sample import write_sample_model
-from discovery_mdc.card import ModelDeploymentCard, decode_envelope
+from discovery_mdc.card import ModelDeploymentCard
 from discovery_mdc.etcd import EtcdClient, EtcdServer, find_etcd_binary
-from integration._faults import FrontendProcess, parse_metrics
-from integration._util import wait_until
-from integration._worker_proc import WorkerProcess, WorkerSpawner, status_env, worker_env
+from testkit import (
+    FrontendProcess,
+    Spawn,
+    WorkerProcess,
+    child_env,
+    parse_metrics,
+    published_card,
+    run_cli,
+    wait_until,
+)
 
 START = 60.0
 FRONTEND_CEILING = 1 << 30  # the largest metadata file a frontend accepts
@@ -53,14 +59,14 @@ def etcdctl(endpoint: str, *args: str) -> str:
 
 
 async def test_keys_deleted_by_an_operator_while_the_lease_lives_are_created_again(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path, http: aiohttp.ClientSession
+    etcd_server: EtcdServer, spawn: Spawn, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     model = write_sample_model(tmp_path / "models" / "deleted-model")
     ttl = 3  # keys are checked every 3 keepalives, i.e. about once per TTL
     worker = spawn(
         "--etcd", etcd_server.client_url, "--model-path", str(model), "--lease-ttl", str(ttl),
         "--instance-transport", "tcp://127.0.0.1:9/generate",
-        env=status_env(),
+        env=child_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1"),
     )  # fmt: skip
     reg = await worker.wait_registered(timeout=START)
     frontend = FrontendProcess(etcd_server.client_url, tmp=tmp_path / "fe")
@@ -89,7 +95,7 @@ async def test_keys_deleted_by_an_operator_while_the_lease_lives_are_created_aga
         assert metrics["discovery_mdc_etcd_keys_recreated_total"] == 2
         assert worker.log().count("was missing while lease") == 2
     finally:
-        frontend.close()
+        frontend.stop()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -110,10 +116,8 @@ def run_worker(
     etcd: str, model: Path, *, unprivileged: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """A worker that is expected to exit by itself (bad input)."""
-    return subprocess.run(
-        [sys.executable, "-m", "discovery_mdc", "worker",
-         "--etcd", etcd, "--model-path", str(model)],
-        capture_output=True, text=True, env=worker_env(), timeout=START,
+    return run_cli(
+        "worker", "--etcd", etcd, "--model-path", str(model), timeout=START,
         preexec_fn=file_permissions_apply if unprivileged else None,
     )  # fmt: skip
 
@@ -123,15 +127,8 @@ def leases(etcd: str) -> list[str]:
     return [ln for ln in lines[1:] if ln.strip()]  # after "found N leases"
 
 
-async def published_card(etcd: str, key: str) -> ModelDeploymentCard:
-    async with EtcdClient([etcd]) as client:
-        kv = await client.get(key)
-    assert kv is not None, key
-    return decode_envelope(kv.value).card
-
-
 async def publish(
-    spawn: WorkerSpawner,
+    spawn: Spawn,
     etcd: EtcdServer,
     model: Path,
     preexec_fn: Callable[[], None] | None = None,
@@ -139,10 +136,11 @@ async def publish(
     """A self-hosting worker for ``model``, once registered, and the card it published."""
     worker = spawn(
         "--etcd", etcd.client_url, "--model-path", str(model),
-        env=status_env(), preexec_fn=preexec_fn,
+        env=child_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1"), preexec_fn=preexec_fn,
     )  # fmt: skip
     reg = await worker.wait_registered(timeout=START)
-    return worker, await published_card(etcd.client_url, reg.key)
+    async with EtcdClient([etcd.client_url]) as client:
+        return worker, await published_card(client, reg.key)
 
 
 def extra_names(card: ModelDeploymentCard) -> set[str]:
@@ -162,7 +160,7 @@ def assert_one_line_exit_2(done: subprocess.CompletedProcess[str], *needles: str
 
 
 async def test_stray_non_json_extra_and_huge_non_weight_files_still_list_the_model(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path
+    etcd_server: EtcdServer, spawn: Spawn, tmp_path: Path
 ) -> None:
     model = write_sample_model(tmp_path / "models" / "odd-model")
     (model / "results.json").write_text("accuracy: 0.93  (not JSON)\n")
@@ -181,7 +179,7 @@ async def test_stray_non_json_extra_and_huge_non_weight_files_still_list_the_mod
         await wait_until(lambda: frontend.model_ids(), timeout=START, message=frontend.describe)
         assert await frontend.model_ids() == {"odd-model"}
     finally:
-        frontend.close()
+        frontend.stop()
 
 
 @pytest.mark.parametrize(
@@ -207,7 +205,7 @@ def test_a_typed_json_file_no_frontend_can_parse_is_refused_before_any_lease(
 
 
 async def test_symlinks_out_of_the_model_are_never_published_or_served(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path, http: aiohttp.ClientSession
+    etcd_server: EtcdServer, spawn: Spawn, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     model = write_sample_model(tmp_path / "models" / "linked")
     outside = tmp_path / "elsewhere"
@@ -259,7 +257,7 @@ def test_an_unreadable_config_or_tokenizer_is_exit_2_with_one_line_before_any_le
 
 
 async def test_an_unreadable_optional_extra_file_is_skipped_with_a_warning(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path
+    etcd_server: EtcdServer, spawn: Spawn, tmp_path: Path
 ) -> None:
     model = write_sample_model(tmp_path / "models" / "unreadable-extra")
     (model / "private.txt").write_text("no\n")
@@ -286,7 +284,7 @@ def open_files(pid: int) -> list[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_signal_while_hashing_large_extra_files_stops_the_worker_at_once(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, tmp_path: Path, sig: signal.Signals
+    etcd_server: EtcdServer, spawn: Spawn, tmp_path: Path, sig: signal.Signals
 ) -> None:
     model = write_sample_model(tmp_path / "models" / "big-model")
     # 200 sparse extras just under the ceiling: ~195 GiB to hash, far more than the deadline
@@ -294,7 +292,13 @@ async def test_a_signal_while_hashing_large_extra_files_stops_the_worker_at_once
     for i in range(200):
         with (model / f"big-{i:03d}.data").open("wb") as fh:
             fh.truncate(FRONTEND_CEILING - (24 << 20))
-    worker = spawn("--etcd", etcd_server.client_url, "--model-path", str(model), env=status_env())
+    worker = spawn(
+        "--etcd",
+        etcd_server.client_url,
+        "--model-path",
+        str(model),
+        env=child_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1"),
+    )
 
     def hashing() -> bool:
         return any(Path(p).name.startswith("big-") for p in open_files(worker.pid))
@@ -328,7 +332,7 @@ def many_fds() -> Iterator[None]:
 
 async def test_slowloris_does_not_starve_real_clients_or_fill_the_log_with_emfile(
     etcd_server: EtcdServer,
-    spawn: WorkerSpawner,
+    spawn: Spawn,
     tmp_path: Path,
     http: aiohttp.ClientSession,
     many_fds: None,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import ssl
 import urllib.error
 import urllib.request
@@ -17,9 +16,20 @@ import pytest
 
 from discovery_mdc.errors import EtcdAuthError
 from discovery_mdc.etcd import EtcdClient, EtcdServer
-from integration._certs import Pki, make_pki
-from integration._faults import CliProcess, FrontendProcess, WorkerProc, card_keys, model_dirs
-from integration._util import wait_until
+from testkit import (
+    CliProcess,
+    FrontendProcess,
+    Pki,
+    Process,
+    WorkerProcess,
+    card_keys,
+    enable_auth,
+    gateway_post,
+    grant_prefix_user,
+    make_pki,
+    model_dirs,
+    wait_until,
+)
 
 DEADLINE = 60.0
 USER, PASSWORD = "mdc", "s3cret-pw"
@@ -31,15 +41,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 async def works_end_to_end(
-    etcd: str, env: dict[str, str], client: EtcdClient, tmp_path: Path, procs: list[CliProcess]
+    etcd: str, env: dict[str, str], client: EtcdClient, tmp_path: Path, procs: list[Process]
 ) -> None:
     """A worker publishes, a frontend lists the model; the worker stops and it is gone."""
     (model,) = model_dirs(tmp_path, 1)
     fe = FrontendProcess(etcd, tmp=tmp_path, env=env)
-    w = WorkerProc(etcd, model, log_path=tmp_path / "worker.log", env=env)
+    w = WorkerProcess.serving(etcd, model, log_path=tmp_path / "worker.log", env=env)
     procs += [fe, w]
     await fe.wait_listening()
-    key, _ = await w.wait_registered()
+    key = (await w.wait_registered()).key
     assert await card_keys(client) == {key}
 
     async def listed() -> bool:
@@ -48,11 +58,7 @@ async def works_end_to_end(
     await wait_until(listed, timeout=DEADLINE, message=fe.describe)
     w.signal(__import__("signal").SIGTERM)
     assert await w.wait_exit() == 0
-    await wait_until(lambda: _no_models(fe), timeout=DEADLINE, message=fe.describe)
-
-
-async def _no_models(fe: FrontendProcess) -> bool:
-    return await fe.model_ids() == set()
+    await wait_until(lambda: fe.lists_only(), timeout=DEADLINE, message=fe.describe)
 
 
 async def fails_cleanly(proc: CliProcess, *needles: str) -> str:
@@ -93,7 +99,7 @@ def tls_env(pki: Pki, cert: Path | None = None, key: Path | None = None) -> dict
 
 
 async def test_worker_and_frontend_work_over_tls_with_client_certificates(
-    tls_etcd: EtcdServer, pki: Pki, tmp_path: Path, procs: list[CliProcess]
+    tls_etcd: EtcdServer, pki: Pki, tmp_path: Path, procs: list[Process]
 ) -> None:
     assert tls_etcd.client_url.startswith("https://")
     env = tls_env(pki, pki.client_cert, pki.client_key)
@@ -110,7 +116,7 @@ async def test_worker_and_frontend_work_over_tls_with_client_certificates(
     ],
 )
 async def test_tls_without_valid_credentials_fails_with_one_clear_line(
-    tls_etcd: EtcdServer, pki: Pki, tmp_path: Path, procs: list[CliProcess], case: str,
+    tls_etcd: EtcdServer, pki: Pki, tmp_path: Path, procs: list[Process], case: str,
     needle: str,
 ) -> None:  # fmt: skip
     env = {
@@ -124,7 +130,7 @@ async def test_tls_without_valid_credentials_fails_with_one_clear_line(
         },
     }[case]
     (model,) = model_dirs(tmp_path, 1)
-    w = WorkerProc(tls_etcd.client_url, model, log_path=tmp_path / "worker.log", env=env)
+    w = WorkerProcess.serving(tls_etcd.client_url, model, log_path=tmp_path / "worker.log", env=env)
     fe = FrontendProcess(tls_etcd.client_url, tmp=tmp_path, env=env)
     procs += [w, fe]
     for proc in (w, fe):
@@ -134,41 +140,10 @@ async def test_tls_without_valid_credentials_fails_with_one_clear_line(
 # --------------------------------------------------------------------------- user auth
 
 
-def _post(
-    url: str,
-    path: str,
-    payload: dict[str, object],
-    token: str = "",
-    context: ssl.SSLContext | None = None,
-) -> dict[str, object]:
-    headers = {"Authorization": token} if token else {}
-    req = urllib.request.Request(
-        url + path, data=json.dumps(payload).encode(), method="POST", headers=headers
-    )
-    with urllib.request.urlopen(req, timeout=10, context=context) as resp:
-        body: dict[str, object] = json.loads(resp.read())
-    return body
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
-
-
 def enable_auth_with_mdc_role(url: str, context: ssl.SSLContext | None = None) -> None:
     """root (all), and user ``mdc`` whose role may read and write ``v1/mdc/`` only."""
-
-    def post(path: str, payload: dict[str, object]) -> None:
-        _post(url, path, payload, context=context)
-
-    post("/v3/auth/user/add", {"name": "root", "password": "rootpw"})
-    post("/v3/auth/role/add", {"name": "root"})
-    post("/v3/auth/user/grant", {"user": "root", "role": "root"})
-    post("/v3/auth/user/add", {"name": USER, "password": PASSWORD})
-    post("/v3/auth/role/add", {"name": "mdc-rw"})
-    perm = {"permType": "READWRITE", "key": _b64("v1/mdc/"), "range_end": _b64("v1/mdc0")}
-    post("/v3/auth/role/grant", {"name": "mdc-rw", "perm": perm})
-    post("/v3/auth/user/grant", {"user": USER, "role": "mdc-rw"})
-    post("/v3/auth/enable", {})
+    grant_prefix_user(url, USER, PASSWORD, "v1/mdc/", context=context)
+    enable_auth(url, context=context)
 
 
 @pytest.fixture
@@ -182,7 +157,7 @@ def auth_env(user: str = USER, password: str = PASSWORD) -> dict[str, str]:
 
 
 async def test_worker_and_frontend_work_as_a_user_limited_to_v1_mdc(
-    auth_etcd: EtcdServer, tmp_path: Path, procs: list[CliProcess]
+    auth_etcd: EtcdServer, tmp_path: Path, procs: list[Process]
 ) -> None:
     url = auth_etcd.client_url
     async with EtcdClient([url], username=USER, password=PASSWORD) as client:
@@ -206,12 +181,14 @@ async def test_worker_and_frontend_work_as_a_user_limited_to_v1_mdc(
 async def test_wrong_credentials_fail_with_one_clear_line(
     auth_etcd: EtcdServer,
     tmp_path: Path,
-    procs: list[CliProcess],
+    procs: list[Process],
     env: dict[str, str],
     needles: tuple[str, ...],
 ) -> None:
     (model,) = model_dirs(tmp_path, 1)
-    w = WorkerProc(auth_etcd.client_url, model, log_path=tmp_path / "worker.log", env=env)
+    w = WorkerProcess.serving(
+        auth_etcd.client_url, model, log_path=tmp_path / "worker.log", env=env
+    )
     fe = FrontendProcess(auth_etcd.client_url, tmp=tmp_path, env=env)
     procs += [w, fe]
     for proc in (w, fe):
@@ -219,11 +196,11 @@ async def test_wrong_credentials_fail_with_one_clear_line(
 
 
 async def test_a_write_outside_the_role_fails_with_one_clear_line(
-    auth_etcd: EtcdServer, tmp_path: Path, procs: list[CliProcess]
+    auth_etcd: EtcdServer, tmp_path: Path, procs: list[Process]
 ) -> None:
     # A Dynamo endpoint record goes to v1/instances/, which this role may not write.
     (model,) = model_dirs(tmp_path, 1)
-    w = WorkerProc(
+    w = WorkerProcess.serving(
         auth_etcd.client_url,
         model,
         log_path=tmp_path / "worker.log",
@@ -247,11 +224,16 @@ async def test_an_invalidated_token_is_refreshed_without_the_caller_noticing(
         # Changing a user's password (here: to the same one) makes etcd drop that user's
         # tokens, exactly what an expired token looks like to the client.
         root = str(
-            _post(url, "/v3/auth/authenticate", {"name": "root", "password": "rootpw"})["token"]
+            gateway_post(url, "/v3/auth/authenticate", {"name": "root", "password": "rootpw"})[
+                "token"
+            ]
         )
-        _post(url, "/v3/auth/user/changepw", {"name": USER, "password": PASSWORD}, token=root)
+        gateway_post(
+            url, "/v3/auth/user/changepw", {"name": USER, "password": PASSWORD}, token=root
+        )
+        key = base64.b64encode(b"v1/mdc/token-test").decode()
         with pytest.raises(urllib.error.HTTPError):  # the old token is really gone
-            _post(url, "/v3/kv/range", {"key": _b64("v1/mdc/token-test")}, token=first)
+            gateway_post(url, "/v3/kv/range", {"key": key}, token=first)
         kv = await client.get("v1/mdc/token-test")
         assert kv is not None and kv.value == b"1"
         assert client._token and client._token != first
@@ -271,13 +253,15 @@ def tls_auth_etcd(tls_etcd: EtcdServer, pki: Pki) -> EtcdServer:
 
 
 async def test_a_client_certificate_with_a_common_name_and_auth_fails_naming_the_limit(
-    tls_auth_etcd: EtcdServer, pki: Pki, tmp_path: Path, procs: list[CliProcess]
+    tls_auth_etcd: EtcdServer, pki: Pki, tmp_path: Path, procs: list[Process]
 ) -> None:
     # etcd's gateway answers HTTP 400 "CommonName of client sending a request against gateway
     # will be ignored" (etcd-io/etcd#10366): one line naming the limit and the workarounds.
     env = tls_env(pki, pki.client_cert, pki.client_key) | auth_env()
     (model,) = model_dirs(tmp_path, 1)
-    w = WorkerProc(tls_auth_etcd.client_url, model, log_path=tmp_path / "worker.log", env=env)
+    w = WorkerProcess.serving(
+        tls_auth_etcd.client_url, model, log_path=tmp_path / "worker.log", env=env
+    )
     fe = FrontendProcess(tls_auth_etcd.client_url, tmp=tmp_path, env=env)
     procs += [w, fe]
     for proc in (w, fe):
@@ -287,7 +271,7 @@ async def test_a_client_certificate_with_a_common_name_and_auth_fails_naming_the
 
 
 async def test_the_workaround_a_certificate_without_a_common_name_plus_a_user_works(
-    tls_auth_etcd: EtcdServer, pki: Pki, tmp_path: Path, procs: list[CliProcess]
+    tls_auth_etcd: EtcdServer, pki: Pki, tmp_path: Path, procs: list[Process]
 ) -> None:
     env = tls_env(pki, pki.no_cn_cert, pki.no_cn_key) | auth_env()
     client_env = {**env, "ETCD_ENDPOINTS": tls_auth_etcd.client_url}

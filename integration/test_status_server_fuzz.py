@@ -1,4 +1,5 @@
-"""Fuzz the status server with raw request paths: only registered files, never a 5xx.
+"""Fuzz the status server with raw request paths, and with registered paths bent (encoded,
+doubled, padded, ...): only registered files, never a 5xx.
 
 The server runs on its own event loop in a thread so hypothesis can drive it with plain
 blocking sockets, writing each request line byte for byte.
@@ -153,3 +154,59 @@ def test_every_registered_raw_path_is_served(served: Served, suffix: str) -> Non
         status, body = raw_get(served.port, (path + suffix).encode())
         assert status == 200, path
         assert blake3.blake3(body).hexdigest() == expected
+
+
+# --------------------------------------------------------------------------- near misses
+
+
+def _encode_all(text: str) -> str:
+    return "".join(f"%{b:02X}" for b in text.encode())
+
+
+@st.composite
+def near_misses(draw: st.DrawFn, paths: list[str]) -> bytes:
+    """Registered paths bent: encoded, doubled, cased, padded, NUL'd, overlong, unicode."""
+    path = draw(st.sampled_from(paths))
+    head, _, name = path.rpartition("/")
+    bent = draw(
+        st.sampled_from(
+            [
+                f"{head}/{_encode_all(name)}",
+                f"{head}/{_encode_all(_encode_all(name))}",
+                f"{head}/{name.upper()}",
+                f"{head}/{name}/",
+                f"{head}/{name}%00",
+                f"{head}/{name}\x00.txt",
+                f"{head}/./{name}",
+                f"{head}/x/../{name}",
+                f"{head}/%2e%2e/%2e%2e/{name}",
+                f"{head}/..%2f..%2fsecret.txt",
+                f"{head}/%c0%ae%c0%ae/secret.txt",
+                f"{head}/{name}" + "A" * draw(st.integers(200, 20_000)),
+                f"{head}/" + "\u202e\u0301\ufeff" + name,
+                f"{head}//{name}",
+                f"{head}\\{name}",
+                f"{head}/{name};.json",
+            ]
+        )
+    )
+    return bent.encode("utf-8", "surrogatepass")
+
+
+@settings(
+    max_examples=2_000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_2000_fuzzed_paths_never_serve_an_unregistered_file_or_a_5xx(
+    served: Served,
+    data: st.DataObject,
+) -> None:
+    target = data.draw(raw_targets() | near_misses(sorted(served.paths)))
+    status, body = raw_get(served.port, target)
+    assert status is None or status < 500, (target[:200], status)
+    if status == 200:
+        # Only ever the bytes of a registered file, never anything else on the disk.
+        assert blake3.blake3(body).hexdigest() in set(served.paths.values()), target[:200]
+    assert b"must never be served" not in body

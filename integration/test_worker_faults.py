@@ -18,8 +18,7 @@ from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import decode_envelope
 from discovery_mdc.errors import EtcdError
 from discovery_mdc.etcd import EtcdClient, EtcdCluster, EtcdServer
-from integration._util import wait_until
-from integration._worker_proc import Registered, WorkerProcess, WorkerSpawner, status_env
+from testkit import Registered, Spawn, WorkerProcess, child_env, wait_until
 
 # Generous bounds for things that are not behavioural (process start-up, etcd start-up).
 START = 60.0
@@ -56,12 +55,12 @@ async def assert_published_under(client: EtcdClient, key: str, lease: int) -> No
 
 
 async def test_etcd_restart_shorter_than_the_ttl_keeps_the_key_and_the_session(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, model_dir: Path, http: aiohttp.ClientSession
+    etcd_server: EtcdServer, spawn: Spawn, model_dir: Path, http: aiohttp.ClientSession
 ) -> None:
     ttl = 10
     worker = spawn(
         "--etcd", etcd_server.client_url, "--model-path", str(model_dir), "--lease-ttl", str(ttl),
-        env=status_env(),
+        env=child_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1"),
     )  # fmt: skip
     reg = await worker.wait_registered(timeout=START)
     assert await health(http, worker) == 200
@@ -82,16 +81,16 @@ async def test_etcd_restart_shorter_than_the_ttl_keeps_the_key_and_the_session(
         await assert_published_under(client, reg.key, reg.lease)
         assert (await client.lease_time_to_live(reg.lease)).ttl > 0
     assert "lost" not in worker.log(), worker.describe()
-    assert worker.proc.poll() is None
+    assert worker.popen.poll() is None
 
 
 async def test_an_outside_revoke_makes_the_worker_republish_under_a_new_lease(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, model_dir: Path, http: aiohttp.ClientSession
+    etcd_server: EtcdServer, spawn: Spawn, model_dir: Path, http: aiohttp.ClientSession
 ) -> None:
     ttl = 4
     worker = spawn(
         "--etcd", etcd_server.client_url, "--model-path", str(model_dir), "--lease-ttl", str(ttl),
-        env=status_env(),
+        env=child_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1"),
     )  # fmt: skip
     reg = await worker.wait_registered(timeout=START)
     async with EtcdClient([etcd_server.client_url]) as client:
@@ -109,18 +108,18 @@ async def test_an_outside_revoke_makes_the_worker_republish_under_a_new_lease(
         assert lease != reg.lease
         await assert_published_under(client, key, lease)
         assert await card_keys(client) == [key]
-    assert worker.proc.poll() is None  # the same process, no restart
+    assert worker.popen.poll() is None  # the same process, no restart
     await worker.wait_log(f"replaced by {lease:x}", timeout=START)
     assert await health(http, worker) == 200
 
 
 async def test_an_outage_longer_than_the_ttl_ends_with_the_worker_republishing(
-    etcd_server: EtcdServer, spawn: WorkerSpawner, model_dir: Path, http: aiohttp.ClientSession
+    etcd_server: EtcdServer, spawn: Spawn, model_dir: Path, http: aiohttp.ClientSession
 ) -> None:
     ttl = 3
     worker = spawn(
         "--etcd", etcd_server.client_url, "--model-path", str(model_dir), "--lease-ttl", str(ttl),
-        env=status_env(),
+        env=child_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1"),
     )  # fmt: skip
     reg = await worker.wait_registered(timeout=START)
 
@@ -147,7 +146,7 @@ async def test_an_outage_longer_than_the_ttl_ends_with_the_worker_republishing(
         return await health(http, worker) == 200
 
     await wait_until(ready, timeout=START, message=worker.describe)
-    assert worker.proc.poll() is None
+    assert worker.popen.poll() is None
 
 
 @pytest.fixture
@@ -157,7 +156,7 @@ def cluster() -> Iterator[EtcdCluster]:
 
 
 async def test_stopping_the_member_the_worker_talks_to_never_drops_the_key(
-    cluster: EtcdCluster, spawn: WorkerSpawner, model_dir: Path
+    cluster: EtcdCluster, spawn: Spawn, model_dir: Path
 ) -> None:
     ttl = 4
     worker = spawn(

@@ -6,15 +6,10 @@ One etcd serves the whole module; each test uses its own namespace, so they neve
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -25,23 +20,18 @@ from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import CheckedFile, ModelDeploymentCard, decode_envelope
 from discovery_mdc.etcd import EtcdClient, EtcdServer, KeyExistsError
 from discovery_mdc.worker import Worker
-from integration._util import wait_until
-from integration._worker_proc import WorkerSpawner, worker_env
+from testkit import (
+    Spawn,
+    child_env,
+    etcd_get_prefix,
+    published_card,
+    run_cli,
+    silent_port,
+    wait_until,
+)
 
 # A generous bound for process start-up on a busy machine; not a behavioural bound.
 START = 60.0
-
-
-@pytest.fixture(scope="module")
-def shared_etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(shared_etcd: EtcdServer) -> AsyncIterator[EtcdClient]:
-    async with EtcdClient([shared_etcd.client_url]) as c:
-        yield c
 
 
 @pytest.fixture
@@ -49,38 +39,15 @@ def model_dir(tmp_path: Path) -> Path:
     return write_sample_model(tmp_path / "models" / "Tiny-Llama-1.1")
 
 
-def raw_range(endpoint: str, prefix: str) -> dict[str, bytes]:
-    """Every key under ``prefix`` straight from etcd's JSON gateway (no client code)."""
-    end = bytearray(prefix.encode())
-    end[-1] += 1
-    body = json.dumps({
-        "key": base64.b64encode(prefix.encode()).decode(),
-        "range_end": base64.b64encode(bytes(end)).decode(),
-    }).encode()  # fmt: skip
-    req = urllib.request.Request(f"{endpoint}/v3/kv/range", data=body, method="POST")
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        reply = json.loads(resp.read())
-    return {
-        base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
-        for kv in reply.get("kvs", [])
-    }
-
-
 def card_files(card: ModelDeploymentCard) -> list[CheckedFile]:
     return [f for _, f in card.files()]
-
-
-async def published_card(client: EtcdClient, key: str) -> ModelDeploymentCard:
-    kv = await client.get(key)
-    assert kv is not None, f"{key} is not in etcd"
-    return decode_envelope(kv.value).card
 
 
 # ------------------------------------------------------------------ publish
 
 
 async def test_published_card_is_visible_by_raw_range_with_the_spec_key_and_envelope(
-    shared_etcd: EtcdServer, client: EtcdClient, spawn: WorkerSpawner, model_dir: Path
+    shared_etcd: EtcdServer, shared_client: EtcdClient, spawn: Spawn, model_dir: Path
 ) -> None:
     worker = spawn(
         "--etcd", shared_etcd.client_url, "--namespace", "pub", "--model-path", model_dir.name,
@@ -89,7 +56,7 @@ async def test_published_card_is_visible_by_raw_range_with_the_spec_key_and_enve
     reg = await worker.wait_registered(timeout=START)
     assert reg.key == f"v1/mdc/pub/backend/generate/{reg.lease:x}"
 
-    listed = raw_range(shared_etcd.client_url, "v1/mdc/pub/")
+    listed = etcd_get_prefix(shared_etcd.client_url, "v1/mdc/pub/")
     assert list(listed) == [reg.key]
     envelope = json.loads(listed[reg.key])
     assert list(envelope) == [
@@ -107,9 +74,9 @@ async def test_published_card_is_visible_by_raw_range_with_the_spec_key_and_enve
     assert card["source_path"] == "Tiny-Llama-1.1"
     assert decode_envelope(listed[reg.key]).instance_id == reg.lease
 
-    kv = await client.get(reg.key)
+    kv = await shared_client.get(reg.key)
     assert kv is not None and kv.lease == reg.lease and kv.version == 1
-    info = await client.lease_time_to_live(reg.lease)
+    info = await shared_client.lease_time_to_live(reg.lease)
     assert info.keys == (reg.key,)
     assert 0 < info.ttl <= info.granted_ttl == 10
     # One line names the key and the lease in hex.
@@ -117,69 +84,62 @@ async def test_published_card_is_visible_by_raw_range_with_the_spec_key_and_enve
 
 
 async def test_a_second_publish_of_the_same_key_does_not_overwrite_it(
-    client: EtcdClient, model_dir: Path, tmp_path: Path
+    shared_client: EtcdClient, model_dir: Path, tmp_path: Path
 ) -> None:
-    async with Worker(client, lease_ttl=5, system_port=None, self_host_metadata=False) as w:
+    async with Worker(shared_client, lease_ttl=5, system_port=None, self_host_metadata=False) as w:
         first = await w.register_model(model_dir, namespace="twice")
         assert first.key is not None
-        before = await client.get(first.key)
+        before = await shared_client.get(first.key)
         other = write_sample_model(tmp_path / "other", seed=7)
         with pytest.raises(KeyExistsError):
             await w.register_model(other, namespace="twice")
         with pytest.raises(KeyExistsError):
             await w.register_model(model_dir, namespace="twice")
-        after = await client.get(first.key)
+        after = await shared_client.get(first.key)
         assert after == before and after is not None and after.version == 1
-        assert [kv.key for kv in (await client.range("v1/mdc/twice/", prefix=True)).kvs] == [
+        assert [kv.key for kv in (await shared_client.range("v1/mdc/twice/", prefix=True)).kvs] == [
             first.key
         ]
-    assert (await client.range("v1/mdc/twice/", prefix=True)).kvs == ()
+    assert (await shared_client.range("v1/mdc/twice/", prefix=True)).kvs == ()
 
 
 # ------------------------------------------------------------------ stop and kill
 
 
 async def test_sigterm_revokes_the_lease_so_keys_vanish_at_once_and_exit_is_0(
-    shared_etcd: EtcdServer, client: EtcdClient, spawn: WorkerSpawner, model_dir: Path
+    shared_etcd: EtcdServer, shared_client: EtcdClient, spawn: Spawn, model_dir: Path
 ) -> None:
     worker = spawn(
         "--etcd", shared_etcd.client_url, "--namespace", "stop", "--model-path", str(model_dir),
         "--instance-transport", "tcp://127.0.0.1:9999/generate",
     )  # fmt: skip
     reg = await worker.wait_registered(timeout=START)
-    assert len((await client.lease_time_to_live(reg.lease)).keys) == 2
+    assert len((await shared_client.lease_time_to_live(reg.lease)).keys) == 2
     worker.signal(signal.SIGTERM)
     assert await worker.wait_exit(timeout=START) == 0
 
     async def gone() -> bool:
-        listed = await client.range("v1/", prefix=True)
+        listed = await shared_client.range("v1/", prefix=True)
         return not any("/stop/" in kv.key for kv in listed.kvs)
 
     await wait_until(gone, timeout=1.0, message="keys still present 1 s after a graceful stop")
-    assert (await client.lease_time_to_live(reg.lease)).ttl == -1
+    assert (await shared_client.lease_time_to_live(reg.lease)).ttl == -1
     assert f"revoked etcd lease {reg.lease:x}" in worker.log()
 
 
-async def test_sigterm_stops_a_worker_still_waiting_for_etcd(
-    spawn: WorkerSpawner, model_dir: Path
-) -> None:
+async def test_sigterm_stops_a_worker_still_waiting_for_etcd(spawn: Spawn, model_dir: Path) -> None:
     # An "etcd" that accepts connections and never answers: registration hangs in there.
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(64)
-    try:
-        url = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
+    with silent_port() as port:
+        url = f"http://127.0.0.1:{port}"
         worker = spawn("--etcd", url, "--namespace", "hang", "--model-path", str(model_dir))
         await wait_until(lambda: "self-hosting" in worker.log(), timeout=START)
         worker.signal(signal.SIGTERM)
         assert await worker.wait_exit(timeout=START) == 0
         assert "stopped before its model was registered" in worker.log()
-    finally:
-        blackhole.close()
 
 
 async def test_kill_9_leaves_the_keys_to_expire_within_ttl_plus_2s(
-    shared_etcd: EtcdServer, client: EtcdClient, spawn: WorkerSpawner, model_dir: Path
+    shared_etcd: EtcdServer, shared_client: EtcdClient, spawn: Spawn, model_dir: Path
 ) -> None:
     ttl = 3
     worker = spawn(
@@ -187,13 +147,13 @@ async def test_kill_9_leaves_the_keys_to_expire_within_ttl_plus_2s(
         "--lease-ttl", str(ttl),
     )  # fmt: skip
     reg = await worker.wait_registered(timeout=START)
-    assert await client.get(reg.key) is not None
+    assert await shared_client.get(reg.key) is not None
     worker.signal(signal.SIGKILL)
     killed = time.monotonic()
     await worker.wait_exit(timeout=START)
 
     async def gone() -> bool:
-        return await client.get(reg.key) is None
+        return await shared_client.get(reg.key) is None
 
     remaining = ttl + 2 - (time.monotonic() - killed)
     await wait_until(gone, timeout=max(0.0, remaining),
@@ -209,16 +169,16 @@ async def fetch(http: aiohttp.ClientSession, method: str, url: str) -> tuple[int
 
 
 async def test_self_hosted_card_serves_every_slot_with_its_blake3_and_length(
-    shared_etcd: EtcdServer, client: EtcdClient, spawn: WorkerSpawner, model_dir: Path
+    shared_etcd: EtcdServer, shared_client: EtcdClient, spawn: Spawn, model_dir: Path
 ) -> None:
-    env = worker_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1")
+    env = child_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1")
     worker = spawn(
         "--etcd", shared_etcd.client_url, "--namespace", "self", "--model-path", str(model_dir),
         env=env,
     )  # fmt: skip
     reg = await worker.wait_registered(timeout=START)
     port = worker.status_port()
-    card = await published_card(client, reg.key)
+    card = await published_card(shared_client, reg.key)
     files = card_files(card)
     names = sorted(f.basename for f in files)
     assert "tokenizer.json" in names and "special_tokens_map.json" in names  # an extra file
@@ -236,7 +196,7 @@ async def test_self_hosted_card_serves_every_slot_with_its_blake3_and_length(
 
 
 async def test_self_hosting_an_hf_cache_snapshot_keeps_the_real_file_names(
-    shared_etcd: EtcdServer, client: EtcdClient, spawn: WorkerSpawner, tmp_path: Path
+    shared_etcd: EtcdServer, shared_client: EtcdClient, spawn: Spawn, tmp_path: Path
 ) -> None:
     import hashlib
     import os
@@ -254,13 +214,13 @@ async def test_self_hosting_an_hf_cache_snapshot_keeps_the_real_file_names(
         (repo / "blobs" / sha).write_bytes(source.read_bytes())
         os.symlink(f"../../blobs/{sha}", snapshot / source.name)
 
-    env = worker_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1", HF_HUB_CACHE=str(cache))
+    env = child_env(DYN_SYSTEM_PORT="0", DYN_SYSTEM_HOST="127.0.0.1", HF_HUB_CACHE=str(cache))
     worker = spawn(
         "--etcd", shared_etcd.client_url, "--namespace", "hf", "--model-path", "Org/Tiny",
         env=env, cwd=tmp_path,
     )  # fmt: skip
     reg = await worker.wait_registered(timeout=START)
-    card = await published_card(client, reg.key)
+    card = await published_card(shared_client, reg.key)
     assert card.display_name == reg.name == "Org/Tiny"
     assert card.source_path == "Org/Tiny"
     urls = {f.path.rsplit("/", 1)[1]: f for f in card_files(card)}
@@ -278,20 +238,20 @@ async def test_self_hosting_an_hf_cache_snapshot_keeps_the_real_file_names(
 )
 async def test_without_self_hosting_the_card_keeps_local_paths_and_still_publishes(
     shared_etcd: EtcdServer,
-    client: EtcdClient,
-    spawn: WorkerSpawner,
+    shared_client: EtcdClient,
+    spawn: Spawn,
     model_dir: Path,
     extra_env: dict[str, str],
     server: bool,
 ) -> None:
-    env = worker_env(DYN_SYSTEM_HOST="127.0.0.1", **extra_env)
+    env = child_env(DYN_SYSTEM_HOST="127.0.0.1", **extra_env)
     ns = "local-" + ("a" if server else "b")
     worker = spawn(
         "--etcd", shared_etcd.client_url, "--namespace", ns, "--model-path", str(model_dir),
         env=env,
     )  # fmt: skip
     reg = await worker.wait_registered(timeout=START)
-    card = await published_card(client, reg.key)
+    card = await published_card(shared_client, reg.key)
     for f in card_files(card):
         assert f.path == str(model_dir / f.basename)
     skipped = [ln for ln in worker.log().splitlines() if "self-hosting" in ln]
@@ -309,19 +269,12 @@ async def test_without_self_hosting_the_card_keeps_local_paths_and_still_publish
 # ------------------------------------------------------------------ CLI input errors
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "discovery_mdc", "worker", *args],
-        capture_output=True,
-        text=True,
-        env=worker_env(),
-        cwd=cwd,
-        timeout=START,
-    )
+def run_worker(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return run_cli("worker", *args, cwd=cwd, timeout=START)
 
 
 def test_help_lists_the_options() -> None:
-    done = run_cli("--help")
+    done = run_worker("--help")
     assert done.returncode == 0
     for flag in ("--model-path", "--model-name", "--namespace", "--component", "--endpoint",
                  "--etcd", "--lease-ttl", "--no-self-host"):  # fmt: skip
@@ -340,7 +293,7 @@ def test_help_lists_the_options() -> None:
     ids=["unknown-flag", "missing-model-path", "ttl-zero", "ttl-text", "port-range"],
 )
 def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:
-    done = run_cli(*args)
+    done = run_worker(*args)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], done.stderr
@@ -349,7 +302,7 @@ def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:
 def test_a_bad_model_path_exits_2_with_one_line_before_contacting_etcd(tmp_path: Path) -> None:
     # The endpoint is unreachable: the model path must be rejected first.
     for bad in [str(tmp_path / "absent"), str(tmp_path)]:
-        done = run_cli("--etcd", "http://127.0.0.1:9", "--model-path", bad)
+        done = run_worker("--etcd", "http://127.0.0.1:9", "--model-path", bad)
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("discovery-mdc: error:"), done.stderr

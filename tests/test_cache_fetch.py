@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ from discovery_mdc.cache import (
     MetadataCache,
     ResolvedCard,
     SourceHealth,
-    _resolve,
     _store,
     resolve_metadata_files,
 )
@@ -42,6 +41,7 @@ from discovery_mdc.card import (
     SlotVariant,
     from_dir,
     hash_bytes,
+    hash_file,
 )
 from discovery_mdc.errors import (
     CacheError,
@@ -53,62 +53,7 @@ from discovery_mdc.errors import (
     SourceUnreachableError,
     UnsupportedSchemeError,
 )
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class MetaServer:
-    """A real aiohttp server on 127.0.0.1: serves registered bytes, counts GETs, and runs
-    scripted handlers for misbehaving paths."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.handlers: dict[str, Handler] = {}
-        self.gets: Counter[str] = Counter()
-        self.auth: dict[str, str | None] = {}
-        self.release = asyncio.Event()
-        self.port = 0
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.gets[request.path] += 1
-        self.auth[request.path] = request.headers.get("Authorization")
-        if request.path in self.handlers:
-            return await self.handlers[request.path](request)
-        if request.path in self.files:
-            return web.Response(body=self.files[request.path])
-        return web.Response(status=404)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def serve(self, slug: str, f: CheckedFile) -> str:
-        path = f"/v1/metadata/{slug}/{f.basename}"
-        self.files[path] = Path(f.path).read_bytes()
-        return self.url(path)
-
-    def http_card(self, card: ModelDeploymentCard) -> ModelDeploymentCard:
-        """The card with every slot rewritten to a URL on this server (self-hosting)."""
-        return card.with_paths(lambda _, f: self.serve(card.slug, f))
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[MetaServer]:
-    srv = MetaServer()
-    app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", srv.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    srv.port = runner.addresses[0][1]
-    yield srv
-    srv.release.set()
-    await runner.cleanup()
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> CacheLayout:
-    return CacheLayout(tmp_path / "cache")
+from testkit import MetaServer, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -125,13 +70,6 @@ def read(path: str | Path) -> bytes:
 
 def tree(path: Path) -> list[str]:
     return sorted(str(p) for p in path.rglob("*"))
-
-
-async def wait_until(condition: Callable[[], bool], deadline: float = 30.0) -> None:
-    """Poll state owned by something else (logs, the file system) under a generous deadline."""
-    async with asyncio.timeout(deadline):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 def listing(path: Path) -> list[str]:
@@ -174,19 +112,19 @@ def card(make_model_dir: Callable[..., Path]) -> ModelDeploymentCard:
 
 
 async def test_http_card_is_cached_as_blobs_and_links(
-    server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
+    meta_server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
 ) -> None:
-    http_card = server.http_card(card)
+    http_card = meta_server.http_card(card)
     stats = CacheStats()
     resolved = await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
     assert_cached(resolved, http_card, cache)
     assert stats.fetches == len(list(card.files())) and stats.hits == 0
     assert stats.bytes_fetched == sum(f.size or 0 for _, f in card.files())
     # Warm: no request at all.
-    before = sum(server.gets.values())
+    before = sum(meta_server.gets.values())
     again = await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
     assert again == resolved
-    assert sum(server.gets.values()) == before
+    assert sum(meta_server.gets.values()) == before
     assert stats.hits == len(list(card.files()))
 
 
@@ -252,7 +190,7 @@ async def test_hf_offline_and_not_cached_is_a_connection_error(
 
 @pytest.mark.parametrize("source", ["HF_TOKEN", "the file `hf auth login` writes"])
 async def test_hf_downloads_from_endpoint_with_token(
-    server: MetaServer,
+    meta_server: MetaServer,
     card: ModelDeploymentCard,
     cache: CacheLayout,
     tmp_path: Path,
@@ -260,8 +198,8 @@ async def test_hf_downloads_from_endpoint_with_token(
     source: str,
 ) -> None:
     for _, f in card.files():
-        server.files[f"/org/tiny/resolve/main/{f.basename}"] = read(f.path)
-    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+        meta_server.files[f"/org/tiny/resolve/main/{f.basename}"] = read(f.path)
+    monkeypatch.setenv("HF_ENDPOINT", meta_server.url(""))
     if source == "HF_TOKEN":
         monkeypatch.setenv("HF_TOKEN", "secret")
     else:
@@ -272,29 +210,29 @@ async def test_hf_downloads_from_endpoint_with_token(
     remote = hf_card(card, "org/tiny")
     resolved = await resolve_metadata_files(remote, cache_dir=cache.root)
     assert_cached(resolved, remote, cache)
-    assert set(server.auth.values()) == {"Bearer secret"}
+    assert set(meta_server.auth.values()) == {"Bearer secret"}
 
 
 async def test_token_is_not_forwarded_to_another_host_on_redirect(
-    server: MetaServer,
+    meta_server: MetaServer,
     card: ModelDeploymentCard,
     cache: CacheLayout,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, config = next(card.files())
     small = card.replace(tokenizer=None, prompt_formatter=None, gen_config=None, extra_files=())
-    server.files["/cdn/config.json"] = read(config.path)
+    meta_server.files["/cdn/config.json"] = read(config.path)
 
     async def to_cdn(_: web.Request) -> web.StreamResponse:
         # localhost is another origin than 127.0.0.1.
-        raise web.HTTPFound(f"http://localhost:{server.port}/cdn/config.json")
+        raise web.HTTPFound(f"http://localhost:{meta_server.port}/cdn/config.json")
 
-    server.handlers["/org/tiny/resolve/main/config.json"] = to_cdn
-    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+    meta_server.handlers["/org/tiny/resolve/main/config.json"] = to_cdn
+    monkeypatch.setenv("HF_ENDPOINT", meta_server.url(""))
     monkeypatch.setenv("HF_TOKEN", "secret")
     await resolve_metadata_files(hf_card(small, "org/tiny"), cache_dir=cache.root)
-    assert server.auth["/org/tiny/resolve/main/config.json"] == "Bearer secret"
-    assert server.auth["/cdn/config.json"] is None
+    assert meta_server.auth["/org/tiny/resolve/main/config.json"] == "Bearer secret"
+    assert meta_server.auth["/cdn/config.json"] is None
 
 
 # --------------------------------------------------------------------------- hostile servers
@@ -316,42 +254,42 @@ GOOD = b'{"max_position_embeddings": 4096}' * 100
 
 
 async def test_wrong_bytes_are_rejected_naming_uri_expected_and_actual(
-    server: MetaServer, cache: CacheLayout
+    meta_server: MetaServer, cache: CacheLayout
 ) -> None:
-    server.files["/config.json"] = b"X" * len(GOOD)
-    card = one_file_card(server.url("/config.json"), GOOD)
+    meta_server.files["/config.json"] = b"X" * len(GOOD)
+    card = one_file_card(meta_server.url("/config.json"), GOOD)
     with pytest.raises(ChecksumMismatchError) as info:
         await resolve_metadata_files(card, cache_dir=cache.root)
     err = info.value
     assert isinstance(err, ValueError)
-    assert err.uri == server.url("/config.json")
+    assert err.uri == meta_server.url("/config.json")
     assert hash_bytes(GOOD).hex in err.expected
     assert hash_bytes(b"X" * len(GOOD)).hex in err.actual
     assert_nothing_published(cache)
 
 
-async def test_short_body_is_a_mismatch(server: MetaServer, cache: CacheLayout) -> None:
-    server.files["/config.json"] = GOOD[:-1]
+async def test_short_body_is_a_mismatch(meta_server: MetaServer, cache: CacheLayout) -> None:
+    meta_server.files["/config.json"] = GOOD[:-1]
     with pytest.raises(ChecksumMismatchError, match=f"{len(GOOD) - 1} bytes"):
         await resolve_metadata_files(
-            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+            one_file_card(meta_server.url("/config.json"), GOOD), cache_dir=cache.root
         )
     assert_nothing_published(cache)
 
 
 async def test_content_length_above_size_is_rejected_before_reading(
-    server: MetaServer, cache: CacheLayout
+    meta_server: MetaServer, cache: CacheLayout
 ) -> None:
-    server.files["/config.json"] = GOOD + b"more"
+    meta_server.files["/config.json"] = GOOD + b"more"
     with pytest.raises(SizeLimitError, match="Content-Length"):
         await resolve_metadata_files(
-            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+            one_file_card(meta_server.url("/config.json"), GOOD), cache_dir=cache.root
         )
     assert_nothing_published(cache)
 
 
 async def test_endless_chunked_body_is_cut_at_the_cap(
-    server: MetaServer, cache: CacheLayout
+    meta_server: MetaServer, cache: CacheLayout
 ) -> None:
     sent = 0
 
@@ -366,10 +304,10 @@ async def test_endless_chunked_body_is_cut_at_the_cap(
             sent += 65536
         return resp
 
-    server.handlers["/config.json"] = endless
+    meta_server.handlers["/config.json"] = endless
     with pytest.raises(SizeLimitError, match="exceeds the cap"):
         await resolve_metadata_files(
-            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+            one_file_card(meta_server.url("/config.json"), GOOD), cache_dir=cache.root
         )
     assert_nothing_published(cache)
 
@@ -410,19 +348,19 @@ async def test_content_length_smaller_than_body_is_rejected(cache: CacheLayout) 
     assert_nothing_published(cache)
 
 
-async def test_stalled_body_times_out(server: MetaServer, cache: CacheLayout) -> None:
+async def test_stalled_body_times_out(meta_server: MetaServer, cache: CacheLayout) -> None:
     async def stall(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
         resp.content_length = len(GOOD)
         await resp.prepare(request)
         await resp.write(GOOD[:100])
-        await server.release.wait()
+        await meta_server.release.wait()
         return resp
 
-    server.handlers["/config.json"] = stall
+    meta_server.handlers["/config.json"] = stall
     with pytest.raises(SourceUnreachableError, match="timed out"):
         await resolve_metadata_files(
-            one_file_card(server.url("/config.json"), GOOD),
+            one_file_card(meta_server.url("/config.json"), GOOD),
             cache_dir=cache.root,
             read_timeout=0.2,
         )
@@ -468,7 +406,7 @@ def two_file_card(config_url: str, tokenizer_url: str) -> ModelDeploymentCard:
 
 
 async def test_a_source_that_stopped_answering_backs_off_and_is_tried_after_the_others(
-    server: MetaServer, tarpit: str, cache: CacheLayout
+    meta_server: MetaServer, tarpit: str, cache: CacheLayout
 ) -> None:
     now = [100.0]
     health = SourceHealth(initial=2.0, clock=lambda: now[0])
@@ -488,10 +426,10 @@ async def test_a_source_that_stopped_answering_backs_off_and_is_tried_after_the_
         await resolve(one_file_card(f"http://{tarpit}/b/config.json", GOOD))
     assert stats.by_source[tarpit, "skipped"] == 1
     # A card whose other replica answers is served by it; the tarpit is not even tried.
-    server.files["/c/config.json"] = GOOD
+    meta_server.files["/c/config.json"] = GOOD
     card = one_file_card(f"http://{tarpit}/c/config.json", GOOD)
-    await resolve(card, alternates={hash_bytes(GOOD).hex: [server.url("/c/config.json")]})
-    assert stats.by_source[tarpit, "skipped"] == 1 and server.gets["/c/config.json"] == 1
+    await resolve(card, alternates={hash_bytes(GOOD).hex: [meta_server.url("/c/config.json")]})
+    assert stats.by_source[tarpit, "skipped"] == 1 and meta_server.gets["/c/config.json"] == 1
     # Its time up, one request probes it again; failing, it backs off twice as long.
     now[0] += 2.0
     with pytest.raises(SourceUnreachableError, match="no response"):
@@ -501,13 +439,15 @@ async def test_a_source_that_stopped_answering_backs_off_and_is_tried_after_the_
 
 
 async def test_a_card_on_a_frozen_host_gets_a_shared_file_from_another_card_waiting_for_it(
-    server: MetaServer, tarpit: str, cache: CacheLayout
+    meta_server: MetaServer, tarpit: str, cache: CacheLayout
 ) -> None:
     # Two models share generation_config.json (fine-tunes of one base). The first card's
     # host never answers; while it holds the blob's lock the second card waits for it.
-    server.files["/good/config.json"] = GOOD
+    meta_server.files["/good/config.json"] = GOOD
     frozen = one_file_card(f"http://{tarpit}/frozen/config.json", GOOD)
-    healthy = one_file_card(server.url("/good/config.json"), GOOD).replace(display_name="Other")
+    healthy = one_file_card(meta_server.url("/good/config.json"), GOOD).replace(
+        display_name="Other"
+    )
     health = SourceHealth()
     async with MetadataCache(
         cache.root, fetch=FetchConfig(first_byte_timeout=0.5), health=health
@@ -520,11 +460,13 @@ async def test_a_card_on_a_frozen_host_gets_a_shared_file_from_another_card_wait
     # The frozen card's fetch, once its own host timed out, took the bytes from the host the
     # other card knows: both resolve, with one GET in all.
     assert [read(r.files[0]) for r in done] == [GOOD, GOOD]
-    assert server.gets["/good/config.json"] == 1
+    assert meta_server.gets["/good/config.json"] == 1
     assert health.sources() == {tarpit: 1}
 
 
-async def test_total_timeout_bounds_a_slow_trickle(server: MetaServer, cache: CacheLayout) -> None:
+async def test_total_timeout_bounds_a_slow_trickle(
+    meta_server: MetaServer, cache: CacheLayout
+) -> None:
     async def trickle(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
         resp.content_length = len(GOOD)
@@ -534,56 +476,56 @@ async def test_total_timeout_bounds_a_slow_trickle(server: MetaServer, cache: Ca
             await asyncio.sleep(0.01)
         return resp
 
-    server.handlers["/config.json"] = trickle
+    meta_server.handlers["/config.json"] = trickle
     with pytest.raises(FetchError, match="timed out"):
         await resolve_metadata_files(
-            one_file_card(server.url("/config.json"), GOOD),
+            one_file_card(meta_server.url("/config.json"), GOOD),
             cache_dir=cache.root,
             total_timeout=0.3,
         )
     assert_nothing_published(cache)
 
 
-async def test_redirect_to_file_is_refused(server: MetaServer, cache: CacheLayout) -> None:
+async def test_redirect_to_file_is_refused(meta_server: MetaServer, cache: CacheLayout) -> None:
     async def to_file(_: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("file:///etc/passwd")
 
-    server.handlers["/config.json"] = to_file
+    meta_server.handlers["/config.json"] = to_file
     with pytest.raises(UnsupportedSchemeError, match="file:///etc/passwd"):
         await resolve_metadata_files(
-            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+            one_file_card(meta_server.url("/config.json"), GOOD), cache_dir=cache.root
         )
     assert_nothing_published(cache)
 
 
-async def test_http_redirect_is_followed(server: MetaServer, cache: CacheLayout) -> None:
-    server.files["/real.json"] = GOOD
+async def test_http_redirect_is_followed(meta_server: MetaServer, cache: CacheLayout) -> None:
+    meta_server.files["/real.json"] = GOOD
 
     async def moved(_: web.Request) -> web.StreamResponse:
         raise web.HTTPMovedPermanently("/real.json")
 
-    server.handlers["/config.json"] = moved
+    meta_server.handlers["/config.json"] = moved
     resolved = await resolve_metadata_files(
-        one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+        one_file_card(meta_server.url("/config.json"), GOOD), cache_dir=cache.root
     )
     assert read(resolved.files[0]) == GOOD
 
 
-async def test_non_2xx_names_status_and_uri(server: MetaServer, cache: CacheLayout) -> None:
-    url = server.url("/missing.json")
+async def test_non_2xx_names_status_and_uri(meta_server: MetaServer, cache: CacheLayout) -> None:
+    url = meta_server.url("/missing.json")
     with pytest.raises(FetchError, match=rf"{url} returned HTTP 404"):
         await resolve_metadata_files(one_file_card(url, GOOD), cache_dir=cache.root)
     assert_nothing_published(cache)
 
 
 async def test_declared_size_above_ceiling_fails_before_any_request(
-    server: MetaServer, cache: CacheLayout
+    meta_server: MetaServer, cache: CacheLayout
 ) -> None:
-    server.files["/config.json"] = GOOD
-    card = one_file_card(server.url("/config.json"), GOOD, size=(1 << 30) + 1)
+    meta_server.files["/config.json"] = GOOD
+    card = one_file_card(meta_server.url("/config.json"), GOOD, size=(1 << 30) + 1)
     with pytest.raises(SizeLimitError):
         await resolve_metadata_files(card, cache_dir=cache.root)
-    assert server.gets == Counter()
+    assert meta_server.gets == Counter()
 
 
 async def test_unknown_scheme_is_unsupported(cache: CacheLayout) -> None:
@@ -598,24 +540,24 @@ async def test_unknown_scheme_is_unsupported(cache: CacheLayout) -> None:
 
 
 async def test_failed_fetch_tries_the_next_alternate(
-    server: MetaServer, cache: CacheLayout
+    meta_server: MetaServer, cache: CacheLayout
 ) -> None:
-    server.files["/b/config.json"] = GOOD
-    server.files["/a/config.json"] = b"tampered" + GOOD[8:]
-    card = one_file_card(server.url("/a/config.json"), GOOD)
-    alternates = {hash_bytes(GOOD).hex: [server.url("/b/config.json")]}
+    meta_server.files["/b/config.json"] = GOOD
+    meta_server.files["/a/config.json"] = b"tampered" + GOOD[8:]
+    card = one_file_card(meta_server.url("/a/config.json"), GOOD)
+    alternates = {hash_bytes(GOOD).hex: [meta_server.url("/b/config.json")]}
     resolved = await resolve_metadata_files(card, cache_dir=cache.root, alternates=alternates)
     assert read(resolved.files[0]) == GOOD
 
 
 async def test_spread_fetches_each_blob_once_from_the_ranked_replica_and_counts_sources(
-    server: MetaServer, cache: CacheLayout, caplog: pytest.LogCaptureFixture
+    meta_server: MetaServer, cache: CacheLayout, caplog: pytest.LogCaptureFixture
 ) -> None:
     from discovery_mdc.cache._plan import spread_sources
 
     dead = "http://127.0.0.1:1/v1/metadata/m/config.json"  # nothing listens: refused
-    server.files["/w2/config.json"] = GOOD
-    live = server.url("/w2/config.json")
+    meta_server.files["/w2/config.json"] = GOOD
+    live = meta_server.url("/w2/config.json")
     blob = hash_bytes(GOOD).hex
     # A frontend id that ranks the dead replica first, so the failover is exercised.
     spread = next(
@@ -629,8 +571,11 @@ async def test_spread_fetches_each_blob_once_from_the_ranked_replica_and_counts_
     await resolve_metadata_files(
         card, cache_dir=cache.root, alternates={blob: [dead]}, spread=spread, stats=stats
     )
-    assert server.gets["/w2/config.json"] == 1
-    assert stats.by_source == {("127.0.0.1:1", "failed"): 1, (f"127.0.0.1:{server.port}", "ok"): 1}
+    assert meta_server.gets["/w2/config.json"] == 1
+    assert stats.by_source == {
+        ("127.0.0.1:1", "failed"): 1,
+        (f"127.0.0.1:{meta_server.port}", "ok"): 1,
+    }
     # The debug log names the source that served the blob (and where it was in the order).
     served = [r.getMessage() for r in caplog.records
               if r.levelno == logging.DEBUG and "served by" in r.getMessage()]  # fmt: skip
@@ -650,7 +595,7 @@ def black_hole() -> Iterator[int]:
 
 
 async def test_a_frontend_abandons_a_black_holed_replica_quickly_and_the_next_one_serves(
-    server: MetaServer,
+    meta_server: MetaServer,
     cache: CacheLayout,
     card: ModelDeploymentCard,
     monkeypatch: pytest.MonkeyPatch,
@@ -667,10 +612,10 @@ async def test_a_frontend_abandons_a_black_holed_replica_quickly_and_the_next_on
 
     monkeypatch.setattr(_watcher, "FETCH_CONNECT_TIMEOUT", 0.5)
     caplog.set_level(logging.ERROR, logger="discovery_mdc.cache")
-    live = server.http_card(card)
+    live = meta_server.http_card(card)
     store = MemoryStore()
     with black_hole() as hole_port:
-        prefix = f"http://127.0.0.1:{server.port}/"
+        prefix = f"http://127.0.0.1:{meta_server.port}/"
         hole = live.with_paths(
             lambda _, f: f.path.replace(prefix, f"http://127.0.0.1:{hole_port}/")
         )
@@ -698,14 +643,18 @@ async def test_a_frontend_abandons_a_black_holed_replica_quickly_and_the_next_on
     # A blob whose fetch starts after the hole timed out skips it at once (it backs off).
     assert 1 <= len(rejected) <= len(via_hole), rejected
     assert all(f"127.0.0.1:{hole_port}" in m and "timed out" in m for m in rejected)
-    assert sum(server.gets.values()) == len(sources)  # each blob once, from the live replica
+    assert sum(meta_server.gets.values()) == len(sources)  # each blob once, from the live replica
 
 
 async def test_all_alternates_failing_lists_every_uri(
-    server: MetaServer, cache: CacheLayout
+    meta_server: MetaServer, cache: CacheLayout
 ) -> None:
-    server.files["/a/config.json"] = b"tampered" + GOOD[8:]
-    urls = [server.url("/a/config.json"), server.url("/b/config.json"), "file:///nonexistent/x"]
+    meta_server.files["/a/config.json"] = b"tampered" + GOOD[8:]
+    urls = [
+        meta_server.url("/a/config.json"),
+        meta_server.url("/b/config.json"),
+        "file:///nonexistent/x",
+    ]
     card = one_file_card(urls[0], GOOD)
     with pytest.raises(AllSourcesFailedError) as info:
         await resolve_metadata_files(
@@ -739,17 +688,17 @@ async def test_file_uri_to_etc_passwd_with_fake_checksum_is_rejected(cache: Cach
     "name", ["..%2F..%2F..%2Fescape", "%2E%2E", "a%2F..%2F..%2Fescape", "..%5Cescape"]
 )
 async def test_traversal_file_names_create_nothing_outside_by_slug(
-    server: MetaServer, cache: CacheLayout, tmp_path: Path, name: str
+    meta_server: MetaServer, cache: CacheLayout, tmp_path: Path, name: str
 ) -> None:
-    server.files[f"/x/{name}"] = GOOD
+    meta_server.files[f"/x/{name}"] = GOOD
     before = tree(tmp_path)
     with pytest.raises(CardError):
         await resolve_metadata_files(
-            one_file_card(server.url(f"/x/{name}"), GOOD), cache_dir=cache.root
+            one_file_card(meta_server.url(f"/x/{name}"), GOOD), cache_dir=cache.root
         )
     after = tree(tmp_path)
     assert after == before
-    assert server.gets == Counter()
+    assert meta_server.gets == Counter()
 
 
 async def test_fifo_named_by_a_card_does_not_hang(tmp_path: Path, cache: CacheLayout) -> None:
@@ -764,26 +713,26 @@ async def test_fifo_named_by_a_card_does_not_hang(tmp_path: Path, cache: CacheLa
 
 
 async def test_twenty_concurrent_resolves_make_one_get_per_blob(
-    server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
+    meta_server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
 ) -> None:
-    http_card = server.http_card(card)
+    http_card = meta_server.http_card(card)
     async with MetadataCache(cache.root) as shared:
         results = await asyncio.gather(*(shared.resolve(http_card) for _ in range(20)))
     assert all(r == results[0] for r in results)
-    assert set(server.gets.values()) == {1}
-    assert len(server.gets) == len(list(card.files()))
+    assert set(meta_server.gets.values()) == {1}
+    assert len(meta_server.gets) == len(list(card.files()))
     assert_cached(results[0], http_card, cache)
 
 
 async def test_two_cards_sharing_a_blob_fetch_it_once(
-    server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
+    meta_server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
 ) -> None:
-    http_card = server.http_card(card)
+    http_card = meta_server.http_card(card)
     other = http_card.replace(display_name="Other", slug="other")
     async with MetadataCache(cache.root) as shared:
         a, b = await asyncio.gather(shared.resolve(http_card), shared.resolve(other))
     assert a.local_dir != b.local_dir
-    assert set(server.gets.values()) == {1}
+    assert set(meta_server.gets.values()) == {1}
 
 
 def _hold_lock(path: Path) -> int:
@@ -793,31 +742,31 @@ def _hold_lock(path: Path) -> int:
     return fd
 
 
-async def test_lock_timeout_names_the_lock(server: MetaServer, cache: CacheLayout) -> None:
-    server.files["/config.json"] = GOOD
+async def test_lock_timeout_names_the_lock(meta_server: MetaServer, cache: CacheLayout) -> None:
+    meta_server.files["/config.json"] = GOOD
     fd = _hold_lock(cache.lock(hash_bytes(GOOD).hex))
     try:
         with pytest.raises(LockTimeoutError, match=str(cache.lock(hash_bytes(GOOD).hex))):
             await resolve_metadata_files(
-                one_file_card(server.url("/config.json"), GOOD),
+                one_file_card(meta_server.url("/config.json"), GOOD),
                 cache_dir=cache.root,
                 lock_timeout=0.2,
             )
     finally:
         os.close(fd)
-    assert server.gets == Counter()
+    assert meta_server.gets == Counter()
     assert_nothing_published(cache)
 
 
 async def test_waiter_logs_and_proceeds_once_the_lock_is_released(
-    server: MetaServer, cache: CacheLayout, caplog: pytest.LogCaptureFixture
+    meta_server: MetaServer, cache: CacheLayout, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server.files["/config.json"] = GOOD
+    meta_server.files["/config.json"] = GOOD
     fd = _hold_lock(cache.lock(hash_bytes(GOOD).hex))
     caplog.set_level(logging.DEBUG, logger="discovery_mdc.cache")
     task = asyncio.ensure_future(
         resolve_metadata_files(
-            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+            one_file_card(meta_server.url("/config.json"), GOOD), cache_dir=cache.root
         )
     )
     await wait_until(lambda: "waiting" in caplog.text)
@@ -827,7 +776,9 @@ async def test_waiter_logs_and_proceeds_once_the_lock_is_released(
     assert read(resolved.files[0]) == GOOD
 
 
-async def test_cancelled_fetch_leaves_no_temp_file(server: MetaServer, cache: CacheLayout) -> None:
+async def test_cancelled_fetch_leaves_no_temp_file(
+    meta_server: MetaServer, cache: CacheLayout
+) -> None:
     started = asyncio.Event()
 
     async def stall(request: web.Request) -> web.StreamResponse:
@@ -836,13 +787,13 @@ async def test_cancelled_fetch_leaves_no_temp_file(server: MetaServer, cache: Ca
         await resp.prepare(request)
         await resp.write(GOOD[:100])
         started.set()
-        await server.release.wait()
+        await meta_server.release.wait()
         return resp
 
-    server.handlers["/config.json"] = stall
+    meta_server.handlers["/config.json"] = stall
     task = asyncio.ensure_future(
         resolve_metadata_files(
-            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+            one_file_card(meta_server.url("/config.json"), GOOD), cache_dir=cache.root
         )
     )
     await asyncio.wait_for(started.wait(), 30)
@@ -857,25 +808,25 @@ async def test_cancelled_fetch_leaves_no_temp_file(server: MetaServer, cache: Ca
 
 
 async def test_corrupt_blob_is_detected_and_replaced(
-    server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
+    meta_server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
 ) -> None:
-    http_card = server.http_card(card)
+    http_card = meta_server.http_card(card)
     stats = CacheStats()
     await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
     _, config = next(card.files())
     blob = cache.blob(config.checksum.hex)
     good = read(blob)
     blob.write_bytes(b"x" * len(good))  # same size, new content
-    gets = server.gets[f"/v1/metadata/{card.slug}/config.json"]
+    gets = meta_server.gets[f"/v1/metadata/{card.slug}/config.json"]
     resolved = await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
     assert read(blob) == good
     assert stats.repairs == 1
-    assert server.gets[f"/v1/metadata/{card.slug}/config.json"] == gets + 1
+    assert meta_server.gets[f"/v1/metadata/{card.slug}/config.json"] == gets + 1
     assert_cached(resolved, http_card, cache)
 
 
 async def test_verification_memo_does_not_hide_a_rewrite(
-    server: MetaServer,
+    meta_server: MetaServer,
     card: ModelDeploymentCard,
     cache: CacheLayout,
     monkeypatch: pytest.MonkeyPatch,
@@ -883,14 +834,13 @@ async def test_verification_memo_does_not_hide_a_rewrite(
     # A 50 ms racy window instead of 2 s, so the test need not wait long for a memo entry.
     monkeypatch.setattr(_store, "_RACY_NS", 50_000_000)
     hashed: list[Path] = []
-    real_hash_file = _store.hash_file
 
     def counting_hash_file(path: Path, **kw: Any) -> Any:
         hashed.append(path)
-        return real_hash_file(path, **kw)
+        return hash_file(path, **kw)
 
-    monkeypatch.setattr(_store, "hash_file", counting_hash_file)
-    http_card = server.http_card(card)
+    monkeypatch.setattr("discovery_mdc.cache._store.hash_file", counting_hash_file)
+    http_card = meta_server.http_card(card)
     _, config = next(card.files())
     blob = cache.blob(config.checksum.hex)
     async with MetadataCache(cache.root) as shared:
@@ -918,9 +868,9 @@ async def test_verification_memo_does_not_hide_a_rewrite(
 
 
 async def test_disk_full_is_a_clear_cache_error(
-    server: MetaServer, cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+    meta_server: MetaServer, cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server.files["/config.json"] = GOOD
+    meta_server.files["/config.json"] = GOOD
 
     def full(fd: int, data: object) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -928,22 +878,24 @@ async def test_disk_full_is_a_clear_cache_error(
     monkeypatch.setattr("discovery_mdc.cache._store.os.write", full)
     with pytest.raises(CacheError, match="disk full") as info:
         await resolve_metadata_files(
-            one_file_card(server.url("/config.json"), GOOD), cache_dir=cache.root
+            one_file_card(meta_server.url("/config.json"), GOOD), cache_dir=cache.root
         )
     assert str(cache.tmp) in str(info.value)
     assert_nothing_published(cache)
 
 
 async def test_caller_session_is_used_and_left_open(
-    server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
+    meta_server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
 ) -> None:
     async with aiohttp.ClientSession() as session:
-        await resolve_metadata_files(server.http_card(card), cache_dir=cache.root, session=session)
+        await resolve_metadata_files(
+            meta_server.http_card(card), cache_dir=cache.root, session=session
+        )
         assert not session.closed
 
 
 async def test_a_cache_makes_one_session_for_all_its_resolves_and_closes_it(
-    server: MetaServer,
+    meta_server: MetaServer,
     make_model_dir: Callable[..., Path],
     cache: CacheLayout,
     monkeypatch: pytest.MonkeyPatch,
@@ -955,8 +907,8 @@ async def test_a_cache_makes_one_session_for_all_its_resolves_and_closes_it(
         made.append(real_session(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(_resolve.aiohttp, "ClientSession", session)
-    cards = [server.http_card(from_dir(make_model_dir(f"m{i}", seed=i))) for i in range(3)]
+    monkeypatch.setattr(aiohttp, "ClientSession", session)
+    cards = [meta_server.http_card(from_dir(make_model_dir(f"m{i}", seed=i))) for i in range(3)]
     async with MetadataCache(cache.root) as shared:
         await shared.resolve(cards[0])
         await asyncio.gather(*(shared.resolve(c) for c in cards[1:]))

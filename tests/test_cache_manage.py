@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import os
-import pty
 import subprocess
 import sys
 import time
@@ -30,34 +29,25 @@ from discovery_mdc.cache import (
 from discovery_mdc.cache._store import remove_link_dir
 from discovery_mdc.card import CheckedFile, ModelDeploymentCard, encode_card, from_dir
 from discovery_mdc.errors import ChecksumMismatchError
+from testkit import backdate, snapshot
 
 DAY = 86400.0
-_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "HF_"))}
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DYN_MDC_CACHE_DIR", raising=False)
+    for name in ("DYN_MDC_CACHE_DIR", "DYN_LOGGING_JSONL"):
+        monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def cache(tmp_path: Path) -> CacheLayout:
-    return CacheLayout(tmp_path / "cache")
-
-
-def cli_run(
-    *argv: str, stdin: int | None = subprocess.DEVNULL, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """The real CLI in a child process (stdin is not a terminal unless a pty is passed)."""
-    return subprocess.run(
-        [sys.executable, "-m", "discovery_mdc", "--log-level", "warning", *argv],
-        stdin=stdin, capture_output=True, text=True, timeout=60, check=False,
-        env={**_ENV, **(env or {})},
-    )  # fmt: skip
+@pytest.fixture(autouse=True)
+def _no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stdin is not a terminal, whatever pytest was started from (as a piped CLI run)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
 
 
 def cli_main(*argv: str) -> subprocess.CompletedProcess[str]:
-    """The same CLI entry point in this process (faster); for runs that need no stdin."""
+    """The CLI entry point in this process (stdin is not a terminal: ``_no_terminal``)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(["--log-level", "warning", *argv])
@@ -79,37 +69,14 @@ def resolve(card: ModelDeploymentCard, cache: CacheLayout) -> ResolvedCard:
     return asyncio.run(resolve_metadata_files(card, cache_dir=cache.root))
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root`` with its link target or content."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink():
-            out[str(p)] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[str(p)] = p.read_bytes().hex()
-        else:
-            out[str(p)] = "dir"
-    return out
-
-
 def linked_hexes(card_dir: Path) -> set[str]:
     """The blobs a card directory's links point at."""
     return {Path(os.readlink(link)).name for link in card_dir.iterdir()}
 
 
 def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def backdate(card_dir: Path, seconds_ago: float) -> float:
-    """Make a card look last used ``seconds_ago`` (its links' own mtimes, and the dir's)."""
-    when = time.time() - seconds_ago
-    for link in card_dir.iterdir():
-        os.utime(link, (when, when), follow_symlinks=False)
-    os.utime(card_dir, (when, when))
-    return when
+    """A PID no process has: above the kernel's highest."""
+    return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
 
 
 def cards_by_id(cache: CacheLayout) -> dict[str, Any]:
@@ -124,7 +91,7 @@ def test_card_fetch_prints_the_local_dir_or_json(
 ) -> None:
     card = from_dir(make_model_dir())
     path = write_card(tmp_path / "card.json", card)
-    proc = cli_run("card", "fetch", str(path), "--cache-dir", str(cache.root))
+    proc = cli_main("card", "fetch", str(path), "--cache-dir", str(cache.root))
     assert proc.returncode == 0, proc.stderr
     local = Path(proc.stdout.strip())
     assert local.parent.parent == cache.by_slug
@@ -182,7 +149,7 @@ def test_card_fetch_failure_exits_1_with_one_line(
     model = make_model_dir()
     card = from_dir(model)
     (model / "config.json").write_text("{}")  # the file no longer matches the card
-    proc = cli_run("card", "fetch", str(write_card(tmp_path / "c.json", card)),
+    proc = cli_main("card", "fetch", str(write_card(tmp_path / "c.json", card)),
                    "--cache-dir", str(cache.root))  # fmt: skip
     assert proc.returncode == 1
     err = [line for line in proc.stderr.splitlines() if "discovery-mdc: error" in line]
@@ -260,7 +227,7 @@ def test_cache_ls_table_quiet_and_json(
 ) -> None:
     card = from_dir(make_model_dir("ls-model"))
     resolved = resolve(card, cache)
-    proc = cli_run("cache", "ls", "--cache-dir", str(cache.root))
+    proc = cli_main("cache", "ls", "--cache-dir", str(cache.root))
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["ID", "FILES", "SIZE", "LAST", "USED"]
@@ -379,7 +346,7 @@ def test_verify_fix_plans_first_and_deletes_only_when_confirmed(
     root = str(cache.root)
     before = snapshot(cache.root)
     # No -y and no terminal: nothing deleted, exit 1, as prune and rm.
-    proc = cli_run("cache", "verify", "--fix", "--cache-dir", root)
+    proc = cli_main("cache", "verify", "--fix", "--cache-dir", root)
     assert proc.returncode == 1, proc.stderr
     assert f"card       {local_dir}" in proc.stdout  # the plan is printed first
     assert proc.stderr.strip().splitlines() == [
@@ -387,7 +354,7 @@ def test_verify_fix_plans_first_and_deletes_only_when_confirmed(
     ]
     assert snapshot(cache.root) == before
     # --dry-run: the plan only; still exit 1, since the blob is still corrupt.
-    proc = cli_run("cache", "verify", "--fix", "--dry-run", "--json", "--cache-dir", root)
+    proc = cli_main("cache", "verify", "--fix", "--dry-run", "--json", "--cache-dir", root)
     assert proc.returncode == 1 and proc.stderr == ""
     fix = json.loads(proc.stdout)["fix"]
     assert fix["dry_run"] is True and fix["result"] is None
@@ -397,17 +364,10 @@ def test_verify_fix_plans_first_and_deletes_only_when_confirmed(
     assert snapshot(cache.root) == before
     # -y and --dry-run mean something only with --fix.
     for flag in ("-y", "--dry-run"):
-        proc = cli_run("cache", "verify", flag, "--cache-dir", root)
+        proc = cli_main("cache", "verify", flag, "--cache-dir", root)
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
         assert f"{flag} only applies to --fix" in proc.stderr
-    # On a terminal it asks; "n" keeps everything, "y" deletes.
-    proc = cli_on_terminal("n\n", "cache", "verify", "--fix", "--cache-dir", root)
-    assert proc.returncode == 1 and "Delete these? [y/N]" in proc.stderr
-    assert snapshot(cache.root) == before
-    proc = cli_on_terminal("y\n", "cache", "verify", "--fix", "--cache-dir", root)
-    assert proc.returncode == 0, proc.stderr
-    assert not local_dir.exists() and not cache.blob(config.checksum.hex).exists()
-    assert cli_main("cache", "verify", "--cache-dir", root).returncode == 0
+    # On a terminal it asks: integration/test_cache_operator.py.
 
 
 # --------------------------------------------------------------------------- prune
@@ -493,38 +453,15 @@ def test_prune_and_rm_without_yes_and_without_a_terminal_exit_1_and_delete_nothi
         ("cache", "rm", "Org/Model"),
         ("cache", "prune", "--older-than", "30d", "--json"),
     ):
-        proc = cli_run(*argv, "--cache-dir", root)
+        proc = cli_main(*argv, "--cache-dir", root)
         assert proc.returncode == 1, (argv, proc.stdout, proc.stderr)
         assert "nothing deleted" in proc.stderr and "-y" in proc.stderr
         assert snapshot(cache.root) == before
-    doc = json.loads(cli_run("cache", "rm", "other", "--json", "--cache-dir", root).stdout)
+    doc = json.loads(cli_main("cache", "rm", "other", "--json", "--cache-dir", root).stdout)
     assert doc["result"] is None and doc["items"]
-    assert cli_run("cache", "prune", "--older-than", "30d", "--dry-run",
+    assert cli_main("cache", "prune", "--older-than", "30d", "--dry-run",
                    "--cache-dir", root).returncode == 0  # fmt: skip
     assert snapshot(cache.root) == before
-
-
-def cli_on_terminal(answer: str, *argv: str) -> subprocess.CompletedProcess[str]:
-    """The real CLI with a terminal (a pty) as stdin, on which ``answer`` is typed."""
-    primary, secondary = pty.openpty()
-    try:
-        os.write(primary, answer.encode())
-        return cli_run(*argv, stdin=secondary)
-    finally:
-        os.close(primary)
-        os.close(secondary)
-
-
-@pytest.mark.parametrize(("answer", "code"), [("n\n", 1), ("y\n", 0)])
-def test_on_a_terminal_prune_asks_first(
-    revisions: list[ResolvedCard], cache: CacheLayout, answer: str, code: int
-) -> None:
-    proc = cli_on_terminal(answer, "cache", "prune", "--older-than", "30d",
-                           "--cache-dir", str(cache.root))  # fmt: skip
-    assert proc.returncode == code, proc.stderr
-    assert "Delete these? [y/N]" in proc.stderr
-    remaining = set(cards_by_id(cache))
-    assert len(remaining) == (4 if code else 2)
 
 
 # --------------------------------------------------------------------------- rm
@@ -552,7 +489,7 @@ def test_rm_a_model_or_one_mdcsum(revisions: list[ResolvedCard], cache: CacheLay
     assert cli_main("cache", "verify", "--cache-dir", root).returncode == 0
     # Naming nothing in the cache is bad input (exit 2, one line) that deletes nothing.
     before = snapshot(cache.root)
-    proc = cli_run("cache", "rm", "other", "Org/Nope", "-y", "--cache-dir", root)
+    proc = cli_main("cache", "rm", "other", "Org/Nope", "-y", "--cache-dir", root)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"discovery-mdc: error: nothing in {root} matches 'Org/Nope' "
@@ -585,7 +522,7 @@ def test_rm_takes_only_a_unique_mdcsum_prefix_of_4_or_more_hex_digits(
         ),
     ):
         for argv in (("-y",), ("--dry-run", "--json")):
-            proc = cli_run("cache", "rm", spec, *argv, "--cache-dir", root)
+            proc = cli_main("cache", "rm", spec, *argv, "--cache-dir", root)
             assert proc.returncode == 2, proc.stderr
             assert proc.stderr.splitlines() == [f"discovery-mdc: error: {message}"]
             assert proc.stdout == ""
@@ -598,7 +535,7 @@ def test_rm_takes_only_a_unique_mdcsum_prefix_of_4_or_more_hex_digits(
 
 
 def test_final_lines_of_cache_commands_are_json_with_json_logs(
-    revisions: list[ResolvedCard], cache: CacheLayout
+    revisions: list[ResolvedCard], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = str(cache.root)
     for argv, env, code, text in (
@@ -611,7 +548,10 @@ def test_final_lines_of_cache_commands_are_json_with_json_logs(
         (("cache", "rm", "org_model/abc", "-y", "--log-format", "json"), {}, 2,
          "is too short"),
     ):  # fmt: skip
-        proc = cli_run(*argv, "--cache-dir", root, env=env)
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            proc = cli_main(*argv, "--cache-dir", root)
         assert proc.returncode == code, proc.stderr
         (line,) = proc.stderr.splitlines()
         record = json.loads(line)
@@ -664,15 +604,16 @@ def test_a_reference_scan_sees_links_whose_dir_is_renamed_during_the_scan(
     done = resolve(from_dir(make_model_dir("moving")), cache)
     assert done.local_dir is not None
     staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
-    done.local_dir.rename(staging)
+    local_dir = done.local_dir
+    local_dir.rename(staging)
     expected = {f.checksum.hex for _, f in done.card.files()}
     real_scandir = _manage._scandir
-    renamed = []
+    renamed: list[bool] = []
 
     def scandir_then_publish(path: Path) -> list[os.DirEntry[str]]:
         entries = real_scandir(path)
         if path == staging.parent and not renamed:
-            staging.rename(done.local_dir)  # the publish lands right after the listing
+            staging.rename(local_dir)  # the publish lands right after the listing
             renamed.append(True)
         return entries
 
@@ -692,13 +633,14 @@ def test_a_reference_scan_sees_the_links_of_a_dir_renamed_while_it_is_read(
     done = resolve(from_dir(make_model_dir("moving")), cache)
     assert done.local_dir is not None
     staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
-    done.local_dir.rename(staging)
+    card_dir = done.local_dir
+    card_dir.rename(staging)
     real_readlink = os.readlink
-    renamed = []
+    renamed: list[bool] = []
 
-    def publish_then_readlink(path: Any, *, dir_fd: int | None = None) -> str:
+    def publish_then_readlink(path: Any, *, dir_fd: int | None = None) -> Any:
         if not renamed:
-            staging.rename(done.local_dir)  # the publish lands between listing and reading
+            staging.rename(card_dir)  # the publish lands between listing and reading
             renamed.append(True)
         return real_readlink(path, dir_fd=dir_fd)
 
@@ -715,19 +657,20 @@ def test_a_scan_never_fails_on_a_card_dir_renamed_under_it(
     done = resolve(from_dir(make_model_dir("moving")), cache)
     assert done.local_dir is not None
     staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
-    done.local_dir.rename(staging)
+    card_dir = done.local_dir
+    card_dir.rename(staging)
     real_scandir = _manage._scandir
 
     def scandir_then_publish(path: Path) -> list[os.DirEntry[str]]:
         entries = real_scandir(path)
         if path == staging.parent and staging.exists():
-            staging.rename(done.local_dir)  # the publish lands right after the listing
+            staging.rename(card_dir)  # the publish lands right after the listing
         return entries
 
     monkeypatch.setattr(_manage, "_scandir", scandir_then_publish)
     scan = scan_cache(cache)
     assert scan.warnings == () and scan.incomplete == ()
-    assert not done.local_dir.parent.joinpath(staging.name).exists()
+    assert card_dir.is_dir() and not staging.exists()
 
 
 @pytest.mark.parametrize("window", ["after making it", "after finding it"])
@@ -741,13 +684,14 @@ def test_staging_a_card_outlives_a_prune_removing_its_empty_model_dir(
     model_dir = resolve(card, cache).local_dir
     assert model_dir is not None
     remove_link_dir(model_dir)  # the model dir is left empty: a prune removes it
+    model_parent = model_dir.parent
     if window == "after making it":
-        model_dir.parent.rmdir()
+        model_parent.rmdir()
     real_mkdir = os.mkdir
-    pruned = []
+    pruned: list[bool] = []
 
     def mkdir_then_prune(path: Any, mode: int = 0o777) -> None:
-        if Path(path) != model_dir.parent or pruned:
+        if Path(path) != model_parent or pruned:
             return real_mkdir(path, mode)
         pruned.append(True)
         try:
@@ -773,10 +717,11 @@ async def test_prune_racing_resolves_never_leaves_a_card_with_a_missing_blob(
             assert done.local_dir is not None
             remove_link_dir(done.local_dir)
         pruning = asyncio.to_thread(lambda: execute_plan(plan_prune(scan_cache(cache))))
-        results = await asyncio.gather(
-            pruning, *(resolve_metadata_files(c, cache_dir=cache.root) for c in cards)
+        pruned, _ = await asyncio.gather(
+            pruning,
+            asyncio.gather(*(resolve_metadata_files(c, cache_dir=cache.root) for c in cards)),
         )
-        assert not results[0].failed
+        assert not pruned.failed
         scan = scan_cache(cache)
         assert len(scan.cards) == len(cards) and not any(c.broken for c in scan.cards)
         assert scan.incomplete == ()

@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 
 import pytest
 
-import discovery_mdc.cache as cache_api
 from discovery_mdc.cache import (
     EMPTY_SLUG_DIR,
     MAX_BLOB_SIZE,
@@ -59,11 +58,6 @@ def card_with(
         model_info=Slot(SlotVariant.HF_CONFIG_JSON, first),
         extra_files=tuple(extras),
     )
-
-
-def test_public_api_is_exactly_all() -> None:
-    public = {name for name in vars(cache_api) if not name.startswith("_")}
-    assert public == set(cache_api.__all__)
 
 
 def test_plan_points_links_into_by_slug_mdcsum_and_blobs_by_hex() -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,15 +111,6 @@ def test_env_backed_options_name_their_variable(capsys: pytest.CaptureFixture[st
         "ETCD_AUTH_CA",
     ):
         assert var in out
-
-
-def test_help_through_the_console_entry_point() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "discovery_mdc", "worker", "--help"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "--model-path" in proc.stdout and proc.stderr == ""
 
 
 def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -245,28 +243,3 @@ def test_the_lock_pins_every_runtime_and_build_requirement() -> None:
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} is not pinned in {LOCK.name}"
         assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} violates {text!r}"
-
-
-def _compose_tool() -> list[str] | None:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    docker = shutil.which("docker")
-    if (
-        docker
-        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
-    ):
-        return [docker, "compose"]
-    return None
-
-
-def test_compose_config_validates() -> None:
-    """`docker-compose config` checks the file against the Compose schema, without an engine
-    (Debian: `apt-get install docker-compose`)."""
-    tool = _compose_tool()
-    if tool is None:
-        pytest.skip("no docker-compose or docker compose installed")
-    proc = subprocess.run(
-        [*tool, "-f", str(COMPOSE), "config", "-q"],
-        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr

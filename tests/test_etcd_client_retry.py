@@ -7,6 +7,7 @@ No etcd: a refused endpoint is a socket bound but not listening, and a stub gate
 from __future__ import annotations
 
 import base64
+import math
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from discovery_mdc.errors import EtcdConnectionError
 from discovery_mdc.etcd import EtcdClient
+from testkit import FakeClock
 
 _HEADER = {"cluster_id": "1", "member_id": "2", "revision": "7", "raft_term": "1"}
 
@@ -66,61 +68,51 @@ async def gateway() -> AsyncIterator[Callable[..., Any]]:
         await runner.cleanup()
 
 
-class _Sleeps:
-    """An injected sleep that records its pauses and returns at once."""
-
-    def __init__(self) -> None:
-        self.pauses: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.pauses.append(seconds)
-
-
 async def test_rounds_back_off_exponentially_up_to_the_cap_then_give_up(
     refused_endpoint: str,
 ) -> None:
-    sleeps = _Sleeps()
+    clock = FakeClock(jump_below=math.inf)  # every pause returns at once
     async with EtcdClient(
         [refused_endpoint],
         connect_retries=6,
         retry_backoff=0.1,
         rng=lambda: 1.0,  # the top of each jitter range
-        sleep=sleeps,
+        sleep=clock.sleep,
     ) as client:
         with pytest.raises(EtcdConnectionError, match=r"6 round\(s\)") as err:
             await client.get("k")
-    assert sleeps.pauses == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0])  # none after the last
+    assert clock.sleeps == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0])  # none after the last
     assert refused_endpoint in str(err.value)
 
 
 async def test_pauses_are_jittered_but_never_below_half_the_first(refused_endpoint: str) -> None:
-    sleeps = _Sleeps()
+    clock = FakeClock(jump_below=math.inf)  # every pause returns at once
     async with EtcdClient(
-        [refused_endpoint], connect_retries=3, retry_backoff=0.2, rng=lambda: 0.0, sleep=sleeps
+        [refused_endpoint], connect_retries=3, retry_backoff=0.2, rng=lambda: 0.0, sleep=clock.sleep
     ) as client:
         with pytest.raises(EtcdConnectionError):
             await client.get("k")
-    assert sleeps.pauses == pytest.approx([0.1, 0.1])
+    assert clock.sleeps == pytest.approx([0.1, 0.1])
 
 
 async def test_a_request_fails_over_within_a_round_without_pausing(
     refused_endpoint: str, gateway: Callable[..., Any]
 ) -> None:
     url, stub = await gateway({"/v3/kv/range": [{"count": "0"}]})
-    sleeps = _Sleeps()
-    async with EtcdClient([refused_endpoint, url], sleep=sleeps) as client:
+    clock = FakeClock(jump_below=math.inf)  # every pause returns at once
+    async with EtcdClient([refused_endpoint, url], sleep=clock.sleep) as client:
         assert await client.get("k") is None
         assert client.current_endpoint == url  # later requests start at the one that worked
-    assert sleeps.pauses == []
+    assert clock.sleeps == []
     assert stub.calls == ["/v3/kv/range"]
 
 
 async def test_a_later_round_succeeds_after_a_pause(gateway: Callable[..., Any]) -> None:
     url, stub = await gateway({"/v3/kv/range": [503, 503, {"count": "0"}]})
-    sleeps = _Sleeps()
-    async with EtcdClient([url], retry_backoff=0.1, rng=lambda: 1.0, sleep=sleeps) as client:
+    clock = FakeClock(jump_below=math.inf)  # every pause returns at once
+    async with EtcdClient([url], retry_backoff=0.1, rng=lambda: 1.0, sleep=clock.sleep) as client:
         assert await client.get("k") is None
-    assert sleeps.pauses == pytest.approx([0.1, 0.2])
+    assert clock.sleeps == pytest.approx([0.1, 0.2])
     assert len(stub.calls) == 3
 
 
@@ -146,7 +138,7 @@ async def test_a_create_retried_after_it_was_sent_and_found_applied_succeeds(
             "/v3/kv/range": [{"kvs": [_kv("k", b"v", 42)], "count": "1"}],
         }
     )
-    async with EtcdClient([url], sleep=_Sleeps()) as client:
+    async with EtcdClient([url], sleep=FakeClock(jump_below=math.inf).sleep) as client:
         assert await client.create("k", b"v", lease=42) is True
 
 
@@ -160,6 +152,8 @@ async def test_a_create_after_only_refused_connects_trusts_the_answer(
             "/v3/kv/range": [{"kvs": [_kv("k", b"v", 42)], "count": "1"}],
         }
     )
-    async with EtcdClient([refused_endpoint, url], sleep=_Sleeps()) as client:
+    async with EtcdClient(
+        [refused_endpoint, url], sleep=FakeClock(jump_below=math.inf).sleep
+    ) as client:
         assert await client.create("k", b"v", lease=42) is False
     assert stub.calls == ["/v3/kv/txn"]

@@ -283,12 +283,3 @@ def test_line_splitter_handles_split_and_huge_lines() -> None:
     out += splitter.feed(b"\n{}\n\n{")
     assert out == [big, b"{}"]
     assert splitter.pending == b"{"
-
-
-def test_public_api_is_curated() -> None:
-    import discovery_mdc.etcd as etcd
-
-    public = {name for name in vars(etcd) if not name.startswith("_")}
-    modules = {"annotations"}
-    assert public - modules == set(etcd.__all__)
-    assert all(not name.startswith("_") for name in etcd.__all__)

@@ -1,6 +1,6 @@
 """PrefixInformer against MemoryStore with virtual time: no sockets, no real sleeps.
 
-Every interval, grace and backoff waits on ``VirtualTime``; a test moves time on explicitly.
+Every interval, grace and backoff waits on ``FakeClock``; a test moves time on explicitly.
 Watches that lose events, stay silent or lag are the ``RecordingStore`` switches.
 """
 
@@ -12,9 +12,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from _fakes import RecordingStore, VirtualTime, until
 
 from discovery_mdc.etcd import Change, ChangeBatch, ChangeKind, MemoryStore, PrefixInformer
+from testkit import FakeClock, RecordingStore, wait_until
 
 PREFIX = "v1/mdc/"
 INTERVAL = 5.0
@@ -65,13 +65,13 @@ def store() -> RecordingStore:
 
 
 @pytest.fixture
-def vt() -> VirtualTime:
-    return VirtualTime()
+def vt() -> FakeClock:
+    return FakeClock()
 
 
 @asynccontextmanager
 async def running(
-    store: MemoryStore, vt: VirtualTime, **kwargs: Any
+    store: MemoryStore, vt: FakeClock, **kwargs: Any
 ) -> AsyncIterator[tuple[PrefixInformer, Got]]:
     kwargs.setdefault("reconcile_interval", INTERVAL)
     kwargs.setdefault("watch_grace", GRACE)
@@ -80,15 +80,15 @@ async def running(
     )
     async with informer:
         got = Got(informer)
-        await until(lambda: informer.connected)
+        await wait_until(lambda: informer.connected)
         yield informer, got
     await asyncio.wait_for(got.task, 10)
 
 
-async def in_background(vt: VirtualTime, coro: Any, *, advance: float) -> Any:
+async def in_background(vt: FakeClock, coro: Any, *, advance: float) -> Any:
     """Run ``coro``; once it waits on a virtual sleep of ``advance`` seconds, move time on."""
     task = asyncio.ensure_future(coro)
-    await until(lambda: task.done() or vt.sleeping(advance) > 0)
+    await wait_until(lambda: task.done() or vt.sleeping(advance) > 0)
     if not task.done():
         await vt.advance(advance)
     return await asyncio.wait_for(task, 10)
@@ -98,17 +98,17 @@ async def in_background(vt: VirtualTime, coro: Any, *, advance: float) -> Any:
 
 
 async def test_lists_then_watches_from_the_listed_revision_plus_one(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     await store.put(k(1), b"a")
     await store.put("v1/other/x", b"not ours")
     listed_at = store.revision
     async with running(store, vt) as (informer, got):
-        await until(lambda: got.origins() == ["start"])
+        await wait_until(lambda: got.origins() == ["start"])
         assert got.batches[0].changes == (Change(ChangeKind.PUT, k(1), b"a", 2),)
         assert store.watch_starts == [listed_at + 1]
         rev = await store.put(k(2), b"b")
-        await until(lambda: len(got.batches) == 2)
+        await wait_until(lambda: len(got.batches) == 2)
         put = Change(ChangeKind.PUT, k(2), b"b", rev)
         assert got.batches[1] == ChangeBatch((put,), rev, "watch")
         assert informer.revision == rev and informer.stats.events_put == 1
@@ -116,19 +116,19 @@ async def test_lists_then_watches_from_the_listed_revision_plus_one(
 
 
 async def test_disconnect_resumes_after_the_highest_revision_without_duplicates_or_losses(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     async with running(store, vt) as (informer, got):
         await store.put(k(1), b"a")
-        await until(lambda: got.held() == {k(1)})
+        await wait_until(lambda: got.held() == {k(1)})
         before = informer.revision
         store.disconnect_watches()
-        await until(lambda: vt.sleeping(BACKOFF) == 1)  # backing off
+        await wait_until(lambda: vt.sleeping(BACKOFF) == 1)  # backing off
         assert not informer.connected
         await store.delete(k(1))
         await store.put(k(2), b"b")
         await vt.advance(BACKOFF)
-        await until(lambda: got.held() == {k(2)})
+        await wait_until(lambda: got.held() == {k(2)})
         assert store.watch_starts == [2, before + 1]
         assert informer.stats.reconnects == 1 and informer.stats.relists["compaction"] == 0
         assert (informer.stats.events_put, informer.stats.events_delete) == (2, 1)
@@ -140,13 +140,13 @@ async def test_disconnect_resumes_after_the_highest_revision_without_duplicates_
 
 
 async def test_a_compacted_resume_relists_and_yields_deletes_then_upserts(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     for i in (1, 2, 3):
         await store.put(k(i), b"v")
     async with running(store, vt) as (informer, got):
         store.disconnect_watches()
-        await until(lambda: vt.sleeping(BACKOFF) == 1)
+        await wait_until(lambda: vt.sleeping(BACKOFF) == 1)
         await store.delete(k(1))
         await store.put(k(2), b"new")
         await store.put(k(5), b"x")
@@ -154,7 +154,7 @@ async def test_a_compacted_resume_relists_and_yields_deletes_then_upserts(
         await store.put(k(6), b"y")
         store.compact(store.revision)
         await vt.advance(BACKOFF)
-        await until(lambda: "compaction" in got.origins())
+        await wait_until(lambda: "compaction" in got.origins())
         batch = got.batches[-1]
         assert [(c.kind, c.key) for c in batch.changes] == [
             (ChangeKind.DELETE, k(1)),
@@ -162,14 +162,14 @@ async def test_a_compacted_resume_relists_and_yields_deletes_then_upserts(
             (ChangeKind.PUT, k(6)),
         ]
         assert informer.stats.relists["compaction"] == 1
-        await until(lambda: store.watch_starts[-1] == store.revision + 1)
+        await wait_until(lambda: store.watch_starts[-1] == store.revision + 1)
         assert got.held() == set(store.keys())
 
 
 # --------------------------------------------------------------------------- reconcile cost
 
 
-async def _informer_with(keys: int, vt: VirtualTime) -> tuple[MemoryStore, int]:
+async def _informer_with(keys: int, vt: FakeClock) -> tuple[MemoryStore, int]:
     """Bytes one clean reconcile reads for a prefix of ``keys`` ~2 KB values."""
     store = MemoryStore()
     for i in range(keys):
@@ -180,7 +180,7 @@ async def _informer_with(keys: int, vt: VirtualTime) -> tuple[MemoryStore, int]:
 
 
 async def test_a_clean_reconcile_reads_a_constant_few_hundred_bytes_whatever_the_key_count(
-    vt: VirtualTime,
+    vt: FakeClock,
 ) -> None:
     _, small = await _informer_with(10, vt)
     _, large = await _informer_with(1000, vt)
@@ -189,7 +189,7 @@ async def test_a_clean_reconcile_reads_a_constant_few_hundred_bytes_whatever_the
 
 
 async def test_a_reconcile_reads_keys_changed_since_the_last_check_without_values(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     async with running(store, vt) as (informer, got):
         base = informer.stats.reconcile_bytes
@@ -197,7 +197,7 @@ async def test_a_reconcile_reads_keys_changed_since_the_last_check_without_value
         idle = informer.stats.reconcile_bytes - base
         for i in range(20):
             await store.put(k(i), b"x" * 2300)
-        await until(lambda: len(got.held()) == 20)
+        await wait_until(lambda: len(got.held()) == 20)
         before = informer.stats.reconcile_bytes
         assert await informer.reconcile() == "clean"
         busy = informer.stats.reconcile_bytes - before
@@ -215,7 +215,7 @@ async def test_a_reconcile_reads_keys_changed_since_the_last_check_without_value
 
 
 async def test_while_nothing_in_etcd_changes_a_reconcile_only_counts(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     await store.put(k(1), b"a")
     async with running(store, vt) as (informer, _):
@@ -232,18 +232,18 @@ async def test_while_nothing_in_etcd_changes_a_reconcile_only_counts(
 
 
 async def test_reconciles_run_every_interval_on_the_injected_clock(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     async with running(store, vt) as (informer, _):
         assert vt.sleeping(INTERVAL) == 1
         await vt.advance(INTERVAL)
-        await until(lambda: informer.stats.checks["count"] == 1 and vt.sleeping(INTERVAL) == 1)
+        await wait_until(lambda: informer.stats.checks["count"] == 1 and vt.sleeping(INTERVAL) == 1)
         await vt.advance(INTERVAL)
-        await until(lambda: informer.stats.checks["count"] == 2)
+        await wait_until(lambda: informer.stats.checks["count"] == 2)
 
 
 async def test_reconcile_interval_zero_disables_the_loop(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     async with running(store, vt, reconcile_interval=0) as (informer, _):
         assert vt.sleeping() == 0
@@ -254,7 +254,7 @@ async def test_reconcile_interval_zero_disables_the_loop(
 
 
 async def test_reconcile_repairs_a_missed_put_and_a_missed_delete_without_a_relist(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     await store.put(k(2), b"b")
     async with running(store, vt) as (informer, got):
@@ -263,7 +263,7 @@ async def test_reconcile_repairs_a_missed_put_and_a_missed_delete_without_a_reli
         await store.delete(k(1))
         await store.put(k(3), b"c")
         await store.put(k(4), b"d")  # ... and delivers this one, so it moves past them
-        await until(lambda: k(4) in got.held())
+        await wait_until(lambda: k(4) in got.held())
         assert got.held() == {k(1), k(2), k(4)}
         store.dropped = set()
         outcome = await in_background(vt, informer.reconcile(), advance=GRACE)
@@ -282,11 +282,11 @@ async def test_reconcile_repairs_a_missed_put_and_a_missed_delete_without_a_reli
         # A watch that lost events is not trusted: it is restarted after the repair.
         assert len(store.watch_starts) == 2 and s.reconnects == 1
         await store.put(k(5), b"e")
-        await until(lambda: k(5) in got.held())
+        await wait_until(lambda: k(5) in got.held())
 
 
 async def test_a_missed_delete_of_an_old_key_is_found_by_a_keys_only_listing(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     await store.put(k(1), b"a")
     await store.put(k(2), b"b")
@@ -295,7 +295,7 @@ async def test_a_missed_delete_of_an_old_key_is_found_by_a_keys_only_listing(
         await store.delete(k(1))  # listed at start, deleted unseen
         store.dropped = set()
         await store.put(k(3), b"c")
-        await until(lambda: k(3) in got.held())
+        await wait_until(lambda: k(3) in got.held())
         assert await in_background(vt, informer.reconcile(), advance=GRACE) == "repaired"
         assert got.changes("repair") == [(ChangeKind.DELETE, k(1))]
         assert informer.stats.checks["listing"] == 1
@@ -304,7 +304,7 @@ async def test_a_missed_delete_of_an_old_key_is_found_by_a_keys_only_listing(
 
 
 async def test_more_missed_puts_than_worth_fetching_one_by_one_relist_instead(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     async with running(store, vt, max_repair_fetches=1) as (informer, got):
         store.dropped = {k(1), k(2)}
@@ -312,7 +312,7 @@ async def test_more_missed_puts_than_worth_fetching_one_by_one_relist_instead(
         await store.put(k(2), b"b")
         store.dropped = set()
         await store.put(k(3), b"c")
-        await until(lambda: k(3) in got.held())
+        await wait_until(lambda: k(3) in got.held())
         assert await in_background(vt, informer.reconcile(), advance=GRACE) == "relisted"
         assert informer.stats.relists["reconcile"] == 1
         assert got.held() == set(store.keys())
@@ -322,20 +322,20 @@ async def test_more_missed_puts_than_worth_fetching_one_by_one_relist_instead(
 
 
 async def test_etcd_back_with_its_data_wiped_is_relisted_from_scratch_and_watched_anew(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     for i in (1, 2, 3):
         await store.put(k(i), b"old")
     async with running(store, vt) as (informer, got):
         await store.put(k(4), b"old")
-        await until(lambda: got.held() == {k(1), k(2), k(3), k(4)})
+        await wait_until(lambda: got.held() == {k(1), k(2), k(3), k(4)})
         before = informer.revision
         store.wipe()  # revision 1 again; the watch drops
         await store.put(k(2), b"new")  # a worker registers again, at a lower revision
         assert store.revision < before
-        await until(lambda: vt.sleeping(BACKOFF) == 1)
+        await wait_until(lambda: vt.sleeping(BACKOFF) == 1)
         await vt.advance(BACKOFF)  # the probe after the backoff sees etcd behind the state
-        await until(lambda: "history_lost" in got.origins())
+        await wait_until(lambda: "history_lost" in got.origins())
         batch = got.batches[-1]
         assert [(c.kind, c.key, c.value) for c in batch.changes] == [
             (ChangeKind.DELETE, k(1), b""),
@@ -345,13 +345,15 @@ async def test_etcd_back_with_its_data_wiped_is_relisted_from_scratch_and_watche
         ]
         assert informer.stats.relists["history_lost"] == 1
         assert informer.revision == store.revision
-        await until(lambda: informer.connected and store.watch_starts[-1] == store.revision + 1)
+        await wait_until(
+            lambda: informer.connected and store.watch_starts[-1] == store.revision + 1
+        )
         rev = await store.put(k(5), b"later")  # the new watch delivers what follows
-        await until(lambda: got.held() == {k(2), k(5)} and informer.revision == rev)
+        await wait_until(lambda: got.held() == {k(2), k(5)} and informer.revision == rev)
 
 
 async def test_a_reconcile_notices_etcd_went_back_and_relists(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     await store.put(k(1), b"a")
     await store.put(k(3), b"c")
@@ -362,15 +364,17 @@ async def test_a_reconcile_notices_etcd_went_back_and_relists(
         # Before the watch loop probes (virtual time stands still), the periodic check reads
         # a header revision below the state's.
         assert await informer.reconcile() == "relisted"
-        await until(lambda: got.held() == {k(2)})
+        await wait_until(lambda: got.held() == {k(2)})
         assert informer.stats.relists["history_lost"] == 1
-        await until(lambda: informer.connected and store.watch_starts[-1] == store.revision + 1)
+        await wait_until(
+            lambda: informer.connected and store.watch_starts[-1] == store.revision + 1
+        )
         await store.put(k(4), b"d")
-        await until(lambda: got.held() == {k(2), k(4)})
+        await wait_until(lambda: got.held() == {k(2), k(4)})
 
 
 async def test_another_cluster_id_is_lost_history_even_at_a_higher_revision(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     await store.put(k(1), b"a")
     async with running(store, vt, reconcile_interval=0) as (informer, got):
@@ -379,15 +383,15 @@ async def test_another_cluster_id_is_lost_history_even_at_a_higher_revision(
         for i in range(before + 2):
             await store.put(k(2), f"v{i}".encode())
         assert store.revision > before
-        await until(lambda: vt.sleeping(BACKOFF) == 1)
+        await wait_until(lambda: vt.sleeping(BACKOFF) == 1)
         await vt.advance(BACKOFF)
-        await until(lambda: got.held() == {k(2)})
+        await wait_until(lambda: got.held() == {k(2)})
         assert informer.stats.relists["history_lost"] == 1
         assert got.batches[-1].changes[-1].value == f"v{before + 1}".encode()
 
 
 async def test_a_key_etcd_holds_at_an_older_revision_than_seen_is_lost_history(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     await store.put(k(0), b"a")
     await store.put(k(1), b"old")  # known at revision 3
@@ -396,12 +400,12 @@ async def test_a_key_etcd_holds_at_an_older_revision_than_seen_is_lost_history(
         await store.put(k(1), b"new")  # revision 2
         for _ in range(3):
             await store.put(k(2), b"x")
-        await until(lambda: vt.sleeping(BACKOFF) == 1)
+        await wait_until(lambda: vt.sleeping(BACKOFF) == 1)
         await vt.advance(BACKOFF)  # etcd is ahead: the watch resumes, sees only k(2)
-        await until(lambda: k(2) in got.held())
+        await wait_until(lambda: k(2) in got.held())
         assert await in_background(vt, informer.reconcile(), advance=GRACE) == "relisted"
         assert informer.stats.relists["history_lost"] == 1
-        await until(lambda: got.held() == {k(1), k(2)})
+        await wait_until(lambda: got.held() == {k(1), k(2)})
         assert [c for c in got.changes("history_lost") if c[1] == k(1)] == [(ChangeKind.PUT, k(1))]
 
 
@@ -409,7 +413,7 @@ async def test_a_key_etcd_holds_at_an_older_revision_than_seen_is_lost_history(
 
 
 async def test_a_silent_watch_is_restarted_after_the_grace_and_no_relist(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     async with running(store, vt) as (informer, got):
         assert await informer.reconcile() == "clean"  # quiet: nothing restarted
@@ -417,34 +421,34 @@ async def test_a_silent_watch_is_restarted_after_the_grace_and_no_relist(
         store.muted = True  # half-open: etcd changes, the watch says nothing
         await store.put(k(1), b"a")
         task = asyncio.ensure_future(informer.reconcile())
-        await until(lambda: vt.sleeping(GRACE) == 1)
+        await wait_until(lambda: vt.sleeping(GRACE) == 1)
         assert len(store.watch_starts) == 1  # not before the grace is over
         await vt.advance(GRACE)
         assert await asyncio.wait_for(task, 10) == "caught-up"
         store.muted = False
-        await until(lambda: got.held() == {k(1)})
+        await wait_until(lambda: got.held() == {k(1)})
         assert store.watch_starts == [before + 1, before + 1]  # resumed, not relisted
         assert informer.stats.reconnects == 1
         assert informer.stats.relists == NO_RELIST_AFTER_START
 
 
 async def test_changes_still_in_flight_on_a_slow_watch_restart_nothing(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     async with running(store, vt) as (informer, got):
         store.held = True
         await store.put(k(1), b"a")
         task = asyncio.ensure_future(informer.reconcile())
-        await until(lambda: vt.sleeping(GRACE) == 1)
+        await wait_until(lambda: vt.sleeping(GRACE) == 1)
         store.release()  # the stream delivers within the grace
         assert await asyncio.wait_for(task, 10) == "caught-up"
-        await until(lambda: got.held() == {k(1)})
+        await wait_until(lambda: got.held() == {k(1)})
         assert len(store.watch_starts) == 1 and informer.stats.reconnects == 0
         assert informer.stats.repairs == {"put": 0, "delete": 0}
 
 
 async def test_a_check_whose_revision_was_compacted_relists(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     async with running(store, vt) as (informer, got):
         store.muted = True
@@ -457,16 +461,16 @@ async def test_a_check_whose_revision_was_compacted_relists(
 
 
 async def test_silence_counts_virtual_seconds_since_the_last_delivery(
-    store: RecordingStore, vt: VirtualTime
+    store: RecordingStore, vt: FakeClock
 ) -> None:
     async with running(store, vt, reconcile_interval=0) as (informer, _):
         await vt.advance(7)
         assert informer.silence() == 7
         store.progress_notify()
-        await until(lambda: informer.silence() == 0)
+        await wait_until(lambda: informer.silence() == 0)
 
 
-async def test_close_ends_the_batch_stream(store: RecordingStore, vt: VirtualTime) -> None:
+async def test_close_ends_the_batch_stream(store: RecordingStore, vt: FakeClock) -> None:
     async with running(store, vt) as (informer, got):
         pass
     assert got.task.done() and not informer.connected

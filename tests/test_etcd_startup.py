@@ -5,57 +5,49 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 import pytest
 
 from discovery_mdc.errors import EtcdAuthError, EtcdConnectionError, EtcdTlsError
 from discovery_mdc.etcd import LeaseSession, MemoryStore, retry_until_reachable
 from discovery_mdc.etcd._codec import Lease
+from testkit import FakeClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
+class Failing:
+    """An operation that raises ``error`` ``times`` times, then returns "ok"; each attempt
+    takes ``cost`` seconds of ``clock``, as the client's own rounds do."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self, times: int, error: Exception, clock: FakeClock, cost: float = 1.0) -> None:
+        self.times, self.error, self.clock, self.cost = times, error, clock, cost
+        self.count = 0
 
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
-def failing(times: int, error: Exception, clock: Clock, cost: float = 1.0) -> object:
-    calls = 0
-
-    async def op() -> str:
-        nonlocal calls
-        calls += 1
-        clock.now += cost  # each attempt takes a while, as the client's own rounds do
-        if calls <= times:
-            raise error
+    async def __call__(self) -> str:
+        self.count += 1
+        self.clock.now += self.cost
+        if self.count <= self.times:
+            raise self.error
         return "ok"
 
-    op.calls = lambda: calls  # type: ignore[attr-defined]
-    return op
+    def calls(self) -> int:
+        return self.count
 
 
 async def test_retries_while_etcd_is_unreachable_logging_each_attempt(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = Clock()
-    op = failing(3, EtcdConnectionError("refused"), clock)
+    clock = FakeClock(jump_below=math.inf)  # every sleep jumps
+    op = Failing(3, EtcdConnectionError("refused"), clock)
     with caplog.at_level(logging.WARNING):
         got = await retry_until_reachable(
             op,
             timeout=120,
             what="a lease",
-            clock=clock,
-            sleep=clock.sleep,  # type: ignore[arg-type]
+            clock=clock.clock,
+            sleep=clock.sleep,
         )
-    assert got == "ok" and op.calls() == 4  # type: ignore[attr-defined]
+    assert got == "ok" and op.calls() == 4
     assert len(clock.sleeps) == 3
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3 and all("etcd not reachable for a lease" in ln for ln in lines)
@@ -63,12 +55,12 @@ async def test_retries_while_etcd_is_unreachable_logging_each_attempt(
 
 
 async def test_gives_up_after_the_timeout_naming_endpoints_and_the_variable() -> None:
-    clock = Clock()
-    op = failing(10**6, EtcdConnectionError("refused by 127.0.0.1:9"), clock)
+    clock = FakeClock(jump_below=math.inf)  # every sleep jumps
+    op = Failing(10**6, EtcdConnectionError("refused by 127.0.0.1:9"), clock)
     with pytest.raises(EtcdConnectionError) as err:
         await retry_until_reachable(
-            op, timeout=10, what="a lease", endpoints=("http://e1:2379", "http://e2:2379"),  # type: ignore[arg-type]
-            clock=clock, sleep=clock.sleep,
+            op, timeout=10, what="a lease", endpoints=("http://e1:2379", "http://e2:2379"),
+            clock=clock.clock, sleep=clock.sleep,
         )  # fmt: skip
     text = str(err.value)
     assert "(http://e1:2379, http://e2:2379) still unreachable after waiting 10s" in text
@@ -80,19 +72,19 @@ async def test_gives_up_after_the_timeout_naming_endpoints_and_the_variable() ->
     "error", [EtcdAuthError("bad password"), EtcdTlsError("certificate refused")]
 )
 async def test_what_waiting_cannot_fix_is_raised_at_once(error: Exception) -> None:
-    clock = Clock()
-    op = failing(1, error, clock)
+    clock = FakeClock(jump_below=math.inf)  # every sleep jumps
+    op = Failing(1, error, clock)
     with pytest.raises(type(error)):
-        await retry_until_reachable(op, timeout=120, what="x", clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
-    assert op.calls() == 1 and clock.sleeps == []  # type: ignore[attr-defined]
+        await retry_until_reachable(op, timeout=120, what="x", clock=clock.clock, sleep=clock.sleep)
+    assert op.calls() == 1 and clock.sleeps == []
 
 
 async def test_timeout_0_is_one_attempt_and_the_original_error() -> None:
-    clock = Clock()
+    clock = FakeClock(jump_below=math.inf)  # every sleep jumps
     error = EtcdConnectionError("refused")
-    op = failing(1, error, clock)
+    op = Failing(1, error, clock)
     with pytest.raises(EtcdConnectionError) as err:
-        await retry_until_reachable(op, timeout=0, what="x", clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+        await retry_until_reachable(op, timeout=0, what="x", clock=clock.clock, sleep=clock.sleep)
     assert err.value is error and clock.sleeps == []
 
 
@@ -108,7 +100,7 @@ async def test_a_hung_attempt_is_cut_at_the_deadline() -> None:
 
 
 async def test_the_lease_session_waits_for_etcd_at_start() -> None:
-    clock = Clock()
+    clock = FakeClock(jump_below=math.inf)  # every sleep jumps
     store = MemoryStore()
     real_grant = store.lease_grant
     calls = 0
@@ -121,7 +113,7 @@ async def test_the_lease_session_waits_for_etcd_at_start() -> None:
         return await real_grant(ttl)
 
     store.lease_grant = grant  # type: ignore[method-assign]
-    session = LeaseSession(store, ttl=9, startup_timeout=60, clock=clock, sleep=clock.sleep)
+    session = LeaseSession(store, ttl=9, startup_timeout=60, clock=clock.clock, sleep=clock.sleep)
     await session.start()
     try:
         assert calls == 3 and len(clock.sleeps) >= 2

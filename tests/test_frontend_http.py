@@ -10,17 +10,16 @@ from urllib.parse import quote
 
 import pytest
 import yarl
-from _fakes import until
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_watcher_driver import FakeResolved, key, make_card, publish
 
 from discovery_mdc.cache import CacheStats
-from discovery_mdc.card import ModelDeploymentCard, mdcsum
+from discovery_mdc.card import ModelDeploymentCard, mdcsum, unservable_model_id
 from discovery_mdc.etcd import MemoryStore
 from discovery_mdc.frontend import FrontendMetrics, ModelWatcher, build_app, model_id
-from discovery_mdc.frontend._state import ModelInfo, ModelStats, unservable_model_id
+from discovery_mdc.frontend._state import ModelInfo, ModelStats
+from testkit import FakeResolved, instance_key, make_card, publish, wait_until
 
 
 async def _resolve(card: ModelDeploymentCard, *, alternates: dict[str, list[str]]) -> FakeResolved:
@@ -51,7 +50,9 @@ async def test_models_list_has_the_openai_shape_and_details_name_instances(
     store, watcher, client = served
     await publish(store, 1, make_card("org/m"))
     await publish(store, 2, make_card("org/m", host="w2"))
-    await until(lambda: watcher.model("org/m") is not None and len(watcher.instance_keys()) == 2)
+    await wait_until(
+        lambda: watcher.model("org/m") is not None and len(watcher.instance_keys()) == 2
+    )
     body = await (await client.get("/v1/models")).json()
     assert body["object"] == "list"
     [entry] = body["data"]
@@ -61,7 +62,7 @@ async def test_models_list_has_the_openai_shape_and_details_name_instances(
     details = await (await client.get("/v1/models/org/m")).json()
     [ws] = details["worker_sets"]
     assert ws["mdcsum"] == mdcsum(make_card("org/m")) and ws["ready"] is True
-    assert sorted(ws["instances"]) == [key(1), key(2)]
+    assert sorted(ws["instances"]) == [instance_key(1), instance_key(2)]
     assert ws["local_dir"] == str(Path("/cache") / make_card("org/m").slug)
 
     missing = await client.get("/v1/models/org/nope")
@@ -78,10 +79,10 @@ async def test_health_and_metrics_report_watch_and_cache_counters(
     served: tuple[MemoryStore, ModelWatcher, TestClient],  # type: ignore[type-arg]
 ) -> None:
     store, watcher, client = served
-    await store.put(key(7), b"garbage")
+    await store.put(instance_key(7), b"garbage")
     await publish(store, 1, make_card("org/m"))
-    await until(lambda: watcher.model(model_id(make_card("org/m"))) is not None)
-    await until(lambda: watcher.connected)
+    await wait_until(lambda: watcher.model(model_id(make_card("org/m"))) is not None)
+    await wait_until(lambda: watcher.connected)
     health = await client.get("/health")
     assert health.status == 200 and (await health.json())["models"] == 1
     text = await (await client.get("/metrics")).text()
@@ -113,7 +114,7 @@ async def test_models_carry_the_context_window_of_their_card(
 ) -> None:
     store, watcher, client = served
     await publish(store, 1, make_card("org/m").replace(context_length=8192))
-    await until(lambda: watcher.model("org/m") is not None)
+    await wait_until(lambda: watcher.model("org/m") is not None)
     [entry] = (await (await client.get("/v1/models")).json())["data"]
     assert entry["context_window"] == 8192
     assert (await (await client.get("/v1/models/org/m")).json())["context_window"] == 8192
@@ -131,15 +132,15 @@ async def test_per_model_readiness_is_200_when_ready_and_503_when_not_or_unknown
         "ready_instances": 0, "rejected_instances": 0, "namespaces": {},
     }  # fmt: skip
     await publish(store, 1, make_card("org/m"))
-    await until(lambda: watcher.model("org/m") is not None)
+    await wait_until(lambda: watcher.model("org/m") is not None)
     ready = await client.get("/v1/models/org/m/ready")
     assert ready.status == 200
     body = await ready.json()
     assert (body["model"], body["ready"], body["instances"]) == ("org/m", True, 1)
     assert set(body) == set(unknown_body)  # one shape, known or not
     assert body["namespaces"] == {"dynamo": {"worker_types": {"aggregated": {"workers": 1}}}}
-    await store.delete(key(1))
-    await until(lambda: watcher.model("org/m") is None)
+    await store.delete(instance_key(1))
+    await wait_until(lambda: watcher.model("org/m") is None)
     assert (await client.get("/v1/models/org/m/ready")).status == 503
 
 
@@ -159,9 +160,9 @@ async def _with_a_rejected_replica(
     """org/m ready from instance 1; instance 2 (another tokenizer) rejected."""
     store, watcher, client = served
     await publish(store, 1, make_card("org/m"))
-    await until(lambda: watcher.model("org/m") is not None)
+    await wait_until(lambda: watcher.model("org/m") is not None)
     await publish(store, 2, make_card("org/m", tok="3"))
-    await until(lambda: watcher.rejected_keys() == {key(2)})
+    await wait_until(lambda: watcher.rejected_keys() == {instance_key(2)})
     return client
 
 
@@ -170,7 +171,7 @@ async def test_rejected_instances_are_listed_with_the_fields_that_differ(
 ) -> None:
     client = await _with_a_rejected_replica(served)
     [rejected] = (await (await client.get("/v1/models/org/m")).json())["rejected_instances"]
-    assert rejected["key"] == key(2)
+    assert rejected["key"] == instance_key(2)
     assert rejected["mdcsum"] == mdcsum(make_card("org/m", tok="3"))
     assert rejected["worker_set_mdcsum"] == mdcsum(make_card("org/m"))
     assert rejected["diff"] == [

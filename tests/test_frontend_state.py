@@ -9,52 +9,24 @@ from pathlib import Path
 import pytest
 
 from discovery_mdc.card import (
-    CheckedFile,
-    Checksum,
     ModelDeploymentCard,
-    ModelEnvelope,
-    Slot,
-    SlotVariant,
-    WorkerType,
     card_key,
-    encode_envelope,
     mdcsum,
 )
 from discovery_mdc.cli._logging import JsonFormatter
 from discovery_mdc.etcd import Change, ChangeKind
 from discovery_mdc.frontend._state import CREATED_MEMORY, EventKind, NamespaceFilter, Registry
-
-
-def _card(name: str = "org/m", tok: str = "2") -> ModelDeploymentCard:
-    return ModelDeploymentCard.new(
-        name,
-        model_info=Slot(
-            SlotVariant.HF_CONFIG_JSON, CheckedFile("/m/config.json", Checksum("1" * 64), 3)
-        ),
-        tokenizer=Slot(
-            SlotVariant.HF_TOKENIZER_JSON, CheckedFile("/m/tokenizer.json", Checksum(tok * 64), 4)
-        ),
-        worker_type=WorkerType.AGGREGATED,
-    )
+from testkit import envelope_kv, instance_key, make_card
 
 
 def _put(
     instance: int, card: ModelDeploymentCard | None = None, ns: str = "dynamo", rev: int = 1
 ) -> Change:
-    env = ModelEnvelope(
-        namespace=ns,
-        component="backend",
-        endpoint="generate",
-        instance_id=instance,
-        card=card or _card(),
-    )
-    return Change(
-        ChangeKind.PUT, card_key(ns, "backend", "generate", instance), encode_envelope(env), rev
-    )
+    return Change(ChangeKind.PUT, *envelope_kv(card or make_card(), instance, namespace=ns), rev)
 
 
 def _delete(instance: int, ns: str = "dynamo") -> Change:
-    return Change(ChangeKind.DELETE, card_key(ns, "backend", "generate", instance), mod_revision=9)
+    return Change(ChangeKind.DELETE, instance_key(instance, ns), mod_revision=9)
 
 
 def test_first_instance_requests_a_pipeline_and_is_invisible_until_done() -> None:
@@ -62,7 +34,7 @@ def test_first_instance_requests_a_pipeline_and_is_invisible_until_done() -> Non
     out = reg.apply(_put(1))
     assert [p.model for p in out.pipelines] == ["org/m"]
     assert out.events == [] and reg.ready_models() == []
-    done = reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/cache/x"), now=5)
+    done = reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/cache/x"), now=5)
     assert [e.kind for e in done.events] == [EventKind.ADDED]
     (info,) = reg.ready_models()
     assert info.name == "org/m" and info.created == 5
@@ -72,7 +44,7 @@ def test_first_instance_requests_a_pipeline_and_is_invisible_until_done() -> Non
 def test_replica_with_same_mdcsum_joins_without_a_new_pipeline_once_ready() -> None:
     reg = Registry()
     reg.apply(_put(1))
-    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/c"))
     out = reg.apply(_put(2))
     assert out.pipelines == []
     assert [e.kind for e in out.events] == [EventKind.UPDATED]
@@ -84,11 +56,11 @@ def test_replica_with_different_mdcsum_is_rejected_loudly(caplog: pytest.LogCapt
     reg = Registry()
     reg.apply(_put(1))
     with caplog.at_level(logging.ERROR):
-        out = reg.apply(_put(3, _card(tok="9")))
+        out = reg.apply(_put(3, make_card(tok="9")))
     assert [e.kind for e in out.events] == [EventKind.REJECTED]
     assert out.pipelines == []
     assert card_key("dynamo", "backend", "generate", 3) not in reg.instance_keys()
-    assert mdcsum(_card()) in caplog.text and mdcsum(_card(tok="9")) in caplog.text
+    assert mdcsum(make_card()) in caplog.text and mdcsum(make_card(tok="9")) in caplog.text
     assert "v1/mdc/dynamo/backend/generate/3" in caplog.text
     # ... and says which field differs, with both values, in the log and the event.
     differs = f"tokenizer blake3:{'2' * 64} (4 bytes) vs blake3:{'9' * 64} (4 bytes)"
@@ -116,7 +88,7 @@ def test_replica_with_different_mdcsum_is_rejected_loudly(caplog: pytest.LogCapt
 def test_a_rejection_names_context_length_block_size_and_worker_type() -> None:
     reg = Registry()
     reg.apply(_put(1))
-    other = _card().replace(context_length=8192, kv_cache_block_size=32)
+    other = make_card().replace(context_length=8192, kv_cache_block_size=32)
     (event,) = reg.apply(_put(2, other)).events
     fields = {d.field: (d.first, d.second) for d in event.diff}
     assert fields == {"context_length": ("0", "8192"), "kv_cache_block_size": ("16", "32")}
@@ -128,13 +100,13 @@ def test_a_rejection_names_context_length_block_size_and_worker_type() -> None:
 def test_model_stats_count_every_known_model_ready_or_not() -> None:
     reg = Registry()
     reg.apply(_put(1))
-    reg.apply(_put(2, _card(tok="9")))  # rejected: same worker set, other mdcsum
-    reg.apply(_put(3, _card("org/other")))
+    reg.apply(_put(2, make_card(tok="9")))  # rejected: same worker set, other mdcsum
+    reg.apply(_put(3, make_card("org/other")))
     stats = {s.name: s for s in reg.model_stats()}
     assert (stats["org/m"].ready, stats["org/m"].instances, stats["org/m"].rejected) == (
         False, 1, 1
     )  # fmt: skip
-    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/c"))
     stats = {s.name: s for s in reg.model_stats()}
     assert (stats["org/m"].ready, stats["org/m"].ready_instances) == (True, 1)
     assert (stats["org/other"].ready, stats["org/other"].instances) == (False, 1)
@@ -143,16 +115,18 @@ def test_model_stats_count_every_known_model_ready_or_not() -> None:
 def test_created_survives_a_brief_drop_out_but_not_a_long_one() -> None:
     reg = Registry()
     reg.apply(_put(1), now=100)
-    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"), now=100)
+    reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/c"), now=100)
     reg.apply(_delete(1), now=110)  # e.g. etcd down longer than the TTL
     assert reg.ready_models() == []
     reg.apply(_put(2), now=130)  # the worker re-registers under a new lease
-    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"), now=131)
+    reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/c"), now=131)
     (info,) = reg.ready_models()
     assert info.created == 100
     reg.apply(_delete(2), now=200)
     reg.apply(_put(3), now=200 + CREATED_MEMORY + 1)
-    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"), now=200 + CREATED_MEMORY + 1)
+    reg.pipeline_done(
+        "org/m", mdcsum(make_card()), make_card(), Path("/c"), now=200 + CREATED_MEMORY + 1
+    )
     (info,) = reg.ready_models()
     assert info.created == 200 + CREATED_MEMORY + 1
 
@@ -161,7 +135,7 @@ def test_deleting_every_instance_removes_the_model() -> None:
     reg = Registry()
     reg.apply(_put(1))
     reg.apply(_put(2))
-    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/c"))
     assert [e.kind for e in reg.apply(_delete(1)).events] == [EventKind.UPDATED]
     assert [e.kind for e in reg.apply(_delete(2)).events] == [EventKind.REMOVED]
     assert reg.ready_models() == [] and reg.instance_keys() == set()
@@ -171,20 +145,20 @@ def test_deleting_a_pending_worker_set_cancels_its_pipeline() -> None:
     reg = Registry()
     reg.apply(_put(1))
     out = reg.apply(_delete(1))
-    assert out.cancelled == [("org/m", mdcsum(_card()))]
+    assert out.cancelled == [("org/m", mdcsum(make_card()))]
     assert out.events == []
-    assert reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c")).events == []
+    assert reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/c")).events == []
     assert reg.ready_models() == []
 
 
 def test_new_incarnation_of_a_key_is_remove_then_add() -> None:
     reg = Registry()
     reg.apply(_put(1))
-    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/c"))
     assert reg.apply(_put(1)).events == []  # same card again: nothing
-    out = reg.apply(_put(1, _card(tok="7")))
+    out = reg.apply(_put(1, make_card(tok="7")))
     assert [e.kind for e in out.events] == [EventKind.REMOVED]
-    assert [p.mdcsum for p in out.pipelines] == [mdcsum(_card(tok="7"))]
+    assert [p.mdcsum for p in out.pipelines] == [mdcsum(make_card(tok="7"))]
 
 
 def test_malformed_and_non_hex_keys_are_skipped_and_flagged() -> None:
@@ -230,18 +204,18 @@ def test_deleting_one_of_two_pending_worker_sets_keeps_the_shared_pipeline() -> 
     assert out.pipelines  # same (model, mdcsum): the driver joins the running pipeline
     out = reg.apply(_delete(1, ns="ns1"))
     assert out.cancelled == []
-    assert reg.pending("org/m", mdcsum(_card()))
+    assert reg.pending("org/m", mdcsum(make_card()))
 
 
 def test_rejected_instance_is_admitted_once_the_blocking_worker_set_is_gone() -> None:
     reg = Registry()
     reg.apply(_put(1))
-    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
-    reg.apply(_put(3, _card(tok="9")))
+    reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/c"))
+    reg.apply(_put(3, make_card(tok="9")))
     assert reg.rejected_keys() == {card_key("dynamo", "backend", "generate", 3)}
     out = reg.apply(_delete(1))
     assert [e.kind for e in out.events] == [EventKind.REMOVED]
-    assert [p.mdcsum for p in out.pipelines] == [mdcsum(_card(tok="9"))]
+    assert [p.mdcsum for p in out.pipelines] == [mdcsum(make_card(tok="9"))]
     assert reg.rejected_keys() == set()
     assert reg.instance_keys() == {card_key("dynamo", "backend", "generate", 3)}
 
@@ -249,7 +223,7 @@ def test_rejected_instance_is_admitted_once_the_blocking_worker_set_is_gone() ->
 def test_deleting_a_rejected_key_forgets_it() -> None:
     reg = Registry()
     reg.apply(_put(1))
-    reg.apply(_put(3, _card(tok="9")))
+    reg.apply(_put(3, make_card(tok="9")))
     assert reg.apply(_delete(3)).events == []
     assert reg.rejected_keys() == set()
     reg.apply(_delete(1))
@@ -260,7 +234,7 @@ def test_replicas_share_one_decoded_card_and_same_bytes_are_skipped() -> None:
     reg = Registry()
     reg.apply(_put(1))
     reg.apply(_put(2))
-    cards = {id(i.envelope.card) for i in reg.instances_for("org/m", mdcsum(_card()))}
+    cards = {id(i.envelope.card) for i in reg.instances_for("org/m", mdcsum(make_card()))}
     assert len(cards) == 1  # card_json decoded once for both replicas
     again = reg.apply(_put(1, rev=7))
     assert again.pipelines == [] and again.events == []
@@ -281,29 +255,29 @@ def test_each_distinct_card_json_is_hashed_once_and_its_mdcsum_travels(
     reg = Registry()
     first = reg.apply(_put(1))
     reg.apply(_put(2))  # a replica: same card_json
-    reg.apply(_put(3, _card(tok="9")))  # other files: rejected by the mdcsum gate
+    reg.apply(_put(3, make_card(tok="9")))  # other files: rejected by the mdcsum gate
     # Enough other cards (ids no frontend can serve, so no model is kept) to flush the
     # bounded memo: the rejected card's mdcsum must not be needed again.
     for i in range(100):
-        reg.apply(_put(0x100 + i, _card(f"bad\n{i}", tok="5")))
+        reg.apply(_put(0x100 + i, make_card(f"bad\n{i}", tok="5")))
     reg.apply(_delete(1))
     out = reg.apply(_delete(2))  # the blocking set is gone: 3 is admitted again
     assert (hashed.count("2"), hashed.count("9"), hashed.count("5")) == (1, 1, 100)
-    assert [p.mdcsum for p in first.pipelines] == [mdcsum(_card())]
-    assert [p.mdcsum for p in out.pipelines] == [mdcsum(_card(tok="9"))]
-    (inst,) = reg.instances_for("org/m", mdcsum(_card(tok="9")))
-    assert inst.mdcsum == mdcsum(_card(tok="9"))
+    assert [p.mdcsum for p in first.pipelines] == [mdcsum(make_card())]
+    assert [p.mdcsum for p in out.pipelines] == [mdcsum(make_card(tok="9"))]
+    (inst,) = reg.instances_for("org/m", mdcsum(make_card(tok="9")))
+    assert inst.mdcsum == mdcsum(make_card(tok="9"))
 
 
 def test_sources_are_the_waiting_replicas_uris_per_blob() -> None:
     def served_by(host: str) -> ModelDeploymentCard:
-        return _card().with_paths(lambda _, f: f"http://{host}:8081/v1/metadata/m/{f.basename}")
+        return make_card().with_paths(lambda _, f: f"http://{host}:8081/v1/metadata/m/{f.basename}")
 
     reg = Registry()
     reg.apply(_put(1, served_by("w1")))
     reg.apply(_put(2, served_by("w2")))
     reg.apply(_put(3, served_by("w1")))  # same URLs as instance 1: listed once
-    got = reg.sources("org/m", mdcsum(_card()))
+    got = reg.sources("org/m", mdcsum(make_card()))
     assert got is not None
     card, alternates = got
     assert card.model_info is not None and "w1" in card.model_info.file.path
@@ -311,8 +285,8 @@ def test_sources_are_the_waiting_replicas_uris_per_blob() -> None:
         "http://w1:8081/v1/metadata/m/tokenizer.json",
         "http://w2:8081/v1/metadata/m/tokenizer.json",
     ]
-    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
-    assert reg.sources("org/m", mdcsum(_card())) is None  # nobody waits any more
+    reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/c"))
+    assert reg.sources("org/m", mdcsum(make_card())) is None  # nobody waits any more
 
 
 @pytest.mark.parametrize(
@@ -332,7 +306,7 @@ def test_a_model_id_the_route_cannot_serve_is_rejected_with_a_reason(
     name: str, why: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     reg = Registry()
-    bad = _card().replace(display_name=name)  # a valid slug: only the id is wrong
+    bad = make_card().replace(display_name=name)  # a valid slug: only the id is wrong
     with caplog.at_level(logging.ERROR):
         out = reg.apply(_put(1, bad))
     key = card_key("dynamo", "backend", "generate", 1)
@@ -344,10 +318,10 @@ def test_a_model_id_the_route_cannot_serve_is_rejected_with_a_reason(
     assert reg.rejected_keys() == {key}
     assert reg.apply(_put(1, bad, rev=2)).events == []  # the same bytes again: said once
     # The worker fixes its name: the same key is admitted.
-    assert [p.model for p in reg.apply(_put(1, _card(), rev=3)).pipelines] == ["org/m"]
+    assert [p.model for p in reg.apply(_put(1, make_card(), rev=3)).pipelines] == ["org/m"]
     assert reg.rejected_keys() == set() and reg.instance_keys() == {key}
     # An admitted key that turns bad leaves, and a delete forgets it.
-    reg.pipeline_done("org/m", mdcsum(_card()), _card(), Path("/c"))
+    reg.pipeline_done("org/m", mdcsum(make_card()), make_card(), Path("/c"))
     assert [e.kind for e in reg.apply(_put(1, bad, rev=4)).events] == [
         EventKind.REMOVED,
         EventKind.REJECTED,

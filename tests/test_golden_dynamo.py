@@ -1,6 +1,6 @@
 """Golden tests on etcd values captured from a real NVIDIA Dynamo 1.6.1 worker.
 
-The data in ``tests/data/dynamo/`` was produced by ``python integration/_dynamo.py capture``:
+The data in ``tests/data/dynamo/`` was produced by ``python -m testkit.dynamo capture``:
 one file per etcd value, exactly as Dynamo wrote it, plus ``manifest.json`` with the key, the
 scenario and Dynamo's own mdcsum for each card (``ModelDeploymentCard.local_dir()`` from the
 Rust runtime). The model dirs the workers served are committed next to them, so ``from_dir``

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from integration._dynamo import default_venv_dir, install_lock_path
+from testkit.dynamo import default_venv_dir, install_lock_path
 
 REPO = Path(__file__).resolve().parent.parent
 

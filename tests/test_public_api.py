@@ -1,4 +1,6 @@
-"""The public API stays curated: nothing leaks, modules are private, errors keep their bases."""
+"""The public API stays curated: nothing leaks, modules are private, errors keep their bases.
+
+The one test of every public namespace (``discovery_mdc`` and each subpackage)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ def _public(module: ModuleType) -> set[str]:
 def test_all_lists_exactly_the_public_names(name: str) -> None:
     module = importlib.import_module(name)
     assert sorted(module.__all__) == sorted(set(module.__all__))
+    private = [n for n in module.__all__ if n.startswith("_") and n != "__version__"]
+    assert not private, f"{name}.__all__ names {private}"
     for exported in module.__all__:
         assert hasattr(module, exported), f"{name}.__all__ names missing {exported}"
     assert _public(module) <= set(module.__all__) | {"__version__"}, (

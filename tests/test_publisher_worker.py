@@ -17,6 +17,7 @@ from discovery_mdc.cache import resolve_metadata_files
 from discovery_mdc.card import decode_envelope
 from discovery_mdc.etcd import KeyExistsError, LeaseSession, MemoryStore, SessionState
 from discovery_mdc.worker import Worker
+from testkit import FakeClock, wait_until
 
 PREFIX = "v1/mdc/dynamo/backend/generate/"
 
@@ -25,42 +26,6 @@ PREFIX = "v1/mdc/dynamo/backend/generate/"
 def _no_worker_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("DYN_SYSTEM_PORT", "DYN_SYSTEM_HOST", "DYN_SELF_HOST_METADATA", "ETCD_LEASE_TTL"):
         monkeypatch.delenv(name, raising=False)
-
-
-class ManualTime:
-    """Fake time for a LeaseSession: sleeps wait until the test advances the clock."""
-
-    def __init__(self, store: MemoryStore) -> None:
-        self.now = 0.0
-        self.store = store
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self.now + seconds, fut))
-        await fut
-
-    async def advance(self, seconds: float) -> None:
-        """Move time on once the session is asleep (so its sleep is the one woken)."""
-        await spin_until(lambda: bool(self._sleepers))
-        self.now += seconds
-        self.store.advance(seconds)
-        due = [(t, f) for t, f in self._sleepers if t <= self.now]
-        self._sleepers = [(t, f) for t, f in self._sleepers if t > self.now]
-        for _, fut in due:
-            if not fut.done():
-                fut.set_result(None)
-
-
-async def spin_until(cond: Callable[[], bool], iterations: int = 10000) -> None:
-    for _ in range(iterations):
-        if cond():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never became true")
 
 
 def value_of(store: MemoryStore, key: str | None) -> dict[str, Any]:
@@ -179,7 +144,7 @@ async def test_lost_lease_republishes_the_card_under_the_new_lease_and_key(
     make_model_dir: Callable[..., Path],
 ) -> None:
     store = MemoryStore()
-    fake = ManualTime(store)
+    fake = FakeClock(on_advance=store.advance)  # sleeps wait for advance()
     session = LeaseSession(store, ttl=9, clock=fake.clock, sleep=fake.sleep)
     async with Worker(store, session=session) as worker:
         published = await worker.register_model(
@@ -188,9 +153,11 @@ async def test_lost_lease_republishes_the_card_under_the_new_lease_and_key(
         old_lease, old_key = session.lease_id, published.key
         store.expire_lease(old_lease)  # the next keepalive answers TTL 0
         assert store.keys() == []
+        await wait_until(fake.sleeping, interval=0)  # the session is asleep
         await fake.advance(3)
-        await spin_until(
-            lambda: session.lease_id != old_lease and session.state is SessionState.REGISTERED
+        await wait_until(
+            lambda: session.lease_id != old_lease and session.state is SessionState.REGISTERED,
+            interval=0,
         )
         new_lease = session.lease_id
         assert published.key == f"{PREFIX}{new_lease:x}" != old_key
@@ -261,7 +228,7 @@ async def test_health_is_ready_only_while_the_cards_are_registered(
     make_model_dir: Callable[..., Path],
 ) -> None:
     store = MemoryStore()
-    fake = ManualTime(store)
+    fake = FakeClock(on_advance=store.advance)  # sleeps wait for advance()
     session = LeaseSession(store, ttl=9, clock=fake.clock, sleep=fake.sleep)
     async with (
         Worker(store, session=session, system_port=0, system_host="127.0.0.1") as worker,
@@ -278,12 +245,14 @@ async def test_health_is_ready_only_while_the_cards_are_registered(
         await worker.register_model(make_model_dir())
         assert await status() == 200
         store.unavailable = True  # etcd down: keepalives fail until the deadline passes
+        await wait_until(fake.sleeping, interval=0)  # the session is asleep
         await fake.advance(9)
-        await spin_until(lambda: session.state is SessionState.LOST)
+        await wait_until(lambda: session.state is SessionState.LOST, interval=0)
         assert await status() == 503
         store.unavailable = False
+        await wait_until(fake.sleeping, interval=0)  # the session is asleep
         await fake.advance(1)  # the recovery backoff
-        await spin_until(lambda: session.state is SessionState.REGISTERED)
+        await wait_until(lambda: session.state is SessionState.REGISTERED, interval=0)
         assert await status() == 200
 
 
@@ -394,7 +363,7 @@ async def test_a_failed_unregister_changes_nothing_and_can_be_retried(
         assert published.key is not None
         store.unavailable = False
         await worker.unregister(published)
-        assert store.keys() == [] and len(worker.registry) == 0 and worker.published == ()
+        assert store.keys() == [] and len(worker.registry) == 0 and not worker.published
 
 
 async def test_registration_duration_is_a_histogram_on_the_status_server(

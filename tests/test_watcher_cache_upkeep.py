@@ -3,7 +3,6 @@ is removed (``cache rm``, ``cache verify --fix``) while still served."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from discovery_mdc.cache._store import remove_link_dir
 from discovery_mdc.card import ModelEnvelope, encode_envelope, from_dir
 from discovery_mdc.etcd import MemoryStore
 from discovery_mdc.frontend import ModelWatcher
+from testkit import backdate
 
 DAY = 86400.0
 
@@ -20,12 +20,6 @@ DAY = 86400.0
 def _last_used(cache: CacheLayout) -> float:
     [card] = scan_cache(cache).cards
     return card.last_used
-
-
-def _backdate(local_dir: Path, seconds_ago: float) -> None:
-    when = time.time() - seconds_ago
-    for link in local_dir.iterdir():
-        os.utime(link, (when, when), follow_symlinks=False)
 
 
 def _names(local_dir: Path) -> list[str]:
@@ -56,7 +50,7 @@ async def test_served_cards_are_marked_used_and_fetched_again_when_removed(
         blobs = {f.checksum.hex for _, f in card.files()}
         assert fetched == watcher.cache.stats.fetches == len(blobs)
 
-        _backdate(local_dir, 40 * DAY)
+        backdate(local_dir, 40 * DAY)
         assert time.time() - _last_used(cache) > 39 * DAY
         await watcher.cache_upkeep()
         assert time.time() - _last_used(cache) < 120

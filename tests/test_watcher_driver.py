@@ -1,7 +1,8 @@
-"""ModelWatcher against MemoryStore, with a fake resolver, prepare hook and sleep.
+"""ModelWatcher against MemoryStore, with a fake resolver, prepare hook and clock.
 
-Nothing here opens a socket or sleeps for real: the fake sleep records every delay and either
-returns at once or waits for the test to release it, and conditions are awaited by polling
+Nothing here opens a socket or sleeps for real: the fake clock records every sleep; backoffs
+jump at once (or wait while the test holds the clock) and the reconcile interval waits for the
+test to advance it, and conditions are awaited by polling
 under a generous deadline. The informer underneath has its own tests
 (``test_etcd_informer.py``); these check that its batches reach the registry as model events.
 """
@@ -11,136 +12,39 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _fakes import DEADLINE, RecordingStore, until
 
 from discovery_mdc.card import (
-    CheckedFile,
-    Checksum,
     ModelDeploymentCard,
-    ModelEnvelope,
-    Slot,
-    SlotVariant,
-    WorkerType,
-    card_key,
-    encode_envelope,
     mdcsum,
 )
-from discovery_mdc.errors import FetchError
 from discovery_mdc.etcd import MemoryStore
-from discovery_mdc.frontend import EventKind, ModelEvent, ModelWatcher, model_id
+from discovery_mdc.frontend import EventKind, ModelEvent, ModelWatcher
+from testkit import (
+    FakeClock,
+    FakeResolver,
+    RecordingStore,
+    envelope_kv,
+    instance_key,
+    make_card,
+    publish,
+    wait_until,
+)
 
-RECONCILE = 1234.0  # the reconcile interval; the fake sleep blocks on it until tick()
+RECONCILE = 1234.0  # the reconcile interval; the fake clock holds it until advanced
+DEADLINE = 10.0
 
 
 # --------------------------------------------------------------------------- fakes
 
 
-def make_card(name: str = "org/m", tok: str = "2", host: str = "w1") -> ModelDeploymentCard:
-    base = f"http://{host}:8081/v1/metadata/{name.replace('/', '--')}"
-    return ModelDeploymentCard.new(
-        name,
-        model_info=Slot(
-            SlotVariant.HF_CONFIG_JSON,
-            CheckedFile(f"{base}/config.json", Checksum("1" * 64), 3),
-        ),
-        tokenizer=Slot(
-            SlotVariant.HF_TOKENIZER_JSON,
-            CheckedFile(f"{base}/tokenizer.json", Checksum(tok * 64), 4),
-        ),
-        worker_type=WorkerType.AGGREGATED,
-    )
-
-
-def key(instance: int, ns: str = "dynamo") -> str:
-    return card_key(ns, "backend", "generate", instance)
-
-
-def value(instance: int, card: ModelDeploymentCard, ns: str = "dynamo") -> bytes:
-    env = ModelEnvelope(
-        namespace=ns, component="backend", endpoint="generate", instance_id=instance, card=card
-    )
-    return encode_envelope(env)
-
-
-async def publish(
-    store: MemoryStore, instance: int, card: ModelDeploymentCard | None = None, ns: str = "dynamo"
-) -> None:
-    await store.put(key(instance, ns), value(instance, card or make_card(), ns))
-
-
-@dataclass
-class FakeResolved:
-    card: ModelDeploymentCard
-    local_dir: Path | None
-
-
-@dataclass
-class FakeResolver:
-    """Records calls; per model it can block on a gate, fail a number of times, or end a
-    number of times with the CancelledError of a future someone else cancelled (``lost``)."""
-
-    calls: list[tuple[str, dict[str, list[str]]]] = field(default_factory=list)
-    gates: dict[str, asyncio.Event] = field(default_factory=dict)
-    failures: dict[str, int] = field(default_factory=dict)
-    lost: dict[str, int] = field(default_factory=dict)
-
-    async def __call__(
-        self, card: ModelDeploymentCard, *, alternates: dict[str, list[str]]
-    ) -> FakeResolved:
-        name = model_id(card)
-        self.calls.append((name, {h: list(u) for h, u in alternates.items()}))
-        gate = self.gates.get(name)
-        if gate is not None:
-            await gate.wait()
-        if self.failures.get(name, 0) > 0:
-            self.failures[name] -= 1
-            raise FetchError(f"fake fetch of {name} failed")
-        if self.lost.get(name, 0) > 0:
-            self.lost[name] -= 1
-            cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            cancelled.cancel()
-            await cancelled  # raises CancelledError, though nobody cancelled this call
-        return FakeResolved(card, Path("/cache/by-slug") / card.slug / mdcsum(card))
-
-    def count(self, name: str) -> int:
-        return sum(1 for n, _ in self.calls if n == name)
-
-
-class FakeSleep:
-    """Backoff sleeps return at once unless ``hold()`` was called; the reconcile sleep waits
-    for ``tick()``."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-        self._ticks: asyncio.Queue[None] = asyncio.Queue()
-        self._open = asyncio.Event()
-        self._open.set()
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
-        if delay == RECONCILE:
-            await self._ticks.get()
-            return
-        await self._open.wait()
-        await asyncio.sleep(0)
-
-    @property
-    def backoffs(self) -> list[float]:
-        return [d for d in self.delays if d != RECONCILE]
-
-    def hold(self) -> None:
-        self._open.clear()
-
-    def release(self) -> None:
-        self._open.set()
-
-    def tick(self) -> None:
-        self._ticks.put_nowait(None)
+def backoffs(clock: FakeClock) -> list[float]:
+    """The watcher's backoff sleeps (every sleep but the reconcile interval)."""
+    return [d for d in clock.sleeps if d != RECONCILE]
 
 
 class Collector:
@@ -164,7 +68,7 @@ class Collector:
 class Harness:
     store: RecordingStore
     resolver: FakeResolver
-    sleep: FakeSleep
+    clock: FakeClock
     watcher: ModelWatcher
 
     def keys_in_etcd(self) -> set[str]:
@@ -186,19 +90,20 @@ def resolver() -> FakeResolver:
 
 
 @pytest.fixture
-def sleep() -> FakeSleep:
-    return FakeSleep()
+def clock() -> FakeClock:
+    """Backoff sleeps jump at once (unless held); the reconcile sleep waits for the test."""
+    return FakeClock(jump_below=RECONCILE)
 
 
 @asynccontextmanager
 async def running(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep, **kwargs: Any
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock, **kwargs: Any
 ) -> AsyncIterator[Harness]:
     kwargs.setdefault("prepare", None)
     async with ModelWatcher(
-        store, resolver=resolver, sleep=sleep, reconcile_interval=RECONCILE, **kwargs
+        store, resolver=resolver, sleep=clock.sleep, reconcile_interval=RECONCILE, **kwargs
     ) as watcher:
-        yield Harness(store, resolver, sleep, watcher)
+        yield Harness(store, resolver, clock, watcher)
 
 
 def names(watcher: ModelWatcher) -> list[str]:
@@ -224,40 +129,40 @@ async def publish_models(store: MemoryStore, items: Iterable[tuple[int, str]]) -
 
 
 async def test_lists_then_watches_from_the_listed_revision_plus_one(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
     await publish_models(store, [(1, "org/a")])
     listed_at = store.revision
-    async with running(store, resolver, sleep) as h:
-        await until(lambda: names(h.watcher) == ["org/a"])
+    async with running(store, resolver, clock) as h:
+        await wait_until(lambda: names(h.watcher) == ["org/a"])
         assert store.watch_starts == [listed_at + 1]
         await publish_models(store, [(2, "org/b")])
-        await until(lambda: names(h.watcher) == ["org/a", "org/b"])
+        await wait_until(lambda: names(h.watcher) == ["org/a", "org/b"])
         assert h.watcher.revision == store.revision
         assert h.metric("discovery_mdc_watch_events_total", type="put") == 1  # only the watched PUT
         assert h.metric("discovery_mdc_relists_total", reason="start") == 1
 
 
 async def test_disconnect_resumes_after_the_highest_revision_without_duplicates_or_losses(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         await publish_models(store, [(1, "org/a"), (2, "org/b")])
-        await until(lambda: names(h.watcher) == ["org/a", "org/b"])
+        await wait_until(lambda: names(h.watcher) == ["org/a", "org/b"])
         seen = Collector(h.watcher)
         before = h.watcher.revision
         assert before == store.revision
 
-        sleep.hold()
+        clock.hold()
         store.disconnect_watches()
-        await until(lambda: len(sleep.backoffs) == 1)  # the watcher is backing off now
+        await wait_until(lambda: len(backoffs(clock)) == 1)  # the watcher is backing off now
         assert not h.watcher.connected
-        await store.delete(key(1))
+        await store.delete(instance_key(1))
         await publish_models(store, [(3, "org/c"), (4, "org/b")])  # new model; b gets a replica
-        sleep.release()
+        clock.release()
 
-        await until(lambda: names(h.watcher) == ["org/b", "org/c"])
-        await until(lambda: all_instances(h.watcher) == h.keys_in_etcd())
+        await wait_until(lambda: names(h.watcher) == ["org/b", "org/c"])
+        await wait_until(lambda: all_instances(h.watcher) == h.keys_in_etcd())
         assert store.watch_starts == [2, before + 1]  # listed an empty store at revision 1
         assert h.metric("discovery_mdc_watch_reconnects_total") == 1
         assert h.metric("discovery_mdc_relists_total", reason="compaction") == 0
@@ -265,34 +170,34 @@ async def test_disconnect_resumes_after_the_highest_revision_without_duplicates_
         assert h.metric("discovery_mdc_watch_events_total", type="put") == 4
         assert h.metric("discovery_mdc_watch_events_total", type="delete") == 1
         assert [resolver.count(n) for n in ("org/a", "org/b", "org/c")] == [1, 1, 1]
-        await until(lambda: EventKind.ADDED in seen.kinds("org/c"))
+        await wait_until(lambda: EventKind.ADDED in seen.kinds("org/c"))
         assert seen.kinds("org/a") == [EventKind.REMOVED]
         assert seen.kinds("org/b") == [EventKind.UPDATED]
 
 
 async def test_compacted_watch_relists_and_emits_deletes_and_upserts(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         await publish_models(store, [(1, "org/a"), (2, "org/b"), (3, "org/keep")])
-        await until(lambda: len(h.watcher.models()) == 3)
+        await wait_until(lambda: len(h.watcher.models()) == 3)
         seen = Collector(h.watcher)
 
-        sleep.hold()
+        clock.hold()
         store.disconnect_watches()
-        await until(lambda: len(sleep.backoffs) == 1)
-        await store.delete(key(1))  # a vanishes
+        await wait_until(lambda: len(backoffs(clock)) == 1)
+        await store.delete(instance_key(1))  # a vanishes
         await publish(store, 2, make_card("org/b", tok="7"))  # b: new incarnation, new files
         await publish_models(store, [(5, "org/new")])
-        await store.delete(key(5))  # created and deleted while away: never seen
+        await store.delete(instance_key(5))  # created and deleted while away: never seen
         await publish_models(store, [(6, "org/new2")])
         store.compact(store.revision)
-        sleep.release()
+        clock.release()
 
-        await until(lambda: names(h.watcher) == ["org/b", "org/keep", "org/new2"])
-        await until(lambda: all_instances(h.watcher) == h.keys_in_etcd())
+        await wait_until(lambda: names(h.watcher) == ["org/b", "org/keep", "org/new2"])
+        await wait_until(lambda: all_instances(h.watcher) == h.keys_in_etcd())
         assert h.metric("discovery_mdc_relists_total", reason="compaction") == 1
-        await until(lambda: len(seen.events) == 4)  # the collector drains a queue
+        await wait_until(lambda: len(seen.events) == 4)  # the collector drains a queue
         info = h.watcher.model("org/b")
         assert info is not None and info.worker_sets[0].mdcsum == mdcsum(
             make_card("org/b", tok="7")
@@ -308,25 +213,25 @@ async def test_compacted_watch_relists_and_emits_deletes_and_upserts(
 
 
 async def test_periodic_reconcile_repairs_events_the_watch_lost(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         await publish_models(store, [(1, "org/a"), (2, "org/b")])
-        await until(lambda: names(h.watcher) == ["org/a", "org/b"])
+        await wait_until(lambda: names(h.watcher) == ["org/a", "org/b"])
         seen = Collector(h.watcher)
-        store.dropped = {key(1), key(3)}  # lost by the watch; later events arrive
-        await store.delete(key(1))
+        store.dropped = {instance_key(1), instance_key(3)}  # lost by the watch; later events arrive
+        await store.delete(instance_key(1))
         await publish_models(store, [(3, "org/c")])
         store.dropped = set()
         await publish_models(store, [(4, "org/b")])
-        await until(lambda: key(4) in h.watcher.instance_keys())
+        await wait_until(lambda: instance_key(4) in h.watcher.instance_keys())
         assert names(h.watcher) == ["org/a", "org/b"]  # the watch never said
 
-        await until(lambda: RECONCILE in sleep.delays)
-        sleep.tick()
-        await until(lambda: names(h.watcher) == ["org/b", "org/c"])
+        await wait_until(lambda: RECONCILE in clock.sleeps)
+        await clock.advance(RECONCILE)
+        await wait_until(lambda: names(h.watcher) == ["org/b", "org/c"])
         assert all_instances(h.watcher) == h.keys_in_etcd()
-        await until(lambda: seen.kinds("org/a") == [EventKind.REMOVED])
+        await wait_until(lambda: seen.kinds("org/a") == [EventKind.REMOVED])
         assert h.metric("discovery_mdc_relists_total", reason="reconcile") == 0
         assert h.metric("discovery_mdc_reconcile_repairs_total", kind="put") == 1
         assert h.metric("discovery_mdc_reconcile_repairs_total", kind="delete") == 1
@@ -334,42 +239,42 @@ async def test_periodic_reconcile_repairs_events_the_watch_lost(
 
 
 async def test_reconcile_restarts_a_watch_that_stays_silent_while_etcd_changes(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    async with running(store, resolver, sleep) as h:
-        await until(lambda: h.watcher.connected and sleep.delays.count(RECONCILE) == 1)
-        sleep.tick()  # a quiet interval: nothing to repair, nothing restarted
-        await until(lambda: sleep.delays.count(RECONCILE) == 2)
+    async with running(store, resolver, clock) as h:
+        await wait_until(lambda: h.watcher.connected and clock.sleeps.count(RECONCILE) == 1)
+        await clock.advance(RECONCILE)  # a quiet interval: nothing to repair, nothing restarted
+        await wait_until(lambda: clock.sleeps.count(RECONCILE) == 2)
         assert len(store.watch_starts) == 1
 
         store.muted = True  # the connection goes half-open: etcd changes, the watch is silent
         silent_from = h.watcher.revision
         await publish_models(store, [(1, "org/a")])
-        sleep.tick()
-        await until(lambda: len(store.watch_starts) == 2)
+        await clock.advance(RECONCILE)
+        await wait_until(lambda: len(store.watch_starts) == 2)
         assert store.watch_starts[1] == silent_from + 1  # resumed where it went quiet
         store.muted = False
-        await until(lambda: names(h.watcher) == ["org/a"])
+        await wait_until(lambda: names(h.watcher) == ["org/a"])
         assert h.metric("discovery_mdc_watch_reconnects_total") == 1
         assert h.metric("discovery_mdc_relists_total", reason="reconcile") == 0
 
         await publish_models(store, [(2, "org/b")])
-        await until(lambda: names(h.watcher) == ["org/a", "org/b"])  # the new watch delivers
+        await wait_until(lambda: names(h.watcher) == ["org/a", "org/b"])  # the new watch delivers
 
 
 async def test_a_stale_relist_never_undoes_newer_watch_events(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         await publish_models(store, [(1, "org/a")])
-        await until(lambda: names(h.watcher) == ["org/a"])
+        await wait_until(lambda: names(h.watcher) == ["org/a"])
         store.range_gate = asyncio.Event()
         started = store.ranges_started
         reconcile = asyncio.create_task(h.watcher.relist())
-        await until(lambda: store.ranges_started == started + 1)  # snapshot taken, held
-        await store.delete(key(1))
+        await wait_until(lambda: store.ranges_started == started + 1)  # snapshot taken, held
+        await store.delete(instance_key(1))
         await publish_models(store, [(2, "org/b")])
-        await until(lambda: names(h.watcher) == ["org/b"])
+        await wait_until(lambda: names(h.watcher) == ["org/b"])
         store.range_gate.set()
         await reconcile
         # The snapshot still had a and lacked b; applying it blindly would swap them back.
@@ -378,17 +283,17 @@ async def test_a_stale_relist_never_undoes_newer_watch_events(
 
 
 async def test_events_for_one_key_are_applied_in_revision_order(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
     resolver.gates["org/m"] = gate = asyncio.Event()
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         await publish(store, 1, make_card(tok="3"))
         await publish(store, 1, make_card(tok="4"))
-        await store.delete(key(1))
+        await store.delete(instance_key(1))
         await publish(store, 1, make_card(tok="5"))
-        await until(lambda: h.watcher.instance_keys() == {key(1)})
+        await wait_until(lambda: h.watcher.instance_keys() == {instance_key(1)})
         gate.set()
-        await until(lambda: names(h.watcher) == ["org/m"])
+        await wait_until(lambda: names(h.watcher) == ["org/m"])
         info = h.watcher.model("org/m")
         assert info is not None
         assert [ws.mdcsum for ws in info.worker_sets] == [mdcsum(make_card(tok="5"))]
@@ -396,44 +301,46 @@ async def test_events_for_one_key_are_applied_in_revision_order(
 
 
 async def test_malformed_value_is_counted_and_skipped(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    async with running(store, resolver, sleep) as h:
-        await store.put(key(1), b"{not json")
-        await store.put("v1/mdc/dynamo/backend/generate/NOT-HEX", value(2, make_card("org/x")))
+    async with running(store, resolver, clock) as h:
+        await store.put(instance_key(1), b"{not json")
+        await store.put(
+            "v1/mdc/dynamo/backend/generate/NOT-HEX", envelope_kv(make_card("org/x"), 2)[1]
+        )
         await publish_models(store, [(3, "org/good")])
-        await until(lambda: names(h.watcher) == ["org/good"])
+        await wait_until(lambda: names(h.watcher) == ["org/good"])
         assert h.metric("discovery_mdc_malformed_cards_total") == 2
         assert resolver.count("org/x") == 0
-        assert h.watcher.instance_keys() == {key(3)}
+        assert h.watcher.instance_keys() == {instance_key(3)}
 
 
 async def test_a_card_that_cannot_be_hashed_never_stops_the_listing_or_the_watch(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    bad = value(1, make_card("org/bad")).replace(
+    bad = envelope_kv(make_card("org/bad"), 1)[1].replace(
         b'"runtime_config":{}', b'"runtime_config":{"context_length":-1}'
     )
     assert b'"context_length":-1' in bad
-    await store.put(key(1), bad)  # listed at start
+    await store.put(instance_key(1), bad)  # listed at start
     await publish_models(store, [(2, "org/a")])
-    async with running(store, resolver, sleep) as h:
-        await until(lambda: names(h.watcher) == ["org/a"])
-        await store.put(key(3), bad.replace(b'"instance_id":1', b'"instance_id":3'))
+    async with running(store, resolver, clock) as h:
+        await wait_until(lambda: names(h.watcher) == ["org/a"])
+        await store.put(instance_key(3), bad.replace(b'"instance_id":1', b'"instance_id":3'))
         await publish_models(store, [(4, "org/b")])  # arrives after it, on the watch
-        await until(lambda: names(h.watcher) == ["org/a", "org/b"])
+        await wait_until(lambda: names(h.watcher) == ["org/a", "org/b"])
         assert h.metric("discovery_mdc_malformed_cards_total") == 2
-        assert h.watcher.instance_keys() == {key(2), key(4)}
+        assert h.watcher.instance_keys() == {instance_key(2), instance_key(4)}
 
 
 async def test_namespace_filter_watches_only_the_admitted_namespace(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    async with running(store, resolver, sleep, namespace="ns1") as h:
+    async with running(store, resolver, clock, namespace="ns1") as h:
         await publish(store, 1, make_card("org/ten"), ns="ns10")
         await publish(store, 2, make_card("org/one"), ns="ns1")
-        await until(lambda: names(h.watcher) == ["org/one"])
-        await until(lambda: h.watcher.revision == store.revision)
+        await wait_until(lambda: names(h.watcher) == ["org/one"])
+        await wait_until(lambda: h.watcher.revision == store.revision)
         assert resolver.count("org/ten") == 0
 
 
@@ -441,12 +348,12 @@ async def test_namespace_filter_watches_only_the_admitted_namespace(
 
 
 async def test_listed_replicas_share_one_pipeline_and_every_url_is_an_alternate(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
     for i in (1, 2, 3):
         await publish(store, i, make_card(host=f"w{i}"))
-    async with running(store, resolver, sleep) as h:
-        await until(lambda: names(h.watcher) == ["org/m"])
+    async with running(store, resolver, clock) as h:
+        await wait_until(lambda: names(h.watcher) == ["org/m"])
         assert resolver.count("org/m") == 1
         (_, alternates) = resolver.calls[0]
         tok_hex = "2" * 64
@@ -455,47 +362,53 @@ async def test_listed_replicas_share_one_pipeline_and_every_url_is_an_alternate(
         ]
         info = h.watcher.model("org/m")
         assert info is not None and len(info.worker_sets) == 1
-        assert set(info.worker_sets[0].instances) == {key(1), key(2), key(3)}
+        assert set(info.worker_sets[0].instances) == {
+            instance_key(1),
+            instance_key(2),
+            instance_key(3),
+        }
 
 
 async def test_replicas_joining_a_running_pipeline_wait_for_it_instead_of_starting_one(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
     resolver.gates["org/m"] = gate = asyncio.Event()
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         for i in (1, 2, 3):
             await publish(store, i, make_card(host=f"w{i}"))
-        await until(lambda: h.watcher.instance_keys() == {key(1), key(2), key(3)})
+        await wait_until(
+            lambda: h.watcher.instance_keys() == {instance_key(1), instance_key(2), instance_key(3)}
+        )
         assert h.watcher.models() == []
         gate.set()
-        await until(lambda: names(h.watcher) == ["org/m"])
+        await wait_until(lambda: names(h.watcher) == ["org/m"])
         assert resolver.count("org/m") == 1
-        assert instances(h.watcher, "org/m") == {key(1), key(2), key(3)}
+        assert instances(h.watcher, "org/m") == {instance_key(1), instance_key(2), instance_key(3)}
         await publish(store, 4, make_card(host="w4"))  # after ready: joins with no pipeline
-        await until(lambda: key(4) in instances(h.watcher, "org/m"))
+        await wait_until(lambda: instance_key(4) in instances(h.watcher, "org/m"))
         assert resolver.count("org/m") == 1
 
 
 async def test_failing_pipeline_retries_with_backoff_and_model_stays_invisible(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
     resolver.failures["org/m"] = 2
-    async with running(store, resolver, sleep) as h:
-        sleep.hold()
+    async with running(store, resolver, clock) as h:
+        clock.hold()
         await publish(store, 1)
-        await until(lambda: len(sleep.backoffs) == 1)
+        await wait_until(lambda: len(backoffs(clock)) == 1)
         assert h.watcher.model("org/m") is None and names(h.watcher) == []
         assert h.metric("discovery_mdc_pipelines_total", result="failed") == 1
-        sleep.release()
-        await until(lambda: names(h.watcher) == ["org/m"])
+        clock.release()
+        await wait_until(lambda: names(h.watcher) == ["org/m"])
         assert resolver.count("org/m") == 3
-        assert len(sleep.backoffs) == 2
+        assert len(backoffs(clock)) == 2
         assert h.metric("discovery_mdc_pipelines_total", result="failed") == 2
         assert h.metric("discovery_mdc_pipelines_total", result="ok") == 1
 
 
 async def test_prepare_failure_is_retried_and_the_model_is_ready_only_after_it_succeeds(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
     prepared: list[Path | None] = []
 
@@ -504,13 +417,13 @@ async def test_prepare_failure_is_retried_and_the_model_is_ready_only_after_it_s
         if len(prepared) == 1:
             raise RuntimeError("tokenizer failed to load")
 
-    async with running(store, resolver, sleep, prepare=prepare) as h:
-        sleep.hold()
+    async with running(store, resolver, clock, prepare=prepare) as h:
+        clock.hold()
         await publish(store, 1)
-        await until(lambda: len(sleep.backoffs) == 1)
+        await wait_until(lambda: len(backoffs(clock)) == 1)
         assert names(h.watcher) == []
-        sleep.release()
-        await until(lambda: names(h.watcher) == ["org/m"])
+        clock.release()
+        await wait_until(lambda: names(h.watcher) == ["org/m"])
         assert len(prepared) == 2
         assert prepared[-1] == Path("/cache/by-slug") / make_card().slug / mdcsum(make_card())
         info = h.watcher.model("org/m")
@@ -518,87 +431,87 @@ async def test_prepare_failure_is_retried_and_the_model_is_ready_only_after_it_s
 
 
 async def test_a_slow_model_does_not_block_another_model(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
     resolver.gates["org/slow"] = asyncio.Event()  # never set
     # One permit: the stuck pipeline must give it back for the other model to load.
     async with running(
-        store, resolver, sleep, max_concurrent_pipelines=1, slow_pipeline_after=0.01
+        store, resolver, clock, max_concurrent_pipelines=1, slow_pipeline_after=0.01
     ) as h:
         seen = Collector(h.watcher)
         await publish_models(store, [(1, "org/slow"), (2, "org/fast")])
-        await until(lambda: names(h.watcher) == ["org/fast"])
-        await until(lambda: seen.kinds() == [EventKind.ADDED])  # the collector drains a queue
-        assert h.watcher.instance_keys() == {key(1), key(2)}
+        await wait_until(lambda: names(h.watcher) == ["org/fast"])
+        await wait_until(lambda: seen.kinds() == [EventKind.ADDED])  # the collector drains a queue
+        assert h.watcher.instance_keys() == {instance_key(1), instance_key(2)}
 
 
 async def test_cards_on_a_host_that_never_answers_do_not_hold_up_a_model_elsewhere(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
     stuck = [f"org/stuck-{i}" for i in range(20)]
     for name in stuck:
         resolver.gates[name] = asyncio.Event()  # fetches that never end
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         for i, name in enumerate(stuck):
             await publish(store, i + 1, make_card(name, host="tarpit"))
-        await until(lambda: sum(resolver.count(n) for n in stuck) == 2)
+        await wait_until(lambda: sum(resolver.count(n) for n in stuck) == 2)
         await publish(store, 100, make_card("org/good", host="healthy"))
-        await until(lambda: names(h.watcher) == ["org/good"])
+        await wait_until(lambda: names(h.watcher) == ["org/good"])
         # At most two pipelines fetch from one host at a time; the rest wait their turn.
         assert sum(resolver.count(n) for n in stuck) == 2
         resolver.gates[stuck[0]].set()
-        await until(lambda: "org/stuck-0" in names(h.watcher))
-        await until(lambda: sum(resolver.count(n) for n in stuck) == 3)
+        await wait_until(lambda: "org/stuck-0" in names(h.watcher))
+        await wait_until(lambda: sum(resolver.count(n) for n in stuck) == 3)
 
 
 async def test_deleting_the_only_instance_cancels_its_pending_pipeline(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
     resolver.gates["org/m"] = asyncio.Event()  # never set
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         await publish(store, 1)
-        await until(lambda: resolver.count("org/m") == 1)
-        await store.delete(key(1))
-        await until(lambda: h.watcher.instance_keys() == set())
-        await until(lambda: not h.watcher._pipelines)
+        await wait_until(lambda: resolver.count("org/m") == 1)
+        await store.delete(instance_key(1))
+        await wait_until(lambda: h.watcher.instance_keys() == set())
+        await wait_until(lambda: not h.watcher._pipelines)
 
 
 async def test_a_pipeline_that_ends_while_its_instance_still_waits_is_started_again(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
     """A pipeline can end without making its instances ready and without the watcher
     cancelling it: a CancelledError out of something it awaited ends it all the same. Its
     instance still waits, so the watcher starts the pipeline again."""
     resolver.lost["org/m"] = 1
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         await publish(store, 1)
-        await until(lambda: names(h.watcher) == ["org/m"])
-        assert resolver.count("org/m") == 2 and sleep.backoffs == []
-        assert instances(h.watcher, "org/m") == {key(1)}
+        await wait_until(lambda: names(h.watcher) == ["org/m"])
+        assert resolver.count("org/m") == 2 and backoffs(clock) == []
+        assert instances(h.watcher, "org/m") == {instance_key(1)}
 
 
 # --------------------------------------------------------------------------- API
 
 
 async def test_events_report_added_updated_rejected_removed_and_readmission(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         seen = Collector(h.watcher)
         await publish(store, 1)
-        await until(lambda: seen.kinds() == [EventKind.ADDED])
+        await wait_until(lambda: seen.kinds() == [EventKind.ADDED])
         await publish(store, 2, make_card(host="w2"))
-        await until(lambda: len(seen.events) == 2)
+        await wait_until(lambda: len(seen.events) == 2)
         await publish(store, 3, make_card(tok="9"))  # same name, other tokenizer
-        await until(lambda: len(seen.events) == 3)
-        assert h.watcher.rejected_keys() == {key(3)}
-        assert key(3) not in instances(h.watcher, "org/m")
+        await wait_until(lambda: len(seen.events) == 3)
+        assert h.watcher.rejected_keys() == {instance_key(3)}
+        assert instance_key(3) not in instances(h.watcher, "org/m")
         assert h.metric("discovery_mdc_rejected_instances_total", model="org/m") == 1
-        await store.delete(key(1))
-        await until(lambda: len(seen.events) == 4)
-        await store.delete(key(2))
+        await store.delete(instance_key(1))
+        await wait_until(lambda: len(seen.events) == 4)
+        await store.delete(instance_key(2))
         # The blocking worker set is gone: the rejected replica is admitted on its own.
-        await until(lambda: len(seen.events) == 6)
+        await wait_until(lambda: len(seen.events) == 6)
         assert seen.kinds() == [
             EventKind.ADDED,
             EventKind.UPDATED,
@@ -608,15 +521,15 @@ async def test_events_report_added_updated_rejected_removed_and_readmission(
             EventKind.ADDED,
         ]
         rejected = seen.events[2]
-        assert rejected.key == key(3) and mdcsum(make_card(tok="9")) in rejected.detail
-        assert instances(h.watcher, "org/m") == {key(3)}
+        assert rejected.key == instance_key(3) and mdcsum(make_card(tok="9")) in rejected.detail
+        assert instances(h.watcher, "org/m") == {instance_key(3)}
         assert h.watcher.rejected_keys() == set()
 
 
 async def test_wait_for_model_returns_when_ready_and_times_out_otherwise(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         waiter = asyncio.create_task(h.watcher.wait_for_model("org/m", timeout=DEADLINE))
         await publish(store, 1)
         info = await waiter
@@ -626,11 +539,11 @@ async def test_wait_for_model_returns_when_ready_and_times_out_otherwise(
 
 
 async def test_closing_the_watcher_ends_event_streams(
-    store: RecordingStore, resolver: FakeResolver, sleep: FakeSleep
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
 ) -> None:
-    async with running(store, resolver, sleep) as h:
+    async with running(store, resolver, clock) as h:
         seen = Collector(h.watcher)
         await publish(store, 1)
-        await until(lambda: seen.kinds() == [EventKind.ADDED])
+        await wait_until(lambda: seen.kinds() == [EventKind.ADDED])
     await asyncio.wait_for(seen.task, DEADLINE)
     assert h.watcher._subscribers == []

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,27 +13,16 @@ from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import ModelEnvelope, encode_envelope, from_dir
 from discovery_mdc.cli import build_parser
 from discovery_mdc.cli._common import apply_env_options, etcd_client
-from discovery_mdc.etcd import EtcdClient, EtcdServer
-from discovery_mdc.etcd._server import free_port
-
-_CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD_", "DYN_"))}
+from discovery_mdc.etcd import EtcdClient, EtcdServer, KeyValue
+from testkit import Spawn, child_env, enable_auth, free_port, run_cli, wait_until
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "discovery_mdc", *args],
-        capture_output=True, text=True, timeout=60, check=False, env={**_CLEAN_ENV, **env},
-    )  # fmt: skip
+    return run_cli(*args, env=child_env(**env))
 
 
 @pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def card_key(etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+def card_key(shared_etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A card put directly into etcd (no lease), for `ls` to find."""
     model = write_sample_model(tmp_path_factory.mktemp("m") / "env-model")
     env = ModelEnvelope(
@@ -48,34 +31,36 @@ def card_key(etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> str:
     )  # fmt: skip
 
     async def put() -> None:
-        async with EtcdClient([etcd.client_url]) as client:
+        async with EtcdClient([shared_etcd.client_url]) as client:
             await client.put(env.key, encode_envelope(env))
 
     asyncio.run(put())
     return env.key
 
 
-def test_etcd_endpoints_points_ls_at_the_cluster(etcd: EtcdServer, card_key: str) -> None:
-    proc = _cli({"ETCD_ENDPOINTS": etcd.client_url}, "ls")
+def test_etcd_endpoints_points_ls_at_the_cluster(shared_etcd: EtcdServer, card_key: str) -> None:
+    proc = _cli({"ETCD_ENDPOINTS": shared_etcd.client_url}, "ls")
     assert proc.returncode == 0, proc.stderr
     assert card_key in proc.stdout and "env-model" in proc.stdout
 
 
-def test_etcd_endpoints_fails_over_to_the_next_endpoint(etcd: EtcdServer, card_key: str) -> None:
+def test_etcd_endpoints_fails_over_to_the_next_endpoint(
+    shared_etcd: EtcdServer, card_key: str
+) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    proc = _cli({"ETCD_ENDPOINTS": f"{dead},{etcd.client_url}"}, "ls")
+    proc = _cli({"ETCD_ENDPOINTS": f"{dead},{shared_etcd.client_url}"}, "ls")
     assert proc.returncode == 0, proc.stderr
     assert card_key in proc.stdout
 
 
-def test_etcd_endpoints_accepts_bare_host_port(etcd: EtcdServer, card_key: str) -> None:
-    proc = _cli({"ETCD_ENDPOINTS": f"127.0.0.1:{etcd.client_port}"}, "ls")
+def test_etcd_endpoints_accepts_bare_host_port(shared_etcd: EtcdServer, card_key: str) -> None:
+    proc = _cli({"ETCD_ENDPOINTS": f"127.0.0.1:{shared_etcd.client_port}"}, "ls")
     assert proc.returncode == 0, proc.stderr
     assert card_key in proc.stdout
 
 
-def test_etcd_flag_beats_etcd_endpoints(etcd: EtcdServer, card_key: str) -> None:
-    proc = _cli({"ETCD_ENDPOINTS": "ftp://nowhere"}, "ls", "--etcd", etcd.client_url)
+def test_etcd_flag_beats_etcd_endpoints(shared_etcd: EtcdServer, card_key: str) -> None:
+    proc = _cli({"ETCD_ENDPOINTS": "ftp://nowhere"}, "ls", "--etcd", shared_etcd.client_url)
     assert proc.returncode == 0, proc.stderr
     assert card_key in proc.stdout
 
@@ -94,44 +79,25 @@ def test_unreachable_etcd_endpoints_exits_1_naming_them() -> None:
     assert dead in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
-async def _wait_for_key(client: EtcdClient, prefix: str, within: float = 30.0) -> tuple[str, int]:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        result = await client.range_prefix_all(prefix)
-        if result.kvs:
-            return result.kvs[0].key, result.kvs[0].lease
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no key under {prefix} within {within}s")
-
-
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "discovery_mdc", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
 async def test_etcd_lease_ttl_sets_the_workers_granted_ttl(
-    etcd: EtcdServer, tmp_path: Path
+    shared_etcd: EtcdServer, spawn: Spawn, tmp_path: Path
 ) -> None:
     model = write_sample_model(tmp_path / "ttl-model")
-    env = {**_CLEAN_ENV, "ETCD_ENDPOINTS": etcd.client_url, "ETCD_LEASE_TTL": "7"}
-    proc = _spawn(["worker", "--model-path", str(model), "--namespace", "ttltest"], env)
-    try:
-        async with EtcdClient([etcd.client_url]) as client:
-            key, lease = await _wait_for_key(client, "v1/mdc/ttltest/")
-            info = await client.lease_time_to_live(lease)
-            assert info.granted_ttl == 7
-            assert key.endswith(f"/{lease:x}")
-            proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.to_thread(proc.communicate, timeout=30)
-            assert proc.returncode == 0, err
-            # Revoked on a clean stop: the key is gone at once.
-            assert not (await client.range_prefix_all("v1/mdc/ttltest/")).kvs
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    env = child_env(ETCD_ENDPOINTS=shared_etcd.client_url, ETCD_LEASE_TTL="7")
+    worker = spawn("--model-path", str(model), "--namespace", "ttltest", env=env)
+    async with EtcdClient([shared_etcd.client_url]) as client:
+
+        async def published() -> tuple[KeyValue, ...]:
+            return (await client.range_prefix_all("v1/mdc/ttltest/")).kvs
+
+        (kv,) = await wait_until(published, timeout=30, message=worker.describe, proc=worker)
+        info = await client.lease_time_to_live(kv.lease)
+        assert info.granted_ttl == 7
+        assert kv.key.endswith(f"/{kv.lease:x}")
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait_exit(timeout=30) == 0, worker.describe()
+        # Revoked on a clean stop: the key is gone at once.
+        assert not (await client.range_prefix_all("v1/mdc/ttltest/")).kvs
 
 
 def test_bad_etcd_lease_ttl_is_a_usage_error(tmp_path: Path) -> None:
@@ -145,25 +111,11 @@ def test_bad_etcd_lease_ttl_is_a_usage_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- auth and TLS
 
 
-def _gateway(url: str, path: str, body: dict[str, object], token: str | None = None) -> object:
-    headers = {"Authorization": token} if token else {}
-    req = urllib.request.Request(
-        url + path, data=json.dumps(body).encode(), method="POST", headers=headers
-    )
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        return json.loads(resp.read())
-
-
 @pytest.fixture
-def auth_etcd() -> Iterator[EtcdServer]:
+def auth_etcd(etcd_server: EtcdServer) -> EtcdServer:
     """An etcd with authentication on: user root / password s3cret."""
-    with EtcdServer(name="auth") as server:
-        url = server.client_url
-        _gateway(url, "/v3/auth/role/add", {"name": "root"})
-        _gateway(url, "/v3/auth/user/add", {"name": "root", "password": "s3cret"})
-        _gateway(url, "/v3/auth/user/grant", {"user": "root", "role": "root"})
-        _gateway(url, "/v3/auth/enable", {})
-        yield server
+    enable_auth(etcd_server.client_url, root_password="s3cret")
+    return etcd_server
 
 
 def test_etcd_auth_username_and_password_authenticate(auth_etcd: EtcdServer) -> None:

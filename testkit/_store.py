@@ -1,69 +1,16 @@
-"""Fakes shared by the informer and watcher unit tests (import as ``from _fakes import ...``).
-
-- :class:`VirtualTime`: an injected clock and sleep; sleepers wake only when the test
-  advances time, so intervals, graces and backoffs run with no real sleeps.
-- :class:`RecordingStore`: a MemoryStore that records watch starts and can hide changes from
-  watches in several ways (all commits, some keys, or hold them back like a slow stream).
-- :func:`until`: poll a predicate under a deadline.
-"""
+"""A MemoryStore for the informer and watcher tests that records watch starts and can hide
+changes from watches in several ways (all commits, some keys, or hold them back like a slow
+stream)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from discovery_mdc.etcd import MemoryStore, RangeResult, WatchEvent, WatchResponse
 
-DEADLINE = 10.0
-
-
-async def until(predicate: Callable[[], object], timeout: float = DEADLINE) -> None:  # noqa: ASYNC109
-    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():  # noqa: ASYNC110 - polls a plain predicate
-                await asyncio.sleep(0.002)
-    except TimeoutError:
-        raise AssertionError(f"condition not met within {timeout}s") from None
-
-
-class VirtualTime:
-    """``clock()`` and ``sleep()`` on a virtual timeline that only :meth:`advance` moves."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        entry = (self.now + seconds, asyncio.get_running_loop().create_future())
-        self._sleepers.append(entry)
-        try:
-            await entry[1]
-        finally:
-            self._sleepers.remove(entry)
-
-    def sleeping(self, seconds: float | None = None) -> int:
-        """How many sleeps (of ``seconds``, if given) are pending."""
-        return sum(
-            1
-            for deadline, fut in self._sleepers
-            if not fut.done() and (seconds is None or abs(deadline - self.now - seconds) < 1e-9)
-        )
-
-    async def advance(self, seconds: float) -> None:
-        """Move time on, wake every sleeper that is due, and let them run."""
-        self.now += seconds
-        for deadline, fut in list(self._sleepers):
-            if deadline <= self.now + 1e-9 and not fut.done():
-                fut.set_result(None)
-        for _ in range(20):
-            await asyncio.sleep(0)
+__all__ = ["RecordingStore"]
 
 
 class RecordingStore(MemoryStore):

@@ -15,13 +15,11 @@ downloads from an unreachable host, and neither the worker API nor the frontend 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +30,18 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any, Final
+
+from testkit._gateway import (
+    etcd_delete_prefix,
+    etcd_get_prefix,
+    etcd_lease_grant,
+    etcd_lease_revoke,
+    etcd_put,
+)
+from testkit._process import Process, child_env
+from testkit._servers import free_port
+from testkit._wait import wait_until_sync
 
 __all__ = [
     "DYNAMO_VERSION",
@@ -48,7 +57,6 @@ __all__ = [
     "etcd_lease_grant",
     "etcd_lease_revoke",
     "etcd_put",
-    "free_port",
     "free_port_below_32768",
     "http_json",
     "in_ci",
@@ -56,15 +64,12 @@ __all__ = [
     "list_models",
     "oracle_local_dir",
     "oracle_local_dirs",
-    "our_env",
     "raw_card_json",
     "read_port_file",
     "start_dynamo_frontend",
     "start_dynamo_worker",
     "start_our_frontend",
     "start_our_worker",
-    "stop",
-    "wait_for",
     "wait_for_keys",
     "wait_for_models",
     "write_dynamo_sample_model",
@@ -192,13 +197,6 @@ def ensure_dynamo_venv(venv: Path | None = None, *, fresh: bool = False) -> Path
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def free_port_below_32768(host: str = "127.0.0.1") -> int:
@@ -342,21 +340,10 @@ def write_worker_script(directory: str | os.PathLike[str]) -> Path:
 
 def _spawn(
     argv: Sequence[str], env: Mapping[str, str], log: str | os.PathLike[str] | None
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """Start ``argv`` in its own session with stdout+stderr appended to ``log``."""
-    with contextlib.ExitStack() as stack:
-        out: IO[bytes] | int = subprocess.DEVNULL
-        if log is not None:
-            # The child inherits its own copy of the descriptor; ours closes right away.
-            out = stack.enter_context(open(log, "ab"))
-        return subprocess.Popen(
-            list(argv),
-            env=dict(env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    log_path = Path(log) if log is not None else Path(os.devnull)
+    return Process(argv, log_path=log_path, env=env, append=True, new_session=True)
 
 
 def start_dynamo_worker(
@@ -376,7 +363,7 @@ def start_dynamo_worker(
     register_kwargs: Mapping[str, Any] | None = None,
     log: str | os.PathLike[str] | None = None,
     workdir: str | os.PathLike[str] | None = None,
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """Start a Dynamo worker serving ``model_dir`` as ``name`` on ``endpoint`` (``ns.comp.ep``).
 
     Names are the Python enum members (``"Chat"``, ``"Tokens"``, ``"Aggregated"``,
@@ -386,7 +373,7 @@ def start_dynamo_worker(
     go to ``register_model`` as is (JSON values only: ``kv_cache_block_size``,
     ``custom_template_path``, ``self_host_metadata``, ``user_data``, ``model_aliases``, ...).
     Output goes to ``log``; the worker prints ``DYNAMO_WORKER_REGISTERED`` once registered.
-    Stop it with :func:`stop`.
+    Stop it with its ``stop()``.
     """
     cfg: dict[str, Any] = {
         "endpoint": endpoint,
@@ -413,7 +400,7 @@ def start_dynamo_frontend(
     *,
     extra_args: Sequence[str] = (),
     log: str | os.PathLike[str] | None = None,
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """Start ``python -m dynamo.frontend --http-host 127.0.0.1 --http-port P``."""
     argv = [
         os.fspath(python),
@@ -428,36 +415,7 @@ def start_dynamo_frontend(
     return _spawn(argv, env, log)
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    """SIGTERM ``proc`` (one we started), SIGKILL it after ``timeout``; return its exit code."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout)
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-    return proc.returncode
-
-
 # --------------------------------------------------------------------------- our processes
-
-
-def our_env(**extra: str) -> dict[str, str]:
-    """This environment without any inherited ``DYN_*``/``ETCD_*``/``HF_*`` knob, plus ``extra``
-    (so a developer's shell cannot change what a test publishes)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DYN_", "ETCD_", "NATS_", "HF_")) and k != "PYTHONPATH"
-    }
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 def start_our_worker(
@@ -472,14 +430,14 @@ def start_our_worker(
     extra_args: Sequence[str] = (),
     env_extra: Mapping[str, str] | None = None,
     log: str | os.PathLike[str] | None = None,
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """``python -m discovery_mdc worker`` for ``model_dir`` (passed exactly as given).
 
     ``system_port`` sets ``DYN_SYSTEM_PORT`` (0: any free port; None: no status server) with
     ``DYN_SYSTEM_HOST=127.0.0.1``; ``self_host=False`` adds ``--no-self-host``;
-    ``instance_transport`` adds ``--instance-transport``. Stop it with :func:`stop`.
+    ``instance_transport`` adds ``--instance-transport``. Stop it with its ``stop()``.
     """
-    env = our_env(**dict(env_extra or {}))
+    env = child_env(**dict(env_extra or {}))
     if system_port is not None:
         env.update(DYN_SYSTEM_HOST="127.0.0.1", DYN_SYSTEM_PORT=str(system_port))
     argv = [
@@ -500,7 +458,7 @@ def start_our_frontend(
     port_file: str | os.PathLike[str],
     *,
     log: str | os.PathLike[str] | None = None,
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """``python -m discovery_mdc frontend`` on 127.0.0.1 with a free port (written to
     ``port_file``; read it with :func:`read_port_file`)."""
     argv = [
@@ -508,14 +466,14 @@ def start_our_frontend(
         "--http-host", "127.0.0.1", "--http-port", "0", "--port-file", os.fspath(port_file),
         "--cache-dir", os.fspath(cache_dir),
     ]  # fmt: skip
-    return _spawn(argv, our_env(), log)
+    return _spawn(argv, child_env(), log)
 
 
 def read_port_file(
     path: str | os.PathLike[str],
     *,
     timeout: float = 60.0,
-    proc: subprocess.Popen[bytes] | None = None,
+    proc: Process | None = None,
 ) -> int:
     """Wait for a ``--port-file`` to hold a port number and return it."""
 
@@ -523,7 +481,7 @@ def read_port_file(
         text = Path(path).read_text().strip() if Path(path).exists() else ""
         return int(text) if text.isdigit() else None
 
-    port: int = wait_for(read, timeout=timeout, what=f"port file {path}", proc=proc)
+    port: int = wait_until_sync(read, timeout=timeout, message=f"port file {path}", proc=proc)
     return port
 
 
@@ -605,98 +563,7 @@ def oracle_local_dir(card_json: str, python: str | os.PathLike[str] | None = Non
 # --------------------------------------------------------------------------- etcd (gateway)
 
 
-def _post(etcd_url: str, path: str, body: Mapping[str, Any], timeout: float = 10.0) -> Any:
-    req = urllib.request.Request(
-        etcd_url.rstrip("/") + path,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    end = bytearray(prefix)
-    while end and end[-1] == 0xFF:
-        end.pop()
-    if not end:
-        return b"\x00"
-    end[-1] += 1
-    return bytes(end)
-
-
-def etcd_get_prefix(etcd_url: str, prefix: str) -> dict[str, bytes]:
-    """Every key under ``prefix`` with its raw value bytes, via etcd's v3 JSON gateway."""
-    p = prefix.encode()
-    body = _post(etcd_url, "/v3/kv/range", {"key": _b64(p), "range_end": _b64(_prefix_end(p))})
-    return {
-        base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
-        for kv in body.get("kvs", [])
-    }
-
-
-def etcd_put(etcd_url: str, key: str, value: bytes, lease: int | None = None) -> None:
-    """Put one key (optionally bound to ``lease``) through the gateway."""
-    body: dict[str, Any] = {"key": _b64(key.encode()), "value": _b64(value)}
-    if lease is not None:
-        body["lease"] = lease
-    _post(etcd_url, "/v3/kv/put", body)
-
-
-def etcd_lease_grant(etcd_url: str, ttl: int = 30) -> int:
-    """Grant a lease; return its id."""
-    return int(_post(etcd_url, "/v3/lease/grant", {"TTL": ttl})["ID"])
-
-
-def etcd_lease_revoke(etcd_url: str, lease: int) -> None:
-    """Revoke a lease, deleting every key bound to it."""
-    _post(etcd_url, "/v3/lease/revoke", {"ID": lease})
-
-
-def etcd_delete_prefix(etcd_url: str, prefix: str) -> int:
-    """Delete every key under ``prefix``; return how many were deleted."""
-    p = prefix.encode()
-    body = _post(
-        etcd_url, "/v3/kv/deleterange", {"key": _b64(p), "range_end": _b64(_prefix_end(p))}
-    )
-    return int(body.get("deleted", 0))
-
-
 # --------------------------------------------------------------------------- waiting
-
-
-def wait_for(
-    predicate: Any,
-    *,
-    timeout: float = 60.0,
-    interval: float = 0.2,
-    what: str = "condition",
-    proc: subprocess.Popen[bytes] | None = None,
-) -> Any:
-    """Poll ``predicate()`` until it returns something truthy and return that.
-
-    Fails fast if ``proc`` exits first (its log usually says why).
-    """
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except (OSError, ValueError) as exc:
-            value, last_exc = None, exc
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.pid} exited ({proc.returncode}) before {what}")
-        time.sleep(interval)
-    raise TimeoutError(
-        f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})"
-    )
 
 
 def wait_for_keys(
@@ -705,7 +572,7 @@ def wait_for_keys(
     count: int = 1,
     *,
     timeout: float = 60.0,
-    proc: subprocess.Popen[bytes] | None = None,
+    proc: Process | None = None,
 ) -> dict[str, bytes]:
     """Wait until at least ``count`` keys exist under ``prefix``; return them."""
 
@@ -713,8 +580,8 @@ def wait_for_keys(
         kvs = etcd_get_prefix(etcd_url, prefix)
         return kvs if len(kvs) >= count else None
 
-    result: dict[str, bytes] = wait_for(
-        check, timeout=timeout, what=f"{count} key(s) under {prefix!r}", proc=proc
+    result: dict[str, bytes] = wait_until_sync(
+        check, timeout=timeout, message=f"{count} key(s) under {prefix!r}", proc=proc
     )
     return result
 
@@ -733,7 +600,7 @@ def wait_for_models(
     *,
     present: bool = True,
     timeout: float = 60.0,
-    proc: subprocess.Popen[bytes] | None = None,
+    proc: Process | None = None,
 ) -> list[str]:
     """Wait until every model in ``expected`` is listed (or, with ``present=False``, none is)."""
 
@@ -745,8 +612,8 @@ def wait_for_models(
             ok = not any(m in models for m in expected)
         return (models or ["<none>"]) if ok else None
 
-    result: list[str] = wait_for(
-        check, timeout=timeout, what=f"models {list(expected)} present={present}", proc=proc
+    result: list[str] = wait_until_sync(
+        check, timeout=timeout, message=f"models {list(expected)} present={present}", proc=proc
     )
     return result
 
@@ -861,7 +728,7 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
     work = Path(tempfile.mkdtemp(prefix="dyn-capture-"))
     manifest: dict[str, Any] = {
         "dynamo": {"ai-dynamo": DYNAMO_VERSION, "ai-dynamo-runtime": DYNAMO_VERSION},
-        "produced_by": "python integration/_dynamo.py capture (capture_goldens)",
+        "produced_by": "python -m testkit.dynamo capture (capture_goldens)",
         "envelopes": [],
         "instances": [],
     }
@@ -872,7 +739,9 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
         fport = free_port()
         fe = start_dynamo_frontend(py, dynamo_env(url, fhome), fport, log=work / "fe.log")
         try:
-            wait_for(lambda: list_models(fport) is not None, what="frontend up", proc=fe)
+            wait_until_sync(
+                lambda: list_models(fport) is not None, message="frontend up", proc=fe, timeout=60.0
+            )
             for scen, model, display, opts in _SCENARIOS:
                 opts = dict(opts)
                 sysport = free_port_below_32768() if opts.pop("sysport") else None
@@ -898,7 +767,7 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
                         expected = [name, *(n for n, _ in loras)]
                         listed = wait_for_models(fport, expected, proc=fe)
                 finally:
-                    stop(w)
+                    w.stop()
                 etcd_delete_prefix(url, "v1/")
                 wait_for_models(fport, [name], present=False, proc=fe)
                 common = {
@@ -924,7 +793,7 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
                     else:
                         manifest["instances"].append(entry)
         finally:
-            stop(fe)
+            fe.stop()
         # What the frontend cached: by-slug/<slug>/<mdcsum>/<files>.
         by_slug = fhome / ".cache" / "dynamo" / "mdc" / "by-slug"
         frontend_dirs = {
@@ -945,7 +814,7 @@ def capture_goldens(out_dir: Path, python: Path | None = None) -> dict[str, Any]
 
 
 def _main(argv: Sequence[str]) -> int:
-    usage = "usage: python integration/_dynamo.py capture [OUT_DIR] | install [--fresh]"
+    usage = "usage: python -m testkit.dynamo capture [OUT_DIR] | install [--fresh]"
     if argv[:1] == ["capture"]:
         out = Path(argv[1]) if len(argv) > 1 else Path("tests/data/dynamo")
         result = capture_goldens(out.resolve())

@@ -1,14 +1,20 @@
+"""Fixtures that both ``tests/`` and ``integration/`` use (model dirs, HF cache repos, a cache
+dir, a scripted metadata server); the helpers they build on are the test kit's
+(``testkit/``)."""
+
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from discovery_mdc._sample import write_sample_model
+from discovery_mdc.cache import CacheLayout
 from discovery_mdc.card import hash_bytes
+from testkit import MetaServer
 
 #: The commit every generated HF cache entry is stored under.
 HF_COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -48,3 +54,16 @@ def make_hf_repo() -> Callable[..., Path]:
         return snapshot
 
     return make
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> CacheLayout:
+    """An empty cache layout under ``tmp_path``."""
+    return CacheLayout(tmp_path / "cache")
+
+
+@pytest.fixture
+async def meta_server() -> AsyncIterator[MetaServer]:
+    """A :class:`testkit.MetaServer` on 127.0.0.1 for the test."""
+    async with MetaServer() as server:
+        yield server

@@ -20,8 +20,9 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Coroutine
-from types import TracebackType
 from typing import Any, TypeVar
+
+from discovery_mdc._lifecycle import Service
 
 __all__ = ["TcpProxy"]
 
@@ -29,7 +30,7 @@ _T = TypeVar("_T")
 _CHUNK = 64 * 1024
 
 
-class TcpProxy:
+class TcpProxy(Service):
     """Forwards ``127.0.0.1:<port>`` to ``target_host:target_port``."""
 
     def __init__(self, target_host: str, target_port: int, *, host: str = "127.0.0.1") -> None:
@@ -97,17 +98,6 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
-
-    def __enter__(self) -> TcpProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ loop side
 
