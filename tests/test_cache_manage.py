@@ -594,19 +594,27 @@ def test_prune_plan_is_empty_after_a_prune(
 # --------------------------------------------------------------------------- concurrency
 
 
+def unpublished(card: ModelDeploymentCard, cache: CacheLayout) -> tuple[Path, Path]:
+    """Resolve ``card``, then rename its directory back to a staging name, as it was just
+    before being published: ``(card dir, staging dir)``."""
+    done = resolve(card, cache)
+    assert done.local_dir is not None
+    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
+    done.local_dir.rename(staging)
+    return done.local_dir, staging
+
+
 def test_a_reference_scan_sees_links_whose_dir_is_renamed_during_the_scan(
     make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A staging dir renamed onto its card dir mid-scan: the scan starts over and still counts
-    its links (else prune could delete a blob a just-published card links)."""
+    """A staging dir renamed onto its card dir after the listing, before it is read: the next
+    listing shows it under its new name and its links still count (else prune could delete a
+    blob a just-published card links)."""
     from discovery_mdc.cache import _manage
 
-    done = resolve(from_dir(make_model_dir("moving")), cache)
-    assert done.local_dir is not None
-    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
-    local_dir = done.local_dir
-    local_dir.rename(staging)
-    expected = {f.checksum.hex for _, f in done.card.files()}
+    card = from_dir(make_model_dir("moving"))
+    local_dir, staging = unpublished(card, cache)
+    expected = {f.checksum.hex for _, f in card.files()}
     real_scandir = _manage._scandir
     renamed: list[bool] = []
 
@@ -630,11 +638,8 @@ def test_a_reference_scan_sees_the_links_of_a_dir_renamed_while_it_is_read(
     blobs of a card just published)."""
     from discovery_mdc.cache import _manage
 
-    done = resolve(from_dir(make_model_dir("moving")), cache)
-    assert done.local_dir is not None
-    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
-    card_dir = done.local_dir
-    card_dir.rename(staging)
+    card = from_dir(make_model_dir("moving"))
+    card_dir, staging = unpublished(card, cache)
     real_readlink = os.readlink
     renamed: list[bool] = []
 
@@ -645,7 +650,7 @@ def test_a_reference_scan_sees_the_links_of_a_dir_renamed_while_it_is_read(
         return real_readlink(path, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "readlink", publish_then_readlink)
-    assert _manage.referenced_hexes(cache) == {f.checksum.hex for _, f in done.card.files()}
+    assert _manage.referenced_hexes(cache) == {f.checksum.hex for _, f in card.files()}
     assert renamed
 
 
@@ -654,11 +659,7 @@ def test_a_scan_never_fails_on_a_card_dir_renamed_under_it(
 ) -> None:
     from discovery_mdc.cache import _manage
 
-    done = resolve(from_dir(make_model_dir("moving")), cache)
-    assert done.local_dir is not None
-    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
-    card_dir = done.local_dir
-    card_dir.rename(staging)
+    card_dir, staging = unpublished(from_dir(make_model_dir("moving")), cache)
     real_scandir = _manage._scandir
 
     def scandir_then_publish(path: Path) -> list[os.DirEntry[str]]:
