@@ -9,7 +9,9 @@ Execution removes card directories first, then temp files, then blobs, then empt
 directories, so an interrupted run never leaves a link without its blob. A card directory is
 first renamed out of ``by-slug/`` (to ``.tmp-rm.<pid>.<uuid>``), so a frontend sees it whole
 or not at all. A blob is removed only while its lock is held and after re-checking, under that
-lock, that no link refers to it (resolves create links under the same lock). All of this is
+lock, that no link refers to it (resolves create links under the same lock; the re-check
+reads card directories through open descriptors, so one published meanwhile cannot hide its
+links, see :func:`referenced_hexes`). All of this is
 safe while frontends use the same cache: what a running frontend still serves, it touches
 (its last use) and re-creates if it is removed anyway.
 """
