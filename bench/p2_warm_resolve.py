@@ -1,9 +1,10 @@
 """P2: warm resolve of a card whose blobs are all cached, vs huggingface_hub's cache lookups.
 
-Ours: ``resolve_metadata_files(card)`` for the 5-file card after the cache was filled once.
-It checks each link, and verifies each blob (blake3 and size) unless this process has already
-verified the same unchanged inode (a stat-keyed memo, the steady state of a frontend). A
-second row clears that memo before every call, i.e. re-hashes all ~2.3 MB each time.
+Ours: ``MetadataCache.resolve(card)`` for the 5-file card after the cache was filled once, on
+one ``MetadataCache`` as a frontend keeps one. It checks each link, and verifies each blob
+(blake3 and size) unless that cache has already verified the same unchanged inode (a
+stat-keyed memo, the steady state of a frontend). A second row clears that memo before every
+call, i.e. re-hashes all ~2.3 MB each time.
 
 Peers, on the same 5 files laid out as an HF hub cache (``models--bench--p2/{blobs,
 snapshots/<commit>,refs/main}``): ``hf_hub_download(..., local_files_only=True)`` and
@@ -49,19 +50,18 @@ def _hf_layout(model_dir: Path, cache: Path) -> list[str]:
 
 
 async def _ours(card: object, cache_dir: Path, n: int, *, clear_memo: bool) -> list[float]:
-    from discovery_mdc.cache import CacheStats, resolve_metadata_files
-    from discovery_mdc.cache._store import forget_verified
+    from discovery_mdc.cache import MetadataCache
 
-    stats = CacheStats()
     out = []
-    for _ in range(n):
-        if clear_memo:
-            forget_verified()
-        t0 = time.perf_counter()
-        await resolve_metadata_files(card, cache_dir=cache_dir, stats=stats)  # type: ignore[arg-type]
-        out.append(1000 * (time.perf_counter() - t0))
-    if stats.fetches:
-        raise RuntimeError(f"warm resolve fetched {stats.fetches} file(s)")
+    async with MetadataCache(cache_dir) as cache:
+        for _ in range(n):
+            if clear_memo:
+                cache.forget_verified()
+            t0 = time.perf_counter()
+            await cache.resolve(card)  # type: ignore[arg-type]
+            out.append(1000 * (time.perf_counter() - t0))
+    if cache.stats.fetches:
+        raise RuntimeError(f"warm resolve fetched {cache.stats.fetches} file(s)")
     return out
 
 

@@ -24,6 +24,7 @@ from discovery_mdc.errors import *  # noqa: F403 - the error classes, eagerly (e
 
 if typing.TYPE_CHECKING:
     from discovery_mdc.cache import (
+        MetadataCache,
         ResolvedCard,
         resolve_metadata_files,
     )
@@ -59,6 +60,7 @@ __version__ = "0.1.0"
 
 # name -> the subpackage that defines it
 _LAZY: dict[str, str] = {
+    "MetadataCache": "discovery_mdc.cache",
     "ResolvedCard": "discovery_mdc.cache",
     "resolve_metadata_files": "discovery_mdc.cache",
     "CheckedFile": "discovery_mdc.card",
@@ -87,6 +89,7 @@ __all__ = [
     "Checksum",
     "EtcdClient",
     "LeaseSession",
+    "MetadataCache",
     "ModelDeploymentCard",
     "ModelEnvelope",
     "ModelEvent",

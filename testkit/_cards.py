@@ -124,12 +124,14 @@ class FakeResolved:
 
 @dataclass
 class FakeResolver:
-    """A watcher resolver that records calls; per model it can block on a gate or fail a
-    number of times."""
+    """A watcher resolver that records calls; per model it can block on a gate, fail a
+    number of times, or end a number of times with the CancelledError of a future someone
+    else cancelled (``lost``)."""
 
     calls: list[tuple[str, dict[str, list[str]]]] = field(default_factory=list)
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, int] = field(default_factory=dict)
 
     async def __call__(
         self, card: ModelDeploymentCard, *, alternates: dict[str, list[str]]
@@ -142,6 +144,11 @@ class FakeResolver:
         if self.failures.get(name, 0) > 0:
             self.failures[name] -= 1
             raise FetchError(f"fake fetch of {name} failed")
+        if self.lost.get(name, 0) > 0:
+            self.lost[name] -= 1
+            cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            cancelled.cancel()
+            await cancelled  # raises CancelledError, though nobody cancelled this call
         return FakeResolved(card, Path("/cache/by-slug") / card.slug / mdcsum(card))
 
     def count(self, name: str) -> int:

@@ -25,13 +25,14 @@ from discovery_mdc.cache import (
     AllSourcesFailedError,
     CacheLayout,
     CacheStats,
+    FetchConfig,
     HfOfflineError,
+    MetadataCache,
     ResolvedCard,
     SourceHealth,
     _store,
     resolve_metadata_files,
 )
-from discovery_mdc.cache._store import forget_verified
 from discovery_mdc.card import (
     CheckedFile,
     Checksum,
@@ -40,6 +41,7 @@ from discovery_mdc.card import (
     SlotVariant,
     from_dir,
     hash_bytes,
+    hash_file,
 )
 from discovery_mdc.errors import (
     CacheError,
@@ -56,7 +58,6 @@ from testkit import MetaServer, wait_until
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    forget_verified()
     for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT", "HF_HOME", "DYN_MDC_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
@@ -448,15 +449,14 @@ async def test_a_card_on_a_frozen_host_gets_a_shared_file_from_another_card_wait
         display_name="Other"
     )
     health = SourceHealth()
-    first = asyncio.ensure_future(
-        resolve_metadata_files(frozen, cache_dir=cache.root, first_byte_timeout=0.5, health=health)
-    )
-    await wait_until(lambda: any(cache.locks.glob("*")) if cache.locks.exists() else False)
-    second = asyncio.ensure_future(
-        resolve_metadata_files(healthy, cache_dir=cache.root, first_byte_timeout=0.5, health=health)
-    )
-    async with asyncio.timeout(30):
-        done = await asyncio.gather(first, second)
+    async with MetadataCache(
+        cache.root, fetch=FetchConfig(first_byte_timeout=0.5), health=health
+    ) as shared:
+        first = asyncio.ensure_future(shared.resolve(frozen))
+        await wait_until(lambda: any(cache.locks.glob("*")) if cache.locks.exists() else False)
+        second = asyncio.ensure_future(shared.resolve(healthy))
+        async with asyncio.timeout(30):
+            done = await asyncio.gather(first, second)
     # The frozen card's fetch, once its own host timed out, took the bytes from the host the
     # other card knows: both resolve, with one GET in all.
     assert [read(r.files[0]) for r in done] == [GOOD, GOOD]
@@ -716,9 +716,8 @@ async def test_twenty_concurrent_resolves_make_one_get_per_blob(
     meta_server: MetaServer, card: ModelDeploymentCard, cache: CacheLayout
 ) -> None:
     http_card = meta_server.http_card(card)
-    results = await asyncio.gather(
-        *(resolve_metadata_files(http_card, cache_dir=cache.root) for _ in range(20))
-    )
+    async with MetadataCache(cache.root) as shared:
+        results = await asyncio.gather(*(shared.resolve(http_card) for _ in range(20)))
     assert all(r == results[0] for r in results)
     assert set(meta_server.gets.values()) == {1}
     assert len(meta_server.gets) == len(list(card.files()))
@@ -730,10 +729,8 @@ async def test_two_cards_sharing_a_blob_fetch_it_once(
 ) -> None:
     http_card = meta_server.http_card(card)
     other = http_card.replace(display_name="Other", slug="other")
-    a, b = await asyncio.gather(
-        resolve_metadata_files(http_card, cache_dir=cache.root),
-        resolve_metadata_files(other, cache_dir=cache.root),
-    )
+    async with MetadataCache(cache.root) as shared:
+        a, b = await asyncio.gather(shared.resolve(http_card), shared.resolve(other))
     assert a.local_dir != b.local_dir
     assert set(meta_server.gets.values()) == {1}
 
@@ -836,22 +833,38 @@ async def test_verification_memo_does_not_hide_a_rewrite(
 ) -> None:
     # A 50 ms racy window instead of 2 s, so the test need not wait long for a memo entry.
     monkeypatch.setattr(_store, "_RACY_NS", 50_000_000)
+    hashed: list[Path] = []
+
+    def counting_hash_file(path: Path, **kw: Any) -> Any:
+        hashed.append(path)
+        return hash_file(path, **kw)
+
+    monkeypatch.setattr("discovery_mdc.cache._store.hash_file", counting_hash_file)
     http_card = meta_server.http_card(card)
-    stats = CacheStats()
-    await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
     _, config = next(card.files())
     blob = cache.blob(config.checksum.hex)
-    good = read(blob)
-    await wait_until(lambda: time.time_ns() - blob.stat().st_ctime_ns > 100_000_000)
-    await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
-    assert config.checksum.hex in _store._verified.values()  # the warm path is memoized
-    st = blob.stat()
-    blob.write_bytes(b"x" * len(good))
-    # Even with the old mtime restored, the ctime moved past the memo's entry.
-    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
-    await resolve_metadata_files(http_card, cache_dir=cache.root, stats=stats)
-    assert read(blob) == good
-    assert stats.repairs == 1
+    async with MetadataCache(cache.root) as shared:
+        await shared.resolve(http_card)
+        good = read(blob)
+        await wait_until(lambda: time.time_ns() - blob.stat().st_ctime_ns > 100_000_000)
+        await shared.resolve(http_card)  # hashes each blob, now old enough to be memoized
+        hashed.clear()
+        await shared.resolve(http_card)
+        assert hashed == []  # the warm path is memoized
+        st = blob.stat()
+        blob.write_bytes(b"x" * len(good))
+        # Even with the old mtime restored, the ctime moved past the memo's entry.
+        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+        await shared.resolve(http_card)
+        assert read(blob) == good
+        assert shared.stats.repairs == 1
+        # Forgetting the memo hashes every blob again.
+        await wait_until(lambda: time.time_ns() - blob.stat().st_ctime_ns > 100_000_000)
+        await shared.resolve(http_card)
+        hashed.clear()
+        shared.forget_verified()
+        await shared.resolve(http_card)
+        assert len(hashed) == len({f.checksum.hex for _, f in card.files()})
 
 
 async def test_disk_full_is_a_clear_cache_error(
@@ -879,6 +892,42 @@ async def test_caller_session_is_used_and_left_open(
             meta_server.http_card(card), cache_dir=cache.root, session=session
         )
         assert not session.closed
+
+
+async def test_a_cache_makes_one_session_for_all_its_resolves_and_closes_it(
+    meta_server: MetaServer,
+    make_model_dir: Callable[..., Path],
+    cache: CacheLayout,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[aiohttp.ClientSession] = []
+    real_session = aiohttp.ClientSession
+
+    def session(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
+        made.append(real_session(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(aiohttp, "ClientSession", session)
+    cards = [meta_server.http_card(from_dir(make_model_dir(f"m{i}", seed=i))) for i in range(3)]
+    async with MetadataCache(cache.root) as shared:
+        await shared.resolve(cards[0])
+        await asyncio.gather(*(shared.resolve(c) for c in cards[1:]))
+        assert len(made) == 1 and not made[0].closed
+    assert made[0].closed
+    assert shared.stats.fetches == len({f.checksum.hex for c in cards for _, f in c.files()})
+
+
+async def test_a_warm_resolve_records_the_cards_last_use(
+    card: ModelDeploymentCard, cache: CacheLayout
+) -> None:
+    resolved = await resolve_metadata_files(card, cache_dir=cache.root)
+    long_ago = time.time() - 30 * 86400
+    for link in resolved.files:
+        os.utime(link, (long_ago, long_ago), follow_symlinks=False)
+    again = await resolve_metadata_files(card, cache_dir=cache.root)
+    assert again.files == resolved.files
+    # Each link's own mtime is the card's last use (prune --older-than, --keep decide by it).
+    assert all(time.time() - link.lstat().st_mtime < 120 for link in again.files)
 
 
 # --------------------------------------------------------------------------- legacy cards

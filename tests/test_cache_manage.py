@@ -26,7 +26,7 @@ from discovery_mdc.cache import (
     resolve_metadata_files,
     scan_cache,
 )
-from discovery_mdc.cache._store import forget_verified
+from discovery_mdc.cache._store import remove_link_dir
 from discovery_mdc.card import CheckedFile, ModelDeploymentCard, encode_card, from_dir
 from discovery_mdc.errors import ChecksumMismatchError
 from testkit import backdate, snapshot
@@ -38,7 +38,6 @@ DAY = 86400.0
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("DYN_MDC_CACHE_DIR", "DYN_LOGGING_JSONL"):
         monkeypatch.delenv(name, raising=False)
-    forget_verified()
 
 
 @pytest.fixture(autouse=True)
@@ -274,7 +273,6 @@ def test_last_used_is_the_last_resolve_not_a_dir_mtime_prune_moves(
     [entry] = cards_by_id(cache).values()
     assert abs(entry["last_used_unix"] - when) < 2
     # Using the card is what moves it.
-    forget_verified()
     resolve(card, cache)
     [entry] = cards_by_id(cache).values()
     assert abs(entry["last_used_unix"] - time.time()) < 120
@@ -335,7 +333,6 @@ def test_verify_fix_removes_corrupt_blobs_and_their_cards_then_verify_passes(
     assert cli_main("cache", "verify", "--cache-dir", str(cache.root)).returncode == 0
     # The healthy card is untouched; the sick one is fetched and verified anew when needed.
     assert snapshot(well_dir) == well_files
-    forget_verified()
     assert resolve(sick, cache).local_dir == sick_dir
 
 
@@ -597,19 +594,27 @@ def test_prune_plan_is_empty_after_a_prune(
 # --------------------------------------------------------------------------- concurrency
 
 
+def unpublished(card: ModelDeploymentCard, cache: CacheLayout) -> tuple[Path, Path]:
+    """Resolve ``card``, then rename its directory back to a staging name, as it was just
+    before being published: ``(card dir, staging dir)``."""
+    done = resolve(card, cache)
+    assert done.local_dir is not None
+    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
+    done.local_dir.rename(staging)
+    return done.local_dir, staging
+
+
 def test_a_reference_scan_sees_links_whose_dir_is_renamed_during_the_scan(
     make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A staging dir renamed onto its card dir mid-scan: the scan starts over and still counts
-    its links (else prune could delete a blob a just-published card links)."""
+    """A staging dir renamed onto its card dir after the listing, before it is read: the next
+    listing shows it under its new name and its links still count (else prune could delete a
+    blob a just-published card links)."""
     from discovery_mdc.cache import _manage
 
-    done = resolve(from_dir(make_model_dir("moving")), cache)
-    assert done.local_dir is not None
-    staging = done.local_dir.parent / f".tmp-card.{done.mdcsum}.{os.getpid()}.{uuid.uuid4().hex}"
-    local_dir = done.local_dir
-    local_dir.rename(staging)
-    expected = {f.checksum.hex for _, f in done.card.files()}
+    card = from_dir(make_model_dir("moving"))
+    local_dir, staging = unpublished(card, cache)
+    expected = {f.checksum.hex for _, f in card.files()}
     real_scandir = _manage._scandir
     renamed: list[bool] = []
 
@@ -625,11 +630,85 @@ def test_a_reference_scan_sees_links_whose_dir_is_renamed_during_the_scan(
     assert renamed
 
 
+def test_a_reference_scan_sees_the_links_of_a_dir_renamed_while_it_is_read(
+    make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staging dir published (renamed) after its entries were listed, before its links were
+    read: they still count (reading them by path then found nothing, and a prune deleted the
+    blobs of a card just published)."""
+    from discovery_mdc.cache import _manage
+
+    card = from_dir(make_model_dir("moving"))
+    card_dir, staging = unpublished(card, cache)
+    real_readlink = os.readlink
+    renamed: list[bool] = []
+
+    def publish_then_readlink(path: Any, *, dir_fd: int | None = None) -> Any:
+        if not renamed:
+            staging.rename(card_dir)  # the publish lands between listing and reading
+            renamed.append(True)
+        return real_readlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "readlink", publish_then_readlink)
+    assert _manage.referenced_hexes(cache) == {f.checksum.hex for _, f in card.files()}
+    assert renamed
+
+
+def test_a_scan_never_fails_on_a_card_dir_renamed_under_it(
+    make_model_dir: Callable[..., Path], cache: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from discovery_mdc.cache import _manage
+
+    card_dir, staging = unpublished(from_dir(make_model_dir("moving")), cache)
+    real_scandir = _manage._scandir
+
+    def scandir_then_publish(path: Path) -> list[os.DirEntry[str]]:
+        entries = real_scandir(path)
+        if path == staging.parent and staging.exists():
+            staging.rename(card_dir)  # the publish lands right after the listing
+        return entries
+
+    monkeypatch.setattr(_manage, "_scandir", scandir_then_publish)
+    scan = scan_cache(cache)
+    assert scan.warnings == () and scan.incomplete == ()
+    assert card_dir.is_dir() and not staging.exists()
+
+
+@pytest.mark.parametrize("window", ["after making it", "after finding it"])
+def test_staging_a_card_outlives_a_prune_removing_its_empty_model_dir(
+    window: str,
+    make_model_dir: Callable[..., Path],
+    cache: CacheLayout,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    card = from_dir(make_model_dir("again"))
+    model_dir = resolve(card, cache).local_dir
+    assert model_dir is not None
+    remove_link_dir(model_dir)  # the model dir is left empty: a prune removes it
+    model_parent = model_dir.parent
+    if window == "after making it":
+        model_parent.rmdir()
+    real_mkdir = os.mkdir
+    pruned: list[bool] = []
+
+    def mkdir_then_prune(path: Any, mode: int = 0o777) -> None:
+        if Path(path) != model_parent or pruned:
+            return real_mkdir(path, mode)
+        pruned.append(True)
+        try:
+            real_mkdir(path, mode)
+        finally:
+            os.rmdir(path)  # the prune's rmdir lands right after the resolve's mkdir
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_prune)
+    assert resolve(card, cache).local_dir == model_dir
+    assert pruned and plan_prune(scan_cache(cache)).empty
+
+
 async def test_prune_racing_resolves_never_leaves_a_card_with_a_missing_blob(
     make_model_dir: Callable[..., Path], cache: CacheLayout
 ) -> None:
     from discovery_mdc.cache import execute_plan
-    from discovery_mdc.cache._store import remove_link_dir
 
     cards = [from_dir(make_model_dir(f"race{i}", seed=i)) for i in range(4)]
     for _ in range(12):
@@ -638,7 +717,6 @@ async def test_prune_racing_resolves_never_leaves_a_card_with_a_missing_blob(
             done = await resolve_metadata_files(card, cache_dir=cache.root)
             assert done.local_dir is not None
             remove_link_dir(done.local_dir)
-        forget_verified()
         pruning = asyncio.to_thread(lambda: execute_plan(plan_prune(scan_cache(cache))))
         pruned, _ = await asyncio.gather(
             pruning,

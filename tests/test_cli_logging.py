@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -53,6 +55,20 @@ def test_log_level_after_subcommand_takes_effect(
     assert logging.getLogger().level == logging.DEBUG
     assert main(["cache", "ls", "--cache-dir", str(tmp_path), "--log-level", "error"]) == 0
     assert logging.getLogger().level == logging.ERROR
+
+
+def test_main_leaves_no_handler_on_a_stream_that_is_closed_after_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A test capturing stderr closes its stream afterwards: records logged later go to the
+    stderr of their time, not to a closed stream ("--- Logging error ---")."""
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        assert main(["cache", "ls", "--cache-dir", str(tmp_path), "--log-level", "info"]) == 0
+    captured.close()
+    logging.getLogger("discovery_mdc.cli").warning("logged after main returned")
+    err = capsys.readouterr().err
+    assert "logged after main returned" in err and "Logging error" not in err
 
 
 def test_default_levels_info_and_warning_for_the_demo(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ async def _resolve(card: ModelDeploymentCard, *, alternates: dict[str, list[str]
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[MemoryStore, ModelWatcher, TestClient]]:  # type: ignore[type-arg]
     store = MemoryStore()
-    stats = CacheStats(bytes_fetched=1234, fetches=3, hits=2)
+    stats = CacheStats(bytes_fetched=1234, fetches=3, hits=2, repairs=1)
     stats.by_source["10.0.0.1:8081", "ok"] = 3
     async with (
         ModelWatcher(
@@ -89,6 +89,7 @@ async def test_health_and_metrics_report_watch_and_cache_counters(
     for line in (
         "discovery_mdc_fetched_bytes_total 1234.0",
         "discovery_mdc_blob_fetches_total 3.0",
+        "discovery_mdc_blob_repairs_total 1.0",
         "discovery_mdc_malformed_cards_total 1.0",
         'discovery_mdc_watch_events_total{type="put"} 2.0',
         'discovery_mdc_pipelines_total{result="ok"} 1.0',

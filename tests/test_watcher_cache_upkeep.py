@@ -44,6 +44,11 @@ async def test_served_cards_are_marked_used_and_fetched_again_when_removed(
         assert local_dir is not None
         names = _names(local_dir)
         assert names == sorted(f.basename for _, f in card.files())
+        # One cache for the watcher's lifetime; /metrics reads its counters.
+        assert watcher.cache is not None and watcher.cache.layout == cache
+        fetched = watcher.metrics.registry.get_sample_value("discovery_mdc_blob_fetches_total")
+        blobs = {f.checksum.hex for _, f in card.files()}
+        assert fetched == watcher.cache.stats.fetches == len(blobs)
 
         backdate(local_dir, 40 * DAY)
         assert time.time() - _last_used(cache) > 39 * DAY

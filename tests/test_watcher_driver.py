@@ -476,6 +476,20 @@ async def test_deleting_the_only_instance_cancels_its_pending_pipeline(
         await wait_until(lambda: not h.watcher._pipelines)
 
 
+async def test_a_pipeline_that_ends_while_its_instance_still_waits_is_started_again(
+    store: RecordingStore, resolver: FakeResolver, clock: FakeClock
+) -> None:
+    """A pipeline can end without making its instances ready and without the watcher
+    cancelling it: a CancelledError out of something it awaited ends it all the same. Its
+    instance still waits, so the watcher starts the pipeline again."""
+    resolver.lost["org/m"] = 1
+    async with running(store, resolver, clock) as h:
+        await publish(store, 1)
+        await wait_until(lambda: names(h.watcher) == ["org/m"])
+        assert resolver.count("org/m") == 2 and backoffs(clock) == []
+        assert instances(h.watcher, "org/m") == {instance_key(1)}
+
+
 # --------------------------------------------------------------------------- API
 
 

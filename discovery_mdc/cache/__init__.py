@@ -1,9 +1,14 @@
 """The verify-and-cache pipeline and cache management.
 
+:class:`MetadataCache` is one cache root and what resolving cards into it shares (one HTTP
+session, the fetch limits, the counters, the verification memo, one fetch per blob at a time);
+:func:`resolve_metadata_files` resolves one card with a cache of its own.
+
 Layers: ``_plan`` is pure (layout, what to fetch, where to link, name validation);
 ``_fetch`` streams one URI per scheme under a byte cap; ``_store`` owns staging, publishing,
-verification, locks, links and the last-use mark; ``_resolve`` runs the pipeline for a card;
-``_manage`` scans and verifies a cache and plans, then executes, removals (prune, rm, fix).
+verification, locks, links and the last-use mark; ``_resolve`` holds :class:`MetadataCache`
+and runs the pipeline for a card; ``_manage`` scans and verifies a cache and plans, then
+executes, removals (prune, rm, fix).
 
 Cache layout under the root (``cache_dir``, else ``$HOME/.cache/dynamo/mdc``; the CLI's
 ``--cache-dir`` defaults to ``DYN_MDC_CACHE_DIR``)::
@@ -55,9 +60,9 @@ from discovery_mdc.cache._plan import (
 from discovery_mdc.cache._resolve import (
     AllSourcesFailedError,
     CacheStats,
+    MetadataCache,
     ProgressCallback,
     ResolvedCard,
-    cache_stats,
     resolve_metadata_files,
 )
 from discovery_mdc.cache._store import refresh_last_used
@@ -79,6 +84,7 @@ __all__ = [
     "HfOfflineError",
     "HfRef",
     "IncompleteCard",
+    "MetadataCache",
     "ProgressCallback",
     "PruneItem",
     "PrunePlan",
@@ -87,7 +93,6 @@ __all__ = [
     "SourceHealth",
     "TempFile",
     "VerifyReport",
-    "cache_stats",
     "default_cache_root",
     "execute_plan",
     "http_source",

@@ -12,7 +12,7 @@ import re
 import stat
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -83,12 +83,13 @@ async def fetch_uri(
     *,
     session: aiohttp.ClientSession | None,
     config: FetchConfig,
-    env: Mapping[str, str] | None = None,
+    hf: HfEnv | None = None,
 ) -> None:
     """Stream ``uri`` into ``sink``, never more than ``cap`` bytes.
 
-    ``session`` is needed only for http(s) and remote ``hf://``. Raises :class:`FetchError`,
-    :class:`UnsupportedSchemeError` or :class:`SizeLimitError`.
+    ``session`` is needed only for http(s) and remote ``hf://``, ``hf`` (the Hugging Face
+    settings) only for ``hf://``. Raises :class:`FetchError`, :class:`UnsupportedSchemeError`
+    or :class:`SizeLimitError`.
     """
     scheme = urlsplit(uri).scheme.lower()
     if scheme in ("http", "https"):
@@ -96,7 +97,9 @@ async def fetch_uri(
     elif scheme == "file":
         await _copy_in_thread(_file_path(uri), sink, cap, uri)
     elif scheme == "hf":
-        await _fetch_hf(uri, sink, cap, session, config, env)
+        if hf is None:
+            raise FetchError(f"cannot fetch {uri}: no Hugging Face settings")
+        await _fetch_hf(uri, sink, cap, session, config, hf)
     else:
         raise UnsupportedSchemeError(f"cannot fetch {uri}: unsupported scheme {scheme!r}")
 
@@ -115,6 +118,63 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme.lower(), parts.netloc.lower()
 
 
+@dataclass(slots=True)
+class _Get:
+    """One GET of ``label`` (a URL, or the ``hf://`` URI it stands for), following http(s)
+    redirects; ``url`` is where it has got to."""
+
+    session: aiohttp.ClientSession
+    url: str
+    config: FetchConfig
+    label: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def _via(self) -> str:
+        return f" (for {self.label})" if self.url != self.label else ""
+
+    async def response(self) -> aiohttp.ClientResponse:
+        """The first 2xx response (the caller closes it); raises :class:`FetchError` for any
+        other status, a redirect loop or a redirect off http(s)."""
+        # sock_connect, not connect: waiting for a pooled connection is not a dead host.
+        per_request = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.config.connect_timeout, sock_read=self.config.read_timeout
+        )
+        for _ in range(self.config.max_redirects + 1):
+            try:
+                async with asyncio.timeout(self.config.first_byte_timeout):
+                    resp = await self.session.get(
+                        self.url, headers=self.headers, allow_redirects=False, timeout=per_request
+                    )
+            except TimeoutError:
+                raise SourceUnreachableError(
+                    f"GET {self.url}{self._via()}: timed out, no response within "
+                    f"{self.config.first_byte_timeout:g}s"
+                ) from None
+            if 200 <= resp.status < 300:
+                return resp
+            async with resp:
+                self._follow(resp)
+        raise FetchError(f"GET {self.label}: more than {self.config.max_redirects} redirects")
+
+    def _follow(self, resp: aiohttp.ClientResponse) -> None:
+        """Move ``url`` to where a redirect points; raise for any other non-2xx answer."""
+        if resp.status not in _REDIRECTS:
+            reason = f" {resp.reason}" if resp.reason else ""
+            raise FetchError(f"GET {self.url} returned HTTP {resp.status}{reason}{self._via()}")
+        target = resp.headers.get("Location")
+        if not target:
+            raise FetchError(f"GET {self.url} redirected without a Location")
+        nxt = urljoin(self.url, target)
+        if urlsplit(nxt).scheme.lower() not in ("http", "https"):
+            raise UnsupportedSchemeError(
+                f"GET {self.url} redirected to {nxt}: only http(s) redirects are followed"
+            )
+        if _origin(nxt) != _origin(self.url):
+            # Never hand a token to another host (HF redirects to a CDN).
+            self.headers.pop("Authorization", None)
+        self.url = nxt
+
+
 async def _fetch_http(
     url: str,
     sink: Sink,
@@ -125,58 +185,20 @@ async def _fetch_http(
     *,
     label: str,
 ) -> None:
-    # sock_connect, not connect: waiting for a pooled connection is not a dead host.
-    per_request = aiohttp.ClientTimeout(
-        total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
-    )
-    hdrs = {"Accept-Encoding": "identity", **headers}
-    current = url
+    get = _Get(session, url, config, label, {"Accept-Encoding": "identity", **headers})
     try:
         # One deadline for the whole redirect chain and body.
         async with asyncio.timeout(config.total_timeout):
-            for _ in range(config.max_redirects + 1):
-                try:
-                    async with asyncio.timeout(config.first_byte_timeout):
-                        resp = await session.get(
-                            current, headers=hdrs, allow_redirects=False, timeout=per_request
-                        )
-                except TimeoutError:
-                    via = f" (for {label})" if current != label else ""
-                    raise SourceUnreachableError(
-                        f"GET {current}{via}: timed out, no response within "
-                        f"{config.first_byte_timeout:g}s"
-                    ) from None
-                async with resp:
-                    if resp.status in _REDIRECTS:
-                        target = resp.headers.get("Location")
-                        if not target:
-                            raise FetchError(f"GET {current} redirected without a Location")
-                        nxt = urljoin(current, target)
-                        if urlsplit(nxt).scheme.lower() not in ("http", "https"):
-                            raise UnsupportedSchemeError(
-                                f"GET {current} redirected to {nxt}: only http(s) redirects "
-                                "are followed"
-                            )
-                        if _origin(nxt) != _origin(current):
-                            # Never hand a token to another host (HF redirects to a CDN).
-                            hdrs.pop("Authorization", None)
-                        current = nxt
-                        continue
-                    if not 200 <= resp.status < 300:
-                        reason = f" {resp.reason}" if resp.reason else ""
-                        via = f" (for {label})" if current != label else ""
-                        raise FetchError(f"GET {current} returned HTTP {resp.status}{reason}{via}")
-                    length = resp.content_length
-                    if length is not None and length > cap:
-                        raise _over_cap(label, cap, length)
-                    await _stream_body(resp, sink, cap, label, config.chunk_size)
-                    return
-            raise FetchError(f"GET {label}: more than {config.max_redirects} redirects")
+            async with await get.response() as resp:
+                length = resp.content_length
+                if length is not None and length > cap:
+                    raise _over_cap(label, cap, length)
+                await _stream_body(resp, sink, cap, label, config.chunk_size)
     except aiohttp.ServerTimeoutError as exc:  # a connect or read (stall) timeout
         raise SourceUnreachableError(f"timed out fetching {label}: {_one_line(exc)}") from None
     except TimeoutError:
         raise FetchError(
-            f"timed out fetching {label} (at {current}) after {config.total_timeout:g}s"
+            f"timed out fetching {label} (at {get.url}) after {config.total_timeout:g}s"
         ) from None
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
         raise SourceUnreachableError(f"fetching {label} failed: {_one_line(exc)}") from None
@@ -343,10 +365,9 @@ async def _fetch_hf(
     cap: int,
     session: aiohttp.ClientSession | None,
     config: FetchConfig,
-    env: Mapping[str, str] | None,
+    hf: HfEnv,
 ) -> None:
     ref = parse_hf_uri(uri)
-    hf = HfEnv.from_env(env)
     local = await asyncio.to_thread(hf.local_file, ref.repo, ref.revision, ref.filename)
     if local is not None:
         await _copy_in_thread(os.fspath(local), sink, cap, uri)

@@ -9,7 +9,9 @@ Execution removes card directories first, then temp files, then blobs, then empt
 directories, so an interrupted run never leaves a link without its blob. A card directory is
 first renamed out of ``by-slug/`` (to ``.tmp-rm.<pid>.<uuid>``), so a frontend sees it whole
 or not at all. A blob is removed only while its lock is held and after re-checking, under that
-lock, that no link refers to it (resolves create links under the same lock). All of this is
+lock, that no link refers to it (resolves create links under the same lock; the re-check
+reads card directories through open descriptors, so one published meanwhile cannot hide its
+links, see :func:`referenced_hexes`). All of this is
 safe while frontends use the same cache: what a running frontend still serves, it touches
 (its last use) and re-creates if it is removed anyway.
 """
@@ -22,7 +24,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
@@ -34,7 +36,9 @@ from discovery_mdc.cache._store import (
     CARD_STAGING_PREFIX,
     PART_SUFFIX,
     REMOVAL_PREFIX,
-    last_used,
+    CardDir,
+    CardDirEntry,
+    read_card_dir,
     remove_link_dir,
     unique_name,
 )
@@ -79,7 +83,8 @@ _INCOMPLETE: Final = re.compile(
 _LOCK_BATCH: Final = 256
 # The fewest hex digits of an mdcsum ``cache rm MODEL/MDCSUM`` takes.
 _MIN_PREFIX: Final = 4
-# How often a reference scan is retried when a card directory is renamed under it.
+# How often a reference scan lists a model directory again while card directories keep
+# appearing in it (each listing reads only the new ones).
 _RESCANS: Final = 50
 
 
@@ -195,167 +200,167 @@ def _scandir(path: Path) -> list[os.DirEntry[str]]:
         return []
 
 
-def _link_hex(layout: CacheLayout, link: Path) -> str | None:
-    """The blob hex a link points at, or ``None`` if it points anywhere else."""
-    try:
-        target = os.readlink(link)
-    except OSError:
+def _blob_hex(layout: CacheLayout, card_dir: Path, target: str | None) -> str | None:
+    """The blob hex a link in ``card_dir`` with this target points at, or ``None`` if it
+    points anywhere else (or is no link)."""
+    if target is None:
         return None
-    resolved = Path(os.path.normpath(link.parent / target))
+    resolved = Path(os.path.normpath(card_dir / target))
     if resolved.parent != layout.blobs or not _HEX.fullmatch(resolved.name):
         return None
     return resolved.name
 
 
-class _Vanished(Exception):
-    """A directory listed a moment ago was renamed away during a reference scan."""
+def _referenced_in(layout: CacheLayout, slug_dir: Path) -> set[str]:
+    """The blobs the card directories of one model link to.
 
-
-def _referenced_once(layout: CacheLayout) -> set[str]:
-    out = set()
-    for slug in _scandir(layout.by_slug):
-        if not slug.is_dir(follow_symlinks=False):
-            continue
-        for sums in _scandir(Path(slug.path)):
-            if not sums.is_dir(follow_symlinks=False):
-                continue
-            try:
-                with os.scandir(sums.path) as it:
-                    entries = list(it)
-            except FileNotFoundError:
-                # Renamed (staging -> published, or out for deletion): its links now live
-                # under a name this pass may already have listed past. Start over.
-                raise _Vanished(sums.path) from None
-            for entry in entries:
-                if entry.is_symlink() and (h := _link_hex(layout, Path(entry.path))):
-                    out.add(h)
-    return out
+    Each directory is read through its own descriptor, so a rename (staging to published, or
+    out of the way to be deleted) cannot hide its links once it is open. A directory renamed
+    before it was opened shows up under its new name (a new name and inode) in the next
+    listing, and so does one a listing missed while it was being renamed; the listings repeat
+    until one shows nothing new. Only a directory renamed a second time (out of the way, to be
+    deleted) can be missed, and its links are going anyway.
+    """
+    out: set[str] = set()
+    seen: set[tuple[str, int]] = set()
+    for _ in range(_RESCANS):
+        new = [
+            e
+            for e in _scandir(slug_dir)
+            if e.is_dir(follow_symlinks=False) and (e.name, e.inode()) not in seen
+        ]
+        if not new:
+            return out
+        for entry in new:
+            seen.add((entry.name, entry.inode()))
+            path = slug_dir / entry.name
+            read = read_card_dir(path)
+            if read is not None:
+                seen.add((entry.name, read.inode))
+                out.update(h for e in read.entries if (h := _blob_hex(layout, path, e.target)))
+    raise CacheError(f"card directories under {slug_dir} kept changing during a scan")
 
 
 def referenced_hexes(layout: CacheLayout) -> set[str]:
     """Every blob hex some link in ``by-slug/`` points at (staging directories included).
 
-    Links are never moved between directories except by renaming a whole directory, so a
-    pass that saw no directory vanish saw every link that existed before it started.
+    Called with the locks of the blobs in question held (links are only made under them), it
+    sees every link to them that existed when it started: links never move between
+    directories except by renaming a whole directory within its model directory, and model
+    directories are never renamed (a new one, or one removed while empty, holds no such link).
     """
-    for _ in range(_RESCANS):
-        try:
-            return _referenced_once(layout)
-        except _Vanished:
-            continue
-    raise CacheError(f"card directories under {layout.by_slug} kept moving during a scan")
+    out: set[str] = set()
+    for slug in _scandir(layout.by_slug):
+        if slug.is_dir(follow_symlinks=False):
+            out |= _referenced_in(layout, Path(slug.path))
+    return out
 
 
-def _temp_file(entry: os.DirEntry[str], pattern: re.Pattern[str]) -> TempFile | None:
-    """The temporary file, or None if it is gone already (renamed into place, removed)."""
-    try:
-        st = entry.stat(follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    match = pattern.fullmatch(entry.name)
+def _temp_file(path: Path, st: os.stat_result, match: re.Match[str] | None) -> TempFile:
     pid = int(match["pid"]) if match else None
-    lock_hex = match["hex"] if match and "hex" in pattern.groupindex else None
     return TempFile(
-        path=Path(entry.path),
+        path=path,
         size=st.st_size if stat.S_ISREG(st.st_mode) else 0,
         mtime=st.st_mtime,
         owner_pid=pid,
         owner_alive=pid is not None and _pid_alive(pid),
-        lock_hex=lock_hex,
+        lock_hex=match["hex"] if match and "hex" in match.re.groupindex else None,
     )
 
 
-def _card_links(
-    layout: CacheLayout, path: Path, warnings: list[str], temps: list[TempFile]
-) -> list[CachedFile]:
-    files = []
-    for entry in _scandir(path):
-        link = Path(entry.path)
-        if _TEMP_LINK.fullmatch(entry.name):
-            if (temp := _temp_file(entry, _TEMP_LINK)) is not None:
-                temps.append(temp)
-            continue
-        if not entry.is_symlink():
-            warnings.append(f"unexpected entry {link} (not a symlink)")
-            continue
-        hexdigest = _link_hex(layout, link)
-        if hexdigest is None:
-            warnings.append(f"link {link} does not point into {layout.blobs}")
-            continue
-        try:
-            size: int | None = os.stat(link).st_size
-        except OSError:
-            size = None
-        files.append(CachedFile(entry.name, link, hexdigest, size))
-    return files
+@dataclass(slots=True)
+class _Scan:
+    """What :func:`scan_cache` collects, model directory by model directory."""
+
+    layout: CacheLayout
+    cards: list[CachedCard] = field(default_factory=list)
+    incomplete: list[IncompleteCard] = field(default_factory=list)
+    temps: list[TempFile] = field(default_factory=list)
+    empty: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    referenced: set[str] = field(default_factory=set)
+
+    def model_dir(self, slug: os.DirEntry[str]) -> None:
+        if not slug.is_dir(follow_symlinks=False):
+            self.warnings.append(f"unexpected entry {slug.path}")
+            return
+        entries = _scandir(Path(slug.path))
+        if not entries:
+            self.empty.append(Path(slug.path))
+        for entry in entries:
+            partial = _INCOMPLETE.fullmatch(entry.name)
+            read = None
+            if partial or _HEX.fullmatch(entry.name):
+                read = read_card_dir(Path(entry.path), stats=True)
+            if read is None:
+                if os.path.lexists(entry.path):  # else renamed or removed since the listing
+                    self.warnings.append(f"unexpected entry {entry.path}")
+                continue
+            self.card_dir(slug.name, Path(entry.path), read, partial)
+
+    def card_dir(self, slug: str, path: Path, read: CardDir, partial: re.Match[str] | None) -> None:
+        files = [f for e in read.entries if (f := self.link(path, e)) is not None]
+        self.referenced.update(f.hex for f in files if f.hex and not f.broken)
+        if partial:
+            pid = int(partial["pid"])
+            hexes = tuple(f.hex for f in files if f.hex)
+            self.incomplete.append(IncompleteCard(
+                slug, path, partial["sum"], hexes, read.mtime, pid, _pid_alive(pid)
+            ))  # fmt: skip
+        elif not read.entries:
+            self.empty.append(path)
+        else:
+            self.cards.append(CachedCard(slug, path.name, path, tuple(files), read.last_used))
+
+    def link(self, card_dir: Path, entry: CardDirEntry) -> CachedFile | None:
+        """A card directory's entry as a link (temp links and odd entries aside)."""
+        path = card_dir / entry.name
+        if temp := _TEMP_LINK.fullmatch(entry.name):
+            assert entry.lstat is not None
+            self.temps.append(_temp_file(path, entry.lstat, temp))
+        elif entry.target is None:
+            self.warnings.append(f"unexpected entry {path} (not a symlink)")
+        elif (hexdigest := _blob_hex(self.layout, card_dir, entry.target)) is None:
+            self.warnings.append(f"link {path} does not point into {self.layout.blobs}")
+        else:
+            return CachedFile(entry.name, path, hexdigest, entry.size)
+        return None
+
+    def blobs(self) -> tuple[CachedBlob, ...]:
+        blobs = []
+        for entry in _scandir(self.layout.blobs):
+            if not _HEX.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+                self.warnings.append(f"unexpected entry {entry.path}")
+                continue
+            with contextlib.suppress(FileNotFoundError):  # removed since the listing
+                st = entry.stat(follow_symlinks=False)
+                blobs.append(CachedBlob(entry.name, Path(entry.path), st.st_size, st.st_atime,
+                                        referenced=entry.name in self.referenced))  # fmt: skip
+        return tuple(blobs)
+
+    def staging_files(self) -> None:
+        for entry in _scandir(self.layout.tmp):
+            with contextlib.suppress(FileNotFoundError):  # published or removed meanwhile
+                st = entry.stat(follow_symlinks=False)
+                self.temps.append(_temp_file(Path(entry.path), st, _PART.fullmatch(entry.name)))
 
 
 def scan_cache(layout: CacheLayout) -> CacheScan:
-    """Describe the cache. Never raises for odd entries; they become ``warnings``."""
-    warnings: list[str] = []
-    cards: list[CachedCard] = []
-    incomplete: list[IncompleteCard] = []
-    temps: list[TempFile] = []
-    empty: list[Path] = []
-    referenced: set[str] = set()
+    """Describe the cache. Never raises for odd entries, or for entries that change while it
+    runs; odd ones become ``warnings``."""
+    scan = _Scan(layout)
     for slug in _scandir(layout.by_slug):
-        if not slug.is_dir(follow_symlinks=False):
-            warnings.append(f"unexpected entry {slug.path}")
-            continue
-        entries = _scandir(Path(slug.path))
-        if not entries:
-            empty.append(Path(slug.path))
-        for sums in entries:
-            path = Path(sums.path)
-            partial = _INCOMPLETE.fullmatch(sums.name)
-            if not sums.is_dir(follow_symlinks=False) or not (partial or _HEX.fullmatch(sums.name)):
-                warnings.append(f"unexpected entry {path}")
-                continue
-            files = _card_links(layout, path, warnings, temps)
-            referenced.update(f.hex for f in files if f.hex and not f.broken)
-            if partial:
-                pid = int(partial["pid"])
-                incomplete.append(
-                    IncompleteCard(
-                        slug=slug.name,
-                        path=path,
-                        mdcsum=partial["sum"],
-                        hexes=tuple(f.hex for f in files if f.hex),
-                        mtime=sums.stat(follow_symlinks=False).st_mtime,
-                        owner_pid=pid,
-                        owner_alive=_pid_alive(pid),
-                    )
-                )
-            elif not files and not _scandir(path):
-                empty.append(path)
-            else:
-                cards.append(CachedCard(slug.name, sums.name, path, tuple(files), last_used(path)))
-    blobs = []
-    for entry in _scandir(layout.blobs):
-        if not _HEX.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
-            warnings.append(f"unexpected entry {entry.path}")
-            continue
-        st = entry.stat(follow_symlinks=False)
-        blobs.append(
-            CachedBlob(
-                hex=entry.name,
-                path=Path(entry.path),
-                size=st.st_size,
-                last_access=st.st_atime,
-                referenced=entry.name in referenced,
-            )
-        )
-    for entry in _scandir(layout.tmp):
-        if (temp := _temp_file(entry, _PART)) is not None:
-            temps.append(temp)
+        scan.model_dir(slug)
+    blobs = scan.blobs()
+    scan.staging_files()
     return CacheScan(
         layout=layout,
-        cards=tuple(cards),
-        blobs=tuple(blobs),
-        temp_files=tuple(temps),
-        empty_dirs=tuple(empty),
-        warnings=tuple(warnings),
-        incomplete=tuple(incomplete),
+        cards=tuple(scan.cards),
+        blobs=blobs,
+        temp_files=tuple(scan.temps),
+        empty_dirs=tuple(scan.empty),
+        warnings=tuple(scan.warnings),
+        incomplete=tuple(scan.incomplete),
     )
 
 
@@ -668,15 +673,33 @@ class _Run:
         self.skipped: list[tuple[PruneItem, str]] = []
         self.failed: list[tuple[PruneItem, str]] = []
 
-    def unlink(self, item: PruneItem) -> None:
+    def _attempt(self, item: PruneItem, step: Callable[[], object], *, fail: bool = True) -> bool:
+        """Run one step of removing ``item``; False (recorded as skipped: gone already, or a
+        directory no longer empty; or as failed, unless not ``fail``) if it raised."""
         try:
-            item.path.unlink()
+            step()
         except FileNotFoundError:
             self.skipped.append((item, "already gone"))
         except OSError as exc:
-            self.failed.append((item, exc.strerror or str(exc)))
+            busy = exc.errno == errno.ENOTEMPTY
+            reason = "no longer empty" if busy else exc.strerror or str(exc)
+            (self.failed if fail and not busy else self.skipped).append((item, reason))
         else:
+            return True
+        return False
+
+    def _remove(self, item: PruneItem, step: Callable[[], object], *, fail: bool = True) -> None:
+        if self._attempt(item, step, fail=fail):
             self.removed.append(item)
+
+    def unlink(self, item: PruneItem) -> None:
+        self._remove(item, item.path.unlink)
+
+    def dir(self, item: PruneItem) -> None:
+        self._remove(item, item.path.rmdir, fail=False)
+
+    def link_dir(self, item: PruneItem) -> None:
+        self._remove(item, lambda: remove_link_dir(item.path))
 
     def card(self, item: PruneItem) -> None:
         with contextlib.ExitStack() as stack:
@@ -684,37 +707,15 @@ class _Run:
                 if not stack.enter_context(_try_lock(self.layout.lock(h))):
                     self.skipped.append((item, "a frontend is repairing it"))
                     return
-            if not item.path.is_dir():
-                self.skipped.append((item, "already gone"))
-                return
-            if item.broken and not any(
-                os.path.lexists(item.path / n) and not os.path.exists(item.path / n)
-                for n in os.listdir(item.path)
-            ):
-                self.skipped.append((item, "repaired since the plan"))
-                return
-            if item.unused_since is not None and last_used(item.path) > item.unused_since:
-                self.skipped.append((item, "used since the plan"))
+            kept = _kept(item)
+            if kept is not None:
+                self.skipped.append((item, kept))
                 return
             # Out of by-slug/ in one step: a frontend finds the card whole or not at all.
             away = item.path.parent / unique_name(REMOVAL_PREFIX[:-1])
-            try:
-                os.rename(item.path, away)
-            except FileNotFoundError:
-                self.skipped.append((item, "already gone"))
+            if not self._attempt(item, lambda: os.rename(item.path, away)):
                 return
-            except OSError as exc:
-                self.failed.append((item, exc.strerror or str(exc)))
-                return
-        self._remove_dir(item, away)
-
-    def _remove_dir(self, item: PruneItem, path: Path) -> None:
-        try:
-            remove_link_dir(path)
-        except OSError as exc:
-            self.failed.append((item, exc.strerror or str(exc)))
-        else:
-            self.removed.append(item)
+        self._remove(item, lambda: remove_link_dir(away))
 
     def blobs(self, items: Sequence[PruneItem]) -> None:
         for start in range(0, len(items), _LOCK_BATCH):
@@ -740,16 +741,18 @@ class _Run:
                         continue
                     self.unlink(item)
 
-    def dir(self, item: PruneItem) -> None:
-        try:
-            item.path.rmdir()
-        except FileNotFoundError:
-            self.skipped.append((item, "already gone"))
-        except OSError as exc:
-            reason = "no longer empty" if exc.errno == errno.ENOTEMPTY else exc.strerror
-            self.skipped.append((item, reason or str(exc)))
-        else:
-            self.removed.append(item)
+
+def _kept(item: PruneItem) -> str | None:
+    """Why a card planned for removal stays after all (re-checked under its locks), if it
+    does: gone already, its broken links repaired, or used since the plan."""
+    read = read_card_dir(item.path, stats=True)
+    if read is None:
+        return "already gone"
+    if item.broken and not any(e.target is not None and e.size is None for e in read.entries):
+        return "repaired since the plan"
+    if item.unused_since is not None and read.last_used > item.unused_since:
+        return "used since the plan"
+    return None
 
 
 def execute_plan(plan: PrunePlan) -> PruneResult:
@@ -761,7 +764,7 @@ def execute_plan(plan: PrunePlan) -> PruneResult:
         if item.kind == "card":
             run.card(item)
         else:
-            run._remove_dir(item, item.path)
+            run.link_dir(item)
     for item in plan.temp_files:
         run.unlink(item)
     run.blobs(plan.blobs)

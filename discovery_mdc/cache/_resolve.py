@@ -1,4 +1,8 @@
-"""The verify-and-cache pipeline: point every slot of a card at a verified local file."""
+"""The verify-and-cache pipeline: point every slot of a card at a verified local file.
+
+A :class:`MetadataCache` is one cache root and what every resolution into it shares; a
+``_Run`` is one resolution (one card, one progress callback) through it.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,15 @@ import dataclasses
 import logging
 import os
 import time
-import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
+from discovery_mdc._hf import HfEnv
+from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc._metrics import Durations
 from discovery_mdc.cache._fetch import FetchConfig, fetch_uri
 from discovery_mdc.cache._plan import (
@@ -32,7 +37,6 @@ from discovery_mdc.cache._plan import (
 from discovery_mdc.cache._store import (
     BlobStore,
     Staging,
-    blob_lock,
     refresh_last_used,
     remove_link_dir,
     verify_file,
@@ -50,9 +54,9 @@ from discovery_mdc.errors import (
 __all__ = [
     "AllSourcesFailedError",
     "CacheStats",
+    "MetadataCache",
     "ProgressCallback",
     "ResolvedCard",
-    "cache_stats",
     "resolve_metadata_files",
 ]
 
@@ -66,12 +70,15 @@ _PUBLISH_ATTEMPTS = 5
 # Errors that say "this source is bad": try the next alternate. Anything else (a full disk,
 # a lock timeout, cancellation) stops at once.
 _SOURCE_ERRORS = (FetchError, ChecksumMismatchError, SizeLimitError)
+#: How many other hosts one fetch tries at once when its own sources failed.
+_MAX_RACE = 32
 
 
 @dataclass(slots=True)
 class CacheStats:
-    """Counters for metrics; read the attributes (or :meth:`snapshot`) at any time.
-    ``fetch_seconds`` holds the duration of every successful blob fetch (all its attempts)."""
+    """Counters for metrics; read the attributes at any time. ``repairs`` counts corrupt
+    blobs found in the cache and fetched again; ``fetch_seconds`` holds the duration of every
+    successful blob fetch (all its attempts)."""
 
     bytes_fetched: int = 0
     fetches: int = 0
@@ -79,26 +86,9 @@ class CacheStats:
     failures: int = 0
     repairs: int = 0
     by_source: Counter[tuple[str, str]] = field(default_factory=Counter)
-    """(source, "ok" | "failed") -> fetch attempts; the source is ``host:port`` for http(s)."""
+    """(source, "ok" | "failed" | "skipped") -> fetch attempts; the source is ``host:port``
+    for http(s)."""
     fetch_seconds: Durations = field(default_factory=Durations)
-
-    def snapshot(self) -> dict[str, int]:
-        """The scalar counters."""
-        return {
-            "bytes_fetched": self.bytes_fetched,
-            "fetches": self.fetches,
-            "hits": self.hits,
-            "failures": self.failures,
-            "repairs": self.repairs,
-        }
-
-
-_STATS = CacheStats()
-
-
-def cache_stats() -> CacheStats:
-    """The process-wide counters that :func:`resolve_metadata_files` updates by default."""
-    return _STATS
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +106,7 @@ class ResolvedCard:
     files: tuple[Path, ...] = field(default=())
 
 
-# --------------------------------------------------------------------------- single-flight
-
-_Key = tuple[str, str, int | None, str]
+# --------------------------------------------------------------------------- shared work
 
 
 class _Flight:
@@ -129,54 +117,92 @@ class _Flight:
         self.waiters = 0
 
 
-_flights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, _Flight]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _retrieve(task: asyncio.Task[None]) -> None:
     # Mark the exception as retrieved: if every waiter was cancelled nobody else will.
     if not task.cancelled():
         task.exception()
 
 
-async def _single_flight(key: _Key, make: Callable[[], Awaitable[None]]) -> None:
-    """Run ``make()`` once per key at a time in this event loop; concurrent callers join it."""
-    loop = asyncio.get_running_loop()
-    table = _flights.setdefault(loop, {})
-    flight = table.get(key)
-    if flight is None:
+class _Flights:
+    """Single-flight: one run of the work per key at a time; concurrent callers join it."""
 
+    def __init__(self) -> None:
+        self._table: dict[Hashable, _Flight] = {}
+
+    async def run(self, key: Hashable, make: Callable[[], Awaitable[None]]) -> None:
+        """Run ``make()``, or join the run of ``key`` already going."""
+        loop = asyncio.get_running_loop()
+        flight = self._table.get(key)
+        if flight is None or flight.task.get_loop() is not loop:
+            flight = self._start(key, loop, make)
+        flight.waiters += 1
+        try:
+            await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            if flight.waiters == 1 and not flight.task.done():
+                # The last waiter is gone: stop the work, and let it clean up (temp file,
+                # lock) before reporting the cancellation. Unlisted first, so a caller arriving
+                # during the clean-up starts a fresh flight instead of joining a cancelled one.
+                self._forget(key, flight)
+                flight.task.cancel()
+                await asyncio.wait({flight.task})
+            raise
+        finally:
+            flight.waiters -= 1
+
+    def _start(
+        self, key: Hashable, loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[None]]
+    ) -> _Flight:
         async def run() -> None:
             await make()
 
-        flight = _Flight(loop.create_task(run()))
-        table[key] = flight
+        flight = self._table[key] = _Flight(loop.create_task(run()))
 
-        def done(task: asyncio.Task[None], flight: _Flight = flight) -> None:
-            if table.get(key) is flight:
-                del table[key]
+        def done(task: asyncio.Task[None]) -> None:
+            self._forget(key, flight)
             _retrieve(task)
 
         flight.task.add_done_callback(done)
-    flight.waiters += 1
-    try:
-        await asyncio.shield(flight.task)
-    except asyncio.CancelledError:
-        if flight.waiters == 1 and not flight.task.done():
-            # The last waiter is gone: stop the work, and let it clean up (temp file, lock)
-            # before reporting the cancellation. Unlisted first, so a caller arriving during
-            # the clean-up starts a fresh flight instead of joining a cancelled one.
-            if table.get(key) is flight:
-                del table[key]
-            flight.task.cancel()
-            await asyncio.wait({flight.task})
-        raise
-    finally:
-        flight.waiters -= 1
+        return flight
+
+    def _forget(self, key: Hashable, flight: _Flight) -> None:
+        if self._table.get(key) is flight:
+            del self._table[key]
 
 
-# --------------------------------------------------------------------------- pipeline
+class _Wanted:
+    """Per blob, the http(s) URIs that callers waiting for it know, with how many of them
+    know each; most recently added last."""
+
+    def __init__(self) -> None:
+        self._table: dict[str, dict[str, int]] = {}
+
+    @contextlib.contextmanager
+    def wanting(self, hexdigest: str, uris: Sequence[str]) -> Iterator[None]:
+        """While inside, ``uris`` (the http(s) ones) count as sources of the blob for others."""
+        mine = [u for u in uris if http_source(u) is not None]
+        entry = self._table.setdefault(hexdigest, {})
+        for uri in mine:
+            entry[uri] = entry.pop(uri, 0) + 1  # (re)inserted last: the most recent
+        try:
+            yield
+        finally:
+            for uri in mine:
+                left = entry.get(uri, 0) - 1
+                if left > 0:
+                    entry[uri] = left
+                else:
+                    entry.pop(uri, None)
+            if not entry and self._table.get(hexdigest) is entry:
+                del self._table[hexdigest]
+
+    def known_elsewhere(self, hexdigest: str, exclude: Sequence[str]) -> list[str]:
+        """URIs of the blob other waiting callers know, most recent first."""
+        entry = self._table.get(hexdigest, {})
+        return [u for u in reversed(entry) if u not in exclude]
+
+
+# --------------------------------------------------------------------------- the cache
 
 
 class _Sessions:
@@ -194,32 +220,267 @@ class _Sessions:
         return self._own
 
     async def close(self) -> None:
-        if self._own is not None:
-            await self._own.close()
+        own, self._own = self._own, None
+        if own is not None:
+            await own.close()
 
 
-@dataclass(slots=True)
+class MetadataCache(AsyncService):
+    """A metadata cache under one root, and what every resolution into it shares.
+
+    That is one HTTP session (made on first use; closed by :meth:`close` unless ``session``
+    was given), the fetch limits (``fetch``, ``lock_timeout``), the counters (:attr:`stats`),
+    the memo of blobs already verified, one fetch of a blob at a time, and the sources other
+    waiting callers know (a card whose own hosts fail takes a shared file from theirs). Use it
+    as ``async with MetadataCache(cache_dir) as cache:``, from one event loop;
+    :class:`~discovery_mdc.frontend.ModelWatcher` keeps one for its lifetime.
+
+    ``cache_dir`` defaults to ``$HOME/.cache/dynamo/mdc``. With ``spread`` (a frontend's id),
+    each card's http(s) sources are tried in the order
+    :func:`~discovery_mdc.cache.spread_sources` picks, so one frontend's GETs and a fleet's
+    spread evenly over the replicas and each frontend still makes one GET per blob. With
+    ``health``, transport failures are remembered per ``host:port``: a source backing off is
+    tried after the others, and not at all until its time is up (see :class:`SourceHealth`),
+    so a card on an unresponsive host fails at once instead of waiting out the timeouts again.
+    The Hugging Face settings for ``hf://`` sources are read once, here, by the HF resolver.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str] | None = None,
+        *,
+        fetch: FetchConfig | None = None,
+        lock_timeout: float = 600.0,
+        session: aiohttp.ClientSession | None = None,
+        stats: CacheStats | None = None,
+        spread: str | None = None,
+        health: SourceHealth | None = None,
+    ) -> None:
+        self.layout = CacheLayout(resolve_cache_root(cache_dir))
+        self.fetch = FetchConfig() if fetch is None else fetch
+        self.lock_timeout = lock_timeout
+        self.stats = CacheStats() if stats is None else stats
+        self.spread = spread
+        self.health = health
+        self._store = BlobStore(self.layout)
+        self._sessions = _Sessions(session)
+        self._hf = HfEnv.from_env()
+        self._flights = _Flights()
+        self._wanted = _Wanted()
+
+    async def close(self) -> None:
+        """Close the HTTP session this cache made (a given one stays open)."""
+        await self._sessions.close()
+
+    def forget_verified(self) -> None:
+        """Forget which blobs were verified (after editing the cache out of band): the next
+        resolve of each hashes it again."""
+        self._store.memo.clear()
+
+    async def resolve(
+        self,
+        card: ModelDeploymentCard,
+        *,
+        alternates: Mapping[str, Sequence[str]] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> ResolvedCard:
+        """Return ``card`` with every slot pointing at a verified local file.
+
+        New-format cards go through the cache: each file is fetched from its URI (then each of
+        ``alternates[hex]``), verified against blake3 and size, published to ``blobs/<hex>``
+        and linked at ``by-slug/<slug>/<mdcsum>/<filename>``. A legacy card whose files all
+        exist locally is used in place; otherwise each file is fetched from
+        ``hf://<source_path>/<file>`` and verified against its checksum.
+
+        Raises :class:`CardError` (unsafe names), :class:`SizeLimitError`,
+        :class:`ChecksumMismatchError`, :class:`FetchError` (:class:`AllSourcesFailedError`
+        when several URIs were tried; :class:`SourceUnreachableError` for a source that did
+        not connect or answer within the connect / first-byte timeouts, or stalled) or
+        :class:`CacheError` (:class:`LockTimeoutError`, disk full).
+        """
+        hf_fallback = False
+        if not is_new_format(card):
+            in_place = await self._in_place(card)
+            if in_place is not None:
+                return in_place
+            hf_fallback = True
+            log.info(
+                "legacy card %r: metadata files are not all local; fetching from hf://%s",
+                card.display_name,
+                card.source_path,
+            )
+        plan = plan_card(
+            card, self.layout, alternates=alternates, hf_fallback=hf_fallback, spread=self.spread
+        )
+        self._store.ensure_dirs()
+        await _Run(self, progress).card(plan)
+        links = {fp.slot: fp.link_path for fp in plan.files}
+        return ResolvedCard(
+            card=card.with_paths(lambda name, _: os.fspath(links[name])),
+            local_dir=plan.link_dir,
+            mdcsum=plan.mdcsum,
+            files=tuple(links.values()),
+        )
+
+    async def _in_place(self, card: ModelDeploymentCard) -> ResolvedCard | None:
+        """A legacy card whose files all exist locally, verified against its checksums."""
+        local = _existing_local_files(card)
+        if local is None:
+            return None
+        for name, f in card.files():
+            state = await verify_file(
+                Path(local[name]), f.checksum.hex, memo=self._store.memo, foreign=True
+            )
+            if state.size is None or (f.size is not None and state.size != f.size):
+                self.stats.failures += 1
+                raise ChecksumMismatchError(
+                    f.path,
+                    _describe(f.checksum.hex, f.size),
+                    _describe(state.actual or "?", state.size),
+                )
+        files = tuple(Path(p) for p in local.values())
+        parents = {f.parent for f in files}
+        self.stats.hits += len(files)
+        return ResolvedCard(
+            card=card.with_paths(lambda name, _: local[name]),
+            local_dir=parents.pop() if len(parents) == 1 else None,
+            mdcsum=mdcsum(card),
+            in_place=True,
+            files=files,
+        )
+
+
+def _existing_local_files(card: ModelDeploymentCard) -> dict[str, str] | None:
+    """Each slot's absolute local path, or ``None`` unless every slot is an existing file."""
+    paths = {name: local_path_of(f.path) for name, f in card.files()}
+    local = {name: os.path.abspath(p) for name, p in paths.items() if p is not None}
+    if len(local) != len(paths) or not all(os.path.isfile(p) for p in local.values()):
+        return None
+    return local
+
+
+async def resolve_metadata_files(
+    card: ModelDeploymentCard,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    alternates: Mapping[str, Sequence[str]] | None = None,
+    lock_timeout: float = 600.0,
+    connect_timeout: float = 10.0,
+    first_byte_timeout: float = 10.0,
+    total_timeout: float = 300.0,
+    read_timeout: float | None = 60.0,
+    session: aiohttp.ClientSession | None = None,
+    stats: CacheStats | None = None,
+    progress: ProgressCallback | None = None,
+    spread: str | None = None,
+    health: SourceHealth | None = None,
+) -> ResolvedCard:
+    """Resolve one card (:meth:`MetadataCache.resolve`) with a :class:`MetadataCache` of its
+    own, closed on return: for one-off use. Callers that resolve many cards, or several at
+    once, share a session, the verification memo and the fetches through one
+    :class:`MetadataCache` instead."""
+    fetch = FetchConfig(
+        connect_timeout=connect_timeout,
+        total_timeout=total_timeout,
+        read_timeout=read_timeout,
+        first_byte_timeout=first_byte_timeout,
+    )
+    async with MetadataCache(
+        cache_dir,
+        fetch=fetch,
+        lock_timeout=lock_timeout,
+        session=session,
+        stats=stats,
+        spread=spread,
+        health=health,
+    ) as cache:
+        return await cache.resolve(card, alternates=alternates, progress=progress)
+
+
+# --------------------------------------------------------------------------- one resolution
+
+
+class _DirGone(Exception):
+    """A published card directory vanished while it was being repaired in place."""
+
+
 class _Run:
-    store: BlobStore
-    config: FetchConfig
-    lock_timeout: float
-    sessions: _Sessions
-    stats: CacheStats
-    progress: ProgressCallback | None
-    health: SourceHealth | None = None
+    """One resolution through ``cache``: make a card's directory complete and verified."""
 
-    async def ensure_file(self, fp: FilePlan, *, in_place: bool = False) -> None:
+    def __init__(self, cache: MetadataCache, progress: ProgressCallback | None) -> None:
+        self.cache = cache
+        self.store = cache._store
+        self.stats = cache.stats
+        self.health = cache.health
+        self.progress = progress
+
+    async def card(self, plan: CardPlan) -> None:
+        """Make ``plan.link_dir`` a complete, verified card directory.
+
+        A published directory is checked (and repaired) in place. Otherwise the card is staged
+        and renamed into place, so ``by-slug/`` only ever holds complete cards: a card whose
+        files never verify leaves nothing there. Concurrent callers share one staging.
+        """
+        for _ in range(_PUBLISH_ATTEMPTS):
+            if plan.link_dir.is_dir():
+                try:
+                    await self._ensure_all(plan.files, in_place=True)
+                except _DirGone:
+                    log.info("%s was removed while in use; staging it again", plan.link_dir)
+                    continue
+                refresh_last_used(fp.link_path for fp in plan.files)
+                return
+            published: list[bool] = []
+
+            async def attempt(published: list[bool] = published) -> None:
+                published.append(await self._stage_and_publish(plan))
+
+            # Concurrent callers join one staging; a joiner (or the loser of a race with
+            # another process) goes round again and finds the published directory.
+            await self.cache._flights.run(("card", os.fspath(plan.link_dir)), attempt)
+            if published == [True]:
+                return
+        raise CacheError(
+            f"{plan.link_dir} kept vanishing while it was being published (is something "
+            "deleting the cache in a loop?)"
+        )
+
+    async def _stage_and_publish(self, plan: CardPlan) -> bool:
+        """Link every file in a staging directory, then rename it onto the card directory.
+        False when another process published the card first."""
+        staging = self.store.stage_dir(plan.link_dir)
+        try:
+            files = [dataclasses.replace(fp, link_path=staging / fp.filename) for fp in plan.files]
+            await self._ensure_all(files, in_place=False)
+            return self.store.publish_dir(staging, plan.link_dir)
+        finally:
+            remove_link_dir(staging)  # gone already once published; never half a card left
+
+    async def _ensure_all(self, files: Sequence[FilePlan], *, in_place: bool) -> None:
+        results = await asyncio.gather(
+            *(self._ensure_file(fp, in_place=in_place) for fp in files), return_exceptions=True
+        )
+        gone = [r for r in results if isinstance(r, _DirGone)]
+        if gone:
+            raise gone[0]
+        for fp, result in zip(files, results, strict=True):
+            if isinstance(result, BaseException):
+                self.stats.failures += 1
+                if isinstance(result, Exception):
+                    log.error("cannot cache %s of card slot %s: %s", fp.filename, fp.slot, result)
+                raise result
+
+    async def _ensure_file(self, fp: FilePlan, *, in_place: bool) -> None:
         """Make ``fp.link_path`` point at a verified blob; concurrent callers share one run.
 
         ``in_place`` repairs a published card directory: it is never re-created, and
         :class:`_DirGone` says it vanished (a prune or ``cache rm`` took it).
         """
-        root = os.fspath(self.store.layout.root)
-        with _wanting(root, fp.hex, fp.uris):
-            key = (root, fp.hex, fp.size, os.fspath(fp.link_path))
-            await _single_flight(key, lambda: self._ensure_file(fp, in_place))
+        with self.cache._wanted.wanting(fp.hex, fp.uris):
+            key = ("file", fp.hex, fp.size, os.fspath(fp.link_path))
+            await self.cache._flights.run(key, lambda: self._link(fp, in_place))
 
-    async def _ensure_file(self, fp: FilePlan, in_place: bool) -> None:
+    async def _link(self, fp: FilePlan, in_place: bool) -> None:
         # Warm path, no lock: the link is already right and the blob verifies.
         if self.store.links_to(fp.hex, fp.link_path):
             state = await self.store.check(fp.hex)
@@ -229,7 +490,7 @@ class _Run:
                 return
         # Links are only created under the blob lock, so prune (which deletes an unreferenced
         # blob only while holding its lock) can never leave a link without its blob.
-        async with blob_lock(self.store.layout.lock(fp.hex), self.lock_timeout):
+        async with self.store.lock(fp.hex, self.cache.lock_timeout):
             state = await self.store.check(fp.hex)
             if state.size is not None:
                 self.stats.hits += 1
@@ -239,7 +500,7 @@ class _Run:
                     log.warning("replacing corrupt blob %s", fp.blob_path)
                     self.store.remove(fp.hex)
                     self.stats.repairs += 1
-                size = await self.fetch(fp)
+                size = await self._fetch(fp)
             self._check_size(fp, size)
             if not self.store.link(fp.hex, fp.link_path, create_dir=not in_place):
                 raise _DirGone(fp.link_path.parent)
@@ -252,7 +513,7 @@ class _Run:
                 fp.uris[0], _describe(fp.hex, fp.size), _describe(fp.hex, size)
             )
 
-    async def fetch(self, fp: FilePlan) -> int:
+    async def _fetch(self, fp: FilePlan) -> int:
         errors: list[tuple[str, Exception]] = []
         began = time.monotonic()
         progress = self.progress
@@ -277,7 +538,7 @@ class _Run:
         # card on a frozen host cannot hold them up. Tried together; the first to verify wins.
         others = _one_per_host(
             u
-            for u in _known_elsewhere(os.fspath(self.store.layout.root), fp.hex, uris)
+            for u in self.cache._wanted.known_elsewhere(fp.hex, uris)
             if health is None or health.backing_off(http_source(u) or "") is None
         )[:_MAX_RACE]
         if others:
@@ -313,20 +574,15 @@ class _Run:
         staging = self.store.stage(fp.hex, on_progress)
         verified = False
         try:
+            session = self.cache._sessions.get() if _needs_session(uri) else None
             await fetch_uri(
-                uri,
-                staging,
-                fp.cap,
-                session=self.sessions.get() if _needs_session(uri) else None,
-                config=self.config,
+                uri, staging, fp.cap, session=session, config=self.cache.fetch, hf=self.cache._hf
             )
             answered = True
             actual = staging.hexdigest()
             if actual != fp.hex or (fp.size is not None and staging.received != fp.size):
                 raise ChecksumMismatchError(
-                    uri,
-                    _describe(fp.hex, fp.size),
-                    _describe(actual, staging.received),
+                    uri, _describe(fp.hex, fp.size), _describe(actual, staging.received)
                 )
             verified = True
             return staging
@@ -390,35 +646,6 @@ class _Run:
         return staging.received
 
 
-# Per event loop, per (cache root, blob): the http(s) URIs that callers waiting for that blob
-# know, with how many of them know each; most recently added last.
-_wanted: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[str, str], dict[str, int]]
-] = weakref.WeakKeyDictionary()
-#: How many other hosts one fetch tries at once when its own sources failed.
-_MAX_RACE = 32
-
-
-@contextlib.contextmanager
-def _wanting(root: str, hexdigest: str, uris: Sequence[str]) -> Iterator[None]:
-    """While inside, ``uris`` (the http(s) ones) count as sources of the blob for others."""
-    mine = [u for u in uris if http_source(u) is not None]
-    entry = _wanted.setdefault(asyncio.get_running_loop(), {}).setdefault((root, hexdigest), {})
-    for uri in mine:
-        entry[uri] = entry.pop(uri, 0) + 1  # (re)inserted last: the most recent
-    try:
-        yield
-    finally:
-        for uri in mine:
-            left = entry.get(uri, 0) - 1
-            if left > 0:
-                entry[uri] = left
-            else:
-                entry.pop(uri, None)
-        if not entry:
-            _wanted.get(asyncio.get_running_loop(), {}).pop((root, hexdigest), None)
-
-
 def _one_per_host(uris: Iterable[str]) -> list[str]:
     """The first of ``uris`` on each ``host:port`` (a host that does not answer for one path
     does not for another)."""
@@ -432,189 +659,9 @@ def _one_per_host(uris: Iterable[str]) -> list[str]:
     return out
 
 
-def _known_elsewhere(root: str, hexdigest: str, exclude: Sequence[str]) -> list[str]:
-    """URIs of the blob other waiting callers know, most recent first."""
-    entry = _wanted.get(asyncio.get_running_loop(), {}).get((root, hexdigest), {})
-    return [u for u in reversed(entry) if u not in exclude]
-
-
 def _needs_session(uri: str) -> bool:
     return uri.split(":", 1)[0].lower() in ("http", "https", "hf")
 
 
 def _describe(hexdigest: str, size: int | None) -> str:
     return f"blake3:{hexdigest}" + (f" ({size} bytes)" if size is not None else "")
-
-
-class _DirGone(Exception):
-    """A published card directory vanished while it was being repaired in place."""
-
-
-async def _ensure_all(files: Sequence[FilePlan], run: _Run, *, in_place: bool) -> None:
-    results = await asyncio.gather(
-        *(run.ensure_file(fp, in_place=in_place) for fp in files), return_exceptions=True
-    )
-    gone = [r for r in results if isinstance(r, _DirGone)]
-    if gone:
-        raise gone[0]
-    for fp, result in zip(files, results, strict=True):
-        if isinstance(result, BaseException):
-            run.stats.failures += 1
-            if not isinstance(result, Exception):
-                raise result
-            log.error("cannot cache %s of card slot %s: %s", fp.filename, fp.slot, result)
-            raise result
-
-
-async def _stage_and_publish(plan: CardPlan, run: _Run) -> bool:
-    """Link every file in a staging directory, then rename it onto the card directory.
-    False when another process published the card first."""
-    staging = run.store.stage_dir(plan.link_dir)
-    try:
-        files = [dataclasses.replace(fp, link_path=staging / fp.filename) for fp in plan.files]
-        await _ensure_all(files, run, in_place=False)
-        return run.store.publish_dir(staging, plan.link_dir)
-    finally:
-        remove_link_dir(staging)  # gone already once published; never half a card left
-
-
-async def _run_plan(plan: CardPlan, run: _Run) -> None:
-    """Make ``plan.link_dir`` a complete, verified card directory.
-
-    A published directory is checked (and repaired) in place. Otherwise the card is staged
-    and renamed into place, so ``by-slug/`` only ever holds complete cards: a card whose files
-    never verify leaves nothing there. Concurrent callers in one process share one staging.
-    """
-    root = os.fspath(run.store.layout.root)
-    for _ in range(_PUBLISH_ATTEMPTS):
-        if plan.link_dir.is_dir():
-            try:
-                await _ensure_all(plan.files, run, in_place=True)
-            except _DirGone:
-                log.info("%s was removed while in use; staging it again", plan.link_dir)
-                continue
-            refresh_last_used(fp.link_path for fp in plan.files)
-            return
-        published: list[bool] = []
-
-        async def attempt(published: list[bool] = published) -> None:
-            published.append(await _stage_and_publish(plan, run))
-
-        # Concurrent callers in this process join one staging; a joiner (or the loser of a
-        # race with another process) goes round again and finds the published directory.
-        await _single_flight((root, plan.mdcsum, None, os.fspath(plan.link_dir)), attempt)
-        if published == [True]:
-            return
-    raise CacheError(
-        f"{plan.link_dir} kept vanishing while it was being published (is something deleting "
-        "the cache in a loop?)"
-    )
-
-
-def _existing_local_files(card: ModelDeploymentCard) -> dict[str, str] | None:
-    """Each slot's absolute local path, or ``None`` unless every slot is an existing file."""
-    paths = {name: local_path_of(f.path) for name, f in card.files()}
-    local = {name: os.path.abspath(p) for name, p in paths.items() if p is not None}
-    if len(local) != len(paths) or not all(os.path.isfile(p) for p in local.values()):
-        return None
-    return local
-
-
-async def _in_place(card: ModelDeploymentCard, stats: CacheStats) -> ResolvedCard | None:
-    """A legacy card whose files all exist locally, verified against its checksums."""
-    local = _existing_local_files(card)
-    if local is None:
-        return None
-    for name, f in card.files():
-        state = await verify_file(Path(local[name]), f.checksum.hex, foreign=True)
-        if state.size is None or (f.size is not None and state.size != f.size):
-            stats.failures += 1
-            raise ChecksumMismatchError(
-                f.path,
-                _describe(f.checksum.hex, f.size),
-                _describe(state.actual or "?", state.size),
-            )
-    files = tuple(Path(p) for p in local.values())
-    parents = {f.parent for f in files}
-    stats.hits += len(files)
-    return ResolvedCard(
-        card=card.with_paths(lambda name, _: local[name]),
-        local_dir=parents.pop() if len(parents) == 1 else None,
-        mdcsum=mdcsum(card),
-        in_place=True,
-        files=files,
-    )
-
-
-async def resolve_metadata_files(
-    card: ModelDeploymentCard,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    alternates: Mapping[str, Sequence[str]] | None = None,
-    lock_timeout: float = 600.0,
-    connect_timeout: float = 10.0,
-    first_byte_timeout: float = 10.0,
-    total_timeout: float = 300.0,
-    read_timeout: float | None = 60.0,
-    session: aiohttp.ClientSession | None = None,
-    stats: CacheStats | None = None,
-    progress: ProgressCallback | None = None,
-    spread: str | None = None,
-    health: SourceHealth | None = None,
-) -> ResolvedCard:
-    """Return ``card`` with every slot pointing at a verified local file.
-
-    New-format cards go through the cache: each file is fetched from its URI (then each of
-    ``alternates[hex]``; with ``spread``, a frontend's id, the http(s) sources are tried in
-    the order :func:`~discovery_mdc.cache._plan.spread_sources` picks, so one frontend's GETs
-    and a fleet's spread evenly over the replicas and each frontend still makes one GET per
-    blob), verified against blake3 and size, published to
-    ``blobs/<hex>`` and linked at ``by-slug/<slug>/<mdcsum>/<filename>``. A legacy card whose
-    files all exist locally is used in place; otherwise each file is fetched from
-    ``hf://<source_path>/<file>`` and verified against its checksum.
-
-    Raises :class:`CardError` (unsafe names), :class:`SizeLimitError`,
-    :class:`ChecksumMismatchError`, :class:`FetchError` (:class:`AllSourcesFailedError` when
-    several URIs were tried; :class:`SourceUnreachableError` for a source that did not
-    connect or answer within ``connect_timeout`` / ``first_byte_timeout``, or stalled for
-    ``read_timeout``) or :class:`CacheError` (:class:`LockTimeoutError`, disk full).
-
-    With ``health``, transport failures are remembered per ``host:port``: a source backing
-    off is tried after the others, and not at all until its time is up (see
-    :class:`SourceHealth`), so a card on an unresponsive host fails at once instead of waiting
-    out the timeouts again.
-    """
-    stats = _STATS if stats is None else stats
-    hf_fallback = False
-    if not is_new_format(card):
-        in_place = await _in_place(card, stats)
-        if in_place is not None:
-            return in_place
-        hf_fallback = True
-        log.info(
-            "legacy card %r: metadata files are not all local; fetching from hf://%s",
-            card.display_name,
-            card.source_path,
-        )
-    layout = CacheLayout(resolve_cache_root(cache_dir))
-    plan = plan_card(card, layout, alternates=alternates, hf_fallback=hf_fallback, spread=spread)
-    store = BlobStore(layout)
-    store.ensure_dirs()
-    config = FetchConfig(
-        connect_timeout=connect_timeout,
-        total_timeout=total_timeout,
-        read_timeout=read_timeout,
-        first_byte_timeout=first_byte_timeout,
-    )
-    sessions = _Sessions(session)
-    try:
-        await _run_plan(plan, _Run(store, config, lock_timeout, sessions, stats, progress, health))
-    finally:
-        await sessions.close()
-    links = {fp.slot: fp.link_path for fp in plan.files}
-    return ResolvedCard(
-        card=card.with_paths(lambda name, _: os.fspath(links[name])),
-        local_dir=plan.link_dir,
-        mdcsum=plan.mdcsum,
-        files=tuple(links.values()),
-    )

@@ -39,10 +39,12 @@ __all__ = [
     "REMOVAL_PREFIX",
     "BlobState",
     "BlobStore",
+    "CardDir",
+    "CardDirEntry",
     "Staging",
+    "VerifyMemo",
     "blob_lock",
-    "forget_verified",
-    "last_used",
+    "read_card_dir",
     "refresh_last_used",
     "remove_link_dir",
     "unique_name",
@@ -65,22 +67,51 @@ LAST_USE_RESOLUTION: Final = 60.0
 _DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 # Hash small blobs on the event loop; hand bigger ones to a thread.
 _INLINE_HASH_MAX: Final = 1 << 20
-# A blob whose mtime/ctime is this recent is never memoized ("racily clean", as git calls
-# it): file timestamps come from a coarse clock, so a rewrite within the same tick could keep
-# the same (size, mtime, ctime) and the memo would hide it.
+# A file whose mtime/ctime is this recent is never memoized (see VerifyMemo).
 _RACY_NS: Final = 2_000_000_000
 _MEMO_MAX: Final = 1 << 16
-# (dev, inode, size, mtime_ns, ctime_ns) -> blake3 hex the file was seen to have.
-_verified: dict[tuple[int, int, int, int, int], str] = {}
+# A staging directory is retried this often when a prune removes its (empty) model directory
+# between creating that and creating the staging directory inside it.
+_MKDIR_ATTEMPTS: Final = 5
+
+_MemoKey = tuple[int, int, int, int, int]
 
 
-def forget_verified() -> None:
-    """Drop the in-process verification memo (tests, or after out-of-band edits)."""
-    _verified.clear()
+class VerifyMemo:
+    """Which files were seen to hash to which blake3, per (dev, inode, size, mtime, ctime).
 
+    A file whose timestamps are within the last few seconds is never remembered ("racily
+    clean", as git calls it): file timestamps come from a coarse clock, so a rewrite within the
+    same tick could keep the same key and the memo would hide it.
+    """
 
-def _memo_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    def __init__(self, max_entries: int = _MEMO_MAX) -> None:
+        self._max = max_entries
+        self._seen: dict[_MemoKey, str] = {}
+
+    @staticmethod
+    def _key(st: os.stat_result) -> _MemoKey:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def verified(self, st: os.stat_result, hexdigest: str) -> bool:
+        """True if the file ``st`` describes was seen to hash to ``hexdigest``."""
+        return self._seen.get(self._key(st)) == hexdigest
+
+    def add(self, st: os.stat_result, hexdigest: str) -> None:
+        """Remember that the file ``st`` describes hashes to ``hexdigest``."""
+        if max(st.st_mtime_ns, st.st_ctime_ns) >= time.time_ns() - _RACY_NS:
+            return
+        if len(self._seen) >= self._max:
+            self._seen.clear()
+        self._seen[self._key(st)] = hexdigest
+
+    def __contains__(self, hexdigest: object) -> bool:
+        """``hex in memo``: some file was remembered with this blake3."""
+        return hexdigest in self._seen.values()
+
+    def clear(self) -> None:
+        """Forget everything (after editing the cache out of band)."""
+        self._seen.clear()
 
 
 def unique_name(prefix: str) -> str:
@@ -163,12 +194,14 @@ class BlobState:
     actual: str | None = None
 
 
-async def verify_file(path: Path, hexdigest: str, *, foreign: bool = False) -> BlobState:
+async def verify_file(
+    path: Path, hexdigest: str, *, memo: VerifyMemo | None = None, foreign: bool = False
+) -> BlobState:
     """Hash ``path`` and compare it with ``hexdigest``; ``BlobState(None)`` if it is missing.
 
-    A match is memoized per (dev, inode, size, mtime, ctime) unless the file changed within
-    the last few seconds, so warm checks cost one ``stat``. ``foreign`` files (not cache
-    blobs, which only ever change by rename) are read rather than memory-mapped.
+    With a ``memo``, a match is remembered per (dev, inode, size, mtime, ctime), so warm
+    checks cost one ``stat``. ``foreign`` files (not cache blobs, which only ever change by
+    rename) are read rather than memory-mapped.
     """
     try:
         st = os.stat(path)
@@ -176,8 +209,7 @@ async def verify_file(path: Path, hexdigest: str, *, foreign: bool = False) -> B
         return BlobState(None)
     except OSError as exc:
         raise _cache_error("stat", path, exc) from None
-    key = _memo_key(st)
-    if _verified.get(key) == hexdigest:
+    if memo is not None and memo.verified(st, hexdigest):
         return BlobState(st.st_size)
     if not stat.S_ISREG(st.st_mode):
         return BlobState(None, corrupt=True)
@@ -194,18 +226,19 @@ async def verify_file(path: Path, hexdigest: str, *, foreign: bool = False) -> B
         log.warning("%s is corrupt: expected blake3 %s, content hashes to %s", path, hexdigest,
                     checksum.hex)  # fmt: skip
         return BlobState(None, corrupt=True, actual=checksum.hex)
-    if max(st.st_mtime_ns, st.st_ctime_ns) < time.time_ns() - _RACY_NS:
-        if len(_verified) >= _MEMO_MAX:
-            _verified.clear()
-        _verified[key] = hexdigest
+    if memo is not None:
+        memo.add(st, hexdigest)
     return BlobState(size)
 
 
 class BlobStore:
-    """The blobs, staging area, locks and links under one cache root."""
+    """The blobs, staging area, locks and links under one cache root, and the memo of the
+    blobs verified so far."""
 
     def __init__(self, layout: CacheLayout) -> None:
         self.layout = layout
+        self.memo = VerifyMemo()
+        self._warned_no_flock = False
 
     def ensure_dirs(self) -> None:
         for d in (self.layout.blobs, self.layout.by_slug, self.layout.locks, self.layout.tmp):
@@ -231,7 +264,16 @@ class BlobStore:
 
     async def check(self, hexdigest: str) -> BlobState:
         """Verify ``blobs/<hex>`` by hashing it (memoized per inode, size and timestamps)."""
-        return await verify_file(self.layout.blob(hexdigest), hexdigest)
+        return await verify_file(self.layout.blob(hexdigest), hexdigest, memo=self.memo)
+
+    def lock(self, hexdigest: str, max_wait: float) -> contextlib.AbstractAsyncContextManager[None]:
+        """The blob's cross-process lock (:func:`blob_lock`)."""
+        return blob_lock(self.layout.lock(hexdigest), max_wait, no_flock=self._no_flock)
+
+    def _no_flock(self, path: Path) -> None:
+        if not self._warned_no_flock:
+            self._warned_no_flock = True
+            log.warning("no flock on %s; fetching without a cross-process lock", path)
 
     def remove(self, hexdigest: str) -> None:
         path = self.layout.blob(hexdigest)
@@ -277,11 +319,19 @@ class BlobStore:
     def stage_dir(self, link_dir: Path) -> Path:
         """A new, empty staging directory next to the card directory ``link_dir``."""
         path = link_dir.parent / unique_name(CARD_STAGING_PREFIX + link_dir.name)
-        try:
-            path.mkdir(parents=True)
-        except OSError as exc:
-            raise _cache_error("create card directory", path, exc) from None
-        return path
+        tries = 0
+        while True:
+            try:
+                # FileExistsError: it was there, and a prune removed it (empty) just now.
+                with contextlib.suppress(FileExistsError):
+                    link_dir.parent.mkdir(parents=True, exist_ok=True)
+                path.mkdir()
+                return path
+            except OSError as exc:
+                tries += 1
+                # FileNotFoundError: a prune removed the (empty) model directory in between.
+                if not isinstance(exc, FileNotFoundError) or tries == _MKDIR_ATTEMPTS:
+                    raise _cache_error("create card directory", path, exc) from None
 
     def publish_dir(self, staging: Path, link_dir: Path) -> bool:
         """Rename a complete staging directory onto ``link_dir``; False when another process
@@ -310,17 +360,76 @@ def remove_link_dir(path: Path) -> None:
         path.rmdir()
 
 
-def last_used(link_dir: Path) -> float:
-    """When the card in ``link_dir`` was last used: its newest link's mtime (temp links
-    aside; the directory's own mtime when it has no links)."""
-    newest = None
-    with contextlib.suppress(FileNotFoundError), os.scandir(link_dir) as it:
-        for entry in it:
-            if entry.is_symlink() and not entry.name.startswith(TEMP_PREFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    mtime = entry.stat(follow_symlinks=False).st_mtime
-                    newest = mtime if newest is None else max(newest, mtime)
-    return newest if newest is not None else os.stat(link_dir).st_mtime
+@dataclass(frozen=True, slots=True)
+class CardDirEntry:
+    """One entry of a card directory. ``target`` is its symlink target (None: not a symlink);
+    read with stats, ``lstat`` is its own and ``size`` that of what it reaches (None: broken)."""
+
+    name: str
+    target: str | None
+    lstat: os.stat_result | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CardDir:
+    """What :func:`read_card_dir` found in a card directory (published, staging or being
+    removed)."""
+
+    inode: int
+    mtime: float
+    entries: tuple[CardDirEntry, ...]
+
+    @property
+    def last_used(self) -> float:
+        """The card's last use: its newest link's own mtime (temp links aside), the
+        directory's mtime when it has no links (needs the stats)."""
+        return max(
+            (
+                e.lstat.st_mtime
+                for e in self.entries
+                if e.target is not None and e.lstat and not e.name.startswith(TEMP_PREFIX)
+            ),
+            default=self.mtime,
+        )
+
+
+def read_card_dir(path: Path, *, stats: bool = False) -> CardDir | None:
+    """The entries of a card directory and their link targets, read through one open
+    descriptor: renaming the directory meanwhile (staging to published, or out of the way to
+    be deleted) hides none of them. None when no directory is at ``path`` (any more)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    try:
+        st = os.fstat(fd)
+        with os.scandir(fd) as it:
+            listed = sorted((e.name, e.is_symlink()) for e in it)
+        entries = tuple(
+            entry for name, link in listed if (entry := _read_entry(fd, name, link, stats))
+        )
+        return CardDir(st.st_ino, st.st_mtime, entries)
+    finally:
+        os.close(fd)
+
+
+def _read_entry(fd: int, name: str, link: bool, stats: bool) -> CardDirEntry | None:
+    """One entry of the directory open at ``fd``; None when it is gone already."""
+    try:
+        target = os.readlink(name, dir_fd=fd) if link else None
+        lstat = os.stat(name, dir_fd=fd, follow_symlinks=False) if stats else None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.EINVAL):  # gone, or no longer a link
+            return None
+        raise
+    size = None
+    if stats:
+        with contextlib.suppress(OSError):
+            size = os.stat(name, dir_fd=fd).st_size
+    return CardDirEntry(name, target, lstat, size)
 
 
 def refresh_last_used(
@@ -353,7 +462,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_warned_no_flock = False
+def _warn_no_flock(path: Path) -> None:
+    log.warning("no flock on %s; fetching without a cross-process lock", path)
 
 
 @contextlib.asynccontextmanager
@@ -363,14 +473,15 @@ async def blob_lock(
     *,
     log_every: float = 10.0,
     clock: Callable[[], float] = time.monotonic,
+    no_flock: Callable[[Path], None] = _warn_no_flock,
 ) -> AsyncIterator[None]:
     """Hold the ``flock`` at ``path``; poll without blocking the event loop.
 
     Logs every ``log_every`` seconds while waiting and raises :class:`LockTimeoutError`
     naming the lock after ``max_wait`` seconds. Where the file system has no ``flock``, the
-    lock is skipped (with one warning): the atomic rename keeps the cache correct anyway.
+    lock is skipped (``no_flock(path)`` says so): the atomic rename keeps the cache correct
+    anyway.
     """
-    global _warned_no_flock
     lock = filelock.FileLock(path, fallback_to_soft=False)
     start = clock()
     next_log = start + log_every
@@ -385,9 +496,7 @@ async def blob_lock(
         except OSError as exc:
             if exc.errno != errno.ENOSYS:
                 raise _cache_error("take lock", path, exc) from None
-            if not _warned_no_flock:
-                _warned_no_flock = True
-                log.warning("no flock on %s; fetching without a cross-process lock", path)
+            no_flock(path)
             yield
             return
         now = clock()

@@ -35,7 +35,6 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from discovery_mdc._sample import write_sample_model
-from discovery_mdc.cache import cache_stats
 from discovery_mdc.card import decode_envelope
 from discovery_mdc.cli._common import (
     EXIT_INTERRUPTED,
@@ -294,7 +293,8 @@ async def _demo_async(run: _Run) -> int:
                 f"model {run.model!r} not ready on the frontend within {args.timeout:g}s"
             ) from None
         first.ready_seconds = time.monotonic() - begin
-        stats = cache_stats()
+        assert watcher.cache is not None  # the default resolver
+        stats = watcher.cache.stats
         fetched = {"after_first": stats.fetches, "bytes": stats.bytes_fetched}
         _say(
             f"[4/5] {first.name:<11}{first.base_url} published {first.published.key}; "
@@ -308,7 +308,7 @@ async def _demo_async(run: _Run) -> int:
         assert second.published.key is not None
         await _wait_joined(watcher, run, second.published.key, begin + args.timeout)
         second.ready_seconds = time.monotonic() - begin
-        fetched["after_second"] = cache_stats().fetches
+        fetched["after_second"] = stats.fetches
         _say(
             f"[5/5] {second.name:<11}{second.base_url} published {second.published.key}; "
             f"joined {second.ready_seconds * 1000:.0f} ms later"

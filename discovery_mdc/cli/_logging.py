@@ -69,6 +69,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes (as ``logging.lastResort``
+    does), not to the stream that was ``sys.stderr`` when logging was configured: ``main()``
+    run in a process that swaps stderr (a test capturing it) must not leave a handler on a
+    stream that is closed later ("--- Logging error --- ... I/O operation on closed file")."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        """Ignored: the stream is always the current ``sys.stderr``."""
+
+
 def level_number(level: str) -> int:
     """A level name (debug, info, warning, error, off) as a logging level number."""
     return _OFF if level == "off" else int(logging.getLevelName(level.upper()))
@@ -81,7 +96,7 @@ def configure_logging(
     level of single loggers (``("discovery_mdc.frontend", "debug")``)."""
     global _format
     _format = fmt
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

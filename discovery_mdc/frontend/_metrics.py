@@ -9,11 +9,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from discovery_mdc._metrics import SECONDS_BUCKETS, add_standard_collectors, render
-from discovery_mdc.cache import CacheStats, cache_stats
+from discovery_mdc.cache import CacheStats
 from discovery_mdc.etcd import PrefixInformer
 from discovery_mdc.frontend._state import ModelStats
 
 __all__ = ["FrontendMetrics"]
+
+# What the cache series show before a cache is attached.
+_NO_CACHE = CacheStats()
 
 
 class _CacheStatsCollector(Collector):
@@ -32,6 +35,8 @@ class _CacheStatsCollector(Collector):
             ("discovery_mdc_blob_hits", "blobs already in the cache and verified", s.hits),
             ("discovery_mdc_blob_failures", "blob fetches or verifications that failed",
              s.failures),
+            ("discovery_mdc_blob_repairs", "corrupt blobs found in the cache and fetched again",
+             s.repairs),
         )  # fmt: skip
         by_source = CounterMetricFamily(
             "discovery_mdc_source_fetches",
@@ -144,13 +149,14 @@ class FrontendMetrics:
     """Counters for rejections, malformed cards and pipelines; the pipeline duration;
     per-model readiness (see :meth:`track_models`); the ``process_*`` and build-info series.
     The watch, relist and reconcile counters come from the attached informer, and the cache
-    byte, blob and per-source counters and the per-blob fetch duration from ``stats`` (the
-    process-wide :func:`~discovery_mdc.cache.cache_stats` by default)."""
+    byte, blob and per-source counters and the per-blob fetch duration from ``stats()`` if
+    given, else from the attached cache's counters (:meth:`attach_cache`; zero until then)."""
 
-    def __init__(self, stats: Callable[[], CacheStats] = cache_stats) -> None:
+    def __init__(self, stats: Callable[[], CacheStats] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._informer: PrefixInformer | None = None
+        self._cache_stats = stats
         self.rejected = Counter(
             "discovery_mdc_rejected_instances",
             "instances rejected by mdcsum, or for a model id /v1/models/{id} cannot serve, "
@@ -172,7 +178,7 @@ class FrontendMetrics:
         )
         self.models = Gauge("discovery_mdc_models_ready", "models currently listed", registry=r)
         self.instances = Gauge("discovery_mdc_instances", "instances currently known", registry=r)
-        r.register(_CacheStatsCollector(stats))
+        r.register(_CacheStatsCollector(self._read_cache_stats))
         r.register(_InformerCollector(lambda: self._informer))
         add_standard_collectors(r)
         # Export the label values that matter at 0, so a scrape shows them before they happen.
@@ -182,6 +188,15 @@ class FrontendMetrics:
     def attach(self, informer: PrefixInformer) -> None:
         """Export ``informer``'s watch, relist and reconcile counters."""
         self._informer = informer
+
+    def attach_cache(self, stats: CacheStats) -> None:
+        """Export a cache's counters (the watcher calls this with its cache's), unless
+        ``stats`` was given to the constructor."""
+        if self._cache_stats is None:
+            self._cache_stats = lambda: stats
+
+    def _read_cache_stats(self) -> CacheStats:
+        return _NO_CACHE if self._cache_stats is None else self._cache_stats()
 
     def track_models(self, models: Callable[[], Iterable[ModelStats]]) -> None:
         """Export ``discovery_mdc_model_{ready,instances,rejected_instances}{model}`` from

@@ -18,12 +18,19 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from discovery_mdc._backoff import Backoff
 from discovery_mdc._clock import Clock, Sleep, every
 from discovery_mdc._lifecycle import AsyncService, cancel_and_wait
-from discovery_mdc.cache import SourceHealth, http_source, refresh_last_used
+from discovery_mdc.cache import (
+    FetchConfig,
+    MetadataCache,
+    SourceHealth,
+    http_source,
+    refresh_last_used,
+    resolve_cache_root,
+)
 from discovery_mdc.card import ModelDeploymentCard
 from discovery_mdc.etcd import (
     DEFAULT_RECONCILE_INTERVAL,
@@ -80,8 +87,6 @@ class Resolver(Protocol):
 def default_frontend_id(cache_dir: str | Path | None) -> str:
     """This host's name and the cache root: stable across restarts, different for every
     frontend that does not share a cache (frontends sharing one fetch each blob once anyway)."""
-    from discovery_mdc.cache import resolve_cache_root
-
     return f"{socket.gethostname()}:{os.fspath(resolve_cache_root(cache_dir))}"
 
 
@@ -98,9 +103,11 @@ class ModelWatcher(AsyncService):
     ``backoff_initial`` and ``backoff_max`` pace the retries of a failing pipeline; the
     etcd watch reconnects on the informer's own, shorter cap.
 
-    With the default resolver, every ``cache_upkeep_interval`` seconds (default: the reconcile
-    interval, at most 60) :meth:`cache_upkeep` marks the cache directories of the served models
-    as used and fetches again any that were removed from the cache.
+    With the default resolver, the watcher resolves cards into one
+    :class:`~discovery_mdc.cache.MetadataCache` (:attr:`cache`) that it closes with itself, and
+    every ``cache_upkeep_interval`` seconds (default: the reconcile interval, at most 60)
+    :meth:`cache_upkeep` marks the cache directories of the served models as used and fetches
+    again any that were removed from the cache.
     """
 
     def __init__(
@@ -138,20 +145,14 @@ class ModelWatcher(AsyncService):
         )
         self._prepare = prepare
         #: Spreads this frontend's metadata fetches over a model's replicas (see
-        #: ``resolve_metadata_files(spread=...)``).
+        #: ``MetadataCache(spread=...)``).
         self.frontend_id = frontend_id or default_frontend_id(cache_dir)
         #: Metadata sources (``host:port``) backing off after failing (the default resolver).
         self.source_health = SourceHealth()
-        self._resolver = resolver or _cache_resolver(
-            cache_dir, self.frontend_id, self.source_health
-        )
+        self._cache, self._resolver = self._cache_and_resolver(cache_dir, resolver)
         # Only cards this watcher cached itself (the default resolver) are kept up.
-        self._by_slug = None if resolver is not None else _cache_by_slug(cache_dir)
-        if cache_upkeep_interval is None:
-            cache_upkeep_interval = (
-                min(reconcile_interval, 60.0) if reconcile_interval > 0 else 60.0
-            )
-        self._upkeep_interval = cache_upkeep_interval
+        self._by_slug = None if self._cache is None else self._cache.layout.by_slug
+        self._upkeep_interval = _upkeep_interval(cache_upkeep_interval, reconcile_interval)
         self._startup_timeout = startup_timeout
         self._endpoints: tuple[str, ...] = tuple(getattr(store, "endpoints", ()))
         self._sem = asyncio.Semaphore(max_concurrent_pipelines)
@@ -160,14 +161,36 @@ class ModelWatcher(AsyncService):
         self._slow_after = slow_pipeline_after
         self._backoff = (backoff_initial, backoff_max)
         self._sleep = sleep
-        self.metrics = metrics or FrontendMetrics()
-        self.metrics.attach(self._informer)
-        self.metrics.track_models(self._registry.model_stats)
+        self.metrics = self._attach_metrics(metrics or FrontendMetrics())
         self._pipelines: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._subscribers: list[asyncio.Queue[ModelEvent | None]] = []
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+
+    def _cache_and_resolver(
+        self, cache_dir: str | Path | None, resolver: Resolver | None
+    ) -> tuple[MetadataCache | None, Resolver]:
+        """A custom resolver, or the default: this watcher's own cache, with short timeouts
+        (a dead replica should cost a failover little), its spread and its source health."""
+        if resolver is not None:
+            return None, resolver
+        fetch = FetchConfig(
+            connect_timeout=FETCH_CONNECT_TIMEOUT,
+            first_byte_timeout=FETCH_FIRST_BYTE_TIMEOUT,
+            read_timeout=FETCH_STALL_TIMEOUT,
+        )
+        cache = MetadataCache(
+            cache_dir, fetch=fetch, spread=self.frontend_id, health=self.source_health
+        )
+        return cache, cache.resolve
+
+    def _attach_metrics(self, metrics: FrontendMetrics) -> FrontendMetrics:
+        metrics.attach(self._informer)
+        metrics.track_models(self._registry.model_stats)
+        if self._cache is not None:
+            metrics.attach_cache(self._cache.stats)
+        return metrics
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,6 +217,8 @@ class ModelWatcher(AsyncService):
         await cancel_and_wait(*self._tasks, *self._pipelines.values())
         self._tasks.clear()
         self._pipelines.clear()
+        if self._cache is not None:
+            await self._cache.close()
         for queue in self._subscribers:
             queue.put_nowait(None)
 
@@ -201,6 +226,12 @@ class ModelWatcher(AsyncService):
     def connected(self) -> bool:
         """True while the etcd watch stream is open."""
         return self._informer.connected
+
+    @property
+    def cache(self) -> MetadataCache | None:
+        """The metadata cache the default resolver fetches into, kept for the watcher's
+        lifetime and closed with it (None with a custom ``resolver``)."""
+        return self._cache
 
     @property
     def informer(self) -> PrefixInformer:
@@ -477,36 +508,18 @@ class ModelWatcher(AsyncService):
         finally:
             if self._pipelines.get(ident) is asyncio.current_task():
                 del self._pipelines[ident]
-                # An instance admitted after the last check found no one waiting would
-                # otherwise join a pipeline that is already on its way out.
+                # However it ended (say, a CancelledError out of something it awaited, though
+                # nobody cancelled it), an instance still waiting must not be left without a
+                # pipeline.
                 if not self._closed and self._registry.pending(*ident):
                     self._start_pipeline(req)
 
 
-def _cache_by_slug(cache_dir: str | Path | None) -> Path:
-    from discovery_mdc.cache import CacheLayout, resolve_cache_root
-
-    return CacheLayout(resolve_cache_root(cache_dir)).by_slug
-
-
-def _cache_resolver(
-    cache_dir: str | Path | None, frontend_id: str, health: SourceHealth
-) -> Resolver:
-    from discovery_mdc.cache import resolve_metadata_files
-
-    async def resolve(card: ModelDeploymentCard, *, alternates: dict[str, list[str]]) -> Any:
-        return await resolve_metadata_files(
-            card,
-            cache_dir=cache_dir,
-            alternates=alternates,
-            spread=frontend_id,
-            connect_timeout=FETCH_CONNECT_TIMEOUT,
-            first_byte_timeout=FETCH_FIRST_BYTE_TIMEOUT,
-            read_timeout=FETCH_STALL_TIMEOUT,
-            health=health,
-        )
-
-    return resolve
+def _upkeep_interval(given: float | None, reconcile_interval: float) -> float:
+    """``given``, else the reconcile interval, at most 60 s (60 s without reconciles)."""
+    if given is not None:
+        return given
+    return min(reconcile_interval, 60.0) if reconcile_interval > 0 else 60.0
 
 
 def _source_key(alternates: dict[str, list[str]]) -> frozenset[str] | None:
