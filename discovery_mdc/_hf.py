@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 from discovery_mdc.errors import FetchError, ModelDirError
 
-__all__ = ["DEFAULT_ENDPOINT", "HfEnv", "download_hint"]
+__all__ = ["DEFAULT_ENDPOINT", "HfEnv", "download_hint", "hf_or_environment"]
 
 DEFAULT_ENDPOINT: Final = "https://huggingface.co"
 _TRUE_VALUES: Final = frozenset({"1", "ON", "YES", "TRUE"})
@@ -45,6 +45,16 @@ _REF_FILE_MAX: Final = 256
 def download_hint(repo: str) -> str:
     """The command that puts ``repo`` into the local HF cache."""
     return f"hf download {repo}"
+
+
+def hf_or_environment(hf: HfEnv | None) -> HfEnv:
+    """``hf``, else huggingface_hub's variables read now.
+
+    The one default that reads the environment outside a ``from_env``: every HF client honours
+    ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE``, and a library that ignored them would
+    miss the local HF cache, send no token and go online where the user said offline.
+    """
+    return HfEnv.from_env() if hf is None else hf
 
 
 def _is_true(value: str | None) -> bool:

@@ -87,6 +87,48 @@ def test_outside_the_cli_only_from_env_constructors_read_a_variable() -> None:
     assert stray == []
 
 
+def _from_env_calls(tree: ast.AST) -> Iterator[tuple[str, int]]:
+    """(enclosing function, line) for each ``<anything>.from_env(...)`` call."""
+
+    def visit(node: ast.AST, function: str) -> Iterator[tuple[str, int]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield from visit(child, child.name)
+                continue
+            if (
+                isinstance(child, ast.Call)
+                and isinstance(child.func, ast.Attribute)
+                and child.func.attr == "from_env"
+            ):
+                yield function, child.lineno
+            yield from visit(child, function)
+
+    yield from visit(tree, "<module>")
+
+
+def test_outside_the_cli_only_from_env_constructors_call_from_env() -> None:
+    package = ROOT / "discovery_mdc"
+    stray = [
+        f"{path.relative_to(package)}:{line} {function}() calls from_env()"
+        for path in sorted(package.rglob("*.py"))
+        if path.name not in ("_env.py", *HF_READERS) and path.parent.name != "cli"
+        for function, line in _from_env_calls(ast.parse(path.read_text()))
+        if function not in ENV_READERS
+    ]
+    assert stray == []
+
+
+def test_the_from_env_call_finder_finds_calls_in_methods_and_at_module_level() -> None:
+    source = (
+        "X = A.from_env()\n"
+        "class C:\n"
+        "    def __init__(self): self.hf = HfEnv.from_env({})\n"
+        "    def from_env(cls): return B.from_env()\n"
+    )
+    found = list(_from_env_calls(ast.parse(source)))
+    assert found == [("<module>", 1), ("__init__", 3), ("from_env", 4)]
+
+
 def test_the_env_read_finder_finds_reads_in_both_import_styles() -> None:
     source = (
         "from discovery_mdc import _env\n"

@@ -9,6 +9,7 @@ import aiohttp
 import blake3
 import pytest
 
+from discovery_mdc._hf import HfEnv
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import from_dir
 from discovery_mdc.errors import ModelDirError
@@ -75,6 +76,17 @@ def test_hf_repo_id_resolves_through_refs_main(
     assert source.hf_repo == "Qwen/Qwen3-0.6B"
     assert source.display_name_default == "Qwen/Qwen3-0.6B"
     assert source.source_path == "Qwen/Qwen3-0.6B"
+
+
+def test_given_hf_settings_win_over_the_environment(
+    tmp_path: Path, hf_cache: Path, make_hf_cache: Callable[..., Path]
+) -> None:
+    make_hf_cache(hf_cache, "Org/Both")
+    given = tmp_path / "given-hub"
+    given.mkdir()
+    snapshot = make_hf_cache(given, "Org/Both")
+    hf = HfEnv.from_env({"HF_HUB_CACHE": str(given)})
+    assert resolve_model_source("Org/Both", hf=hf).local_dir == snapshot
 
 
 def test_hf_repo_without_refs_main_uses_its_only_snapshot(

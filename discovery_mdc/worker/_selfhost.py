@@ -34,6 +34,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from discovery_mdc._hf import HfEnv
 from discovery_mdc.card import CheckedFile, LoraInfo, ModelDeploymentCard, from_dir, slugify
 from discovery_mdc.errors import RegistryError
 from discovery_mdc.worker._registry import (
@@ -229,10 +230,11 @@ def _model_card(
     display_name: str | None = None,
     custom_template: str | os.PathLike[str] | None = None,
     lora_name: str | None = None,
+    hf: HfEnv | None = None,
     **card_fields: Any,
 ) -> tuple[ModelDeploymentCard, str | None]:
     """The card of ``model`` (a dir or a cached HF repo id) as built, and its HF repo id."""
-    source = resolve_model_source(model)
+    source = resolve_model_source(model, hf=hf)
     card = from_dir(
         source.local_dir,
         display_name=display_name if display_name is not None else source.display_name_default,
@@ -264,7 +266,8 @@ def build_for_publishing(
     """Resolve ``model`` (a dir or a cached HF repo id), build its card and prepare it
     (:func:`prepare_for_publishing`). Registers nothing.
 
-    ``options``: ``display_name``, ``custom_template``, ``lora_name`` and the
+    ``options``: ``display_name``, ``custom_template``, ``lora_name``, ``hf`` (the HF cache
+    settings for a repo id, see :func:`resolve_model_source`) and the
     :func:`~discovery_mdc.card.from_dir` fields (``model_type``, ``cancel``...). Extra files
     are hashed only when the card will be self-hosted. This hashes files and blocks; from
     async code run it in a thread.
