@@ -134,9 +134,11 @@ async def test_hf_snapshot_symlinks_keep_real_names_in_urls_and_are_served(
         include_extra_files=True,
     )
     async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as server:
-        published = prepare_card(
-            card, server=server, self_host=True, hf_repo=source.hf_repo, **ENDPOINT
+        prepared = prepare_card(
+            card, base_url=server.base_url, self_host=True, hf_repo=source.hf_repo, **ENDPOINT
         )
+        prepared.register(server.registry)
+        published = prepared.card
         names = sorted(f.path.rsplit("/", 1)[1] for _, f in published.files())
         assert names == [
             "config.json",
@@ -160,7 +162,7 @@ def test_hf_repo_not_self_hosted_gets_hf_urls(
     hf_cache: Path, make_hf_cache: Callable[..., Path]
 ) -> None:
     make_hf_cache(hf_cache, "Org/Snap")
-    card = build_worker_card("Org/Snap", server=None, self_host=False, **ENDPOINT)
+    card = build_worker_card("Org/Snap", base_url=None, self_host=False, **ENDPOINT).card
     assert card.display_name == "Org/Snap" and card.slug == "org_snap"
     assert card.source_path == "Org/Snap"
     assert card.extra_files == ()

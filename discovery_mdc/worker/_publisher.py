@@ -38,7 +38,7 @@ from discovery_mdc.etcd import Registration as EtcdRegistration
 from discovery_mdc.worker._registry import MetadataRegistry, ModelRef
 from discovery_mdc.worker._selfhost import (
     PreparedCard,
-    build_for_publishing,
+    build_worker_card,
     model_ref,
     running_base_url,
 )
@@ -293,7 +293,7 @@ class Worker(AsyncService):
         # Hashing a large file can take seconds: cancelling this call (SIGTERM) stops it
         # within one chunk, and nothing waits for the thread.
         return await run_cancellable(
-            lambda stop: build_for_publishing(
+            lambda stop: build_worker_card(
                 model,
                 base_url=base_url,
                 self_host=self_host,
