@@ -342,19 +342,7 @@ def test_dyn_logging_jsonl_is_dynamos_is_truthy(value: str, on: bool) -> None:
     assert _env.LOGGING_JSONL.get({"DYN_LOGGING_JSONL": value}) is on
 
 
-@pytest.fixture
-def _restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    levels = {n: logging.getLogger(n).level for n in ("discovery_mdc.cache", "discovery_mdc")}
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, lvl in levels.items():
-        logging.getLogger(name).setLevel(lvl)
-
-
-@pytest.mark.usefixtures("_restore_root_logger")
+@pytest.mark.usefixtures("restore_root_logger")
 def test_dyn_log_sets_levels_unless_the_flag_is_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,7 +4,7 @@ publishes (self-hosted, local paths, or ``hf://`` paths)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,12 +25,6 @@ from discovery_mdc.worker._server import StatusServer
 
 ENDPOINT = {"namespace": "dynamo", "component": "backend", "endpoint": "generate"}
 BASE = "http://10.0.0.1:8081"
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[StatusServer]:
-    async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as srv:
-        yield srv
 
 
 def card_of(model_dir: Path, **kwargs: object) -> ModelDeploymentCard:
@@ -194,26 +188,28 @@ def test_dyn_self_host_metadata_is_off_only_for_dynamos_falsy_values(
 
 
 async def test_prepare_card_self_hosts_when_enabled_and_server_running(
-    server: StatusServer, make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    status_server: StatusServer,
+    make_model_dir: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("DYN_SELF_HOST_METADATA", "off")  # read by from_env and the CLI only
     card = card_of(make_model_dir("tiny"))
     published = prepare_card(
-        card, base_url=server.base_url, self_host=True, hf_repo=None, **ENDPOINT
+        card, base_url=status_server.base_url, self_host=True, hf_repo=None, **ENDPOINT
     ).card
     assert all(
-        f.path.startswith(f"http://127.0.0.1:{server.port}/v1/metadata/tiny/")
+        f.path.startswith(f"http://127.0.0.1:{status_server.port}/v1/metadata/tiny/")
         for _, f in published.files()
     )
     assert published.extra_files
 
 
 async def test_opt_out_keeps_local_paths_and_drops_extras(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     card = card_of(make_model_dir("tiny"))
     prepared = prepare_card(
-        card, base_url=server.base_url, self_host=False, hf_repo=None, **ENDPOINT
+        card, base_url=status_server.base_url, self_host=False, hf_repo=None, **ENDPOINT
     )
     assert prepared.card == card.replace(extra_files=())
     assert prepared.registrations == ()
@@ -271,26 +267,26 @@ def test_hf_repo_without_self_hosting_points_slots_at_hf(
 
 
 async def test_hf_repo_with_self_hosting_publishes_urls(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     card = card_of(make_model_dir("snap"))
     published = prepare_card(
-        card, base_url=server.base_url, self_host=True, hf_repo="Org/Model", **ENDPOINT
+        card, base_url=status_server.base_url, self_host=True, hf_repo="Org/Model", **ENDPOINT
     ).card
     assert all(f.path.startswith("http://127.0.0.1:") for _, f in published.files())
 
 
 async def test_build_worker_card_hashes_extras_only_when_self_hosting(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     model_dir = make_model_dir("tiny")
     hosted = build_worker_card(
-        str(model_dir), base_url=server.base_url, self_host=True, **ENDPOINT
+        str(model_dir), base_url=status_server.base_url, self_host=True, **ENDPOINT
     ).card
     assert hosted.display_name == "tiny" and hosted.source_path == str(model_dir)
     assert [f.basename for f in hosted.extra_files] == ["special_tokens_map.json"]
     local = build_worker_card(
-        str(model_dir), base_url=server.base_url, self_host=False, **ENDPOINT
+        str(model_dir), base_url=status_server.base_url, self_host=False, **ENDPOINT
     ).card
     assert local.extra_files == ()
     assert local.model_info is not None
@@ -365,14 +361,14 @@ def test_prepare_card_without_a_server_has_no_registrations(
 
 
 async def test_build_worker_card_leaves_the_running_server_untouched(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     model_dir = make_model_dir("tiny")
     prepared = build_worker_card(
-        str(model_dir), base_url=server.base_url, self_host=True, **ENDPOINT
+        str(model_dir), base_url=status_server.base_url, self_host=True, **ENDPOINT
     )
-    assert len(server.registry) == 0
+    assert len(status_server.registry) == 0
     assert prepared.card.extra_files and prepared.registrations
-    assert all(f.path.startswith(server.base_url) for _, f in prepared.card.files())
-    prepared.register(server.registry)
-    assert len(server.registry) == len(prepared.registrations)
+    assert all(f.path.startswith(status_server.base_url) for _, f in prepared.card.files())
+    prepared.register(status_server.registry)
+    assert len(status_server.registry) == len(prepared.registrations)
