@@ -37,6 +37,7 @@ __all__ = [
     "child_env",
     "converged",
     "run_cli",
+    "run_python",
     "start_frontend",
 ]
 
@@ -54,7 +55,7 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(
+def run_python(
     *args: str | bytes,
     env: Mapping[str, str] | None = None,
     stdin: int | None = subprocess.DEVNULL,
@@ -62,12 +63,12 @@ def run_cli(
     timeout: float = 60.0,
     preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m discovery_mdc <args>`` to completion, by default in :func:`child_env`;
+    """``python <args>`` (this interpreter) to completion, by default in :func:`child_env`;
     stdout and stderr captured as text. stdin is not a terminal unless one is passed (a pty).
     An argument may be bytes (a path that is not UTF-8).
     Raises ``subprocess.TimeoutExpired`` if it runs past ``timeout``."""
     return subprocess.run(
-        [sys.executable, "-m", "discovery_mdc", *args],
+        [sys.executable, *args],
         stdin=stdin,
         capture_output=True,
         text=True,
@@ -77,6 +78,21 @@ def run_cli(
         cwd=cwd,
         preexec_fn=preexec_fn,
     )
+
+
+def run_cli(
+    *args: str | bytes,
+    env: Mapping[str, str] | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+    cwd: Path | None = None,
+    timeout: float = 60.0,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m discovery_mdc <args>`` to completion (:func:`run_python`)."""
+    return run_python(
+        "-m", "discovery_mdc", *args,
+        env=env, stdin=stdin, cwd=cwd, timeout=timeout, preexec_fn=preexec_fn,
+    )  # fmt: skip
 
 
 class Process:
