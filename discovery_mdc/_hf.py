@@ -31,12 +31,15 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import quote
 
+from discovery_mdc._env import TRUTHY_WORDS
 from discovery_mdc.errors import FetchError, ModelDirError
 
 __all__ = ["DEFAULT_ENDPOINT", "HfEnv", "download_hint", "hf_or_environment"]
 
 DEFAULT_ENDPOINT: Final = "https://huggingface.co"
-_TRUE_VALUES: Final = frozenset({"1", "ON", "YES", "TRUE"})
+# huggingface_hub's ENV_VARS_TRUE_VALUES: the same words, but matched upper-cased and not
+# stripped (" 1" is false), as huggingface_hub matches them.
+_TRUE_VALUES: Final = frozenset(word.upper() for word in TRUTHY_WORDS)
 _COMMIT: Final = re.compile(r"[0-9a-f]{40}")
 _VAR: Final = re.compile(r"\$(\w+|\{[^}]*\})", re.ASCII)
 _REF_FILE_MAX: Final = 256
