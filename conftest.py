@@ -1,11 +1,12 @@
 """Fixtures that both ``tests/`` and ``integration/`` use (model dirs, HF cache repos, a cache
-dir, a scripted metadata server); the helpers they build on are the test kit's
-(``testkit/``)."""
+dir, a scripted metadata server, a status server, the root logger restored); the helpers they
+build on are the test kit's (``testkit/``)."""
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.cache import CacheLayout
 from discovery_mdc.card import hash_bytes
+from discovery_mdc.worker import MetadataRegistry, StatusServer
 from testkit import MetaServer
 
 #: The commit every generated HF cache entry is stored under.
@@ -67,3 +69,24 @@ async def meta_server() -> AsyncIterator[MetaServer]:
     """A :class:`testkit.MetaServer` on 127.0.0.1 for the test."""
     async with MetaServer() as server:
         yield server
+
+
+@pytest.fixture
+async def status_server() -> AsyncIterator[StatusServer]:
+    """A running :class:`StatusServer` on 127.0.0.1 (random port) with an empty registry."""
+    async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as server:
+        yield server
+
+
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    """Put back the root logger's handlers and level, and the package loggers' levels, that a
+    test (the CLI's ``main``) changes."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {n: logging.getLogger(n).level for n in ("discovery_mdc.cache", "discovery_mdc")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in levels.items():
+        logging.getLogger(name).setLevel(lvl)

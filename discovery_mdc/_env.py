@@ -59,6 +59,7 @@ __all__ = [
     "STARTUP_CONNECT_TIMEOUT",
     "SYSTEM_HOST",
     "SYSTEM_PORT",
+    "TRUTHY_WORDS",
     "VARIABLES",
     "DynEndpoint",
     "EnvVar",
@@ -184,7 +185,8 @@ def _whole_seconds(text: str) -> int:
 
 
 _FALSY: Final = frozenset({"0", "false", "no", "off", ""})
-_TRUTHY: Final = frozenset({"1", "true", "on", "yes"})
+#: Dynamo's (and huggingface_hub's) words for "true", lower case.
+TRUTHY_WORDS: Final = frozenset({"1", "true", "on", "yes"})
 
 
 def _self_host(text: str) -> bool:
@@ -194,7 +196,7 @@ def _self_host(text: str) -> bool:
 
 def _truthy(text: str) -> bool:
     # Dynamo's is_truthy(): 1, true, on, yes (case-insensitive); anything else is false.
-    return text.strip().lower() in _TRUTHY
+    return text.strip().lower() in TRUTHY_WORDS
 
 
 _SEGMENT: Final = re.compile(r"[^/\x00-\x1f\x7f]+")

@@ -31,12 +31,15 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import quote
 
+from discovery_mdc._env import TRUTHY_WORDS
 from discovery_mdc.errors import FetchError, ModelDirError
 
-__all__ = ["DEFAULT_ENDPOINT", "HfEnv", "download_hint"]
+__all__ = ["DEFAULT_ENDPOINT", "HfEnv", "download_hint", "hf_or_environment"]
 
 DEFAULT_ENDPOINT: Final = "https://huggingface.co"
-_TRUE_VALUES: Final = frozenset({"1", "ON", "YES", "TRUE"})
+# huggingface_hub's ENV_VARS_TRUE_VALUES: the same words, but matched upper-cased and not
+# stripped (" 1" is false), as huggingface_hub matches them.
+_TRUE_VALUES: Final = frozenset(word.upper() for word in TRUTHY_WORDS)
 _COMMIT: Final = re.compile(r"[0-9a-f]{40}")
 _VAR: Final = re.compile(r"\$(\w+|\{[^}]*\})", re.ASCII)
 _REF_FILE_MAX: Final = 256
@@ -45,6 +48,16 @@ _REF_FILE_MAX: Final = 256
 def download_hint(repo: str) -> str:
     """The command that puts ``repo`` into the local HF cache."""
     return f"hf download {repo}"
+
+
+def hf_or_environment(hf: HfEnv | None) -> HfEnv:
+    """``hf``, else huggingface_hub's variables read now.
+
+    The one default that reads the environment outside a ``from_env``: every HF client honours
+    ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE``, and a library that ignored them would
+    miss the local HF cache, send no token and go online where the user said offline.
+    """
+    return HfEnv.from_env() if hf is None else hf
 
 
 def _is_true(value: str | None) -> bool:

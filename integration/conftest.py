@@ -1,5 +1,6 @@
 """Fixtures for real etcd (a fresh server or 3-member cluster per test, one server per module,
-clients) and for the processes a test starts (``procs``, ``spawn``, ``spawn_worker``).
+clients) and for the processes a test starts (``procs``, ``spawn``, ``spawn_worker``,
+``frontend``).
 
 ``etcd_server_factory`` starts servers with custom flags
 (``etcd_server_factory(extra_args=["--max-request-bytes=4194304"])``). The helpers these
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from discovery_mdc.etcd import EtcdClient, EtcdCluster, EtcdServer
-from testkit import Process, Spawn, WorkerProcess, child_env
+from testkit import FrontendProcess, Process, Spawn, WorkerProcess, child_env
 
 
 @pytest.fixture
@@ -128,3 +129,12 @@ def spawn_worker(etcd_server: EtcdServer, tmp_path: Path, procs: list[Process]) 
         return w
 
     return start
+
+
+@pytest.fixture
+def frontend(etcd_server: EtcdServer, tmp_path: Path) -> Iterator[FrontendProcess]:
+    """A frontend process on ``etcd_server`` (started at once), reconciling every
+    second; stopped after the test."""
+    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path / "fe", reconcile_interval=1.0)
+    yield fe
+    fe.stop()

@@ -30,7 +30,7 @@ from discovery_mdc.card import (
     from_dir,
     hash_file,
 )
-from testkit import CliProcess, Handler, MetaServer, Process, run_cli, wait_until
+from testkit import CliProcess, Handler, MetaServer, Process, run_cli, run_python, wait_until
 
 DEADLINE = 60.0
 
@@ -201,18 +201,12 @@ async def test_a_1_gib_file_fetches_with_bounded_memory(
             CheckedFile(meta_server.url("/big/config.json"), checksum, size),
         ),
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        RSS_SCRIPT,
-        str(write_card(tmp_path, card)),
-        str(cache.root),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 300)
-    assert proc.returncode == 0, err.decode()
-    before_kib, after_kib = map(int, out.split())
+    done = await asyncio.to_thread(
+        run_python, "-c", RSS_SCRIPT, str(write_card(tmp_path, card)), str(cache.root),
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    before_kib, after_kib = map(int, done.stdout.split())
     try:
         assert cache.blob(checksum.hex).stat().st_size == size
         print(f"peak RSS before {before_kib} KiB, after {after_kib} KiB")

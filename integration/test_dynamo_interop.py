@@ -87,40 +87,37 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(shared_etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     peer = ensure_dynamo_venv()
     work = tmp_path_factory.mktemp("dynamo-interop")
-    with EtcdServer() as etcd:
-        url = etcd.client_url
-        home = work / "dynamo-frontend-home"
-        home.mkdir()
-        dyn_port = free_port()
-        dyn_fe = start_dynamo_frontend(
-            peer, dynamo_env(url, home), dyn_port, log=work / "dynamo-frontend.log"
+    url = shared_etcd.client_url
+    home = work / "dynamo-frontend-home"
+    home.mkdir()
+    dyn_port = free_port()
+    dyn_fe = start_dynamo_frontend(
+        peer, dynamo_env(url, home), dyn_port, log=work / "dynamo-frontend.log"
+    )
+    our_fe = start_our_frontend(
+        url, work / "our-cache", work / "our-port", log=work / "our-frontend.log"
+    )
+    try:
+        our_port = read_port_file(work / "our-port", timeout=DEADLINE, proc=our_fe)
+        wait_until_sync(
+            lambda: list_models(dyn_port) is not None,
+            timeout=DEADLINE,
+            message="the Dynamo frontend to serve /v1/models",
+            proc=dyn_fe,
         )
-        our_fe = start_our_frontend(
-            url, work / "our-cache", work / "our-port", log=work / "our-frontend.log"
+        wait_until_sync(
+            lambda: list_models(our_port) is not None,
+            timeout=DEADLINE,
+            message="our frontend to serve /v1/models",
+            proc=our_fe,
         )
-        try:
-            our_port = read_port_file(work / "our-port", timeout=DEADLINE, proc=our_fe)
-            wait_until_sync(
-                lambda: list_models(dyn_port) is not None,
-                timeout=DEADLINE,
-                message="the Dynamo frontend to serve /v1/models",
-                proc=dyn_fe,
-            )
-            wait_until_sync(
-                lambda: list_models(our_port) is not None,
-                timeout=DEADLINE,
-                message="our frontend to serve /v1/models",
-                proc=our_fe,
-            )
-            yield Stack(
-                peer, url, work, dyn_fe, dyn_port, home, our_fe, our_port, work / "our-cache"
-            )
-        finally:
-            dyn_fe.stop()
-            our_fe.stop()
+        yield Stack(peer, url, work, dyn_fe, dyn_port, home, our_fe, our_port, work / "our-cache")
+    finally:
+        dyn_fe.stop()
+        our_fe.stop()
 
 
 @pytest.fixture

@@ -3,10 +3,9 @@ lives here rather than in tests/)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+
+from testkit import run_python
 
 IO_LIBRARIES = ("aiohttp", "prometheus_client", "filelock")
 
@@ -25,9 +24,8 @@ def test_importing_the_pure_code_loads_no_io_library(module: str) -> None:
     script = (
         f"import sys, {module}\nprint(' '.join(m for m in {IO_LIBRARIES!r} if m in sys.modules))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
+    out = run_python("-c", script)
+    assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [], f"import {module} loads {out.stdout.strip()}"
 
 
@@ -40,4 +38,5 @@ def test_the_lazy_frontend_names_still_resolve() -> None:
         "assert set(f.__all__) <= set(dir(f))\n"
         "assert 'aiohttp' in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", script], timeout=60, check=True)
+    done = run_python("-c", script)
+    assert done.returncode == 0, done.stderr

@@ -8,10 +8,7 @@ integration/test_cache_processes.py::test_lock_left_by_a_killed_holder_does_not_
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from discovery_mdc.card import (
     CheckedFile,
@@ -36,13 +33,6 @@ DEADLINE = 60.0
 RSS_LIMIT_KIB = 300 * 1024
 # etcd's default --max-request-bytes is 1.5 MiB; leave room for the request's framing.
 NEAR_LIMIT = 1_400 * 1024
-
-
-@pytest.fixture
-def frontend(etcd_server: EtcdServer, tmp_path: Path) -> Iterator[FrontendProcess]:
-    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path / "fe", reconcile_interval=1.0)
-    yield fe
-    fe.stop()
 
 
 async def test_endless_metadata_stream_is_cut_and_memory_stays_bounded(

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from discovery_mdc.card import (
     CheckedFile,
@@ -20,20 +17,13 @@ from discovery_mdc.card import (
     from_dir,
     hash_bytes,
 )
-from discovery_mdc.etcd import EtcdClient, EtcdServer
+from discovery_mdc.etcd import EtcdClient
 from testkit import FrontendProcess, MetaServer, envelope_kv, model_dirs, wait_until
 
 DEADLINE = 60.0
 
 
 # --------------------------------------------------------------------------- frontend
-
-
-@pytest.fixture
-def frontend(etcd_server: EtcdServer, tmp_path: Path) -> Iterator[FrontendProcess]:
-    fe = FrontendProcess(etcd_server.client_url, tmp=tmp_path / "fe", reconcile_interval=2.0)
-    yield fe
-    fe.stop()
 
 
 def files_under(root: Path) -> list[Path]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -149,25 +149,19 @@ async def test_an_outage_longer_than_the_ttl_ends_with_the_worker_republishing(
     assert worker.popen.poll() is None
 
 
-@pytest.fixture
-def cluster() -> Iterator[EtcdCluster]:
-    with EtcdCluster(3) as c:
-        yield c
-
-
 async def test_stopping_the_member_the_worker_talks_to_never_drops_the_key(
-    cluster: EtcdCluster, spawn: Spawn, model_dir: Path
+    etcd_cluster: EtcdCluster, spawn: Spawn, model_dir: Path
 ) -> None:
     ttl = 4
     worker = spawn(
-        "--etcd", ",".join(cluster.client_urls), "--model-path", str(model_dir),
+        "--etcd", ",".join(etcd_cluster.client_urls), "--model-path", str(model_dir),
         "--lease-ttl", str(ttl),
     )  # fmt: skip
     reg: Registered = await worker.wait_registered(timeout=START)
     # Observe through the other members only.
-    async with EtcdClient(cluster.client_urls[1:]) as client:
+    async with EtcdClient(etcd_cluster.client_urls[1:]) as client:
         assert await card_keys(client) == [reg.key]
-        stopping = asyncio.create_task(asyncio.to_thread(cluster.stop_member, 0))
+        stopping = asyncio.create_task(asyncio.to_thread(etcd_cluster.stop_member, 0))
         loop = asyncio.get_running_loop()
         seen, errors = 0, 0
         until: float | None = None

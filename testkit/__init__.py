@@ -44,6 +44,7 @@ from testkit._process import (
     child_env,
     converged,
     run_cli,
+    run_python,
     start_frontend,
 )
 from testkit._procfs import (
@@ -101,6 +102,7 @@ __all__ = [
     "publish",
     "published_card",
     "run_cli",
+    "run_python",
     "silent_port",
     "snapshot",
     "start_frontend",

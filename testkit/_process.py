@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypedDict, Unpack
 
 from discovery_mdc._env import child_environ
 from discovery_mdc.etcd import EtcdClient
@@ -37,6 +37,7 @@ __all__ = [
     "child_env",
     "converged",
     "run_cli",
+    "run_python",
     "start_frontend",
 ]
 
@@ -54,29 +55,40 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(
-    *args: str | bytes,
-    env: Mapping[str, str] | None = None,
-    stdin: int | None = subprocess.DEVNULL,
-    cwd: Path | None = None,
-    timeout: float = 60.0,
-    preexec_fn: Callable[[], None] | None = None,
+class RunOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`run_python` and :func:`run_cli`."""
+
+    env: Mapping[str, str] | None
+    stdin: int | None
+    cwd: Path | None
+    timeout: float
+    preexec_fn: Callable[[], None] | None
+
+
+def run_python(
+    *args: str | bytes, **options: Unpack[RunOptions]
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m discovery_mdc <args>`` to completion, by default in :func:`child_env`;
+    """``python <args>`` (this interpreter) to completion, by default in :func:`child_env`;
     stdout and stderr captured as text. stdin is not a terminal unless one is passed (a pty).
-    An argument may be bytes (a path that is not UTF-8).
+    An argument may be bytes (a path that is not UTF-8). ``timeout`` defaults to 60 s.
     Raises ``subprocess.TimeoutExpired`` if it runs past ``timeout``."""
+    env = options.get("env")
     return subprocess.run(
-        [sys.executable, "-m", "discovery_mdc", *args],
-        stdin=stdin,
+        [sys.executable, *args],
+        stdin=options.get("stdin", subprocess.DEVNULL),
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=options.get("timeout", 60.0),
         check=False,
         env=child_env() if env is None else dict(env),
-        cwd=cwd,
-        preexec_fn=preexec_fn,
+        cwd=options.get("cwd"),
+        preexec_fn=options.get("preexec_fn"),
     )
+
+
+def run_cli(*args: str | bytes, **options: Unpack[RunOptions]) -> subprocess.CompletedProcess[str]:
+    """``python -m discovery_mdc <args>`` to completion (:func:`run_python`)."""
+    return run_python("-m", "discovery_mdc", *args, **options)
 
 
 class Process:

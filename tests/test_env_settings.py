@@ -7,7 +7,7 @@ import argparse
 import ast
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,26 @@ def test_only_the_settings_module_reads_the_environment() -> None:
 ENV_READERS = {"from_env", "endpoints_from_env", "find_etcd_binary"}
 
 
+def _attribute_calls(
+    tree: ast.AST, name_of: Callable[[ast.Attribute], str | None]
+) -> Iterator[tuple[str, str, int]]:
+    """(enclosing function, name, line) for each ``<expr>.<attr>(...)`` call that
+    ``name_of`` names (returns a name for)."""
+
+    def visit(node: ast.AST, function: str) -> Iterator[tuple[str, str, int]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield from visit(child, child.name)
+                continue
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
+                name = name_of(child.func)
+                if name is not None:
+                    yield function, name, child.lineno
+            yield from visit(child, function)
+
+    yield from visit(tree, "<module>")
+
+
 def _env_reads(tree: ast.AST) -> Iterator[tuple[str, str, int]]:
     """(enclosing function, variable, line) for each ``VAR.get()``/``VAR.raw()`` of an
     :class:`~discovery_mdc._env.EnvVar`, however it was imported."""
@@ -52,39 +72,61 @@ def _env_reads(tree: ast.AST) -> Iterator[tuple[str, str, int]]:
         if alias.name in variables
     }
 
-    def visit(node: ast.AST, function: str) -> Iterator[tuple[str, str, int]]:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                yield from visit(child, child.name)
-                continue
-            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
-                target = child.func.value
-                if child.func.attr in ("get", "raw") and (
-                    (isinstance(target, ast.Name) and target.id in imported)
-                    or (
-                        isinstance(target, ast.Attribute)
-                        and isinstance(target.value, ast.Name)
-                        and target.value.id == "_env"
-                        and target.attr in variables
-                    )
-                ):
-                    name = target.id if isinstance(target, ast.Name) else target.attr
-                    yield function, name, child.lineno
-            yield from visit(child, function)
+    def variable(call: ast.Attribute) -> str | None:
+        target = call.value
+        if call.attr not in ("get", "raw"):
+            return None
+        if isinstance(target, ast.Name) and target.id in imported:
+            return target.id
+        if (
+            isinstance(target, ast.Attribute)
+            and isinstance(target.value, ast.Name)
+            and target.value.id == "_env"
+            and target.attr in variables
+        ):
+            return target.attr
+        return None
 
-    yield from visit(tree, "<module>")
+    return _attribute_calls(tree, variable)
+
+
+def _from_env_calls(tree: ast.AST) -> Iterator[tuple[str, str, int]]:
+    """(enclosing function, ``"from_env"``, line) for each ``<anything>.from_env(...)``."""
+    return _attribute_calls(tree, lambda call: "from_env" if call.attr == "from_env" else None)
+
+
+def _outside_the_env_readers(
+    finder: Callable[[ast.AST], Iterator[tuple[str, str, int]]],
+) -> list[str]:
+    """What ``finder`` finds in the package outside the settings module, the HF resolver, the
+    CLI and the functions allowed to read the environment."""
+    package = ROOT / "discovery_mdc"
+    return [
+        f"{path.relative_to(package)}:{line} {function}(): {name}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name not in ("_env.py", *HF_READERS) and path.parent.name != "cli"
+        for function, name, line in finder(ast.parse(path.read_text()))
+        if function not in ENV_READERS
+    ]
 
 
 def test_outside_the_cli_only_from_env_constructors_read_a_variable() -> None:
-    package = ROOT / "discovery_mdc"
-    stray = [
-        f"{path.relative_to(package)}:{line} {function}() reads {name}"
-        for path in sorted(package.rglob("*.py"))
-        if path.name not in ("_env.py", *HF_READERS) and path.parent.name != "cli"
-        for function, name, line in _env_reads(ast.parse(path.read_text()))
-        if function not in ENV_READERS
-    ]
-    assert stray == []
+    assert _outside_the_env_readers(_env_reads) == []
+
+
+def test_outside_the_cli_only_from_env_constructors_call_from_env() -> None:
+    assert _outside_the_env_readers(_from_env_calls) == []
+
+
+def test_the_from_env_call_finder_finds_calls_in_methods_and_at_module_level() -> None:
+    source = (
+        "X = A.from_env()\n"
+        "class C:\n"
+        "    def __init__(self): self.hf = HfEnv.from_env({})\n"
+        "    def from_env(cls): return B.from_env()\n"
+    )
+    found = [(function, line) for function, _, line in _from_env_calls(ast.parse(source))]
+    assert found == [("<module>", 1), ("__init__", 3), ("from_env", 4)]
 
 
 def test_the_env_read_finder_finds_reads_in_both_import_styles() -> None:
@@ -300,19 +342,7 @@ def test_dyn_logging_jsonl_is_dynamos_is_truthy(value: str, on: bool) -> None:
     assert _env.LOGGING_JSONL.get({"DYN_LOGGING_JSONL": value}) is on
 
 
-@pytest.fixture
-def _restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    levels = {n: logging.getLogger(n).level for n in ("discovery_mdc.cache", "discovery_mdc")}
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, lvl in levels.items():
-        logging.getLogger(name).setLevel(lvl)
-
-
-@pytest.mark.usefixtures("_restore_root_logger")
+@pytest.mark.usefixtures("restore_root_logger")
 def test_dyn_log_sets_levels_unless_the_flag_is_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

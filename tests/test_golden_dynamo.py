@@ -278,14 +278,14 @@ def test_our_worker_lora_card_is_named_as_dynamo_names_it(entry: dict[str, Any])
     ((lora_name, _),) = entry["register"]["loras"]
     ours = build_worker_card(
         str(DATA / entry["model_dir"]),
-        server=None,
+        base_url=None,
         self_host=False,
         namespace="dynamo",
         component="backend",
         endpoint="generate",
         display_name=entry["display_name"],  # the base model's served name
         lora_name=lora_name,
-    )
+    ).card
     assert (ours.display_name, ours.slug, ours.lora) == (
         theirs.display_name,
         theirs.slug,

@@ -82,6 +82,7 @@ def test_an_unreadable_token_file_is_an_error_naming_it(tmp_path: Path) -> None:
         ({"HF_HUB_OFFLINE": "ON"}, True),
         ({"HF_HUB_OFFLINE": "0"}, False),
         ({"HF_HUB_OFFLINE": "no"}, False),
+        ({"HF_HUB_OFFLINE": " 1"}, False),  # huggingface_hub does not strip it
         ({"TRANSFORMERS_OFFLINE": "1"}, True),
         ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, False),
     ],

@@ -22,12 +22,6 @@ from testkit import FakeClock, wait_until
 PREFIX = "v1/mdc/dynamo/backend/generate/"
 
 
-@pytest.fixture(autouse=True)
-def _no_worker_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("DYN_SYSTEM_PORT", "DYN_SYSTEM_HOST", "DYN_SELF_HOST_METADATA", "ETCD_LEASE_TTL"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def value_of(store: MemoryStore, key: str | None) -> dict[str, Any]:
     assert key is not None
     kv = store.get(key)

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from discovery_mdc.cache import CacheLayout, scan_cache
 from discovery_mdc.cache._store import remove_link_dir
 from discovery_mdc.card import ModelEnvelope, encode_envelope, from_dir
@@ -59,3 +61,21 @@ async def test_served_cards_are_marked_used_and_fetched_again_when_removed(
         await watcher.cache_upkeep()
         assert _names(local_dir) == names
         assert watcher.model("served") is not None
+
+
+async def test_closing_the_watcher_closes_its_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[bool] = []
+    async with ModelWatcher(MemoryStore(), cache_dir=tmp_path / "cache") as watcher:
+        cache = watcher.cache
+        assert cache is not None
+        close = cache.close
+
+        async def recording_close() -> None:
+            closed.append(True)
+            await close()
+
+        monkeypatch.setattr(cache, "close", recording_close)
+        assert closed == []
+    assert closed == [True]

@@ -4,7 +4,7 @@ publishes (self-hosted, local paths, or ``hf://`` paths)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,24 +15,16 @@ from discovery_mdc.errors import RegistryError
 from discovery_mdc.worker._registry import MetadataRegistry
 from discovery_mdc.worker._selfhost import (
     PreparedCard,
-    build_for_publishing,
     build_worker_card,
     model_ref,
     move_to_self_host,
     prepare_card,
-    prepare_for_publishing,
-    will_self_host,
+    running_base_url,
 )
 from discovery_mdc.worker._server import StatusServer
 
 ENDPOINT = {"namespace": "dynamo", "component": "backend", "endpoint": "generate"}
 BASE = "http://10.0.0.1:8081"
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[StatusServer]:
-    async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as srv:
-        yield srv
 
 
 def card_of(model_dir: Path, **kwargs: object) -> ModelDeploymentCard:
@@ -196,27 +188,31 @@ def test_dyn_self_host_metadata_is_off_only_for_dynamos_falsy_values(
 
 
 async def test_prepare_card_self_hosts_when_enabled_and_server_running(
-    server: StatusServer, make_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    status_server: StatusServer,
+    make_model_dir: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("DYN_SELF_HOST_METADATA", "off")  # read by from_env and the CLI only
     card = card_of(make_model_dir("tiny"))
-    published = prepare_card(card, server=server, self_host=True, hf_repo=None, **ENDPOINT)
+    published = prepare_card(
+        card, base_url=status_server.base_url, self_host=True, hf_repo=None, **ENDPOINT
+    ).card
     assert all(
-        f.path.startswith(f"http://127.0.0.1:{server.port}/v1/metadata/tiny/")
+        f.path.startswith(f"http://127.0.0.1:{status_server.port}/v1/metadata/tiny/")
         for _, f in published.files()
     )
     assert published.extra_files
 
 
 async def test_opt_out_keeps_local_paths_and_drops_extras(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     card = card_of(make_model_dir("tiny"))
-    assert not will_self_host(server, False)
-    assert will_self_host(server, True)
-    published = prepare_card(card, server=server, self_host=False, hf_repo=None, **ENDPOINT)
-    assert published == card.replace(extra_files=())
-    assert len(server.registry) == 0
+    prepared = prepare_card(
+        card, base_url=status_server.base_url, self_host=False, hf_repo=None, **ENDPOINT
+    )
+    assert prepared.card == card.replace(extra_files=())
+    assert prepared.registrations == ()
 
 
 def test_no_server_keeps_local_paths_and_logs_exactly_one_info_line(
@@ -224,8 +220,8 @@ def test_no_server_keeps_local_paths_and_logs_exactly_one_info_line(
 ) -> None:
     card = from_dir(make_model_dir("tiny"))
     caplog.set_level(logging.DEBUG, logger="discovery_mdc")
-    published = prepare_card(card, server=None, self_host=True, hf_repo=None, **ENDPOINT)
-    assert published == card
+    published = prepare_card(card, base_url=None, self_host=True, hf_repo=None, **ENDPOINT)
+    assert published.card == card
     records = [r for r in caplog.records if r.name.startswith("discovery_mdc.worker")]
     assert [(r.levelno, "no status server" in r.getMessage()) for r in records] == [
         (logging.INFO, True)
@@ -237,14 +233,18 @@ def test_no_server_and_disabled_logs_nothing(
 ) -> None:
     card = from_dir(make_model_dir("tiny"))
     caplog.set_level(logging.DEBUG, logger="discovery_mdc")
-    assert prepare_card(card, server=None, self_host=False, hf_repo=None, **ENDPOINT) == card
+    assert prepare_card(card, base_url=None, self_host=False, hf_repo=None, **ENDPOINT).card == card
     assert not [r for r in caplog.records if r.name.startswith("discovery_mdc.worker")]
 
 
 async def test_stopped_server_counts_as_no_server(make_model_dir: Callable[..., Path]) -> None:
     srv = StatusServer("127.0.0.1", 0, registry=MetadataRegistry())
     card = from_dir(make_model_dir("tiny"))
-    assert prepare_card(card, server=srv, self_host=True, hf_repo=None, **ENDPOINT) == card
+    assert running_base_url(srv) is None
+    base_url = running_base_url(srv)
+    assert (
+        prepare_card(card, base_url=base_url, self_host=True, hf_repo=None, **ENDPOINT).card == card
+    )
 
 
 def test_hf_repo_without_self_hosting_points_slots_at_hf(
@@ -254,8 +254,8 @@ def test_hf_repo_without_self_hosting_points_slots_at_hf(
     template.write_text("{{ x }}")
     card = card_of(make_model_dir("snap"), custom_template=template)
     published = prepare_card(
-        card, server=None, self_host=False, hf_repo="Org/Model-1.5", **ENDPOINT
-    )
+        card, base_url=None, self_host=False, hf_repo="Org/Model-1.5", **ENDPOINT
+    ).card
     paths = {name: f.path for name, f in published.files()}
     assert paths == {
         "model_info": "hf://Org/Model-1.5/config.json",
@@ -267,21 +267,27 @@ def test_hf_repo_without_self_hosting_points_slots_at_hf(
 
 
 async def test_hf_repo_with_self_hosting_publishes_urls(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     card = card_of(make_model_dir("snap"))
-    published = prepare_card(card, server=server, self_host=True, hf_repo="Org/Model", **ENDPOINT)
+    published = prepare_card(
+        card, base_url=status_server.base_url, self_host=True, hf_repo="Org/Model", **ENDPOINT
+    ).card
     assert all(f.path.startswith("http://127.0.0.1:") for _, f in published.files())
 
 
 async def test_build_worker_card_hashes_extras_only_when_self_hosting(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     model_dir = make_model_dir("tiny")
-    hosted = build_worker_card(str(model_dir), server=server, self_host=True, **ENDPOINT)
+    hosted = build_worker_card(
+        str(model_dir), base_url=status_server.base_url, self_host=True, **ENDPOINT
+    ).card
     assert hosted.display_name == "tiny" and hosted.source_path == str(model_dir)
     assert [f.basename for f in hosted.extra_files] == ["special_tokens_map.json"]
-    local = build_worker_card(str(model_dir), server=server, self_host=False, **ENDPOINT)
+    local = build_worker_card(
+        str(model_dir), base_url=status_server.base_url, self_host=False, **ENDPOINT
+    ).card
     assert local.extra_files == ()
     assert local.model_info is not None
     assert local.model_info.file.path == str(model_dir / "config.json")
@@ -338,33 +344,31 @@ def test_prepared_card_registers_all_or_nothing_and_its_owner_releases_it(
     assert len(registry) == 0
 
 
-def test_prepare_for_publishing_without_a_server_has_no_registrations(
+def test_prepare_card_without_a_server_has_no_registrations(
     make_model_dir: Callable[..., Path],
 ) -> None:
     card = card_of(make_model_dir("tiny"))
     assert card.extra_files
-    local = prepare_for_publishing(card, base_url=None, self_host=True, hf_repo=None, **ENDPOINT)
+    local = prepare_card(card, base_url=None, self_host=True, hf_repo=None, **ENDPOINT)
     assert local == PreparedCard(card.replace(extra_files=()), model_ref(card, **ENDPOINT))
-    hf = prepare_for_publishing(card, base_url=BASE, self_host=False, hf_repo="Org/M", **ENDPOINT)
+    hf = prepare_card(card, base_url=BASE, self_host=False, hf_repo="Org/M", **ENDPOINT)
     assert hf.registrations == () and hf.card.extra_files == ()
     assert {f.path for _, f in hf.card.files()} == {
         f"hf://Org/M/{slot.file.basename}" for _, slot in card.slots()
     }
-    hosted = prepare_for_publishing(
-        card, base_url=BASE, self_host=True, hf_repo="Org/M", **ENDPOINT
-    )
+    hosted = prepare_card(card, base_url=BASE, self_host=True, hf_repo="Org/M", **ENDPOINT)
     assert hosted == move_to_self_host(card, BASE, **ENDPOINT)
 
 
-async def test_build_for_publishing_leaves_the_running_server_untouched(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+async def test_build_worker_card_leaves_the_running_server_untouched(
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     model_dir = make_model_dir("tiny")
-    prepared = build_for_publishing(
-        str(model_dir), base_url=server.base_url, self_host=True, **ENDPOINT
+    prepared = build_worker_card(
+        str(model_dir), base_url=status_server.base_url, self_host=True, **ENDPOINT
     )
-    assert len(server.registry) == 0
+    assert len(status_server.registry) == 0
     assert prepared.card.extra_files and prepared.registrations
-    assert all(f.path.startswith(server.base_url) for _, f in prepared.card.files())
-    prepared.register(server.registry)
-    assert len(server.registry) == len(prepared.registrations)
+    assert all(f.path.startswith(status_server.base_url) for _, f in prepared.card.files())
+    prepared.register(status_server.registry)
+    assert len(status_server.registry) == len(prepared.registrations)

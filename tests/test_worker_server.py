@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -47,18 +47,12 @@ async def raw_request(
     return status, headers, body
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[StatusServer]:
-    async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as srv:
-        yield srv
-
-
 def self_hosted(
-    server: StatusServer, model_dir: Path, **from_dir_kwargs: object
+    status_server: StatusServer, model_dir: Path, **from_dir_kwargs: object
 ) -> ModelDeploymentCard:
     card = from_dir(model_dir, include_extra_files=True, **from_dir_kwargs)  # type: ignore[arg-type]
-    prepared = move_to_self_host(card, server.base_url, **ENDPOINT)
-    prepared.register(server.registry)
+    prepared = move_to_self_host(card, status_server.base_url, **ENDPOINT)
+    prepared.register(status_server.registry)
     return prepared.card
 
 
@@ -67,14 +61,14 @@ def url_path(url: str) -> str:
 
 
 async def test_self_hosted_card_urls_serve_the_slot_bytes_with_blake3_etag(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
-    card = self_hosted(server, make_model_dir("tiny"))
+    card = self_hosted(status_server, make_model_dir("tiny"))
     files = list(card.files())
     assert {name for name, _ in files} >= {"model_info", "tokenizer", "extra_files[0]"}
     async with aiohttp.ClientSession() as session:
         for _, f in files:
-            assert f.path.startswith(f"http://127.0.0.1:{server.port}/v1/metadata/tiny/")
+            assert f.path.startswith(f"http://127.0.0.1:{status_server.port}/v1/metadata/tiny/")
             async with session.get(f.path) as resp:
                 body = await resp.read()
                 assert resp.status == 200
@@ -90,28 +84,28 @@ async def test_self_hosted_card_urls_serve_the_slot_bytes_with_blake3_etag(
 
 
 async def test_long_route_serves_the_same_file(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
-    card = self_hosted(server, make_model_dir("tiny"))
+    card = self_hosted(status_server, make_model_dir("tiny"))
     assert card.model_info is not None
     status, _, body = await raw_request(
-        server.port, "/v1/metadata/dynamo/backend/generate/tiny/_base/config.json"
+        status_server.port, "/v1/metadata/dynamo/backend/generate/tiny/_base/config.json"
     )
     assert status == 200
     assert blake3.blake3(body).hexdigest() == card.model_info.file.checksum.hex
     status, _, _ = await raw_request(
-        server.port, "/v1/metadata/dynamo/backend/generate/tiny/lora1/config.json"
+        status_server.port, "/v1/metadata/dynamo/backend/generate/tiny/lora1/config.json"
     )
     assert status == 404
 
 
 async def test_raw_head_has_content_length_and_no_body(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
-    card = self_hosted(server, make_model_dir("tiny"))
+    card = self_hosted(status_server, make_model_dir("tiny"))
     assert card.tokenizer is not None
     status, headers, body = await raw_request(
-        server.port, url_path(card.tokenizer.file.path), method="HEAD"
+        status_server.port, url_path(card.tokenizer.file.path), method="HEAD"
     )
     assert status == 200
     assert headers["content-length"] == str(card.tokenizer.file.size)
@@ -119,13 +113,13 @@ async def test_raw_head_has_content_length_and_no_body(
 
 
 async def test_if_none_match_with_the_blake3_gives_304(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
-    card = self_hosted(server, make_model_dir("tiny"))
+    card = self_hosted(status_server, make_model_dir("tiny"))
     assert card.model_info is not None
     f = card.model_info.file
     status, headers, body = await raw_request(
-        server.port, url_path(f.path), extra_headers=f'If-None-Match: "{f.checksum.hex}"\r\n'
+        status_server.port, url_path(f.path), extra_headers=f'If-None-Match: "{f.checksum.hex}"\r\n'
     )
     assert (status, body) == (304, b"")
     assert headers["etag"] == f'"{f.checksum.hex}"'
@@ -158,21 +152,21 @@ async def test_if_none_match_with_the_blake3_gives_304(
     ],
 )
 async def test_raw_paths_that_are_not_registered_keys_get_404(
-    server: StatusServer, make_model_dir: Callable[..., Path], target: str
+    status_server: StatusServer, make_model_dir: Callable[..., Path], target: str
 ) -> None:
-    self_hosted(server, make_model_dir("tiny"))
-    status, _, body = await raw_request(server.port, target)
+    self_hosted(status_server, make_model_dir("tiny"))
+    status, _, body = await raw_request(status_server.port, target)
     assert status == 404, target
     assert b"Traceback" not in body
 
 
 async def test_absolute_on_disk_path_and_another_models_files_get_404(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     tiny_dir = make_model_dir("tiny")
-    self_hosted(server, tiny_dir)
-    self_hosted(server, make_model_dir("other", generation_config=False))
-    status, _, _ = await raw_request(server.port, "/v1/metadata/other/config.json")
+    self_hosted(status_server, tiny_dir)
+    self_hosted(status_server, make_model_dir("other", generation_config=False))
+    status, _, _ = await raw_request(status_server.port, "/v1/metadata/other/config.json")
     assert status == 200
     for target in (
         "/v1/metadata/other/generation_config.json",  # only tiny has it
@@ -181,27 +175,31 @@ async def test_absolute_on_disk_path_and_another_models_files_get_404(
         f"/v1/metadata/tiny/{tiny_dir.resolve()}/config.json",
         f"{tiny_dir.resolve()}/config.json",
     ):
-        status, _, _ = await raw_request(server.port, target)
+        status, _, _ = await raw_request(status_server.port, target)
         assert status == 404, target
 
 
-async def test_empty_registry_answers_404_and_other_methods_405(server: StatusServer) -> None:
-    assert (await raw_request(server.port, "/v1/metadata/a/b"))[0] == 404
-    assert (await raw_request(server.port, "/v1/metadata/a/b", method="POST"))[0] == 405
-    assert (await raw_request(server.port, "/nope"))[0] == 404
+async def test_empty_registry_answers_404_and_other_methods_405(
+    status_server: StatusServer,
+) -> None:
+    assert (await raw_request(status_server.port, "/v1/metadata/a/b"))[0] == 404
+    assert (await raw_request(status_server.port, "/v1/metadata/a/b", method="POST"))[0] == 405
+    assert (await raw_request(status_server.port, "/nope"))[0] == 404
 
 
 async def test_file_deleted_after_registration_gives_500_and_a_log_line_naming_it(
-    server: StatusServer, make_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
+    status_server: StatusServer,
+    make_model_dir: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     model_dir = make_model_dir("tiny")
-    card = self_hosted(server, model_dir)
+    card = self_hosted(status_server, model_dir)
     assert card.gen_config is not None
     (model_dir / "generation_config.json").unlink()
     caplog.set_level(logging.ERROR, logger="discovery_mdc.worker")
     for method in ("GET", "HEAD"):
         status, _, body = await raw_request(
-            server.port, url_path(card.gen_config.file.path), method=method
+            status_server.port, url_path(card.gen_config.file.path), method=method
         )
         assert status == 500
         assert b"Traceback" not in body and b"generation_config" not in body
@@ -211,28 +209,28 @@ async def test_file_deleted_after_registration_gives_500_and_a_log_line_naming_i
 
 
 async def test_file_that_changed_size_gives_500(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     model_dir = make_model_dir("tiny")
-    card = self_hosted(server, model_dir)
+    card = self_hosted(status_server, model_dir)
     assert card.model_info is not None
     (model_dir / "config.json").write_text("{}")
-    status, _, _ = await raw_request(server.port, url_path(card.model_info.file.path))
+    status, _, _ = await raw_request(status_server.port, url_path(card.model_info.file.path))
     assert status == 500
 
 
 async def test_a_registered_file_swapped_for_a_symlink_of_the_same_size_is_not_followed(
-    server: StatusServer, make_model_dir: Callable[..., Path], tmp_path: Path
+    status_server: StatusServer, make_model_dir: Callable[..., Path], tmp_path: Path
 ) -> None:
     model_dir = make_model_dir("tiny")
-    card = self_hosted(server, model_dir)
+    card = self_hosted(status_server, model_dir)
     assert card.model_info is not None
     config = model_dir / "config.json"
     secret = tmp_path / "secret"
     secret.write_bytes(b"S" * config.stat().st_size)
     config.unlink()
     config.symlink_to(secret)
-    status, _, body = await raw_request(server.port, url_path(card.model_info.file.path))
+    status, _, body = await raw_request(status_server.port, url_path(card.model_info.file.path))
     assert status == 500 and b"SSS" not in body
 
 
@@ -246,21 +244,21 @@ def _samples(text: str, name: str) -> dict[str, float]:
 
 
 async def test_metrics_count_metadata_requests_and_bytes_by_status(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
     model_dir = make_model_dir("tiny")
-    card = self_hosted(server, model_dir)
+    card = self_hosted(status_server, model_dir)
     assert card.model_info is not None and card.gen_config is not None
     config = card.model_info.file
     for _ in range(2):
-        assert (await raw_request(server.port, url_path(config.path)))[0] == 200
-    assert (await raw_request(server.port, "/v1/metadata/tiny/nope.json"))[0] == 404
-    assert (await raw_request(server.port, "/v1/metadata/tiny/a", method="POST"))[0] == 405
+        assert (await raw_request(status_server.port, url_path(config.path)))[0] == 200
+    assert (await raw_request(status_server.port, "/v1/metadata/tiny/nope.json"))[0] == 404
+    assert (await raw_request(status_server.port, "/v1/metadata/tiny/a", method="POST"))[0] == 405
     (model_dir / "generation_config.json").unlink()
-    assert (await raw_request(server.port, url_path(card.gen_config.file.path)))[0] == 500
-    assert (await raw_request(server.port, "/health"))[0] == 200  # not a metadata request
+    assert (await raw_request(status_server.port, url_path(card.gen_config.file.path)))[0] == 500
+    assert (await raw_request(status_server.port, "/health"))[0] == 200  # not a metadata request
 
-    status, headers, body = await raw_request(server.port, "/metrics")
+    status, headers, body = await raw_request(status_server.port, "/metrics")
     assert status == 200
     assert headers["content-type"].startswith("text/plain")
     text = body.decode()
@@ -274,12 +272,12 @@ async def test_metrics_count_metadata_requests_and_bytes_by_status(
 
 
 async def test_metrics_count_files_and_carry_the_standard_series(
-    server: StatusServer, make_model_dir: Callable[..., Path]
+    status_server: StatusServer, make_model_dir: Callable[..., Path]
 ) -> None:
-    card = self_hosted(server, make_model_dir("tiny"))
+    card = self_hosted(status_server, make_model_dir("tiny"))
     files = len(list(card.files()))
-    assert len(server.registry) == 2 * files  # a key per route
-    status, headers, body = await raw_request(server.port, "/metrics")
+    assert len(status_server.registry) == 2 * files  # a key per route
+    status, headers, body = await raw_request(status_server.port, "/metrics")
     assert status == 200
     # The same content type as the frontend's /metrics.
     assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"

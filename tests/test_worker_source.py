@@ -9,6 +9,7 @@ import aiohttp
 import blake3
 import pytest
 
+from discovery_mdc._hf import HfEnv
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import from_dir
 from discovery_mdc.errors import ModelDirError
@@ -77,6 +78,17 @@ def test_hf_repo_id_resolves_through_refs_main(
     assert source.source_path == "Qwen/Qwen3-0.6B"
 
 
+def test_given_hf_settings_win_over_the_environment(
+    tmp_path: Path, hf_cache: Path, make_hf_cache: Callable[..., Path]
+) -> None:
+    make_hf_cache(hf_cache, "Org/Both")
+    given = tmp_path / "given-hub"
+    given.mkdir()
+    snapshot = make_hf_cache(given, "Org/Both")
+    hf = HfEnv.from_env({"HF_HUB_CACHE": str(given)})
+    assert resolve_model_source("Org/Both", hf=hf).local_dir == snapshot
+
+
 def test_hf_repo_without_refs_main_uses_its_only_snapshot(
     hf_cache: Path, make_hf_cache: Callable[..., Path]
 ) -> None:
@@ -122,9 +134,11 @@ async def test_hf_snapshot_symlinks_keep_real_names_in_urls_and_are_served(
         include_extra_files=True,
     )
     async with StatusServer("127.0.0.1", 0, registry=MetadataRegistry()) as server:
-        published = prepare_card(
-            card, server=server, self_host=True, hf_repo=source.hf_repo, **ENDPOINT
+        prepared = prepare_card(
+            card, base_url=server.base_url, self_host=True, hf_repo=source.hf_repo, **ENDPOINT
         )
+        prepared.register(server.registry)
+        published = prepared.card
         names = sorted(f.path.rsplit("/", 1)[1] for _, f in published.files())
         assert names == [
             "config.json",
@@ -148,7 +162,7 @@ def test_hf_repo_not_self_hosted_gets_hf_urls(
     hf_cache: Path, make_hf_cache: Callable[..., Path]
 ) -> None:
     make_hf_cache(hf_cache, "Org/Snap")
-    card = build_worker_card("Org/Snap", server=None, self_host=False, **ENDPOINT)
+    card = build_worker_card("Org/Snap", base_url=None, self_host=False, **ENDPOINT).card
     assert card.display_name == "Org/Snap" and card.slug == "org_snap"
     assert card.source_path == "Org/Snap"
     assert card.extra_files == ()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
-from discovery_mdc._hf import HfEnv
+from discovery_mdc._hf import HfEnv, hf_or_environment
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc._metrics import Durations
 from discovery_mdc.cache._fetch import FetchConfig, fetch_uri
@@ -242,7 +242,8 @@ class MetadataCache(AsyncService):
     ``health``, transport failures are remembered per ``host:port``: a source backing off is
     tried after the others, and not at all until its time is up (see :class:`SourceHealth`),
     so a card on an unresponsive host fails at once instead of waiting out the timeouts again.
-    The Hugging Face settings for ``hf://`` sources are read once, here, by the HF resolver.
+    ``hf``: the Hugging Face settings for ``hf://`` sources; None reads huggingface_hub's
+    variables once, here (:func:`~discovery_mdc._hf.hf_or_environment`).
     """
 
     def __init__(
@@ -255,6 +256,7 @@ class MetadataCache(AsyncService):
         stats: CacheStats | None = None,
         spread: str | None = None,
         health: SourceHealth | None = None,
+        hf: HfEnv | None = None,
     ) -> None:
         self.layout = CacheLayout(resolve_cache_root(cache_dir))
         self.fetch = FetchConfig() if fetch is None else fetch
@@ -264,7 +266,7 @@ class MetadataCache(AsyncService):
         self.health = health
         self._store = BlobStore(self.layout)
         self._sessions = _Sessions(session)
-        self._hf = HfEnv.from_env()
+        self._hf = hf_or_environment(hf)
         self._flights = _Flights()
         self._wanted = _Wanted()
 
@@ -374,6 +376,7 @@ async def resolve_metadata_files(
     progress: ProgressCallback | None = None,
     spread: str | None = None,
     health: SourceHealth | None = None,
+    hf: HfEnv | None = None,
 ) -> ResolvedCard:
     """Resolve one card (:meth:`MetadataCache.resolve`) with a :class:`MetadataCache` of its
     own, closed on return: for one-off use. Callers that resolve many cards, or several at
@@ -393,6 +396,7 @@ async def resolve_metadata_files(
         stats=stats,
         spread=spread,
         health=health,
+        hf=hf,
     ) as cache:
         return await cache.resolve(card, alternates=alternates, progress=progress)
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from discovery_mdc._hf import HfEnv
 from discovery_mdc.cache import (
     CachedCard,
     CacheLayout,
@@ -147,6 +148,7 @@ def _fetch(args: argparse.Namespace) -> int:
                 connect_timeout=args.connect_timeout,
                 total_timeout=args.timeout,
                 progress=bar,
+                hf=HfEnv.from_env(),
             )
         )
     finally:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from discovery_mdc._hf import HfEnv
 from discovery_mdc.card import encode_card, from_dir, mdcsum, slugify
 from discovery_mdc.cli._cache import add_fetch_parser
 from discovery_mdc.cli._common import EXIT_OK, Subcommands, examples, load_card_file, model_path
@@ -23,7 +24,7 @@ def _inspect(args: argparse.Namespace) -> int:
             card = card.replace(display_name=args.name, slug=slugify(args.name))
     else:
         # A model dir or an HF repo id in the local HF cache, as `worker --model-path` takes.
-        source = resolve_model_source(args.path)
+        source = resolve_model_source(args.path, hf=HfEnv.from_env())
         card = from_dir(
             source.local_dir,
             display_name=args.name if args.name is not None else source.display_name_default,

@@ -225,7 +225,8 @@ class EnvOption:
     dest: str
     flag: str
     var: _env.EnvVar[Any]
-    help: str
+    #: None: the variable's own ``doc``, word for word.
+    help: str | None = None
     metavar: str | None = None
     #: A flag that stores a constant (``--no-self-host``) instead of taking a value.
     const: Any = None
@@ -235,6 +236,10 @@ class EnvOption:
     @property
     def env(self) -> str:
         return self.var.name
+
+    @property
+    def help_text(self) -> str:
+        return self.var.doc if self.help is None else self.help
 
 
 #: Every env-backed option of the CLI, by ``dest``.
@@ -268,7 +273,6 @@ ENV_OPTIONS: Final[Mapping[str, EnvOption]] = {
         ),
         EnvOption(
             "system_host", "--system-host", _env.SYSTEM_HOST,
-            "status server bind address; a wildcard is advertised as this host's routable IP",
             metavar="HOST",
             check=_resolvable,
         ),
@@ -335,7 +339,7 @@ def add_env_option(parser: argparse.ArgumentParser | Any, dest: str) -> None:
     opt = ENV_OPTIONS[dest]
     default = opt.var.default
     shown = "" if default is None or isinstance(default, bool) else f"; default {default}"
-    text = f"{opt.help} (env {opt.env}{shown})"
+    text = f"{opt.help_text} (env {opt.env}{shown})"
     if opt.const is not None:
         parser.add_argument(
             opt.flag, dest=dest, action="store_const", const=opt.const, default=None, help=text

@@ -34,6 +34,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from discovery_mdc._hf import HfEnv
 from discovery_mdc._sample import write_sample_model
 from discovery_mdc.card import decode_envelope
 from discovery_mdc.cli._common import (
@@ -90,6 +91,7 @@ class _Run:
     started: float
     etcd_seconds: float
     cache_dir: Path
+    hf: HfEnv
     replicas: list[_Replica] = field(default_factory=list)
     frontend_url: str = ""
     model: str = ""
@@ -105,7 +107,12 @@ async def _start_worker(
     # Short shutdown: on Ctrl-C in a terminal etcd gets the SIGINT too, and a revoke
     # against a dead etcd must not hold up the cleanup.
     worker = Worker(
-        client, system_port=0, system_host=_HOST, self_host_metadata=True, shutdown_timeout=2.0
+        client,
+        system_port=0,
+        system_host=_HOST,
+        self_host_metadata=True,
+        shutdown_timeout=2.0,
+        hf=run.hf,
     )
     await stack.enter_async_context(worker)
     begin = time.monotonic()
@@ -264,7 +271,9 @@ async def _demo_async(run: _Run) -> int:
     async with contextlib.AsyncExitStack() as stack:
         # 1. frontend: watcher, then its HTTP API on a free loopback port.
         client = await stack.enter_async_context(EtcdClient([run.etcd.client_url]))
-        watcher = await stack.enter_async_context(ModelWatcher(client, cache_dir=run.cache_dir))
+        watcher = await stack.enter_async_context(
+            ModelWatcher(client, cache_dir=run.cache_dir, hf=run.hf)
+        )
         runner = web.AppRunner(build_app(watcher), access_log=None, handle_signals=False)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -388,7 +397,8 @@ async def _main_task(run: _Run, interrupts: _Interrupts) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     if args.model_path is not None:
-        resolve_model_source(args.model_path)  # a bad path is bad input: exit 2 before any work
+        # A bad path is bad input: exit 2 before any work.
+        resolve_model_source(args.model_path, hf=HfEnv.from_env())
     started = time.monotonic()
     interrupts = _Interrupts(quiet=args.log_level is None)
     code = EXIT_INTERRUPTED
@@ -401,7 +411,7 @@ def _demo(args: argparse.Namespace) -> int:
             etcd.start()
             pid = etcd.pid
             elapsed = time.monotonic() - started
-            run = _Run(args, etcd, workdir, started, elapsed, workdir / "cache")
+            run = _Run(args, etcd, workdir, started, elapsed, workdir / "cache", HfEnv.from_env())
             _say(f"[1/5] etcd       {etcd.client_url} (pid {pid}, data in {etcd.data_dir})")
             code = asyncio.run(_main_task(run, interrupts))
         except Exception:

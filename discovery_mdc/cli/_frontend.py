@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from discovery_mdc._hf import HfEnv
 from discovery_mdc.card import MDC_PREFIX, decode_envelope, mdcsum, parse_card_key
 from discovery_mdc.cli._common import (
     EXIT_OK,
@@ -66,6 +67,7 @@ async def _serve_frontend(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             reconcile_interval=args.reconcile_interval,
             startup_timeout=args.startup_timeout,
+            hf=HfEnv.from_env(),
         )
         runner = web.AppRunner(build_app(watcher), access_log=None)
         await runner.setup()

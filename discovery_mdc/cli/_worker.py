@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from discovery_mdc import _env
+from discovery_mdc._hf import HfEnv
 from discovery_mdc.card import MODEL_TYPE_FLAGS, parse_model_type, unservable_model_id
 from discovery_mdc.cli._common import (
     EXIT_OK,
@@ -105,6 +106,7 @@ async def _run_worker(args: argparse.Namespace, endpoint_id: tuple[str, str, str
             self_host_metadata=args.self_host,
             startup_timeout=args.startup_timeout,
             shutdown_timeout=args.shutdown_timeout,
+            hf=HfEnv.from_env(),
         ) as worker,
     ):
         # A signal must stop the worker even while it is still hashing or waiting for etcd.

@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 
 from discovery_mdc._backoff import Backoff
 from discovery_mdc._clock import Clock, Sleep, every
+from discovery_mdc._hf import HfEnv
 from discovery_mdc._lifecycle import AsyncService, cancel_and_wait
 from discovery_mdc.cache import (
     FetchConfig,
@@ -107,7 +108,8 @@ class ModelWatcher(AsyncService):
     :class:`~discovery_mdc.cache.MetadataCache` (:attr:`cache`) that it closes with itself, and
     every ``cache_upkeep_interval`` seconds (default: the reconcile interval, at most 60)
     :meth:`cache_upkeep` marks the cache directories of the served models as used and fetches
-    again any that were removed from the cache.
+    again any that were removed from the cache. ``hf``: its Hugging Face settings for
+    ``hf://`` slots (None: huggingface_hub's variables, read once when it is made).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class ModelWatcher(AsyncService):
         frontend_id: str | None = None,
         cache_upkeep_interval: float | None = None,
         startup_timeout: float = 0.0,
+        hf: HfEnv | None = None,
     ) -> None:
         self._filter = NamespaceFilter.create(namespace, namespace_prefix)
         self._registry = Registry(self._filter)
@@ -149,7 +152,7 @@ class ModelWatcher(AsyncService):
         self.frontend_id = frontend_id or default_frontend_id(cache_dir)
         #: Metadata sources (``host:port``) backing off after failing (the default resolver).
         self.source_health = SourceHealth()
-        self._cache, self._resolver = self._cache_and_resolver(cache_dir, resolver)
+        self._cache, self._resolver = self._cache_and_resolver(cache_dir, resolver, hf)
         # Only cards this watcher cached itself (the default resolver) are kept up.
         self._by_slug = None if self._cache is None else self._cache.layout.by_slug
         self._upkeep_interval = _upkeep_interval(cache_upkeep_interval, reconcile_interval)
@@ -169,7 +172,7 @@ class ModelWatcher(AsyncService):
         self._closed = False
 
     def _cache_and_resolver(
-        self, cache_dir: str | Path | None, resolver: Resolver | None
+        self, cache_dir: str | Path | None, resolver: Resolver | None, hf: HfEnv | None
     ) -> tuple[MetadataCache | None, Resolver]:
         """A custom resolver, or the default: this watcher's own cache, with short timeouts
         (a dead replica should cost a failover little), its spread and its source health."""
@@ -181,7 +184,7 @@ class ModelWatcher(AsyncService):
             read_timeout=FETCH_STALL_TIMEOUT,
         )
         cache = MetadataCache(
-            cache_dir, fetch=fetch, spread=self.frontend_id, health=self.source_health
+            cache_dir, fetch=fetch, spread=self.frontend_id, health=self.source_health, hf=hf
         )
         return cache, cache.resolve
 

@@ -21,6 +21,7 @@ from discovery_mdc._env import (
     DEFAULT_LEASE_TTL,
     DEFAULT_SYSTEM_HOST,
 )
+from discovery_mdc._hf import HfEnv
 from discovery_mdc._lifecycle import AsyncService
 from discovery_mdc._metrics import SECONDS_BUCKETS
 from discovery_mdc._threads import run_cancellable
@@ -37,7 +38,7 @@ from discovery_mdc.etcd import Registration as EtcdRegistration
 from discovery_mdc.worker._registry import MetadataRegistry, ModelRef
 from discovery_mdc.worker._selfhost import (
     PreparedCard,
-    build_for_publishing,
+    build_worker_card,
     model_ref,
     running_base_url,
 )
@@ -120,6 +121,8 @@ class Worker(AsyncService):
     ``system_port`` None means no status server: cards keep local (or ``hf://``) paths.
     ``startup_timeout``: how long the first lease grant waits for an unreachable etcd.
     ``shutdown_timeout``: the most :meth:`close` takes (revoke, then in-flight downloads).
+    ``hf``: where HF repo ids given as models are looked up (None: huggingface_hub's
+    variables, read at each registration).
     """
 
     def __init__(
@@ -133,8 +136,10 @@ class Worker(AsyncService):
         startup_timeout: float = 0.0,
         shutdown_timeout: float = DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT,
         session: LeaseSession | None = None,
+        hf: HfEnv | None = None,
     ) -> None:
         self._store = store
+        self._hf = hf
         self.registry = MetadataRegistry()
         # The revoke gets at most 5 s of the shutdown budget; the server drains in the rest.
         revoke_budget = min(5.0, shutdown_timeout)
@@ -183,7 +188,8 @@ class Worker(AsyncService):
     ) -> Worker:
         """A worker configured from ``ETCD_LEASE_TTL``, ``DYN_SYSTEM_PORT``,
         ``DYN_SYSTEM_HOST``, ``DYN_SELF_HOST_METADATA``, ``ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS``
-        and ``DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT``; keyword arguments that are not None win.
+        and ``DYN_WORKER_GRACEFUL_SHUTDOWN_TIMEOUT``, and the HF cache from huggingface_hub's
+        variables; keyword arguments that are not None win.
 
         Raises :class:`~discovery_mdc.errors.ConfigError` naming a variable with a bad value.
         """
@@ -194,6 +200,7 @@ class Worker(AsyncService):
             "self_host_metadata": _env.SELF_HOST_METADATA.get(env),
             "startup_timeout": float(_env.STARTUP_CONNECT_TIMEOUT.get(env)),
             "shutdown_timeout": float(_env.GRACEFUL_SHUTDOWN_TIMEOUT.get(env)),
+            "hf": HfEnv.from_env(env),
         }
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return cls(store, **settings)
@@ -286,7 +293,7 @@ class Worker(AsyncService):
         # Hashing a large file can take seconds: cancelling this call (SIGTERM) stops it
         # within one chunk, and nothing waits for the thread.
         return await run_cancellable(
-            lambda stop: build_for_publishing(
+            lambda stop: build_worker_card(
                 model,
                 base_url=base_url,
                 self_host=self_host,
@@ -294,6 +301,7 @@ class Worker(AsyncService):
                 component=component,
                 endpoint=endpoint,
                 cancel=stop,
+                hf=self._hf,
                 **options,
             ),
             name="build-card",

@@ -23,8 +23,8 @@ Decisions the spec leaves open:
   slot. So is an empty slug or LoRA slug (a display name with no ``[a-z0-9]`` characters).
 * Slots that are already URLs are left as they are.
 * As in the reference (NVIDIA Dynamo), ``extra_files`` are published only with
-  self-hosting; :func:`prepare_for_publishing` drops them otherwise, so
-  :func:`build_for_publishing` hashes them only when the card will be self-hosted.
+  self-hosting; :func:`prepare_card` drops them otherwise, so
+  :func:`build_worker_card` hashes them only when the card will be self-hosted.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from discovery_mdc._hf import HfEnv
 from discovery_mdc.card import CheckedFile, LoraInfo, ModelDeploymentCard, from_dir, slugify
 from discovery_mdc.errors import RegistryError
 from discovery_mdc.worker._registry import (
@@ -49,22 +50,14 @@ from discovery_mdc.worker._source import resolve_model_source
 
 __all__ = [
     "PreparedCard",
-    "build_for_publishing",
     "build_worker_card",
     "model_ref",
     "move_to_self_host",
     "prepare_card",
-    "prepare_for_publishing",
     "running_base_url",
-    "will_self_host",
 ]
 
 log = logging.getLogger("discovery_mdc.worker")
-
-
-def will_self_host(server: StatusServer | None, self_host: bool) -> bool:
-    """True when :func:`prepare_card` will self-host: enabled and a server is running."""
-    return self_host and running_base_url(server) is not None
 
 
 def model_ref(
@@ -185,7 +178,7 @@ def _hf_paths(card: ModelDeploymentCard, repo: str) -> ModelDeploymentCard:
     return card.with_paths(path)
 
 
-def prepare_for_publishing(
+def prepare_card(
     card: ModelDeploymentCard,
     *,
     base_url: str | None,
@@ -229,10 +222,11 @@ def _model_card(
     display_name: str | None = None,
     custom_template: str | os.PathLike[str] | None = None,
     lora_name: str | None = None,
+    hf: HfEnv | None = None,
     **card_fields: Any,
 ) -> tuple[ModelDeploymentCard, str | None]:
     """The card of ``model`` (a dir or a cached HF repo id) as built, and its HF repo id."""
-    source = resolve_model_source(model)
+    source = resolve_model_source(model, hf=hf)
     card = from_dir(
         source.local_dir,
         display_name=display_name if display_name is not None else source.display_name_default,
@@ -251,7 +245,7 @@ def _model_card(
     return card, source.hf_repo
 
 
-def build_for_publishing(
+def build_worker_card(
     model: str,
     *,
     base_url: str | None,
@@ -262,15 +256,16 @@ def build_for_publishing(
     **options: Any,
 ) -> PreparedCard:
     """Resolve ``model`` (a dir or a cached HF repo id), build its card and prepare it
-    (:func:`prepare_for_publishing`). Registers nothing.
+    (:func:`prepare_card`). Registers nothing.
 
-    ``options``: ``display_name``, ``custom_template``, ``lora_name`` and the
+    ``options``: ``display_name``, ``custom_template``, ``lora_name``, ``hf`` (the HF cache
+    settings for a repo id, see :func:`resolve_model_source`) and the
     :func:`~discovery_mdc.card.from_dir` fields (``model_type``, ``cancel``...). Extra files
     are hashed only when the card will be self-hosted. This hashes files and blocks; from
     async code run it in a thread.
     """
     card, hf_repo = _model_card(model, with_extras=self_host and base_url is not None, **options)
-    return prepare_for_publishing(
+    return prepare_card(
         card,
         base_url=base_url,
         self_host=self_host,
@@ -285,56 +280,3 @@ def running_base_url(server: StatusServer | None) -> str | None:
     """``server.base_url`` if it is running, else None (no self-hosting)."""
     return server.base_url if server is not None and server.is_running else None
 
-
-def prepare_card(
-    card: ModelDeploymentCard,
-    *,
-    server: StatusServer | None,
-    self_host: bool,
-    hf_repo: str | None,
-    namespace: str,
-    component: str,
-    endpoint: str,
-) -> ModelDeploymentCard:
-    """:func:`prepare_for_publishing` for ``server``, registering the self-hosted files on
-    it; returns the card to publish.
-
-    Self-hosting happens when ``self_host`` is true and ``server`` is running.
-    """
-    prepared = prepare_for_publishing(
-        card,
-        base_url=running_base_url(server),
-        self_host=self_host,
-        hf_repo=hf_repo,
-        namespace=namespace,
-        component=component,
-        endpoint=endpoint,
-    )
-    if server is not None:
-        prepared.register(server.registry)
-    return prepared.card
-
-
-def build_worker_card(
-    model: str,
-    *,
-    server: StatusServer | None,
-    self_host: bool,
-    namespace: str,
-    component: str,
-    endpoint: str,
-    **options: Any,
-) -> ModelDeploymentCard:
-    """:func:`build_for_publishing` then :func:`prepare_card` for ``server`` (its files
-    registered on it); returns the card to publish. Blocks while it hashes.
-    """
-    card, hf_repo = _model_card(model, with_extras=will_self_host(server, self_host), **options)
-    return prepare_card(
-        card,
-        server=server,
-        self_host=self_host,
-        hf_repo=hf_repo,
-        namespace=namespace,
-        component=component,
-        endpoint=endpoint,
-    )

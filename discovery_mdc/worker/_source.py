@@ -2,18 +2,17 @@
 
 Nothing is downloaded here; an HF repo must already be in the cache (``hf download <repo>``).
 Where that cache is, and which snapshot is served, comes from the one HF resolver,
-:class:`discovery_mdc._hf.HfEnv`, which reads the environment as huggingface_hub does.
+:class:`discovery_mdc._hf.HfEnv`: the caller's, else huggingface_hub's variables.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from discovery_mdc._hf import HfEnv
+from discovery_mdc._hf import HfEnv, hf_or_environment
 from discovery_mdc.errors import ModelDirError
 
 __all__ = ["ModelSource", "is_hf_repo_id", "resolve_model_source"]
@@ -38,11 +37,12 @@ def is_hf_repo_id(text: str) -> bool:
     return _REPO_ID.fullmatch(text) is not None and "--" not in text and ".." not in text
 
 
-def resolve_model_source(model: str, *, env: Mapping[str, str] | None = None) -> ModelSource:
+def resolve_model_source(model: str, *, hf: HfEnv | None = None) -> ModelSource:
     """Resolve ``model`` (a local directory, else an HF repo id) to a directory to read.
 
     A local directory wins even when it also looks like a repo id. A repo id is looked up in
-    the local HF cache only; raises :class:`ModelDirError` when it is not there.
+    the local HF cache only (``hf``'s; None: huggingface_hub's variables, read now); raises
+    :class:`ModelDirError` when it is not there.
     """
     if not model.strip():
         raise ModelDirError("no model given: pass a model directory or an HF repo id")
@@ -59,7 +59,7 @@ def resolve_model_source(model: str, *, env: Mapping[str, str] | None = None) ->
             f"model {model!r} is not a directory and not an HF repo id (namespace/name)"
         )
     return ModelSource(
-        local_dir=HfEnv.from_env(env).model_snapshot(model),
+        local_dir=hf_or_environment(hf).model_snapshot(model),
         hf_repo=model,
         display_name_default=model,
         source_path=model,
