@@ -23,6 +23,7 @@ from discovery_mdc._lazy import lazy_attributes as _lazy_attributes
 from discovery_mdc.errors import *  # noqa: F403 - the error classes, eagerly (errors imports nothing)
 
 if typing.TYPE_CHECKING:
+    from discovery_mdc._hf import HfEnv
     from discovery_mdc.cache import (
         MetadataCache,
         ResolvedCard,
@@ -60,6 +61,7 @@ __version__ = "0.1.0"
 
 # name -> the subpackage that defines it
 _LAZY: dict[str, str] = {
+    "HfEnv": "discovery_mdc._hf",
     "MetadataCache": "discovery_mdc.cache",
     "ResolvedCard": "discovery_mdc.cache",
     "resolve_metadata_files": "discovery_mdc.cache",
@@ -88,6 +90,7 @@ __all__ = [
     "CheckedFile",
     "Checksum",
     "EtcdClient",
+    "HfEnv",
     "LeaseSession",
     "MetadataCache",
     "ModelDeploymentCard",
