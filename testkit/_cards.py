@@ -12,18 +12,17 @@ from discovery_mdc.card import (
     CheckedFile,
     Checksum,
     ModelDeploymentCard,
-    ModelEnvelope,
     Slot,
     SlotVariant,
     WorkerType,
     card_key,
     decode_envelope,
-    encode_envelope,
     mdcsum,
 )
 from discovery_mdc.errors import FetchError
 from discovery_mdc.etcd import EtcdClient, Store
 from discovery_mdc.frontend import model_id
+from discovery_mdc.worker._publisher import _card_entry as card_entry
 
 __all__ = [
     "FakeResolved",
@@ -70,17 +69,9 @@ def envelope_kv(
     component: str = "backend",
     endpoint: str = "generate",
 ) -> tuple[str, bytes]:
-    """The key and value a worker with lease ``instance_id`` would publish for ``card``."""
-    env = ModelEnvelope(
-        namespace=namespace,
-        component=component,
-        endpoint=endpoint,
-        instance_id=instance_id,
-        card=card,
-        model_suffix=card.lora_slug,
-    )
-    key = card_key(namespace, component, endpoint, instance_id, card.lora_slug)
-    return key, encode_envelope(env)
+    """The key and value a worker with lease ``instance_id`` would publish for ``card``
+    (the worker's own encoder, so tests publish exactly what a worker does)."""
+    return card_entry(card, namespace, component, endpoint, instance_id)
 
 
 async def publish(
