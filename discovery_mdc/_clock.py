@@ -1,8 +1,8 @@
 """The time protocol long-running loops take, so tests drive them with no real sleeps.
 
-``LeaseSession``, ``PrefixInformer`` and ``ModelWatcher`` accept a ``clock`` (seconds on a
-monotonic scale) and a ``sleep`` (an awaitable pause); the defaults are ``time.monotonic`` and
-``asyncio.sleep``. A test passes a fake pair and advances time itself.
+``LeaseSession``, ``PrefixInformer``, ``ModelWatcher`` and the cache's ``blob_lock`` accept a
+``clock`` (seconds on a monotonic scale) and a ``sleep`` (an awaitable pause); the defaults are
+``time.monotonic`` and ``asyncio.sleep``. A test passes a fake pair and advances time itself.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import socket
 import threading
@@ -53,7 +54,7 @@ from discovery_mdc.errors import (
     SourceUnreachableError,
     UnsupportedSchemeError,
 )
-from testkit import MetaServer, wait_until
+from testkit import FakeClock, MetaServer, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -1019,3 +1020,22 @@ async def test_cancel_during_a_local_copy_waits_for_the_copy_and_cleans_up(
     finished = True
     assert copying_after_done == []
     assert_nothing_published(cache)
+
+
+async def test_lock_wait_logs_its_progress_and_gives_up_on_the_injected_clock(
+    cache: CacheLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = cache.lock(hash_bytes(GOOD).hex)
+    fd = _hold_lock(path)
+    fake = FakeClock(jump_below=math.inf)  # every poll's pause moves virtual time at once
+    caplog.set_level(logging.INFO, logger="discovery_mdc.cache")
+    try:
+        with pytest.raises(LockTimeoutError, match="timed out after 25s"):
+            async with _store.blob_lock(path, 25.0, clock=fake.clock, sleep=fake.sleep):
+                pass
+    finally:
+        os.close(fd)
+    waits = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert waits == [f"still waiting for lock {path} after {s}s" for s in (10, 20)]
+    assert 25.0 <= fake.now <= 25.0 + 1e-6  # the last pause stops at the deadline
+    assert max(fake.sleeps) == pytest.approx(0.1)  # polls back off to 0.1 s

@@ -29,6 +29,7 @@ from typing import Final
 import blake3
 import filelock
 
+from discovery_mdc._clock import Clock, Sleep
 from discovery_mdc.cache._plan import TEMP_PREFIX, CacheLayout
 from discovery_mdc.card import hash_file
 from discovery_mdc.errors import CacheError, LockTimeoutError
@@ -472,7 +473,8 @@ async def blob_lock(
     max_wait: float,
     *,
     log_every: float = 10.0,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
     no_flock: Callable[[Path], None] = _warn_no_flock,
 ) -> AsyncIterator[None]:
     """Hold the ``flock`` at ``path``; poll without blocking the event loop.
@@ -508,7 +510,7 @@ async def blob_lock(
         if now >= next_log:
             next_log = now + log_every
             log.info("still waiting for lock %s after %.0fs", path, now - start)
-        await asyncio.sleep(min(delay, max(start + max_wait - now, 0.0)))
+        await sleep(min(delay, max(start + max_wait - now, 0.0)))
         delay = min(delay * 2, 0.1)
     try:
         yield
